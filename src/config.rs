@@ -1,0 +1,579 @@
+//! Settings: builder methods and [`Config::from_env`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use amqp_idempotency::Config;
+//!
+//! let config = Config::default()
+//!     .key_prefix("shop")
+//!     .lease_ttl(Duration::from_secs(10))
+//!     .handler_timeout(Duration::from_secs(8));
+//! assert!(config.validate().is_ok());
+//!
+//! // Environment variables use the same names as DESIGN.md and the README.
+//! let env = [("IDEMPOTENCY_LEASE_TTL", "500ms"), ("IDEMPOTENCY_HANDLER_TIMEOUT", "400ms")];
+//! let from_env = Config::from_lookup(|name| {
+//!     env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+//! })?;
+//! assert_eq!(from_env.lease(), Duration::from_millis(500));
+//! # Ok::<(), amqp_idempotency::ConfigError>(())
+//! ```
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// What to do with a message that has no usable fingerprint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoFingerprintPolicy {
+    /// Reject it without requeue, so it reaches the dead-letter exchange (default).
+    DeadLetter,
+    /// Run the handler without protection: duplicates of it are processed again.
+    PassThrough,
+}
+
+/// What to do when the store cannot be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreFailurePolicy {
+    /// Do not run handlers; requeue and pause until the store answers (default).
+    FailClosed,
+    /// Run handlers without protection while the store is down. Duplicates
+    /// arriving during the outage are processed again: choose this only for
+    /// handlers whose effect is idempotent by itself.
+    FailOpen,
+}
+
+/// Every tunable of the middleware and the runner.
+///
+/// Build it with the methods below or read it with [`Config::from_env`];
+/// [`Config::validate`] refuses inconsistent values, and the layer and the
+/// guard call it when they are built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub(crate) redis_url: String,
+    pub(crate) amqp_url: String,
+    pub(crate) key_prefix: String,
+    pub(crate) scope: Option<String>,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) done_ttl: Duration,
+    pub(crate) handler_timeout: Duration,
+    pub(crate) prefetch: u16,
+    pub(crate) in_progress_wait: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) retry_backoff: Duration,
+    pub(crate) retry_backoff_max: Duration,
+    pub(crate) on_store_error: StoreFailurePolicy,
+    pub(crate) on_missing_fingerprint: NoFingerprintPolicy,
+    pub(crate) verify_payload: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            key_prefix: "idem".into(),
+            scope: None,
+            lease_ttl: Duration::from_secs(30),
+            done_ttl: Duration::from_secs(24 * 3600),
+            handler_timeout: Duration::from_secs(25),
+            prefetch: 64,
+            in_progress_wait: Duration::from_secs(5),
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(500),
+            retry_backoff_max: Duration::from_secs(30),
+            on_store_error: StoreFailurePolicy::FailClosed,
+            on_missing_fingerprint: NoFingerprintPolicy::DeadLetter,
+            verify_payload: true,
+        }
+    }
+}
+
+/// Longest duration any setting accepts: a typo like `30d` for `30s` is refused.
+const MAX_DURATION: Duration = Duration::from_secs(90 * 24 * 3600);
+
+impl Config {
+    /// Reads every setting from the process environment; unset variables
+    /// keep their defaults. Fails on the first malformed value, naming the
+    /// variable, the value and what is expected, and on inconsistent values.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| match std::env::var(name) {
+            Ok(value) => Some(value),
+            Err(std::env::VarError::NotPresent) => None,
+            // Reported as a value that parses as nothing we accept.
+            Err(std::env::VarError::NotUnicode(raw)) => Some(raw.to_string_lossy().into_owned()),
+        })
+    }
+
+    /// Like [`from_env`](Self::from_env), reading variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut config = Self::default();
+        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        if let Some(url) = get("REDIS_URL") {
+            config.redis_url = url;
+        }
+        if let Some(url) = get("AMQP_URL") {
+            config.amqp_url = url;
+        }
+        if let Some(prefix) = get("IDEMPOTENCY_KEY_PREFIX") {
+            config.key_prefix = prefix;
+        }
+        config.scope = get("IDEMPOTENCY_SCOPE");
+        let duration = |name: &str, slot: &mut Duration| -> Result<(), ConfigError> {
+            if let Some(value) = get(name) {
+                *slot = parse_duration(&value).ok_or_else(|| {
+                    ConfigError::invalid(
+                        name,
+                        &value,
+                        "a duration such as 500ms, 30s, 5m or 24h, greater than zero",
+                    )
+                })?;
+            }
+            Ok(())
+        };
+        duration("IDEMPOTENCY_LEASE_TTL", &mut config.lease_ttl)?;
+        duration("IDEMPOTENCY_DONE_TTL", &mut config.done_ttl)?;
+        duration("IDEMPOTENCY_HANDLER_TIMEOUT", &mut config.handler_timeout)?;
+        duration("IDEMPOTENCY_IN_PROGRESS_WAIT", &mut config.in_progress_wait)?;
+        duration("IDEMPOTENCY_RETRY_BACKOFF", &mut config.retry_backoff)?;
+        duration(
+            "IDEMPOTENCY_RETRY_BACKOFF_MAX",
+            &mut config.retry_backoff_max,
+        )?;
+        if let Some(value) = get("IDEMPOTENCY_PREFETCH") {
+            config.prefetch = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        "IDEMPOTENCY_PREFETCH",
+                        &value,
+                        "an integer from 1 to 65535",
+                    )
+                })?;
+        }
+        if let Some(value) = get("IDEMPOTENCY_MAX_ATTEMPTS") {
+            config.max_attempts = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        "IDEMPOTENCY_MAX_ATTEMPTS",
+                        &value,
+                        "an integer from 1 to 1000",
+                    )
+                })?;
+        }
+        if let Some(value) = get("IDEMPOTENCY_ON_STORE_ERROR") {
+            config.on_store_error = match value.trim() {
+                "fail-closed" => StoreFailurePolicy::FailClosed,
+                "fail-open" => StoreFailurePolicy::FailOpen,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "IDEMPOTENCY_ON_STORE_ERROR",
+                        &value,
+                        "`fail-closed` or `fail-open`",
+                    ));
+                }
+            };
+        }
+        if let Some(value) = get("IDEMPOTENCY_ON_MISSING_FINGERPRINT") {
+            config.on_missing_fingerprint = match value.trim() {
+                "dead-letter" => NoFingerprintPolicy::DeadLetter,
+                "pass-through" => NoFingerprintPolicy::PassThrough,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "IDEMPOTENCY_ON_MISSING_FINGERPRINT",
+                        &value,
+                        "`dead-letter` or `pass-through`",
+                    ));
+                }
+            };
+        }
+        if let Some(value) = get("IDEMPOTENCY_VERIFY_PAYLOAD") {
+            config.verify_payload = match value.trim() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "IDEMPOTENCY_VERIFY_PAYLOAD",
+                        &value,
+                        "`true` or `false`",
+                    ));
+                }
+            };
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the values are usable together:
+    /// handler timeout < lease <= retention, and each within its range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let secs = |d: Duration| format_duration(d);
+        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_KEY_PREFIX",
+                &self.key_prefix,
+                "a non-empty prefix without spaces, such as `idem`",
+            ));
+        }
+        if let Some(scope) = &self.scope
+            && (scope.is_empty() || scope.contains(char::is_whitespace))
+        {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_SCOPE",
+                scope,
+                "a non-empty consumer group name without spaces",
+            ));
+        }
+        for (name, value) in [
+            ("IDEMPOTENCY_LEASE_TTL", self.lease_ttl),
+            ("IDEMPOTENCY_DONE_TTL", self.done_ttl),
+            ("IDEMPOTENCY_HANDLER_TIMEOUT", self.handler_timeout),
+            ("IDEMPOTENCY_RETRY_BACKOFF", self.retry_backoff),
+            ("IDEMPOTENCY_RETRY_BACKOFF_MAX", self.retry_backoff_max),
+        ] {
+            if value < Duration::from_millis(1) || value > MAX_DURATION {
+                return Err(ConfigError::invalid(
+                    name,
+                    secs(value),
+                    "a duration between 1ms and 90 days",
+                ));
+            }
+        }
+        if self.in_progress_wait > MAX_DURATION {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_IN_PROGRESS_WAIT",
+                secs(self.in_progress_wait),
+                "a duration up to 90 days (0s disables waiting)",
+            ));
+        }
+        if self.handler_timeout >= self.lease_ttl {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_HANDLER_TIMEOUT",
+                secs(self.handler_timeout),
+                format!(
+                    "less than IDEMPOTENCY_LEASE_TTL ({}), so a claim never outlives a hung handler unnoticed",
+                    secs(self.lease_ttl)
+                ),
+            ));
+        }
+        if self.done_ttl < self.lease_ttl {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_DONE_TTL",
+                secs(self.done_ttl),
+                format!(
+                    "at least IDEMPOTENCY_LEASE_TTL ({}): a done mark must outlive the claim it replaces",
+                    secs(self.lease_ttl)
+                ),
+            ));
+        }
+        if self.retry_backoff_max < self.retry_backoff {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_RETRY_BACKOFF_MAX",
+                secs(self.retry_backoff_max),
+                format!(
+                    "at least IDEMPOTENCY_RETRY_BACKOFF ({})",
+                    secs(self.retry_backoff)
+                ),
+            ));
+        }
+        if self.prefetch == 0 {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_PREFETCH",
+                "0",
+                "an integer from 1 to 65535",
+            ));
+        }
+        if !(1..=1000).contains(&self.max_attempts) {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_MAX_ATTEMPTS",
+                self.max_attempts.to_string(),
+                "an integer from 1 to 1000",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Redis URL (`REDIS_URL`).
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = url.into();
+        self
+    }
+
+    /// Broker URL (`AMQP_URL`).
+    pub fn amqp_url(mut self, url: impl Into<String>) -> Self {
+        self.amqp_url = url.into();
+        self
+    }
+
+    /// Key prefix (`IDEMPOTENCY_KEY_PREFIX`, default `idem`).
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Consumer group (`IDEMPOTENCY_SCOPE`, default: the queue name).
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+
+    /// Lifetime of an in-progress claim (`IDEMPOTENCY_LEASE_TTL`, default 30s);
+    /// renewed while the handler runs.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Retention of the done mark (`IDEMPOTENCY_DONE_TTL`, default 24h):
+    /// duplicates are recognised for this long.
+    pub fn done_ttl(mut self, ttl: Duration) -> Self {
+        self.done_ttl = ttl;
+        self
+    }
+
+    /// How long a handler may run before it counts as a retryable failure
+    /// (`IDEMPOTENCY_HANDLER_TIMEOUT`, default 25s); must be below the lease.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = timeout;
+        self
+    }
+
+    /// Prefetch and concurrency (`IDEMPOTENCY_PREFETCH`, default 64).
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// How long to wait for a duplicate that is in progress elsewhere to
+    /// finish before requeueing it (`IDEMPOTENCY_IN_PROGRESS_WAIT`, default 5s).
+    pub fn in_progress_wait(mut self, wait: Duration) -> Self {
+        self.in_progress_wait = wait;
+        self
+    }
+
+    /// Attempts before a retryable failure is dead-lettered
+    /// (`IDEMPOTENCY_MAX_ATTEMPTS`, default 5).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Delay before the first requeue (`IDEMPOTENCY_RETRY_BACKOFF`, default
+    /// 500ms); doubles per attempt up to [`retry_backoff_max`](Self::retry_backoff_max).
+    pub fn retry_backoff(mut self, delay: Duration) -> Self {
+        self.retry_backoff = delay;
+        self
+    }
+
+    /// Upper bound of the requeue delay (`IDEMPOTENCY_RETRY_BACKOFF_MAX`, default 30s).
+    pub fn retry_backoff_max(mut self, delay: Duration) -> Self {
+        self.retry_backoff_max = delay;
+        self
+    }
+
+    /// Fail closed (default) or open when the store is unreachable
+    /// (`IDEMPOTENCY_ON_STORE_ERROR`: `fail-closed` or `fail-open`).
+    pub fn on_store_error(mut self, policy: StoreFailurePolicy) -> Self {
+        self.on_store_error = policy;
+        self
+    }
+
+    /// What to do with messages without a fingerprint
+    /// (`IDEMPOTENCY_ON_MISSING_FINGERPRINT`: `dead-letter` or `pass-through`).
+    pub fn on_missing_fingerprint(mut self, policy: NoFingerprintPolicy) -> Self {
+        self.on_missing_fingerprint = policy;
+        self
+    }
+
+    /// Whether a duplicate's payload must match the first one's
+    /// (`IDEMPOTENCY_VERIFY_PAYLOAD`, default true); a mismatch is dead-lettered.
+    pub fn verify_payload(mut self, verify: bool) -> Self {
+        self.verify_payload = verify;
+        self
+    }
+
+    /// The Redis URL.
+    pub fn redis(&self) -> &str {
+        &self.redis_url
+    }
+
+    /// The broker URL.
+    pub fn amqp(&self) -> &str {
+        &self.amqp_url
+    }
+
+    /// The configured lease.
+    pub fn lease(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// The configured prefetch.
+    pub fn prefetch_count(&self) -> u16 {
+        self.prefetch
+    }
+
+    /// The delay before requeueing the `attempt`-th failure.
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        self.retry_backoff
+            .saturating_mul(factor)
+            .min(self.retry_backoff_max)
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `24h` or `7d`. Zero and unitless values are refused.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        "d" => Duration::from_secs(n.checked_mul(86_400)?),
+        _ => return None,
+    };
+    (!duration.is_zero()).then_some(duration)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub(crate) fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 1000 == 0 && ms > 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration(" 5m "), Some(Duration::from_secs(300)));
+        for bad in [
+            "",
+            "30",
+            "s",
+            "0s",
+            "-1s",
+            "1.5s",
+            "30sec",
+            "99999999999999999999h",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let config = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.lease_ttl, Duration::from_secs(30));
+        assert_eq!(config.done_ttl, Duration::from_secs(86_400));
+        assert_eq!(config.prefetch, 64);
+        assert_eq!(config.max_attempts, 5);
+        assert_eq!(config.on_store_error, StoreFailurePolicy::FailClosed);
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let config = Config::from_lookup(lookup(&[
+            ("REDIS_URL", "redis://r:1"),
+            ("AMQP_URL", "amqp://a"),
+            ("IDEMPOTENCY_KEY_PREFIX", "shop"),
+            ("IDEMPOTENCY_SCOPE", "billing"),
+            ("IDEMPOTENCY_LEASE_TTL", "10s"),
+            ("IDEMPOTENCY_DONE_TTL", "1h"),
+            ("IDEMPOTENCY_HANDLER_TIMEOUT", "9s"),
+            ("IDEMPOTENCY_PREFETCH", "8"),
+            ("IDEMPOTENCY_IN_PROGRESS_WAIT", "250ms"),
+            ("IDEMPOTENCY_MAX_ATTEMPTS", "3"),
+            ("IDEMPOTENCY_ON_STORE_ERROR", "fail-open"),
+            ("IDEMPOTENCY_ON_MISSING_FINGERPRINT", "pass-through"),
+            ("IDEMPOTENCY_VERIFY_PAYLOAD", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(config.redis_url, "redis://r:1");
+        assert_eq!(config.amqp_url, "amqp://a");
+        assert_eq!(config.key_prefix, "shop");
+        assert_eq!(config.scope.as_deref(), Some("billing"));
+        assert_eq!(config.lease_ttl, Duration::from_secs(10));
+        assert_eq!(config.done_ttl, Duration::from_secs(3600));
+        assert_eq!(config.handler_timeout, Duration::from_secs(9));
+        assert_eq!(config.prefetch, 8);
+        assert_eq!(config.in_progress_wait, Duration::from_millis(250));
+        assert_eq!(config.max_attempts, 3);
+        assert_eq!(config.on_store_error, StoreFailurePolicy::FailOpen);
+        assert_eq!(
+            config.on_missing_fingerprint,
+            NoFingerprintPolicy::PassThrough
+        );
+        assert!(!config.verify_payload);
+    }
+
+    #[test]
+    fn a_bad_value_names_variable_value_and_expectation() {
+        let err = Config::from_lookup(lookup(&[("IDEMPOTENCY_LEASE_TTL", "thirty")])).unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_LEASE_TTL");
+        assert_eq!(err.value(), "thirty");
+        assert!(err.expected().contains("30s"));
+        let err = Config::from_lookup(lookup(&[("IDEMPOTENCY_PREFETCH", "0")])).unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_PREFETCH");
+        let err =
+            Config::from_lookup(lookup(&[("IDEMPOTENCY_ON_STORE_ERROR", "open")])).unwrap_err();
+        assert_eq!(err.value(), "open");
+    }
+
+    #[test]
+    fn inconsistent_values_are_refused() {
+        let err = Config::from_lookup(lookup(&[
+            ("IDEMPOTENCY_LEASE_TTL", "1h"),
+            ("IDEMPOTENCY_DONE_TTL", "10m"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_DONE_TTL");
+        let err = Config::default()
+            .lease_ttl(Duration::from_secs(5))
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_HANDLER_TIMEOUT");
+        assert!(err.expected().contains("LEASE_TTL"));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let config = Config::default()
+            .retry_backoff(Duration::from_millis(100))
+            .retry_backoff_max(Duration::from_millis(350));
+        assert_eq!(config.backoff(1), Duration::from_millis(100));
+        assert_eq!(config.backoff(2), Duration::from_millis(200));
+        assert_eq!(config.backoff(3), Duration::from_millis(350));
+        assert_eq!(config.backoff(60), Duration::from_millis(350));
+    }
+}

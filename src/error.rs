@@ -1,0 +1,238 @@
+//! Error types, each named after what owns it.
+//!
+//! ```
+//! use amqp_idempotency::{FailureKind, HandlerError};
+//!
+//! let err = HandlerError::permanent("order 42 references an unknown customer");
+//! assert_eq!(err.kind(), FailureKind::Permanent);
+//! assert!(err.to_string().contains("order 42"));
+//! ```
+
+use std::fmt;
+
+/// A type-erased error, as tower uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Whether a failed handler should be retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// A transient failure: the claim is released and the message requeued
+    /// (with a backoff, up to the configured number of attempts).
+    Retryable,
+    /// A failure that no retry can fix: the claim is released and the
+    /// message is rejected without requeue, so it reaches the dead-letter
+    /// exchange.
+    Permanent,
+}
+
+/// The error a business handler returns to say how it failed.
+///
+/// A handler's error type only has to convert into [`BoxError`]. If the
+/// boxed error is a `HandlerError` its [`kind`](Self::kind) is honoured;
+/// any other error counts as [`FailureKind::Retryable`], because a
+/// redelivery is recoverable and a lost message is not.
+#[derive(Debug)]
+pub struct HandlerError {
+    kind: FailureKind,
+    source: BoxError,
+}
+
+impl HandlerError {
+    /// A transient failure: release the claim and requeue the message.
+    pub fn retryable(source: impl Into<BoxError>) -> Self {
+        Self {
+            kind: FailureKind::Retryable,
+            source: source.into(),
+        }
+    }
+
+    /// A failure no retry can fix: release the claim and dead-letter the message.
+    pub fn permanent(source: impl Into<BoxError>) -> Self {
+        Self {
+            kind: FailureKind::Permanent,
+            source: source.into(),
+        }
+    }
+
+    /// How the handler failed.
+    pub fn kind(&self) -> FailureKind {
+        self.kind
+    }
+
+    /// The underlying error.
+    pub fn into_inner(self) -> BoxError {
+        self.source
+    }
+
+    /// Classifies any handler error: a boxed `HandlerError` keeps its kind,
+    /// anything else is retryable.
+    pub(crate) fn classify(error: BoxError) -> Self {
+        match error.downcast::<HandlerError>() {
+            Ok(handler_error) => *handler_error,
+            Err(other) => Self::retryable(other),
+        }
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            FailureKind::Retryable => "retryable",
+            FailureKind::Permanent => "permanent",
+        };
+        write!(f, "{kind} handler failure: {}", self.source)
+    }
+}
+
+impl std::error::Error for HandlerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// A store operation failed.
+///
+/// [`is_unavailable`](Self::is_unavailable) tells a store that cannot be
+/// reached (connection refused or dropped, timeout) from a store that
+/// answered something unexpected.
+#[derive(Debug)]
+pub struct StoreError {
+    operation: &'static str,
+    key: String,
+    unavailable: bool,
+    source: BoxError,
+}
+
+impl StoreError {
+    /// A store error for `operation` on `key`.
+    pub fn new(
+        operation: &'static str,
+        key: impl Into<String>,
+        unavailable: bool,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self {
+            operation,
+            key: key.into(),
+            unavailable,
+            source: source.into(),
+        }
+    }
+
+    /// The operation that failed: `claim`, `renew`, `complete`, `release`, `ping`...
+    pub fn operation(&self) -> &'static str {
+        self.operation
+    }
+
+    /// The key the operation was about (empty for `ping` and `connect`).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// True when the store could not be reached or did not answer in time;
+    /// the outcome of the operation is then unknown.
+    pub fn is_unavailable(&self) -> bool {
+        self.unavailable
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "idempotency store {} failed", self.operation)?;
+        if !self.key.is_empty() {
+            write!(f, " for key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.source)?;
+        if self.unavailable {
+            write!(
+                f,
+                " (the store is unreachable: check that Redis at REDIS_URL is running; \
+                 messages are requeued until it answers)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// A configuration value was missing, malformed or inconsistent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    variable: String,
+    value: String,
+    expected: String,
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(
+        variable: impl Into<String>,
+        value: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
+        Self {
+            variable: variable.into(),
+            value: value.into(),
+            expected: expected.into(),
+        }
+    }
+
+    /// The environment variable (or builder setting) at fault.
+    pub fn variable(&self) -> &str {
+        &self.variable
+    }
+
+    /// The value that was refused.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// What would have been accepted.
+    pub fn expected(&self) -> &str {
+        &self.expected
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration: {}={:?}: expected {}",
+            self.variable, self.value, self.expected
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_keeps_the_kind_of_a_handler_error() {
+        let boxed: BoxError = Box::new(HandlerError::permanent("bad input"));
+        assert_eq!(HandlerError::classify(boxed).kind(), FailureKind::Permanent);
+    }
+
+    #[test]
+    fn classify_treats_foreign_errors_as_retryable() {
+        let boxed: BoxError = "connection reset".into();
+        let classified = HandlerError::classify(boxed);
+        assert_eq!(classified.kind(), FailureKind::Retryable);
+        assert!(classified.to_string().contains("connection reset"));
+    }
+
+    #[test]
+    fn config_error_names_variable_value_and_expectation() {
+        let err = ConfigError::invalid("IDEMPOTENCY_LEASE_TTL", "soon", "a duration like 30s");
+        let text = err.to_string();
+        assert!(text.contains("IDEMPOTENCY_LEASE_TTL"), "{text}");
+        assert!(text.contains("\"soon\""), "{text}");
+        assert!(text.contains("a duration like 30s"), "{text}");
+    }
+}

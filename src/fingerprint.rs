@@ -1,0 +1,249 @@
+//! Fingerprints: what makes two deliveries "the same message".
+//!
+//! ```
+//! use amqp_idempotency::fingerprint::{Composite, Fingerprint, Header, MessageIdOrBodyHash};
+//! use lapin::{message::Delivery, BasicProperties};
+//!
+//! let mut delivery = Delivery::mock(1, "".into(), "orders".into(), false, b"{}".to_vec());
+//! delivery.properties = BasicProperties::default().with_message_id("order-42".into());
+//! assert_eq!(MessageIdOrBodyHash.fingerprint(&delivery).as_deref(), Some("order-42"));
+//!
+//! // The seed's scheme: business id plus a code that makes the operation unique.
+//! let register = Composite::new(Header::new("user-id"), |_: &Delivery| Some("register".to_string()));
+//! assert_eq!(register.fingerprint(&delivery), None); // no `user-id` header
+//! ```
+
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+use sha2::{Digest, Sha256};
+
+/// Longest fingerprint kept verbatim in a key; longer ones are hashed.
+const MAX_VERBATIM_LEN: usize = 200;
+
+/// Derives the fingerprint of a delivery: the identity that duplicates share.
+///
+/// `None` means the delivery has no usable fingerprint; the
+/// [`NoFingerprintPolicy`](crate::NoFingerprintPolicy) decides what happens to it.
+/// Closures `Fn(&Delivery) -> Option<String>` are fingerprints too.
+pub trait Fingerprint: Send + Sync + 'static {
+    /// The fingerprint of `delivery`, or `None` if it has none.
+    fn fingerprint(&self, delivery: &Delivery) -> Option<String>;
+}
+
+impl<F> Fingerprint for F
+where
+    F: Fn(&Delivery) -> Option<String> + Send + Sync + 'static,
+{
+    fn fingerprint(&self, delivery: &Delivery) -> Option<String> {
+        self(delivery)
+    }
+}
+
+/// The AMQP `message_id` property.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MessageId;
+
+impl Fingerprint for MessageId {
+    fn fingerprint(&self, delivery: &Delivery) -> Option<String> {
+        let id = delivery.properties.message_id().as_ref()?.as_str();
+        non_empty(id)
+    }
+}
+
+/// A named message header. String and integer values are used as they
+/// are; other header types (tables, arrays, floats) are not usable.
+#[derive(Clone, Debug)]
+pub struct Header {
+    name: String,
+}
+
+impl Header {
+    /// Fingerprint by the header called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into() }
+    }
+}
+
+impl Fingerprint for Header {
+    fn fingerprint(&self, delivery: &Delivery) -> Option<String> {
+        let headers = delivery.properties.headers().as_ref()?;
+        let value = headers
+            .inner()
+            .iter()
+            .find(|(name, _)| name.as_str() == self.name)
+            .map(|(_, value)| value)?;
+        let text = match value {
+            AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok()?,
+            AMQPValue::ShortString(s) => s.as_str().to_owned(),
+            AMQPValue::ShortShortInt(n) => n.to_string(),
+            AMQPValue::ShortShortUInt(n) => n.to_string(),
+            AMQPValue::ShortInt(n) => n.to_string(),
+            AMQPValue::ShortUInt(n) => n.to_string(),
+            AMQPValue::LongInt(n) => n.to_string(),
+            AMQPValue::LongUInt(n) => n.to_string(),
+            AMQPValue::LongLongInt(n) => n.to_string(),
+            AMQPValue::Timestamp(n) => n.to_string(),
+            _ => return None,
+        };
+        non_empty(&text)
+    }
+}
+
+/// A 128-bit hash (truncated SHA-256) of the body: identical bodies are
+/// duplicates. An empty body has no fingerprint.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BodyHash;
+
+impl Fingerprint for BodyHash {
+    fn fingerprint(&self, delivery: &Delivery) -> Option<String> {
+        if delivery.data.is_empty() {
+            return None;
+        }
+        Some(format!("body-{}", hash128(&delivery.data)))
+    }
+}
+
+/// `message_id` when present, otherwise [`BodyHash`]: the default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MessageIdOrBodyHash;
+
+impl Fingerprint for MessageIdOrBodyHash {
+    fn fingerprint(&self, delivery: &Delivery) -> Option<String> {
+        MessageId
+            .fingerprint(delivery)
+            .or_else(|| BodyHash.fingerprint(delivery))
+    }
+}
+
+/// A business id plus a code that makes the operation unique (the seed's
+/// scheme: user id + "register"). Both parts must be present.
+#[derive(Clone, Debug)]
+pub struct Composite<B, C> {
+    business_id: B,
+    code: C,
+}
+
+impl<B: Fingerprint, C: Fingerprint> Composite<B, C> {
+    /// Fingerprint as `{business_id}:{code}`.
+    pub fn new(business_id: B, code: C) -> Self {
+        Self { business_id, code }
+    }
+}
+
+impl<B: Fingerprint, C: Fingerprint> Fingerprint for Composite<B, C> {
+    fn fingerprint(&self, delivery: &Delivery) -> Option<String> {
+        let id = self.business_id.fingerprint(delivery)?;
+        let code = self.code.fingerprint(delivery)?;
+        Some(format!("{id}:{code}"))
+    }
+}
+
+/// Makes a fingerprint safe and bounded for use inside a Redis key:
+/// control characters and over-long values are replaced by their hash.
+pub(crate) fn normalize(fingerprint: String) -> String {
+    let printable = fingerprint.chars().all(|c| !c.is_control());
+    if printable && fingerprint.len() <= MAX_VERBATIM_LEN {
+        fingerprint
+    } else {
+        format!("hashed-{}", hash128(fingerprint.as_bytes()))
+    }
+}
+
+/// Hex of the first 128 bits of SHA-256.
+pub(crate) fn hash128(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut hex = String::with_capacity(32);
+    for byte in &digest[..16] {
+        hex.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
+        hex.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
+    }
+    hex
+}
+
+fn non_empty(text: &str) -> Option<String> {
+    let trimmed = text.trim();
+    (!trimmed.is_empty()).then(|| trimmed.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::BasicProperties;
+    use lapin::types::{FieldTable, LongString};
+
+    fn delivery(body: &[u8]) -> Delivery {
+        Delivery::mock(1, "".into(), "q".into(), false, body.to_vec())
+    }
+
+    #[test]
+    fn message_id_is_used_when_present() {
+        let mut d = delivery(b"x");
+        d.properties = BasicProperties::default().with_message_id("m-1".into());
+        assert_eq!(MessageId.fingerprint(&d).as_deref(), Some("m-1"));
+        assert_eq!(MessageIdOrBodyHash.fingerprint(&d).as_deref(), Some("m-1"));
+    }
+
+    #[test]
+    fn blank_message_id_falls_back_to_the_body_hash() {
+        let mut d = delivery(b"good");
+        d.properties = BasicProperties::default().with_message_id("  ".into());
+        assert_eq!(MessageId.fingerprint(&d), None);
+        let fp = MessageIdOrBodyHash.fingerprint(&d).unwrap();
+        assert_eq!(fp, BodyHash.fingerprint(&delivery(b"good")).unwrap());
+        assert_eq!(fp.len(), "body-".len() + 32, "128 bits as hex");
+    }
+
+    #[test]
+    fn body_hash_separates_bodies_and_refuses_empty_ones() {
+        assert_ne!(
+            BodyHash.fingerprint(&delivery(b"a")),
+            BodyHash.fingerprint(&delivery(b"b"))
+        );
+        assert_eq!(BodyHash.fingerprint(&delivery(b"")), None);
+    }
+
+    #[test]
+    fn header_reads_strings_and_integers_only() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "user-id".into(),
+            AMQPValue::LongString(LongString::from("u7")),
+        );
+        headers.insert("seq".into(), AMQPValue::LongLongInt(12));
+        headers.insert("ratio".into(), AMQPValue::Double(0.5));
+        let mut d = delivery(b"x");
+        d.properties = BasicProperties::default().with_headers(headers);
+        assert_eq!(
+            Header::new("user-id").fingerprint(&d).as_deref(),
+            Some("u7")
+        );
+        assert_eq!(Header::new("seq").fingerprint(&d).as_deref(), Some("12"));
+        assert_eq!(Header::new("ratio").fingerprint(&d), None);
+        assert_eq!(Header::new("missing").fingerprint(&d), None);
+    }
+
+    #[test]
+    fn composite_needs_both_parts() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "user-id".into(),
+            AMQPValue::LongString(LongString::from("u7")),
+        );
+        let mut d = delivery(b"x");
+        d.properties = BasicProperties::default().with_headers(headers);
+        let fp = Composite::new(Header::new("user-id"), |_: &Delivery| {
+            Some("register".to_owned())
+        });
+        assert_eq!(fp.fingerprint(&d).as_deref(), Some("u7:register"));
+        let missing = Composite::new(Header::new("user-id"), Header::new("code"));
+        assert_eq!(missing.fingerprint(&d), None);
+    }
+
+    #[test]
+    fn normalize_hashes_long_or_control_fingerprints() {
+        assert_eq!(normalize("order-1".into()), "order-1");
+        let long = "x".repeat(MAX_VERBATIM_LEN + 1);
+        assert!(normalize(long).starts_with("hashed-"));
+        assert!(normalize("a\nb".into()).starts_with("hashed-"));
+    }
+}

@@ -1,0 +1,501 @@
+//! The guard API, for consumers that keep their own delivery loop.
+//!
+//! ```no_run
+//! use amqp_idempotency::{Begin, Config, Deduplicator, store::RedisStore};
+//! use futures_util::StreamExt;
+//! use lapin::options::{BasicAckOptions, BasicNackOptions};
+//!
+//! # async fn run(mut consumer: lapin::Consumer) -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::from_env()?;
+//! let store = RedisStore::connect(config.redis()).await?;
+//! let dedup = Deduplicator::new(store, "orders", config)?;
+//! while let Some(delivery) = consumer.next().await {
+//!     let delivery = delivery?;
+//!     match dedup.begin(&delivery).await {
+//!         Ok(Begin::Process(claim)) => {
+//!             // ... do the work, using claim.token() as a fencing value if you can ...
+//!             claim.complete().await?;
+//!             delivery.ack(BasicAckOptions::default()).await?;
+//!         }
+//!         Ok(Begin::Skip(skip)) if skip.is_done() => {
+//!             delivery.ack(BasicAckOptions::default()).await?;
+//!         }
+//!         // In progress elsewhere, store down, ...: let the broker redeliver it.
+//!         _ => {
+//!             delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+//!         }
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::{Config, NoFingerprintPolicy};
+use crate::error::{ConfigError, StoreError};
+use crate::fingerprint::{self, Fingerprint, MessageIdOrBodyHash};
+use crate::store::{Claim, ClaimOutcome, Store, Token};
+
+/// Claims messages before they are processed: the engine under both the
+/// tower layer and the guard API. Clones share the store and settings.
+pub struct Deduplicator<St, F = MessageIdOrBodyHash> {
+    shared: Arc<Shared<St, F>>,
+}
+
+struct Shared<St, F> {
+    store: St,
+    fingerprint: F,
+    config: Config,
+    scope: String,
+    store_down: AtomicBool,
+}
+
+impl<St, F> Clone for Deduplicator<St, F> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<St, F> std::fmt::Debug for Deduplicator<St, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deduplicator")
+            .field("scope", &self.shared.scope)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a delivery must not be processed now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// Already processed: ack it without running the handler.
+    Done,
+    /// Another consumer is processing it and did not finish within the
+    /// in-progress wait: requeue it, never ack it.
+    InProgress {
+        /// How long the other consumer's lease had left.
+        remaining: Option<Duration>,
+    },
+    /// No usable fingerprint and the policy is to dead-letter.
+    NoFingerprint,
+    /// The fingerprint was seen with a different payload.
+    PayloadMismatch {
+        /// The fingerprint.
+        fingerprint: String,
+    },
+    /// The key holds a value this library did not write.
+    Unrecognized {
+        /// The key.
+        key: String,
+    },
+}
+
+impl Skip {
+    /// True when the message was already processed and can be acked.
+    pub fn is_done(&self) -> bool {
+        matches!(self, Self::Done)
+    }
+}
+
+/// The answer of [`Deduplicator::begin`].
+#[derive(Debug)]
+pub enum Begin<St: Store> {
+    /// The message is ours to process: complete or release the claim.
+    Process(ClaimGuard<St>),
+    /// The message has no fingerprint and the policy lets it through
+    /// unprotected: process it, there is nothing to complete.
+    Unprotected,
+    /// Do not process the message.
+    Skip(Skip),
+}
+
+impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
+    /// The scope (consumer group) of the keys: `IDEMPOTENCY_SCOPE` if set, else `queue`.
+    pub fn scope(&self) -> &str {
+        &self.shared.scope
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.shared.store
+    }
+
+    /// Uses `fingerprint` instead of the current strategy.
+    pub fn with_fingerprint<G: Fingerprint>(self, fingerprint: G) -> Deduplicator<St, G>
+    where
+        St: Clone,
+    {
+        let shared = &self.shared;
+        Deduplicator {
+            shared: Arc::new(Shared {
+                store: shared.store.clone(),
+                fingerprint,
+                config: shared.config.clone(),
+                scope: shared.scope.clone(),
+                store_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The Redis key of `fingerprint`: `{prefix}:{scope}:{fingerprint}`.
+    pub fn key(&self, fingerprint: &str) -> String {
+        format!(
+            "{}:{}:{}",
+            self.shared.config.key_prefix, self.shared.scope, fingerprint
+        )
+    }
+
+    /// The fingerprint of `delivery`, normalised for use in a key.
+    pub fn fingerprint(&self, delivery: &Delivery) -> Option<String> {
+        self.shared
+            .fingerprint
+            .fingerprint(delivery)
+            .map(fingerprint::normalize)
+    }
+
+    /// Claims `delivery` before it is processed.
+    ///
+    /// A duplicate that is in progress elsewhere is waited for, up to the
+    /// configured in-progress wait: if the other consumer completes it the
+    /// answer is [`Skip::Done`], if it releases it the claim is ours.
+    /// A store error is returned as is; the message must then be requeued
+    /// (or, if you chose to fail open, processed unprotected).
+    pub async fn begin(&self, delivery: &Delivery) -> Result<Begin<St>, StoreError> {
+        self.begin_with(delivery, self.fingerprint(delivery)).await
+    }
+
+    pub(crate) async fn begin_with(
+        &self,
+        delivery: &Delivery,
+        fingerprint: Option<String>,
+    ) -> Result<Begin<St>, StoreError> {
+        let Some(fingerprint) = fingerprint else {
+            return Ok(match self.shared.config.on_missing_fingerprint {
+                NoFingerprintPolicy::DeadLetter => Begin::Skip(Skip::NoFingerprint),
+                NoFingerprintPolicy::PassThrough => Begin::Unprotected,
+            });
+        };
+        let key = self.key(&fingerprint);
+        let payload_hash = if self.shared.config.verify_payload {
+            fingerprint::hash128(&delivery.data)
+        } else {
+            String::new()
+        };
+        let token = Token::new();
+        let lease = self.shared.config.lease_ttl;
+        let deadline = Instant::now() + self.shared.config.in_progress_wait;
+        let mut poll = Duration::from_millis(20);
+        loop {
+            let outcome = self
+                .shared
+                .store
+                .claim(&key, &token, &payload_hash, lease)
+                .await
+                .inspect_err(|err| self.note_store_error(err))?;
+            self.note_store_ok();
+            let skip = match outcome {
+                ClaimOutcome::Acquired(claim) => {
+                    let attempt = claim.attempt().max(broker_attempt(delivery));
+                    return Ok(Begin::Process(ClaimGuard {
+                        dedup: self.erased(),
+                        claim: Some(claim),
+                        attempt,
+                        fingerprint,
+                    }));
+                }
+                ClaimOutcome::Done => Skip::Done,
+                ClaimOutcome::PayloadMismatch { stored } => {
+                    tracing::error!(
+                        %key, stored, received = %payload_hash,
+                        "same fingerprint, different payload: a producer reused an id or the fingerprint strategy collides"
+                    );
+                    Skip::PayloadMismatch { fingerprint }
+                }
+                ClaimOutcome::Unrecognized { value } => {
+                    tracing::error!(%key, value, "key holds a value this library did not write; not touching it");
+                    Skip::Unrecognized { key }
+                }
+                ClaimOutcome::InProgress { remaining } => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(Begin::Skip(Skip::InProgress { remaining }));
+                    }
+                    let mut wait = poll.min(deadline - now);
+                    if let Some(left) = remaining {
+                        // No point polling long before the lease can expire.
+                        wait = wait.min(left + Duration::from_millis(1));
+                    }
+                    tokio::time::sleep(wait).await;
+                    poll = (poll * 2).min(Duration::from_millis(500));
+                    continue;
+                }
+            };
+            return Ok(Begin::Skip(skip));
+        }
+    }
+
+    /// Blocks until the store answers again after an outage was seen.
+    /// Returns at once when the store is believed up.
+    pub async fn wait_for_store(&self) {
+        if !self.shared.store_down.load(Ordering::Acquire) {
+            return;
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.shared.store.ping().await {
+                Ok(()) => {
+                    self.note_store_ok();
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "store still unreachable");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// True after an operation found the store unreachable, until one succeeds.
+    pub fn store_is_down(&self) -> bool {
+        self.shared.store_down.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn note_store_error(&self, err: &StoreError) {
+        if err.is_unavailable() && !self.shared.store_down.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %err, "idempotency store unreachable: pausing consumption until it answers");
+        }
+    }
+
+    pub(crate) fn note_store_ok(&self) {
+        if self.shared.store_down.swap(false, Ordering::AcqRel) {
+            tracing::info!("idempotency store answers again: resuming consumption");
+        }
+    }
+
+    fn erased(&self) -> Arc<dyn Settle<St>>
+    where
+        F: Fingerprint,
+    {
+        Arc::new(self.clone())
+    }
+}
+
+impl<St: Store> Deduplicator<St> {
+    /// A deduplicator over `store` for deliveries from `queue`, with the
+    /// default fingerprint (`message_id`, else a hash of the body).
+    ///
+    /// `queue` is the default scope; `IDEMPOTENCY_SCOPE` (or
+    /// [`Config::scope`]) overrides it so that several queues can share a
+    /// consumer group. Fails when the configuration is inconsistent.
+    pub fn new(store: St, queue: &str, config: Config) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let scope = config.scope.clone().unwrap_or_else(|| queue.to_owned());
+        if scope.is_empty() {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_SCOPE",
+                "",
+                "a consumer group name: set IDEMPOTENCY_SCOPE or pass the queue name",
+            ));
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store,
+                fingerprint: MessageIdOrBodyHash,
+                config,
+                scope,
+                store_down: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+/// The attempt number the broker reports: quorum queues count deliveries
+/// in `x-delivery-count` (0 on the first delivery).
+pub(crate) fn broker_attempt(delivery: &Delivery) -> u32 {
+    let Some(headers) = delivery.properties.headers() else {
+        return 1;
+    };
+    let count = headers
+        .inner()
+        .iter()
+        .find(|(name, _)| name.as_str() == "x-delivery-count")
+        .and_then(|(_, value)| match value {
+            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongUInt(n) => Some(*n),
+            AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+            AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
+            _ => None,
+        });
+    count.map_or(1, |n| n.saturating_add(1))
+}
+
+/// The store-facing half of a deduplicator, without its fingerprint type,
+/// so that a [`ClaimGuard`] names only the store.
+trait Settle<St>: Send + Sync {
+    fn store(&self) -> &St;
+    fn config(&self) -> &Config;
+    fn note_error(&self, err: &StoreError);
+    fn note_ok(&self);
+}
+
+impl<St: Store, F: Fingerprint> Settle<St> for Deduplicator<St, F> {
+    fn store(&self) -> &St {
+        &self.shared.store
+    }
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+    fn note_error(&self, err: &StoreError) {
+        self.note_store_error(err);
+    }
+    fn note_ok(&self) {
+        self.note_store_ok();
+    }
+}
+
+/// Releases still running because their guard was dropped unsettled.
+static PENDING_RELEASES: AtomicUsize = AtomicUsize::new(0);
+static RELEASES_SETTLED: Notify = Notify::const_new();
+
+/// Waits, up to `deadline`, for the releases of dropped guards to reach the store.
+pub(crate) async fn flush_dropped_releases(deadline: Duration) -> bool {
+    let wait = async {
+        loop {
+            let notified = RELEASES_SETTLED.notified();
+            if PENDING_RELEASES.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    tokio::time::timeout(deadline, wait).await.is_ok()
+}
+
+/// A claim on one message. Complete it after the work succeeded, release
+/// it after a failure. Dropped without either, it is released in the
+/// background (best effort; the lease expires otherwise).
+pub struct ClaimGuard<St: Store> {
+    dedup: Arc<dyn Settle<St>>,
+    claim: Option<Claim>,
+    attempt: u32,
+    fingerprint: String,
+}
+
+impl<St: Store> std::fmt::Debug for ClaimGuard<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimGuard")
+            .field("claim", &self.claim)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St: Store> ClaimGuard<St> {
+    /// The owner token, unique to this claim: pass it to your own store as a
+    /// fencing value to make the effect safe even if the lease is lost.
+    pub fn token(&self) -> &str {
+        self.claim.as_ref().map_or("", Claim::token)
+    }
+
+    /// The Redis key.
+    pub fn key(&self) -> &str {
+        self.claim.as_ref().map_or("", Claim::key)
+    }
+
+    /// The fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Which attempt this is, starting at 1 (the larger of the store's count
+    /// and the broker's `x-delivery-count`).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Extends the lease; false if the claim is no longer ours.
+    pub async fn renew(&self) -> Result<bool, StoreError> {
+        let Some(claim) = &self.claim else {
+            return Ok(false);
+        };
+        let lease = self.dedup.config().lease_ttl;
+        self.observe(self.dedup.store().renew(claim, lease).await)
+    }
+
+    /// Records the message as done. False means the lease was lost before
+    /// (another consumer may have taken over): the effect happened anyway,
+    /// so ack it, and make the effect fenced if that must never happen.
+    pub async fn complete(mut self) -> Result<bool, StoreError> {
+        let Some(claim) = self.claim.take() else {
+            return Ok(false);
+        };
+        let retention = self.dedup.config().done_ttl;
+        self.observe(self.dedup.store().complete(&claim, retention).await)
+    }
+
+    /// Gives the claim up after a failure so that the redelivered copy can
+    /// be processed; the attempt count is kept. False if it was no longer ours.
+    pub async fn release(mut self) -> Result<bool, StoreError> {
+        let Some(claim) = self.claim.take() else {
+            return Ok(false);
+        };
+        let retention = self.dedup.config().done_ttl;
+        self.observe(self.dedup.store().release(&claim, retention).await)
+    }
+
+    fn observe(&self, result: Result<bool, StoreError>) -> Result<bool, StoreError> {
+        match &result {
+            Ok(_) => self.dedup.note_ok(),
+            Err(err) => self.dedup.note_error(err),
+        }
+        result
+    }
+}
+
+impl<St: Store> Drop for ClaimGuard<St> {
+    fn drop(&mut self) {
+        let Some(claim) = self.claim.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                key = claim.key(),
+                "claim dropped outside a runtime; it expires with its lease"
+            );
+            return;
+        };
+        let dedup = Arc::clone(&self.dedup);
+        PENDING_RELEASES.fetch_add(1, Ordering::AcqRel);
+        runtime.spawn(async move {
+            let retention = dedup.config().done_ttl;
+            match dedup.store().release(&claim, retention).await {
+                Ok(released) => {
+                    tracing::debug!(key = claim.key(), released, "released an abandoned claim");
+                }
+                Err(err) => {
+                    tracing::warn!(key = claim.key(), error = %err, "could not release an abandoned claim; it expires with its lease");
+                }
+            }
+            PENDING_RELEASES.fetch_sub(1, Ordering::AcqRel);
+            RELEASES_SETTLED.notify_waiters();
+        });
+    }
+}

@@ -1,0 +1,381 @@
+//! The tower middleware: [`IdempotencyLayer`] and [`Idempotency`].
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use amqp_idempotency::{Config, IdempotencyLayer, OutcomeKind, store::MemoryStore};
+//! use lapin::{message::Delivery, BasicProperties};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), amqp_idempotency::BoxError> {
+//! let layer = IdempotencyLayer::new(MemoryStore::new(), "orders", Config::default())?;
+//! let service = layer.layer(service_fn(|delivery: Delivery| async move {
+//!     println!("charging for {:?}", delivery.properties.message_id());
+//!     Ok::<_, Infallible>(())
+//! }));
+//!
+//! let message = || {
+//!     let mut d = Delivery::mock(1, "".into(), "orders".into(), false, b"{}".to_vec());
+//!     d.properties = BasicProperties::default().with_message_id("order-7".into());
+//!     d
+//! };
+//! assert_eq!(service.clone().oneshot(message()).await?.kind(), OutcomeKind::Processed);
+//! assert_eq!(service.oneshot(message()).await?.kind(), OutcomeKind::Duplicate);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use futures_util::future::BoxFuture;
+use lapin::message::Delivery;
+use tower::{Layer, Service, ServiceExt};
+use tracing::Instrument;
+
+use crate::config::{Config, StoreFailurePolicy};
+use crate::error::{BoxError, ConfigError, FailureKind, HandlerError};
+use crate::fingerprint::{Fingerprint, MessageIdOrBodyHash};
+use crate::guard::{Begin, ClaimGuard, Deduplicator, Skip};
+use crate::outcome::{Outcome, OutcomeKind};
+use crate::store::Store;
+
+/// Wraps a handler (`Service<Delivery>`) in [`Idempotency`].
+pub struct IdempotencyLayer<St, F = MessageIdOrBodyHash> {
+    dedup: Deduplicator<St, F>,
+}
+
+impl<St, F> Clone for IdempotencyLayer<St, F> {
+    fn clone(&self) -> Self {
+        Self {
+            dedup: self.dedup.clone(),
+        }
+    }
+}
+
+impl<St, F> std::fmt::Debug for IdempotencyLayer<St, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("dedup", &self.dedup)
+            .finish()
+    }
+}
+
+impl<St: Store> IdempotencyLayer<St> {
+    /// A layer over `store` for deliveries from `queue` (the default scope),
+    /// with the default fingerprint. Fails when `config` is inconsistent.
+    pub fn new(store: St, queue: &str, config: Config) -> Result<Self, ConfigError> {
+        Ok(Self {
+            dedup: Deduplicator::new(store, queue, config)?,
+        })
+    }
+}
+
+impl<St: Store + Clone, F: Fingerprint> IdempotencyLayer<St, F> {
+    /// Uses `fingerprint` to identify duplicates.
+    pub fn fingerprint<G: Fingerprint>(self, fingerprint: G) -> IdempotencyLayer<St, G> {
+        IdempotencyLayer {
+            dedup: self.dedup.with_fingerprint(fingerprint),
+        }
+    }
+}
+
+impl<St, F> IdempotencyLayer<St, F> {
+    /// A layer around an existing deduplicator (shares its store and settings).
+    pub fn from_deduplicator(dedup: Deduplicator<St, F>) -> Self {
+        Self { dedup }
+    }
+
+    /// The deduplicator, e.g. to look up a key.
+    pub fn deduplicator(&self) -> &Deduplicator<St, F> {
+        &self.dedup
+    }
+}
+
+impl<S, St, F> Layer<S> for IdempotencyLayer<St, F> {
+    type Service = Idempotency<S, St, F>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            dedup: self.dedup.clone(),
+            recovering: None,
+        }
+    }
+}
+
+/// Runs the inner handler at most once per fingerprint.
+///
+/// Its response is an [`Outcome`]; the runner turns it into ack, nack or
+/// reject. While the store is unreachable (fail-closed), `poll_ready`
+/// stays pending, so a runner that waits for readiness stops taking
+/// deliveries until the store answers again.
+pub struct Idempotency<S, St, F = MessageIdOrBodyHash> {
+    inner: S,
+    dedup: Deduplicator<St, F>,
+    recovering: Option<BoxFuture<'static, ()>>,
+}
+
+impl<S: Clone, St, F> Clone for Idempotency<S, St, F> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            dedup: self.dedup.clone(),
+            recovering: None,
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, St, F> std::fmt::Debug for Idempotency<S, St, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("dedup", &self.dedup)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St, F> Idempotency<S, St, F> {
+    /// The wrapped handler.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped handler, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the handler.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, St, F> Service<Delivery> for Idempotency<S, St, F>
+where
+    S: Service<Delivery> + Clone + Send + 'static,
+    S::Error: Into<BoxError> + Send,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    St: Store,
+    F: Fingerprint,
+{
+    type Response = Outcome;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Outcome, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let fail_closed = self.dedup.config().on_store_error == StoreFailurePolicy::FailClosed;
+        if fail_closed && self.dedup.store_is_down() {
+            let dedup = self.dedup.clone();
+            let recovering = self
+                .recovering
+                .get_or_insert_with(|| Box::pin(async move { dedup.wait_for_store().await }));
+            ready!(recovering.as_mut().poll(cx));
+            self.recovering = None;
+        }
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, delivery: Delivery) -> Self::Future {
+        // Use the service that was driven to readiness, leave a clone behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let dedup = self.dedup.clone();
+        let span = tracing::info_span!(
+            "delivery",
+            delivery_tag = delivery.delivery_tag,
+            redelivered = delivery.redelivered,
+            fingerprint = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        Box::pin(
+            async move {
+                let outcome = process(&dedup, inner, delivery).await;
+                tracing::Span::current().record("outcome", outcome.kind().as_str());
+                tracing::debug!(
+                    attempt = outcome.attempt(),
+                    reason = outcome.reason(),
+                    "settled"
+                );
+                Ok(outcome)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+async fn process<S, St, F>(dedup: &Deduplicator<St, F>, inner: S, delivery: Delivery) -> Outcome
+where
+    S: Service<Delivery> + Send,
+    S::Error: Into<BoxError> + Send,
+    S::Response: Send,
+    S::Future: Send,
+    St: Store,
+    F: Fingerprint,
+{
+    let config = dedup.config();
+    let fingerprint = dedup.fingerprint(&delivery);
+    if let Some(fingerprint) = &fingerprint {
+        tracing::Span::current().record("fingerprint", fingerprint.as_str());
+    }
+    let guard = match dedup.begin_with(&delivery, fingerprint).await {
+        Ok(Begin::Process(guard)) => guard,
+        Ok(Begin::Unprotected) => return run_unprotected(config, inner, delivery).await,
+        Ok(Begin::Skip(skip)) => return skipped(config, skip),
+        Err(err)
+            if err.is_unavailable() && config.on_store_error == StoreFailurePolicy::FailOpen =>
+        {
+            tracing::warn!(error = %err, "store unreachable; processing unprotected (fail-open)");
+            return run_unprotected(config, inner, delivery).await;
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "store error: handler not run, message requeued");
+            return Outcome::requeue(OutcomeKind::StoreUnavailable, 0, config.retry_backoff)
+                .because(err.to_string());
+        }
+    };
+    let attempt = guard.attempt();
+    let (result, lease_lost) = run_claimed(config, &guard, inner, delivery).await;
+    match result {
+        Ok(()) => match guard.complete().await {
+            Ok(true) if !lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
+            Ok(_) => {
+                tracing::warn!(
+                    "lease lost while the handler ran: the effect happened, acking; make the effect fenced by the claim token if another consumer may have run it too"
+                );
+                Outcome::new(OutcomeKind::LeaseLost, attempt)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "handler succeeded but the done mark was not written: acking, a later duplicate may run again");
+                Outcome::new(OutcomeKind::Unrecorded, attempt).because(err.to_string())
+            }
+        },
+        Err(failure) => {
+            match guard.release().await {
+                Ok(released) => {
+                    tracing::info!(released, error = %failure, "handler failed: claim released")
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, handler_error = %failure, "handler failed and the claim could not be released; it frees itself when the lease expires")
+                }
+            }
+            failed(config, attempt, failure)
+        }
+    }
+}
+
+/// Runs the handler under the claim: renewed every third of the lease,
+/// bounded by the handler timeout. Returns the handler's result and
+/// whether the lease was lost meanwhile.
+async fn run_claimed<S, St>(
+    config: &Config,
+    guard: &ClaimGuard<St>,
+    inner: S,
+    delivery: Delivery,
+) -> (Result<(), HandlerError>, bool)
+where
+    S: Service<Delivery>,
+    S::Error: Into<BoxError> + Send,
+    S::Response: Send,
+    S::Future: Send,
+    St: Store,
+{
+    let handler = tokio::time::timeout(config.handler_timeout, inner.oneshot(delivery));
+    tokio::pin!(handler);
+    let period = config.lease_ttl / 3;
+    let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lease_lost = false;
+    loop {
+        tokio::select! {
+            result = &mut handler => {
+                let result = match result {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(err)) => Err(HandlerError::classify(err.into())),
+                    Err(_) => Err(HandlerError::retryable(format!(
+                        "handler timed out after {:?} (IDEMPOTENCY_HANDLER_TIMEOUT)",
+                        config.handler_timeout
+                    ))),
+                };
+                return (result, lease_lost);
+            }
+            _ = renewals.tick(), if !lease_lost => match guard.renew().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    lease_lost = true;
+                    tracing::warn!(key = guard.key(), "lease lost while the handler runs: another consumer may take the message over");
+                }
+                Err(err) => tracing::warn!(error = %err, "lease renewal failed; retrying at the next tick"),
+            },
+        }
+    }
+}
+
+async fn run_unprotected<S>(config: &Config, inner: S, delivery: Delivery) -> Outcome
+where
+    S: Service<Delivery>,
+    S::Error: Into<BoxError>,
+{
+    let attempt = crate::guard::broker_attempt(&delivery);
+    match tokio::time::timeout(config.handler_timeout, inner.oneshot(delivery)).await {
+        Ok(Ok(_)) => Outcome::new(OutcomeKind::Unprotected, attempt),
+        Ok(Err(err)) => failed(config, attempt, HandlerError::classify(err.into())),
+        Err(_) => failed(
+            config,
+            attempt,
+            HandlerError::retryable("handler timed out (IDEMPOTENCY_HANDLER_TIMEOUT)"),
+        ),
+    }
+}
+
+fn failed(config: &Config, attempt: u32, failure: HandlerError) -> Outcome {
+    match failure.kind() {
+        FailureKind::Permanent => {
+            Outcome::new(OutcomeKind::Failed, attempt).because(failure.to_string())
+        }
+        FailureKind::Retryable if attempt >= config.max_attempts => {
+            tracing::error!(attempt, error = %failure, "attempts exhausted (IDEMPOTENCY_MAX_ATTEMPTS): dead-lettering");
+            Outcome::new(OutcomeKind::AttemptsExhausted, attempt).because(format!(
+                "failed {attempt} times (IDEMPOTENCY_MAX_ATTEMPTS={}): {failure}",
+                config.max_attempts
+            ))
+        }
+        FailureKind::Retryable => {
+            Outcome::requeue(OutcomeKind::Retry, attempt, config.backoff(attempt))
+                .because(failure.to_string())
+        }
+    }
+}
+
+fn skipped(config: &Config, skip: Skip) -> Outcome {
+    match skip {
+        Skip::Done => {
+            tracing::info!("duplicate of a processed message: acked, handler not run");
+            Outcome::new(OutcomeKind::Duplicate, 0)
+        }
+        Skip::InProgress { remaining } => {
+            tracing::info!(
+                ?remaining,
+                "duplicate in progress elsewhere: requeued, not acked"
+            );
+            Outcome::requeue(OutcomeKind::InProgressElsewhere, 0, config.retry_backoff)
+        }
+        Skip::NoFingerprint => {
+            tracing::warn!(
+                "no usable fingerprint: dead-lettered (IDEMPOTENCY_ON_MISSING_FINGERPRINT=dead-letter)"
+            );
+            Outcome::new(OutcomeKind::NoFingerprint, 0)
+                .because("no usable fingerprint (message_id, header or body)")
+        }
+        Skip::PayloadMismatch { fingerprint } => Outcome::new(OutcomeKind::PayloadMismatch, 0)
+            .because(format!(
+                "fingerprint `{fingerprint}` was already used for a different payload"
+            )),
+        Skip::Unrecognized { key } => Outcome::new(OutcomeKind::UnrecognizedRecord, 0).because(
+            format!("key `{key}` holds a value amqp-idempotency did not write"),
+        ),
+    }
+}

@@ -1,0 +1,24 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+
+mod config;
+mod error;
+pub mod fingerprint;
+mod guard;
+mod layer;
+mod outcome;
+mod runner;
+pub mod store;
+
+pub use config::{Config, NoFingerprintPolicy, StoreFailurePolicy, parse_duration};
+pub use error::{BoxError, ConfigError, FailureKind, HandlerError, StoreError};
+pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
+pub use layer::{Idempotency, IdempotencyLayer};
+pub use outcome::{Disposition, Outcome, OutcomeKind};
+pub use runner::{ServeError, ServeOptions, ServeReport, serve};

@@ -1,0 +1,165 @@
+//! What happened to a delivery, and what the broker must be told.
+//!
+//! ```
+//! use amqp_idempotency::{Disposition, OutcomeKind};
+//!
+//! // A duplicate that is in progress elsewhere is never acked.
+//! assert_ne!(OutcomeKind::InProgressElsewhere.default_disposition(), Some(Disposition::Ack));
+//! assert_eq!(OutcomeKind::Duplicate.default_disposition(), Some(Disposition::Ack));
+//! ```
+
+use std::time::Duration;
+
+/// The broker action for a delivery, applied after the store write returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// `basic.ack`: the message is finished.
+    Ack,
+    /// Wait `after`, then `basic.nack` with requeue.
+    Requeue {
+        /// Delay before the nack, so that a failing message cannot spin.
+        after: Duration,
+    },
+    /// `basic.reject` without requeue: the queue's dead-letter exchange gets it.
+    DeadLetter,
+}
+
+/// What the middleware did with a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OutcomeKind {
+    /// The handler ran and the done mark was written.
+    Processed,
+    /// The handler ran, but the claim had been lost (lease expired and maybe
+    /// taken over): acked because the effect happened; counted and logged.
+    LeaseLost,
+    /// The handler ran but the done mark could not be written (store error):
+    /// acked because the effect happened; a later duplicate may run again.
+    Unrecorded,
+    /// The handler ran without protection (no fingerprint with the
+    /// pass-through policy, or the store down with fail-open).
+    Unprotected,
+    /// Already processed: acked without running the handler.
+    Duplicate,
+    /// Being processed elsewhere and not finished within the wait: requeued.
+    InProgressElsewhere,
+    /// The handler failed and may succeed later: released and requeued.
+    Retry,
+    /// The handler failed permanently: released and dead-lettered.
+    Failed,
+    /// The handler kept failing: dead-lettered after the last attempt.
+    AttemptsExhausted,
+    /// No usable fingerprint: dead-lettered (the default policy).
+    NoFingerprint,
+    /// Same fingerprint, different payload: dead-lettered.
+    PayloadMismatch,
+    /// The key holds a value this library did not write: dead-lettered.
+    UnrecognizedRecord,
+    /// The store could not be reached: the handler did not run; requeued.
+    StoreUnavailable,
+}
+
+impl OutcomeKind {
+    /// A short snake_case name, used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processed => "processed",
+            Self::LeaseLost => "lease_lost",
+            Self::Unrecorded => "unrecorded",
+            Self::Unprotected => "unprotected",
+            Self::Duplicate => "duplicate",
+            Self::InProgressElsewhere => "in_progress_elsewhere",
+            Self::Retry => "retry",
+            Self::Failed => "failed",
+            Self::AttemptsExhausted => "attempts_exhausted",
+            Self::NoFingerprint => "no_fingerprint",
+            Self::PayloadMismatch => "payload_mismatch",
+            Self::UnrecognizedRecord => "unrecognized_record",
+            Self::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    /// The disposition this kind always gets, or `None` for the kinds
+    /// whose disposition carries a delay (requeues).
+    pub fn default_disposition(self) -> Option<Disposition> {
+        match self {
+            Self::Processed
+            | Self::LeaseLost
+            | Self::Unrecorded
+            | Self::Unprotected
+            | Self::Duplicate => Some(Disposition::Ack),
+            Self::Failed
+            | Self::AttemptsExhausted
+            | Self::NoFingerprint
+            | Self::PayloadMismatch
+            | Self::UnrecognizedRecord => Some(Disposition::DeadLetter),
+            Self::InProgressElsewhere | Self::Retry | Self::StoreUnavailable => None,
+        }
+    }
+}
+
+impl std::fmt::Display for OutcomeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result of the idempotency layer for one delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    kind: OutcomeKind,
+    disposition: Disposition,
+    attempt: u32,
+    reason: Option<String>,
+}
+
+impl Outcome {
+    /// An outcome whose disposition follows from its kind; requeues need
+    /// [`Outcome::requeue`].
+    pub(crate) fn new(kind: OutcomeKind, attempt: u32) -> Self {
+        let disposition = kind.default_disposition().unwrap_or(Disposition::Requeue {
+            after: Duration::ZERO,
+        });
+        Self {
+            kind,
+            disposition,
+            attempt,
+            reason: None,
+        }
+    }
+
+    /// An outcome that requeues after `after`.
+    pub(crate) fn requeue(kind: OutcomeKind, attempt: u32, after: Duration) -> Self {
+        Self {
+            kind,
+            disposition: Disposition::Requeue { after },
+            attempt,
+            reason: None,
+        }
+    }
+
+    pub(crate) fn because(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    /// What happened.
+    pub fn kind(&self) -> OutcomeKind {
+        self.kind
+    }
+
+    /// What to tell the broker.
+    pub fn disposition(&self) -> Disposition {
+        self.disposition
+    }
+
+    /// The attempt this delivery was (1 for the first; 0 when the handler did not run).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Why the message was requeued or dead-lettered, when there is more to say.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+}

@@ -1,0 +1,139 @@
+//! An in-process store with the same semantics as Redis, expiry included.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Store;
+use crate::error::StoreError;
+
+/// An in-process [`Store`]: for tests and single-process consumers.
+///
+/// Expiry follows `tokio::time`, so tests can pause and advance the clock
+/// instead of sleeping. Clones share the same records.
+///
+/// ```
+/// use amqp_idempotency::store::{MemoryStore, Store};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), amqp_idempotency::StoreError> {
+/// let store = MemoryStore::new();
+/// assert_eq!(store.insert_or_get("k", "v", std::time::Duration::from_secs(1)).await?, None);
+/// assert_eq!(store.len(), 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    entries: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    value: String,
+    expires_at: Instant,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of live records.
+    pub fn len(&self) -> usize {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .filter(|entry| entry.expires_at > now)
+            .count()
+    }
+
+    /// True when no live record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the lock cannot leave a half-written entry
+        // (every update is a single insert or remove), so poisoning is ignored.
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn live<'a>(entries: &'a mut HashMap<String, Entry>, key: &str) -> Option<&'a mut Entry> {
+        let now = Instant::now();
+        if entries
+            .get(key)
+            .is_some_and(|entry| entry.expires_at <= now)
+        {
+            entries.remove(key);
+        }
+        entries.get_mut(key)
+    }
+}
+
+impl Store for MemoryStore {
+    async fn insert_or_get(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let mut entries = self.lock();
+        if let Some(entry) = Self::live(&mut entries, key) {
+            return Ok(Some(entry.value.clone()));
+        }
+        if entries.len() > 1024 {
+            let now = Instant::now();
+            entries.retain(|_, entry| entry.expires_at > now);
+        }
+        entries.insert(
+            key.to_owned(),
+            Entry {
+                value: value.to_owned(),
+                expires_at: Instant::now() + ttl,
+            },
+        );
+        Ok(None)
+    }
+
+    async fn transition(
+        &self,
+        key: &str,
+        from: &str,
+        to: Option<&str>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut entries = self.lock();
+        let Some(entry) = Self::live(&mut entries, key) else {
+            return Ok(false);
+        };
+        if entry.value == from {
+            match to {
+                Some(to) => {
+                    entry.value = to.to_owned();
+                    entry.expires_at = Instant::now() + ttl;
+                }
+                None => {
+                    entries.remove(key);
+                }
+            }
+            return Ok(true);
+        }
+        Ok(to.is_some_and(|to| entry.value == to))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
+        let mut entries = self.lock();
+        let now = Instant::now();
+        Ok(Self::live(&mut entries, key)
+            .map(|entry| (entry.value.clone(), Some(entry.expires_at - now))))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

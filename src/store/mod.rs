@@ -1,0 +1,491 @@
+//! Where claims live: the [`Store`] trait, [`RedisStore`] and [`MemoryStore`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use amqp_idempotency::store::{ClaimOutcome, MemoryStore, Store, Token};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), amqp_idempotency::StoreError> {
+//! let store = MemoryStore::new();
+//! let lease = Duration::from_secs(30);
+//! let ClaimOutcome::Acquired(claim) = store.claim("idem:orders:42", &Token::new(), "", lease).await? else {
+//!     panic!("a fresh key is ours");
+//! };
+//! // Another consumer sees the message in progress...
+//! let other = store.claim("idem:orders:42", &Token::new(), "", lease).await?;
+//! assert!(matches!(other, ClaimOutcome::InProgress { .. }));
+//! // ...and done once we complete it.
+//! assert!(store.complete(&claim, Duration::from_secs(3600)).await?);
+//! let again = store.claim("idem:orders:42", &Token::new(), "", lease).await?;
+//! assert!(matches!(again, ClaimOutcome::Done { .. }));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Records
+//!
+//! One key per message, holding one of:
+//!
+//! | value | state | expiry |
+//! |---|---|---|
+//! | `p:<token>:<attempt>:<payload hash>` | in progress, owned by `token` | the lease |
+//! | `d:<payload hash>` | done | the retention |
+//! | `f:<attempts>:<payload hash>` | released after `attempts` failed attempts | the retention |
+//!
+//! A store implements four primitives (insert-if-absent returning the old
+//! value, a compare-and-set transition, a read, a ping); the state machine
+//! (claim, renew, complete, release) is written once, here, on top of them.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::StoreError;
+
+mod memory;
+mod redis;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+
+/// How often an unanswered insert is retried with the same token.
+const AMBIGUOUS_RETRIES: usize = 2;
+/// How often a takeover of a released record is retried when raced.
+const TAKEOVER_RETRIES: usize = 3;
+
+/// A unique claim token: 64 random bits per process plus a counter.
+///
+/// The token identifies the owner of an in-progress record. Every write
+/// after the claim checks it, and a handler can use it as a fencing value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+impl Token {
+    /// A new token, unique across processes with overwhelming probability.
+    pub fn new() -> Self {
+        static SEED: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let seed = *SEED.get_or_init(|| {
+            // Without OS randomness, fall back to time and pid: unique enough
+            // for ownership checks, which compare whole tokens.
+            getrandom::u64().unwrap_or_else(|_| {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                nanos ^ (u64::from(std::process::id()) << 32)
+            })
+        });
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Self(format!("{seed:016x}{n:016x}"))
+    }
+
+    /// The token as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Token {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A parsed record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Claimed by `token`, in its `attempt`-th attempt.
+    InProgress {
+        /// The owner's token.
+        token: String,
+        /// 1 for the first attempt.
+        attempt: u32,
+        /// Hash of the payload being processed ("" when not checked).
+        payload_hash: String,
+    },
+    /// Processed.
+    Done {
+        /// Hash of the payload that was processed ("" when not checked).
+        payload_hash: String,
+    },
+    /// Released after failed attempts; the next claim takes it over.
+    Released {
+        /// How many attempts failed so far.
+        attempts: u32,
+        /// Hash of the payload that failed ("" when not checked).
+        payload_hash: String,
+    },
+}
+
+impl Record {
+    /// Parses a stored value; `None` if this library did not write it.
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.splitn(4, ':');
+        match parts.next()? {
+            "p" => {
+                let token = parts.next()?.to_owned();
+                let attempt = parts.next()?.parse().ok()?;
+                let payload_hash = parts.next()?.to_owned();
+                (!token.is_empty()).then_some(Self::InProgress {
+                    token,
+                    attempt,
+                    payload_hash,
+                })
+            }
+            "d" => {
+                let payload_hash = parts.next()?.to_owned();
+                parts
+                    .next()
+                    .is_none()
+                    .then_some(Self::Done { payload_hash })
+            }
+            "f" => {
+                let attempts = parts.next()?.parse().ok()?;
+                let payload_hash = parts.next()?.to_owned();
+                parts.next().is_none().then_some(Self::Released {
+                    attempts,
+                    payload_hash,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The stored value for this record.
+    pub fn encode(&self) -> String {
+        match self {
+            Self::InProgress {
+                token,
+                attempt,
+                payload_hash,
+            } => format!("p:{token}:{attempt}:{payload_hash}"),
+            Self::Done { payload_hash } => format!("d:{payload_hash}"),
+            Self::Released {
+                attempts,
+                payload_hash,
+            } => format!("f:{attempts}:{payload_hash}"),
+        }
+    }
+
+    /// The payload hash the record was written with.
+    pub fn payload_hash(&self) -> &str {
+        match self {
+            Self::InProgress { payload_hash, .. }
+            | Self::Done { payload_hash }
+            | Self::Released { payload_hash, .. } => payload_hash,
+        }
+    }
+}
+
+/// An in-progress record we own. Pass it back to renew, complete or release.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    key: String,
+    token: String,
+    attempt: u32,
+    payload_hash: String,
+    value: String,
+}
+
+impl Claim {
+    fn new(key: &str, token: &str, attempt: u32, payload_hash: &str) -> Self {
+        let record = Record::InProgress {
+            token: token.to_owned(),
+            attempt,
+            payload_hash: payload_hash.to_owned(),
+        };
+        Self {
+            key: key.to_owned(),
+            token: token.to_owned(),
+            attempt,
+            payload_hash: payload_hash.to_owned(),
+            value: record.encode(),
+        }
+    }
+
+    /// The Redis key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The owner token: usable as a fencing value by the handler.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Which attempt this is, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The stored in-progress value, which every later write compares against.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    fn done_value(&self) -> String {
+        Record::Done {
+            payload_hash: self.payload_hash.clone(),
+        }
+        .encode()
+    }
+
+    fn released_value(&self) -> String {
+        Record::Released {
+            attempts: self.attempt,
+            payload_hash: self.payload_hash.clone(),
+        }
+        .encode()
+    }
+}
+
+/// What a claim found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The key is ours: run the handler, then complete or release.
+    Acquired(Claim),
+    /// Another consumer holds the key.
+    InProgress {
+        /// How long its lease has left, if the store could tell.
+        remaining: Option<Duration>,
+    },
+    /// The message was already processed.
+    Done,
+    /// The key holds a record for a different payload (same fingerprint,
+    /// different body): a producer bug or a fingerprint collision.
+    PayloadMismatch {
+        /// The payload hash stored in the record.
+        stored: String,
+    },
+    /// The key holds a value this library did not write.
+    Unrecognized {
+        /// The value found.
+        value: String,
+    },
+}
+
+/// A key/value store with expiry that can hold idempotency records.
+///
+/// Implementors provide four primitives; the claim/renew/complete/release
+/// transitions are provided methods built on them, so every store follows
+/// the same state machine. Every write after a claim is a
+/// [`transition`](Self::transition) that checks the current value first.
+pub trait Store: Send + Sync + 'static {
+    /// Sets `key` to `value` with a `ttl` only if it is absent, and returns
+    /// the previous value (`None`: the write happened). One round trip:
+    /// `SET key value NX PX ttl GET`.
+    fn insert_or_get(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// If `key` holds `from`, replaces it with `to` (with a `ttl`), or
+    /// deletes it when `to` is `None`, and returns true. Also returns true
+    /// when `key` already holds `to`, so a retried transition is safe.
+    /// Otherwise changes nothing and returns false.
+    fn transition(
+        &self,
+        key: &str,
+        from: &str,
+        to: Option<&str>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The value of `key` and its remaining time to live.
+    fn get(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<(String, Option<Duration>)>, StoreError>> + Send;
+
+    /// Checks that the store answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Claims `key` for `token` with a `lease`.
+    ///
+    /// `payload_hash` is compared with the hash stored in an existing
+    /// record; pass `""` to skip that check. An unanswered request is
+    /// retried with the same token, and finding our own token counts as
+    /// acquired, never as a duplicate.
+    fn claim(
+        &self,
+        key: &str,
+        token: &Token,
+        payload_hash: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
+        async move {
+            let fresh = Claim::new(key, token.as_str(), 1, payload_hash);
+            for _ in 0..TAKEOVER_RETRIES {
+                let previous =
+                    retry_ambiguous(|| self.insert_or_get(key, fresh.value(), lease)).await?;
+                let Some(previous) = previous else {
+                    return Ok(ClaimOutcome::Acquired(fresh));
+                };
+                let Some(record) = Record::parse(&previous) else {
+                    return Ok(ClaimOutcome::Unrecognized { value: previous });
+                };
+                let stored = record.payload_hash();
+                if !payload_hash.is_empty() && !stored.is_empty() && stored != payload_hash {
+                    return Ok(ClaimOutcome::PayloadMismatch {
+                        stored: stored.to_owned(),
+                    });
+                }
+                match record {
+                    Record::InProgress {
+                        token: owner,
+                        attempt,
+                        ..
+                    } if owner == token.as_str() => {
+                        return Ok(ClaimOutcome::Acquired(Claim::new(
+                            key,
+                            token.as_str(),
+                            attempt,
+                            payload_hash,
+                        )));
+                    }
+                    Record::InProgress { .. } => {
+                        // The remaining lease is only a hint for waiting; a
+                        // failure to read it must not fail the claim.
+                        let remaining = match self.get(key).await {
+                            Ok(Some((_, ttl))) => ttl,
+                            _ => None,
+                        };
+                        return Ok(ClaimOutcome::InProgress { remaining });
+                    }
+                    Record::Done { .. } => return Ok(ClaimOutcome::Done),
+                    Record::Released { attempts, .. } => {
+                        let next = Claim::new(
+                            key,
+                            token.as_str(),
+                            attempts.saturating_add(1),
+                            payload_hash,
+                        );
+                        let taken = retry_ambiguous(|| {
+                            self.transition(key, &previous, Some(next.value()), lease)
+                        })
+                        .await?;
+                        if taken {
+                            return Ok(ClaimOutcome::Acquired(next));
+                        }
+                        // Someone else changed the record meanwhile: look again.
+                    }
+                }
+            }
+            Ok(ClaimOutcome::InProgress { remaining: None })
+        }
+    }
+
+    /// Extends our lease; false if the key is no longer ours.
+    fn renew(
+        &self,
+        claim: &Claim,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async move {
+            retry_ambiguous(|| {
+                self.transition(claim.key(), claim.value(), Some(claim.value()), lease)
+            })
+            .await
+        }
+    }
+
+    /// Marks the message done for `retention`; false if the key is no longer ours.
+    fn complete(
+        &self,
+        claim: &Claim,
+        retention: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async move {
+            let done = claim.done_value();
+            retry_ambiguous(|| self.transition(claim.key(), claim.value(), Some(&done), retention))
+                .await
+        }
+    }
+
+    /// Gives the key up after a failure so that a redelivery can claim it.
+    /// The record keeps the attempt count for `retention`, which bounds
+    /// retries on queues that do not count deliveries. False if the key is
+    /// no longer ours.
+    fn release(
+        &self,
+        claim: &Claim,
+        retention: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async move {
+            let released = claim.released_value();
+            retry_ambiguous(|| {
+                self.transition(claim.key(), claim.value(), Some(&released), retention)
+            })
+            .await
+        }
+    }
+}
+
+/// Retries an operation whose outcome is unknown (timeout, dropped
+/// connection). Only for operations that are safe to repeat.
+async fn retry_ambiguous<T, F, Fut>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut tries = 0;
+    loop {
+        match op().await {
+            Err(err) if err.is_unavailable() && tries < AMBIGUOUS_RETRIES => {
+                tries += 1;
+                tracing::debug!(error = %err, tries, "retrying an unanswered store request");
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        for record in [
+            Record::InProgress {
+                token: "ab".into(),
+                attempt: 3,
+                payload_hash: "ff".into(),
+            },
+            Record::Done {
+                payload_hash: String::new(),
+            },
+            Record::Released {
+                attempts: 2,
+                payload_hash: "00".into(),
+            },
+        ] {
+            assert_eq!(Record::parse(&record.encode()), Some(record));
+        }
+    }
+
+    #[test]
+    fn foreign_values_do_not_parse() {
+        for value in ["", "hello", "p::1:x", "p:t:one:x", "d:a:b", "x:1"] {
+            assert_eq!(Record::parse(value), None, "{value}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_unique() {
+        let a = Token::new();
+        let b = Token::new();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 32);
+    }
+}
