@@ -1,0 +1,261 @@
+//! Helpers shared by the integration tests: real Redis and RabbitMQ only.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use amqp_idempotency::store::RedisStore;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(label: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "t-{label}-{}-{nanos:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub async fn redis_store() -> RedisStore {
+    let url = redis_url();
+    match RedisStore::connect(&url).await {
+        Ok(store) => store,
+        Err(err) => panic!(
+            "these tests need Redis at {url} (set REDIS_URL): {err}\n\
+             start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no"
+        ),
+    }
+}
+
+pub async fn amqp() -> Connection {
+    let url = amqp_url();
+    match Connection::connect(&url, ConnectionProperties::default()).await {
+        Ok(connection) => connection,
+        Err(err) => panic!(
+            "these tests need RabbitMQ at {url} (set AMQP_URL): {err}\n\
+             start it with: rabbitmq-server -detached"
+        ),
+    }
+}
+
+/// A queue with a dead-letter queue behind it. Both are auto-deleted
+/// with the connection's exclusive ownership gone... they are not exclusive
+/// so that several connections can consume; tests delete them at the end.
+pub struct TestQueue {
+    pub name: String,
+    pub dead: String,
+}
+
+pub async fn declare_queue(channel: &Channel, label: &str) -> TestQueue {
+    let name = unique(label);
+    let dead = format!("{name}.dead");
+    let dlx = format!("{name}.dlx");
+    channel
+        .exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the dead-letter exchange");
+    channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the dead-letter queue");
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the dead-letter queue");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(dlx.as_str())),
+    );
+    channel
+        .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect("declare the test queue");
+    TestQueue { name, dead }
+}
+
+impl TestQueue {
+    pub async fn delete(&self, channel: &Channel) {
+        for queue in [&self.name, &self.dead] {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(
+                format!("{}.dlx", self.name).as_str().into(),
+                Default::default(),
+            )
+            .await;
+    }
+}
+
+/// Publishes `body` to `queue` through the default exchange, confirmed.
+pub async fn publish(channel: &Channel, queue: &str, body: &[u8], message_id: Option<&str>) {
+    let _ = channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await;
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(id) = message_id {
+        properties = properties.with_message_id(id.into());
+    }
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("publisher confirm");
+}
+
+/// Number of ready messages in `queue`.
+pub async fn ready_count(channel: &Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("inspect queue")
+        .message_count()
+}
+
+/// Polls `check` until it holds or `limit` passes; returns whether it held.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A private redis-server on a free port, killed on drop: for tests that
+/// stop or restart Redis without touching the shared one.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("find a free port");
+        let dir = std::env::temp_dir().join(unique("redis"));
+        std::fs::create_dir_all(&dir).expect("create a redis dir");
+        let mut this = Self {
+            port,
+            child: None,
+            dir,
+        };
+        this.spawn();
+        this
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!("cannot start redis-server (apt-get install redis-server): {err}")
+            });
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,472 @@
+//! The layer's dispositions, with `MemoryStore` and `Delivery::mock`
+//! (no services needed; the store is the in-process one).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use amqp_idempotency::store::{MemoryStore, Store};
+use amqp_idempotency::{
+    BoxError, Config, Disposition, HandlerError, IdempotencyLayer, NoFingerprintPolicy,
+    OutcomeKind, StoreError, StoreFailurePolicy,
+};
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+fn delivery(id: Option<&str>, body: &[u8]) -> Delivery {
+    let mut d = Delivery::mock(1, "".into(), "q".into(), false, body.to_vec());
+    if let Some(id) = id {
+        d.properties = BasicProperties::default().with_message_id(id.into());
+    }
+    d
+}
+
+fn config() -> Config {
+    Config::default()
+        .retry_backoff(Duration::from_millis(10))
+        .in_progress_wait(Duration::ZERO)
+}
+
+/// A handler that counts its runs and answers what `behaviour` says.
+fn counting(
+    runs: Arc<AtomicUsize>,
+    behaviour: impl Fn(usize) -> Result<(), HandlerError> + Clone + Send + Sync + 'static,
+) -> impl Service<Delivery, Response = (), Error = HandlerError, Future = impl Send>
++ Clone
++ Send
++ 'static {
+    service_fn(move |_d: Delivery| {
+        let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let result = behaviour(run);
+        async move { result }
+    })
+}
+
+#[tokio::test]
+async fn processed_once_then_duplicate_acked_without_running() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config()).unwrap();
+    let svc = layer.layer(counting(runs.clone(), |_| Ok(())));
+    let first = svc
+        .clone()
+        .oneshot(delivery(Some("m1"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(first.kind(), OutcomeKind::Processed);
+    assert_eq!(first.disposition(), Disposition::Ack);
+    let second = svc.oneshot(delivery(Some("m1"), b"x")).await.unwrap();
+    assert_eq!(second.kind(), OutcomeKind::Duplicate);
+    assert_eq!(second.disposition(), Disposition::Ack);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn retryable_failure_releases_so_the_redelivery_runs() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config()).unwrap();
+    let svc = layer.layer(counting(runs.clone(), |run| {
+        if run == 1 {
+            Err(HandlerError::retryable("database busy"))
+        } else {
+            Ok(())
+        }
+    }));
+    let first = svc
+        .clone()
+        .oneshot(delivery(Some("m"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(first.kind(), OutcomeKind::Retry);
+    assert!(
+        matches!(first.disposition(), Disposition::Requeue { after } if after == Duration::from_millis(10))
+    );
+    assert!(first.reason().unwrap().contains("database busy"));
+    let second = svc
+        .clone()
+        .oneshot(delivery(Some("m"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(second.kind(), OutcomeKind::Processed);
+    assert_eq!(second.attempt(), 2);
+    let third = svc.oneshot(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(third.kind(), OutcomeKind::Duplicate);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn foreign_errors_count_as_retryable() {
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config()).unwrap();
+    let svc = layer.layer(service_fn(|_d: Delivery| async {
+        Err::<(), BoxError>("socket closed".into())
+    }));
+    let outcome = svc.oneshot(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Retry);
+}
+
+#[tokio::test]
+async fn permanent_failure_is_dead_lettered() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config()).unwrap();
+    let svc = layer.layer(counting(runs.clone(), |_| {
+        Err(HandlerError::permanent("unknown customer"))
+    }));
+    let outcome = svc.oneshot(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Failed);
+    assert_eq!(outcome.disposition(), Disposition::DeadLetter);
+    assert!(outcome.reason().unwrap().contains("unknown customer"));
+}
+
+#[tokio::test]
+async fn retries_are_bounded_by_max_attempts() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().max_attempts(3)).unwrap();
+    let svc = layer.layer(counting(runs.clone(), |_| {
+        Err(HandlerError::retryable("always"))
+    }));
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        kinds.push(
+            svc.clone()
+                .oneshot(delivery(Some("poison"), b"x"))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(kinds[0].kind(), OutcomeKind::Retry);
+    assert_eq!(kinds[1].kind(), OutcomeKind::Retry);
+    assert!(
+        matches!(kinds[1].disposition(), Disposition::Requeue { after } if after == Duration::from_millis(20)),
+        "the delay grows"
+    );
+    assert_eq!(kinds[2].kind(), OutcomeKind::AttemptsExhausted);
+    assert_eq!(kinds[2].disposition(), Disposition::DeadLetter);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn missing_fingerprint_follows_the_policy() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let dead = IdempotencyLayer::new(MemoryStore::new(), "q", config()).unwrap();
+    let outcome = dead
+        .layer(counting(runs.clone(), |_| Ok(())))
+        .oneshot(delivery(None, b""))
+        .await
+        .unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::NoFingerprint);
+    assert_eq!(outcome.disposition(), Disposition::DeadLetter);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    let pass = IdempotencyLayer::new(
+        MemoryStore::new(),
+        "q",
+        config().on_missing_fingerprint(NoFingerprintPolicy::PassThrough),
+    )
+    .unwrap();
+    let outcome = pass
+        .layer(counting(runs.clone(), |_| Ok(())))
+        .oneshot(delivery(None, b""))
+        .await
+        .unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Unprotected);
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn same_id_different_body_is_dead_lettered() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config()).unwrap();
+    let svc = layer.layer(counting(runs.clone(), |_| Ok(())));
+    svc.clone()
+        .oneshot(delivery(Some("m"), b"amount=10"))
+        .await
+        .unwrap();
+    let outcome = svc
+        .oneshot(delivery(Some("m"), b"amount=99"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::PayloadMismatch);
+    assert_eq!(outcome.disposition(), Disposition::DeadLetter);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn body_hash_makes_identical_bodies_duplicates() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config()).unwrap();
+    let svc = layer.layer(counting(runs.clone(), |_| Ok(())));
+    assert_eq!(
+        svc.clone()
+            .oneshot(delivery(None, b"good"))
+            .await
+            .unwrap()
+            .kind(),
+        OutcomeKind::Processed
+    );
+    assert_eq!(
+        svc.clone()
+            .oneshot(delivery(None, b"good"))
+            .await
+            .unwrap()
+            .kind(),
+        OutcomeKind::Duplicate
+    );
+    assert_eq!(
+        svc.oneshot(delivery(None, b"other")).await.unwrap().kind(),
+        OutcomeKind::Processed
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_progress_duplicate_waits_and_is_never_acked_early() {
+    let store = MemoryStore::new();
+    let cfg = config().in_progress_wait(Duration::from_secs(1));
+    let slow = IdempotencyLayer::new(store.clone(), "q", cfg.clone())
+        .unwrap()
+        .layer(service_fn(|_d: Delivery| async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok::<_, Infallible>(())
+        }));
+    let first = tokio::spawn(slow.clone().oneshot(delivery(Some("m"), b"x")));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The first is still running after the wait: requeue, not ack.
+    let second = slow
+        .clone()
+        .oneshot(delivery(Some("m"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(second.kind(), OutcomeKind::InProgressElsewhere);
+    assert!(matches!(second.disposition(), Disposition::Requeue { .. }));
+    // Waiting long enough, the duplicate sees it done.
+    let long_wait =
+        IdempotencyLayer::new(store, "q", cfg.in_progress_wait(Duration::from_secs(10)))
+            .unwrap()
+            .layer(service_fn(|_d: Delivery| async { Ok::<_, Infallible>(()) }));
+    let third = long_wait.oneshot(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(third.kind(), OutcomeKind::Duplicate);
+    assert_eq!(first.await.unwrap().unwrap().kind(), OutcomeKind::Processed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_handler_keeps_its_lease_by_renewing() {
+    let store = MemoryStore::new();
+    let cfg = config()
+        .lease_ttl(Duration::from_secs(3))
+        .handler_timeout(Duration::from_secs(2))
+        .in_progress_wait(Duration::ZERO);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let svc = IdempotencyLayer::new(
+        store.clone(),
+        "q",
+        cfg.clone().handler_timeout(Duration::from_millis(2900)),
+    )
+    .unwrap()
+    .layer(service_fn(move |_d: Delivery| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_millis(2800)).await;
+            Ok::<_, Infallible>(())
+        }
+    }));
+    let first = tokio::spawn(svc.clone().oneshot(delivery(Some("m"), b"x")));
+    // Past the point where an unrenewed lease would be near expiry.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let dup = svc
+        .clone()
+        .oneshot(delivery(Some("m"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(dup.kind(), OutcomeKind::InProgressElsewhere);
+    assert_eq!(first.await.unwrap().unwrap().kind(), OutcomeKind::Processed);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_handler_times_out_and_is_retried() {
+    let cfg = config()
+        .lease_ttl(Duration::from_secs(3))
+        .handler_timeout(Duration::from_secs(1));
+    let svc = IdempotencyLayer::new(MemoryStore::new(), "q", cfg)
+        .unwrap()
+        .layer(service_fn(|_d: Delivery| async {
+            std::future::pending::<()>().await;
+            Ok::<_, Infallible>(())
+        }));
+    let outcome = svc.oneshot(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Retry);
+    assert!(outcome.reason().unwrap().contains("timed out"));
+}
+
+/// A store that fails as unreachable while `down` is set (unit-test double).
+#[derive(Clone, Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    down: Arc<AtomicBool>,
+}
+
+impl FlakyStore {
+    fn check(&self, op: &'static str) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::new(op, "", true, "connection refused"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for FlakyStore {
+    async fn insert_or_get(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        self.check("claim")?;
+        self.inner.insert_or_get(key, value, ttl).await
+    }
+    async fn transition(
+        &self,
+        key: &str,
+        from: &str,
+        to: Option<&str>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.check("transition")?;
+        self.inner.transition(key, from, to, ttl).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
+        self.check("get")?;
+        self.inner.get(key).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.check("ping")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fail_closed_does_not_run_the_handler_and_pauses_until_the_store_answers() {
+    let store = FlakyStore::default();
+    store.down.store(true, Ordering::SeqCst);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut svc = IdempotencyLayer::new(store.clone(), "q", config())
+        .unwrap()
+        .layer(counting(runs.clone(), |_| Ok(())));
+    let outcome = svc
+        .clone()
+        .oneshot(delivery(Some("m"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::StoreUnavailable);
+    assert!(matches!(outcome.disposition(), Disposition::Requeue { .. }));
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    // Not ready while the store is down...
+    let ready = tokio::time::timeout(Duration::from_secs(2), svc.ready()).await;
+    assert!(
+        ready.is_err(),
+        "poll_ready must stay pending while Redis is down"
+    );
+    // ...and ready again once it answers.
+    store.down.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), svc.ready())
+        .await
+        .expect("ready after the store is back")
+        .unwrap();
+    let outcome = svc.call(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Processed);
+}
+
+#[tokio::test]
+async fn fail_open_runs_the_handler_unprotected() {
+    let store = FlakyStore::default();
+    store.down.store(true, Ordering::SeqCst);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(
+        store,
+        "q",
+        config().on_store_error(StoreFailurePolicy::FailOpen),
+    )
+    .unwrap()
+    .layer(counting(runs.clone(), |_| Ok(())));
+    let outcome = svc.oneshot(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Unprotected);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_is_reported_and_still_acked() {
+    let store = MemoryStore::new();
+    let cfg = config()
+        .lease_ttl(Duration::from_secs(3))
+        .handler_timeout(Duration::from_millis(2900));
+    let thief_store = store.clone();
+    let svc = IdempotencyLayer::new(store.clone(), "q", cfg)
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            let store = thief_store.clone();
+            async move {
+                // Someone deletes our record mid-run (an operator's `forget`,
+                // or an expiry during a pause) and another consumer claims it.
+                let key = "idem:q:m";
+                let (value, _) = store.get(key).await.unwrap().unwrap();
+                assert!(
+                    store
+                        .transition(key, &value, None, Duration::ZERO)
+                        .await
+                        .unwrap()
+                );
+                store
+                    .insert_or_get(key, "p:thief:1:", Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok::<_, Infallible>(())
+            }
+        }));
+    let outcome = svc.oneshot(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::LeaseLost);
+    assert_eq!(outcome.disposition(), Disposition::Ack);
+    let (value, _) = store.get("idem:q:m").await.unwrap().unwrap();
+    assert_eq!(value, "p:thief:1:", "the new owner's record is untouched");
+}
+
+#[tokio::test]
+async fn a_dropped_call_releases_its_claim() {
+    let store = MemoryStore::new();
+    let svc = IdempotencyLayer::new(store.clone(), "q", config())
+        .unwrap()
+        .layer(service_fn(|_d: Delivery| async {
+            std::future::pending::<()>().await;
+            Ok::<_, Infallible>(())
+        }));
+    let call = tokio::spawn(svc.oneshot(delivery(Some("m"), b"x")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    call.abort();
+    let _ = call.await;
+    let released =
+        common_eventually(|| {
+            let store = store.clone();
+            async move {
+                matches!(store.get("idem:q:m").await, Ok(Some((v, _))) if v.starts_with("f:1:"))
+            }
+        })
+        .await;
+    assert!(released, "an abandoned claim is released in the background");
+}
+
+async fn common_eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

@@ -1,0 +1,521 @@
+//! End to end against the real RabbitMQ and Redis: the runner, the layer
+//! and the Redis store together.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use amqp_idempotency::store::{Record, RedisStore, Store};
+use amqp_idempotency::{
+    Config, HandlerError, IdempotencyLayer, Outcome, OutcomeKind, ServeOptions, ServeReport, serve,
+};
+use common::{TestQueue, amqp, declare_queue, eventually, publish, ready_count, redis_store};
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use tokio::sync::watch;
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+async fn consumer(connection: &Connection, queue: &str, prefetch: u16) -> (Channel, Consumer) {
+    let channel = connection.create_channel().await.expect("open a channel");
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("set prefetch");
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("start consuming");
+    (channel, consumer)
+}
+
+fn config(prefix: &str) -> Config {
+    Config::default()
+        .key_prefix(prefix)
+        .retry_backoff(Duration::from_millis(20))
+        .retry_backoff_max(Duration::from_millis(100))
+}
+
+/// Records every outcome, in order, and lets a test wait for a count.
+#[derive(Clone, Default)]
+struct Journal {
+    events: Arc<Mutex<Vec<String>>>,
+    changed: Arc<watch::Sender<usize>>,
+}
+
+impl Journal {
+    fn push(&self, event: impl Into<String>) {
+        let mut events = self.events.lock().unwrap();
+        events.push(event.into());
+        self.changed.send_replace(events.len());
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn count(&self, event: &str) -> usize {
+        self.events().iter().filter(|e| *e == event).count()
+    }
+
+    /// Completes once `done` holds for the journal.
+    fn until(
+        &self,
+        done: impl Fn(&Journal) -> bool + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let journal = self.clone();
+        let mut changes = self.changed.subscribe();
+        async move {
+            loop {
+                if done(&journal) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Wraps the idempotent service to log each outcome's kind.
+    fn record<S>(
+        self,
+        inner: S,
+    ) -> impl Service<
+        Delivery,
+        Response = Outcome,
+        Error = amqp_idempotency::BoxError,
+        Future = impl Send + 'static,
+    > + Send
+    + Clone
+    + 'static
+    where
+        S: Service<Delivery, Response = Outcome, Error = amqp_idempotency::BoxError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let journal = self;
+        service_fn(move |d: Delivery| {
+            let journal = journal.clone();
+            let inner = inner.clone();
+            async move {
+                let outcome = inner.oneshot(d).await?;
+                journal.push(outcome.kind().as_str());
+                Ok(outcome)
+            }
+        })
+    }
+}
+
+async fn run_until(
+    connection: &Connection,
+    queue: &str,
+    service: impl Service<
+        Delivery,
+        Response = Outcome,
+        Error = amqp_idempotency::BoxError,
+        Future = impl Send + 'static,
+    > + Send
+    + 'static,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> ServeReport {
+    let (channel, consumer) = consumer(connection, queue, 8).await;
+    let options = ServeOptions::new()
+        .concurrency(8)
+        .shutdown_on(async move {
+            if tokio::time::timeout(Duration::from_secs(30), stop)
+                .await
+                .is_err()
+            {
+                eprintln!("test stop condition not reached in 30s; stopping the runner");
+            }
+        })
+        .close_channel(channel);
+    serve(consumer, service, options).await.expect("serve")
+}
+
+async fn finish(connection: &Connection, queue: &TestQueue) -> (u32, u32) {
+    let channel = connection.create_channel().await.unwrap();
+    let counts = (
+        ready_count(&channel, &queue.name).await,
+        ready_count(&channel, &queue.dead).await,
+    );
+    queue.delete(&channel).await;
+    counts
+}
+
+#[tokio::test]
+async fn first_delivery_is_processed_and_a_duplicate_is_acked_without_running() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "dup").await;
+    publish(&setup, &queue.name, b"order", Some("order-1")).await;
+    publish(&setup, &queue.name, b"order", Some("order-1")).await;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let journal = Journal::default();
+    let r = runs.clone();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(move |_d: Delivery| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, HandlerError>(()) }
+    }));
+    let report = run_until(
+        &connection,
+        &queue.name,
+        journal.clone().record(service),
+        journal.until(|j| j.events().len() >= 2),
+    )
+    .await;
+
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler runs once");
+    assert_eq!(journal.events(), ["processed", "duplicate"]);
+    assert_eq!(report.acked, 2);
+    assert_eq!(
+        finish(&connection, &queue).await,
+        (0, 0),
+        "both acked, none dead-lettered"
+    );
+}
+
+#[tokio::test]
+async fn a_retryable_failure_is_released_and_the_requeued_copy_takes_effect_once() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "retry").await;
+    publish(&setup, &queue.name, b"pay 10", Some("payment-1")).await;
+
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let effects = Arc::new(AtomicUsize::new(0));
+    let journal = Journal::default();
+    let (a, e) = (attempts.clone(), effects.clone());
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(move |_d: Delivery| {
+        let attempt = a.fetch_add(1, Ordering::SeqCst) + 1;
+        let e = e.clone();
+        async move {
+            if attempt == 1 {
+                return Err(HandlerError::retryable("payment gateway timeout"));
+            }
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }));
+    // A producer retry of the same payment arrives too.
+    publish(&setup, &queue.name, b"pay 10", Some("payment-1")).await;
+    let report = run_until(
+        &connection,
+        &queue.name,
+        journal.clone().record(service),
+        journal.until(|j| j.count("processed") + j.count("duplicate") >= 2),
+    )
+    .await;
+
+    assert_eq!(effects.load(Ordering::SeqCst), 1, "the effect happens once");
+    assert_eq!(journal.count("retry"), 1);
+    assert_eq!(journal.count("processed"), 1);
+    assert!(report.requeued >= 1);
+    assert_eq!(finish(&connection, &queue).await, (0, 0));
+}
+
+#[tokio::test]
+async fn a_permanent_failure_reaches_the_dead_letter_queue() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "perm").await;
+    publish(&setup, &queue.name, b"bad order", Some("order-bad")).await;
+    let journal = Journal::default();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(|_d: Delivery| async {
+        Err::<(), _>(HandlerError::permanent("unknown product"))
+    }));
+    let report = run_until(
+        &connection,
+        &queue.name,
+        journal.clone().record(service),
+        journal.until(|j| !j.events().is_empty()),
+    )
+    .await;
+    assert_eq!(journal.events(), ["failed"]);
+    assert_eq!(report.dead_lettered, 1);
+    let channel = connection.create_channel().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let channel = channel.clone();
+            let dead = queue.dead.clone();
+            async move { ready_count(&channel, &dead).await == 1 }
+        })
+        .await,
+        "the message is in the dead-letter queue"
+    );
+    assert_eq!(finish(&connection, &queue).await, (0, 1));
+}
+
+#[tokio::test]
+async fn a_message_without_fingerprint_is_dead_lettered_by_default() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "nofp").await;
+    publish(&setup, &queue.name, b"", None).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let journal = Journal::default();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(move |_d: Delivery| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, HandlerError>(()) }
+    }));
+    run_until(
+        &connection,
+        &queue.name,
+        journal.clone().record(service),
+        journal.until(|j| !j.events().is_empty()),
+    )
+    .await;
+    assert_eq!(journal.events(), ["no_fingerprint"]);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    let channel = connection.create_channel().await.unwrap();
+    let dead = queue.dead.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let channel = channel.clone();
+            let dead = dead.clone();
+            async move { ready_count(&channel, &dead).await == 1 }
+        })
+        .await
+    );
+    assert_eq!(finish(&connection, &queue).await, (0, 1));
+}
+
+async fn slow_service(
+    queue: &str,
+    prefix: &str,
+    journal: Journal,
+) -> impl Service<
+    Delivery,
+    Response = Outcome,
+    Error = amqp_idempotency::BoxError,
+    Future = impl Send + 'static,
+> + Send
++ Clone
++ 'static {
+    let handler_journal = journal.clone();
+    let service = IdempotencyLayer::new(redis_store().await, queue, config(prefix))
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            let journal = handler_journal.clone();
+            async move {
+                journal.push("handler-start");
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                journal.push("handler-end");
+                Ok::<_, HandlerError>(())
+            }
+        }));
+    journal.clone().record(service)
+}
+
+#[tokio::test]
+async fn two_consumers_with_the_same_fingerprint_run_the_handler_once() {
+    let connection_a: &'static Connection = Box::leak(Box::new(amqp().await));
+    let connection_b: &'static Connection = Box::leak(Box::new(amqp().await));
+    let setup = connection_a.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "race").await;
+    publish(
+        &setup,
+        &queue.name,
+        b"register alice",
+        Some("register:alice"),
+    )
+    .await;
+    publish(
+        &setup,
+        &queue.name,
+        b"register alice",
+        Some("register:alice"),
+    )
+    .await;
+
+    let prefix = common::unique("p");
+    let journal = Journal::default();
+    let service_a = slow_service(&queue.name, &prefix, journal.clone()).await;
+    let service_b = slow_service(&queue.name, &prefix, journal.clone()).await;
+    let settled = |j: &Journal| j.count("processed") + j.count("duplicate") >= 2;
+    // Prefetch 1 on each consumer: each takes one copy, both in flight together.
+    let run = |connection: &'static Connection, service, stop| {
+        let queue = queue.name.clone();
+        async move {
+            let (channel, consumer) = consumer(connection, &queue, 1).await;
+            let options = ServeOptions::new()
+                .concurrency(1)
+                .shutdown_on(stop)
+                .close_channel(channel);
+            serve(consumer, service, options).await.expect("serve")
+        }
+    };
+    let stop_a = journal.until(settled);
+    let stop_b = journal.until(settled);
+    let (a, b) = tokio::join!(
+        run(connection_a, service_a, stop_a),
+        run(connection_b, service_b, stop_b)
+    );
+
+    let events = journal.events();
+    assert_eq!(journal.count("handler-start"), 1, "ran once: {events:?}");
+    let end = events
+        .iter()
+        .position(|e| e == "handler-end")
+        .expect("handler finished");
+    let duplicate = events
+        .iter()
+        .position(|e| e == "duplicate")
+        .expect("duplicate settled");
+    assert!(
+        duplicate > end,
+        "the second copy was settled as a duplicate only after the first finished: {events:?}"
+    );
+    assert_eq!(a.acked + b.acked, 2);
+    assert_eq!(finish(connection_a, &queue).await, (0, 0));
+}
+
+#[tokio::test]
+async fn with_redis_unreachable_the_handler_does_not_run_and_the_message_stays_queued() {
+    let mut redis = common::PrivateRedis::start();
+    let store = RedisStore::connect(&redis.url())
+        .await
+        .expect("connect to the private redis");
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "down").await;
+    redis.stop();
+    publish(&setup, &queue.name, b"charge", Some("charge-1")).await;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let journal = Journal::default();
+    let service = IdempotencyLayer::new(store, &queue.name, config(&common::unique("p")))
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, HandlerError>(()) }
+        }));
+    let service = journal.clone().record(service);
+    let seen = journal.until(|j| j.count("store_unavailable") >= 1);
+    let report = run_until(&connection, &queue.name, service.clone(), async move {
+        seen.await;
+        // Stay a little longer: paused, nothing else may happen.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    })
+    .await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "handler not run while Redis is down"
+    );
+    assert_eq!(
+        journal.count("store_unavailable"),
+        1,
+        "consumption paused after the first failure: {:?}",
+        journal.events()
+    );
+    assert_eq!(report.acked, 0);
+    let channel = connection.create_channel().await.unwrap();
+    assert_eq!(
+        ready_count(&channel, &queue.name).await,
+        1,
+        "the message is still in the queue"
+    );
+
+    // Redis comes back: the same service resumes by itself.
+    redis.restart();
+    run_until(
+        &connection,
+        &queue.name,
+        service,
+        journal.until(|j| j.count("processed") >= 1),
+    )
+    .await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(finish(&connection, &queue).await, (0, 0));
+}
+
+#[tokio::test]
+async fn shutdown_abandons_a_hung_handler_releases_its_claim_and_keeps_the_message() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "shutdown").await;
+    publish(&setup, &queue.name, b"slow", Some("slow-1")).await;
+    let prefix = common::unique("p");
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let service = IdempotencyLayer::new(redis_store().await, &queue.name, config(&prefix))
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            s.notify_one();
+            async {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                Ok::<_, HandlerError>(())
+            }
+        }));
+    let (channel, consumer) = consumer(&connection, &queue.name, 1).await;
+    let options = ServeOptions::new()
+        .concurrency(1)
+        .shutdown_on(async move { started.notified().await })
+        .shutdown_deadline(Duration::from_millis(300))
+        .close_channel(channel);
+    let report = serve(consumer, service, options).await.expect("serve");
+    assert_eq!(report.abandoned, 1);
+    assert_eq!(report.acked, 0);
+
+    let store = redis_store().await;
+    let key = format!("{prefix}:{}:slow-1", queue.name);
+    let (value, _) = store.get(&key).await.unwrap().expect("a record");
+    assert!(
+        matches!(
+            Record::parse(&value),
+            Some(Record::Released { attempts: 1, .. })
+        ),
+        "the abandoned claim is released, not left in progress: {value}"
+    );
+    let channel = connection.create_channel().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let channel = channel.clone();
+            let name = queue.name.clone();
+            async move { ready_count(&channel, &name).await == 1 }
+        })
+        .await,
+        "the message is back in the queue"
+    );
+    let _ = finish(&connection, &queue).await;
+    let _ = OutcomeKind::Processed;
+}

@@ -1,0 +1,196 @@
+//! One contract, two stores: every test runs against `MemoryStore` and
+//! against `RedisStore` on the real Redis at REDIS_URL.
+
+mod common;
+
+use std::time::Duration;
+
+use amqp_idempotency::store::{ClaimOutcome, MemoryStore, Record, Store, Token};
+
+const LEASE: Duration = Duration::from_millis(300);
+const RETENTION: Duration = Duration::from_secs(60);
+
+fn key() -> String {
+    format!("{}:scope:fp", common::unique("contract"))
+}
+
+async fn acquire<S: Store>(store: &S, key: &str, token: &Token) -> amqp_idempotency::store::Claim {
+    match store.claim(key, token, "h1", LEASE).await.expect("claim") {
+        ClaimOutcome::Acquired(claim) => claim,
+        other => panic!("expected to acquire {key}, got {other:?}"),
+    }
+}
+
+async fn first_claim_wins<S: Store>(store: S) {
+    let key = key();
+    let claim = acquire(&store, &key, &Token::new()).await;
+    assert_eq!(claim.attempt(), 1);
+    let second = store.claim(&key, &Token::new(), "h1", LEASE).await.unwrap();
+    assert!(
+        matches!(second, ClaimOutcome::InProgress { remaining: Some(left) } if left <= LEASE),
+        "{second:?}"
+    );
+}
+
+async fn retried_claim_with_our_token_is_acquired<S: Store>(store: S) {
+    let key = key();
+    let token = Token::new();
+    let first = acquire(&store, &key, &token).await;
+    // As after a timed-out reply: the same token claims again.
+    let again = acquire(&store, &key, &token).await;
+    assert_eq!(first, again);
+}
+
+async fn complete_makes_duplicates_done<S: Store>(store: S) {
+    let key = key();
+    let claim = acquire(&store, &key, &Token::new()).await;
+    assert!(store.complete(&claim, RETENTION).await.unwrap());
+    let (value, ttl) = store.get(&key).await.unwrap().expect("a done record");
+    assert_eq!(
+        Record::parse(&value),
+        Some(Record::Done {
+            payload_hash: "h1".into()
+        })
+    );
+    assert!(
+        ttl.expect("retention set") > LEASE,
+        "retention replaces the lease"
+    );
+    let dup = store.claim(&key, &Token::new(), "h1", LEASE).await.unwrap();
+    assert_eq!(dup, ClaimOutcome::Done);
+}
+
+async fn release_lets_the_next_attempt_claim<S: Store>(store: S) {
+    let key = key();
+    let claim = acquire(&store, &key, &Token::new()).await;
+    assert!(store.release(&claim, RETENTION).await.unwrap());
+    let next = acquire(&store, &key, &Token::new()).await;
+    assert_eq!(next.attempt(), 2, "the attempt count survives the release");
+    assert!(store.release(&next, RETENTION).await.unwrap());
+    assert_eq!(acquire(&store, &key, &Token::new()).await.attempt(), 3);
+}
+
+async fn a_stranger_cannot_complete_release_or_renew<S: Store>(store: S) {
+    let key = key();
+    let owner = acquire(&store, &key, &Token::new()).await;
+    // A claim object for the same key with another token: what a consumer
+    // whose lease expired and was taken over holds.
+    let other_store = MemoryStore::new();
+    let stranger = acquire(&other_store, &key, &Token::new()).await;
+    assert!(!store.complete(&stranger, RETENTION).await.unwrap());
+    assert!(!store.release(&stranger, RETENTION).await.unwrap());
+    assert!(!store.renew(&stranger, LEASE).await.unwrap());
+    let (value, _) = store.get(&key).await.unwrap().expect("record kept");
+    assert_eq!(value, owner.value(), "the owner's record is untouched");
+}
+
+async fn an_expired_lease_can_be_taken_over<S: Store>(store: S) {
+    let key = key();
+    let crashed = acquire(&store, &key, &Token::new()).await;
+    tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
+    let heir = acquire(&store, &key, &Token::new()).await;
+    assert_ne!(heir.token(), crashed.token());
+    // The crashed consumer wakes up: it owns nothing any more.
+    assert!(!store.complete(&crashed, RETENTION).await.unwrap());
+    assert!(store.complete(&heir, RETENTION).await.unwrap());
+}
+
+async fn renew_extends_the_lease<S: Store>(store: S) {
+    let key = key();
+    let claim = acquire(&store, &key, &Token::new()).await;
+    for _ in 0..4 {
+        tokio::time::sleep(LEASE / 2).await;
+        assert!(store.renew(&claim, LEASE).await.unwrap(), "still ours");
+    }
+    let other = store.claim(&key, &Token::new(), "h1", LEASE).await.unwrap();
+    assert!(
+        matches!(other, ClaimOutcome::InProgress { .. }),
+        "{other:?}"
+    );
+}
+
+async fn retried_complete_and_release_are_harmless<S: Store>(store: S) {
+    let key = key();
+    let claim = acquire(&store, &key, &Token::new()).await;
+    assert!(store.complete(&claim, RETENTION).await.unwrap());
+    assert!(
+        store.complete(&claim, RETENTION).await.unwrap(),
+        "a retry after a lost reply"
+    );
+    let key2 = format!("{key}2");
+    let claim2 = acquire(&store, &key2, &Token::new()).await;
+    assert!(store.release(&claim2, RETENTION).await.unwrap());
+    assert!(store.release(&claim2, RETENTION).await.unwrap());
+}
+
+async fn a_different_payload_is_a_mismatch<S: Store>(store: S) {
+    let key = key();
+    let claim = acquire(&store, &key, &Token::new()).await;
+    let other = store.claim(&key, &Token::new(), "h2", LEASE).await.unwrap();
+    assert_eq!(
+        other,
+        ClaimOutcome::PayloadMismatch {
+            stored: "h1".into()
+        }
+    );
+    assert!(store.complete(&claim, RETENTION).await.unwrap());
+    let unchecked = store.claim(&key, &Token::new(), "", LEASE).await.unwrap();
+    assert_eq!(
+        unchecked,
+        ClaimOutcome::Done,
+        "an empty hash skips the check"
+    );
+}
+
+async fn foreign_values_are_reported_not_overwritten<S: Store>(store: S) {
+    let key = key();
+    assert_eq!(
+        store.insert_or_get(&key, "hello", RETENTION).await.unwrap(),
+        None
+    );
+    let outcome = store.claim(&key, &Token::new(), "h1", LEASE).await.unwrap();
+    assert_eq!(
+        outcome,
+        ClaimOutcome::Unrecognized {
+            value: "hello".into()
+        }
+    );
+    assert_eq!(
+        store.get(&key).await.unwrap().map(|(v, _)| v).as_deref(),
+        Some("hello")
+    );
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(amqp_idempotency::store::MemoryStore::new()).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::common::redis_store().await).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    first_claim_wins,
+    retried_claim_with_our_token_is_acquired,
+    complete_makes_duplicates_done,
+    release_lets_the_next_attempt_claim,
+    a_stranger_cannot_complete_release_or_renew,
+    an_expired_lease_can_be_taken_over,
+    renew_extends_the_lease,
+    retried_complete_and_release_are_harmless,
+    a_different_payload_is_a_mismatch,
+    foreign_values_are_reported_not_overwritten,
+);
