@@ -21,4 +21,4 @@ pub use error::{BoxError, ConfigError, FailureKind, HandlerError, StoreError};
 pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};
-pub use runner::{ServeError, ServeOptions, ServeReport, serve};
+pub use runner::{ServeError, ServeOptions, ServeReport, Session, serve, serve_reconnecting};

@@ -30,9 +30,14 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Acker;
+use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use lapin::{Channel, Consumer};
+use lapin::options::{
+    BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::{Channel, Connection, Consumer};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
@@ -47,6 +52,7 @@ pub struct ServeOptions {
     shutdown: Option<BoxFuture<'static, ()>>,
     signals: bool,
     shutdown_deadline: Duration,
+    dead_letter_exchange: Option<String>,
     channel: Option<Channel>,
 }
 
@@ -67,6 +73,7 @@ impl Default for ServeOptions {
             shutdown: None,
             signals: true,
             shutdown_deadline: Duration::from_secs(20),
+            dead_letter_exchange: None,
             channel: None,
         }
     }
@@ -112,6 +119,20 @@ impl ServeOptions {
         self.channel = Some(channel);
         self
     }
+
+    /// Dead-letters by publishing a copy to `exchange` (with the original
+    /// routing key and properties) plus headers saying why:
+    /// `x-idempotency-outcome`, `x-idempotency-reason` and
+    /// `x-idempotency-attempts`; the original is acked once the broker
+    /// confirmed the copy. Without this (or if the publish fails), dead
+    /// letters are rejected without requeue and the queue's own
+    /// `x-dead-letter-exchange` receives them with RabbitMQ's `x-death`
+    /// header only. Needs the channel given to [`close_channel`](Self::close_channel)
+    /// (it is put in confirm mode); [`serve_reconnecting`] uses each session's channel.
+    pub fn dead_letter_exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.dead_letter_exchange = Some(exchange.into());
+        self
+    }
 }
 
 /// What [`serve`] did, in broker terms.
@@ -128,6 +149,19 @@ pub struct ServeReport {
     pub unsettled: u64,
     /// Handlers still running at the shutdown deadline, abandoned.
     pub abandoned: u64,
+    /// Connections re-established by [`serve_reconnecting`].
+    pub reconnects: u64,
+}
+
+impl std::ops::AddAssign for ServeReport {
+    fn add_assign(&mut self, other: Self) {
+        self.acked += other.acked;
+        self.requeued += other.requeued;
+        self.dead_lettered += other.dead_lettered;
+        self.unsettled += other.unsettled;
+        self.abandoned += other.abandoned;
+        self.reconnects += other.reconnects;
+    }
 }
 
 /// Why [`serve`] stopped early.
@@ -195,10 +229,24 @@ impl Tally {
 /// in flight get the deadline to finish, abandoned ones have their claims
 /// released, and the channel (if given) is closed.
 pub async fn serve<S>(
+    consumer: Consumer,
+    service: S,
+    options: ServeOptions,
+) -> Result<ServeReport, ServeError>
+where
+    S: Service<Delivery, Response = Outcome> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    let (report, result) = run(consumer, service, options).await;
+    result.map(|()| report)
+}
+
+async fn run<S>(
     mut consumer: Consumer,
     mut service: S,
     options: ServeOptions,
-) -> Result<ServeReport, ServeError>
+) -> (ServeReport, Result<(), ServeError>)
 where
     S: Service<Delivery, Response = Outcome> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -209,8 +257,33 @@ where
         shutdown,
         signals,
         shutdown_deadline,
+        dead_letter_exchange,
         channel,
     } = options;
+    let dead_letters = match (dead_letter_exchange, &channel) {
+        (Some(exchange), Some(channel)) => {
+            match channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+            {
+                Ok(()) => Some(Arc::new(DeadLetters {
+                    channel: channel.clone(),
+                    exchange,
+                })),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot put the channel in confirm mode: dead letters are rejected to the queue's own dead-letter exchange");
+                    None
+                }
+            }
+        }
+        (Some(_), None) => {
+            tracing::warn!(
+                "dead_letter_exchange needs the channel (ServeOptions::close_channel): dead letters are rejected instead"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     let mut shutdown: BoxFuture<'static, ()> = match shutdown {
         Some(signal) => signal,
         None if signals => Box::pin(termination_signal()),
@@ -258,22 +331,50 @@ where
         };
         let acker = delivery.acker.clone();
         let tag = delivery.delivery_tag;
+        // Only kept when dead letters are republished with their reason.
+        let copy = dead_letters.as_ref().map(|dl| {
+            (
+                Arc::clone(dl),
+                DeadLetterCopy {
+                    routing_key: delivery.routing_key.clone(),
+                    properties: delivery.properties.clone(),
+                    data: delivery.data.clone(),
+                },
+            )
+        });
         let call = service.call(delivery);
         let tally = Arc::clone(&tally);
         let stopping = stopping.clone();
         tasks.spawn(async move {
-            let disposition = match AssertUnwindSafe(call).catch_unwind().await {
-                Ok(Ok(outcome)) => outcome.disposition(),
+            let outcome = match AssertUnwindSafe(call).catch_unwind().await {
+                Ok(Ok(outcome)) => Some(outcome),
                 Ok(Err(err)) => {
                     tracing::error!(delivery_tag = tag, error = %err.into(), "service failed: requeueing");
-                    Disposition::Requeue { after: Duration::ZERO }
+                    None
                 }
                 Err(_) => {
                     tracing::error!(delivery_tag = tag, "handler panicked: requeueing");
-                    Disposition::Requeue { after: Duration::ZERO }
+                    None
                 }
             };
-            settle(&acker, tag, disposition, stopping, &tally).await;
+            let Some(outcome) = outcome else {
+                let requeue = Disposition::Requeue { after: Duration::ZERO };
+                settle(&acker, tag, requeue, requeue, stopping, &tally).await;
+                drop(slot);
+                return;
+            };
+            if outcome.disposition() == Disposition::DeadLetter
+                && let Some((dead_letters, copy)) = copy
+                && dead_letters.publish(copy, &outcome).await
+            {
+                // The copy is confirmed: the original is finished.
+                let tally_as = Disposition::DeadLetter;
+                settle(&acker, tag, Disposition::Ack, tally_as, stopping, &tally).await;
+                drop(slot);
+                return;
+            }
+            let disposition = outcome.disposition();
+            settle(&acker, tag, disposition, disposition, stopping, &tally).await;
             drop(slot);
         });
     };
@@ -306,13 +407,167 @@ where
     }
     let report = tally.snapshot();
     tracing::info!(?report, "runner stopped");
-    result.map(|()| report)
+    (report, result)
 }
 
+/// A consumer and what keeps it alive, as returned by the `connect`
+/// closure of [`serve_reconnecting`].
+#[derive(Debug)]
+pub struct Session {
+    /// The connection; closed when the session ends.
+    pub connection: Connection,
+    /// The channel the consumer runs on; closed when the session ends.
+    pub channel: Channel,
+    /// The consumer to serve.
+    pub consumer: Consumer,
+}
+
+/// Like [`serve`], but survives the loss of the broker connection.
+///
+/// `connect` opens a connection and a channel, declares the topology
+/// (exchanges, queues, bindings, QoS) and starts the consumer; it is called
+/// again, with a growing delay (100ms doubling up to 10s), whenever the
+/// connection or channel fails. Handlers still running when their channel
+/// died finish and write their Redis state, but their deliveries are not
+/// acked on the new channel (their tags are invalid there): the broker
+/// redelivers them, and the redelivered copies are recognised as done.
+///
+/// ```no_run
+/// use std::convert::Infallible;
+/// use amqp_idempotency::{serve_reconnecting, Config, IdempotencyLayer, ServeOptions, Session, store::RedisStore};
+/// use lapin::{options::*, types::FieldTable, Connection, ConnectionProperties};
+/// use tower::{Layer, service_fn};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = Config::from_env()?;
+/// let store = RedisStore::connect(config.redis()).await?;
+/// let service = IdempotencyLayer::new(store, "orders", config.clone())?
+///     .layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
+/// let url = config.amqp().to_owned();
+/// let prefetch = config.prefetch_count();
+/// serve_reconnecting(
+///     move || {
+///         let url = url.clone();
+///         async move {
+///             let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
+///             let channel = connection.create_channel().await?;
+///             channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+///             channel.queue_declare("orders".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await?;
+///             let consumer = channel.basic_consume("orders".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+///             Ok(Session { connection, channel, consumer })
+///         }
+///     },
+///     service,
+///     ServeOptions::from_config(&config),
+/// )
+/// .await?;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn serve_reconnecting<C, Fut, S>(
+    mut connect: C,
+    service: S,
+    options: ServeOptions,
+) -> Result<ServeReport, ServeError>
+where
+    C: FnMut() -> Fut + Send,
+    Fut: std::future::Future<Output = Result<Session, lapin::Error>> + Send,
+    S: Service<Delivery, Response = Outcome> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    const FIRST_DELAY: Duration = Duration::from_millis(100);
+    const MAX_DELAY: Duration = Duration::from_secs(10);
+    let ServeOptions {
+        concurrency,
+        shutdown,
+        signals,
+        shutdown_deadline,
+        dead_letter_exchange,
+        channel: _,
+    } = options;
+    let shutdown: BoxFuture<'static, ()> = match shutdown {
+        Some(signal) => signal,
+        None if signals => Box::pin(termination_signal()),
+        None => Box::pin(std::future::pending()),
+    };
+    // One stop signal shared by every session.
+    let (stop_tx, stop) = watch::channel(false);
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    let mut total = ServeReport::default();
+    let mut delay = FIRST_DELAY;
+    let mut sessions = 0u64;
+    let outcome = loop {
+        if *stop.borrow() {
+            break Ok(());
+        }
+        let session = tokio::select! {
+            session = connect() => session,
+            () = stopped(stop.clone()) => break Ok(()),
+        };
+        let Session {
+            connection,
+            channel,
+            consumer,
+        } = match session {
+            Ok(session) => session,
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?delay, "cannot connect to RabbitMQ or declare the topology; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stopped(stop.clone()) => break Ok(()),
+                }
+                delay = (delay * 2).min(MAX_DELAY);
+                continue;
+            }
+        };
+        if sessions > 0 {
+            total.reconnects += 1;
+            tracing::info!("reconnected to RabbitMQ: consuming again");
+        }
+        sessions += 1;
+        delay = FIRST_DELAY;
+        let options = ServeOptions {
+            concurrency,
+            shutdown: Some(Box::pin(stopped(stop.clone()))),
+            signals: false,
+            shutdown_deadline,
+            dead_letter_exchange: dead_letter_exchange.clone(),
+            channel: Some(channel),
+        };
+        let (report, result) = run(consumer, service.clone(), options).await;
+        total += report;
+        let _ = connection.close(200, "OK".into()).await;
+        match result {
+            Ok(()) if *stop.borrow() => break Ok(()),
+            Ok(()) => tracing::warn!("the broker cancelled the consumer; reconnecting"),
+            Err(ServeError::Consumer(err)) => {
+                tracing::warn!(error = %err, retry_in = ?delay, "lost the RabbitMQ connection; reconnecting");
+            }
+            Err(err) => break Err(err),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopped(stop.clone()) => break Ok(()),
+        }
+        delay = (delay * 2).min(MAX_DELAY);
+    };
+    watcher.abort();
+    outcome.map(|()| total)
+}
+
+/// Applies `disposition` to the delivery and counts it as `tally_as`.
 async fn settle(
     acker: &Acker,
     tag: u64,
     disposition: Disposition,
+    tally_as: Disposition,
     mut stopping: watch::Receiver<bool>,
     tally: &Tally,
 ) {
@@ -338,7 +593,7 @@ async fn settle(
         }
     };
     match result {
-        Ok(true) => tally.add(|r| match disposition {
+        Ok(true) => tally.add(|r| match tally_as {
             Disposition::Ack => r.acked += 1,
             Disposition::Requeue { .. } => r.requeued += 1,
             Disposition::DeadLetter => r.dead_lettered += 1,
@@ -354,6 +609,61 @@ async fn settle(
         Err(err) => {
             tracing::warn!(delivery_tag = tag, verb, error = %err, "not settled; the broker redelivers it");
             tally.add(|r| r.unsettled += 1);
+        }
+    }
+}
+
+struct DeadLetters {
+    channel: Channel,
+    exchange: String,
+}
+
+struct DeadLetterCopy {
+    routing_key: ShortString,
+    properties: BasicProperties,
+    data: Vec<u8>,
+}
+
+impl DeadLetters {
+    /// Publishes the copy with its reason; true once the broker confirmed it.
+    async fn publish(&self, copy: DeadLetterCopy, outcome: &Outcome) -> bool {
+        let mut headers = copy.properties.headers().clone().unwrap_or_default();
+        let reason = outcome.reason().unwrap_or(outcome.kind().as_str());
+        headers.insert(
+            "x-idempotency-outcome".into(),
+            AMQPValue::LongString(LongString::from(outcome.kind().as_str())),
+        );
+        headers.insert(
+            "x-idempotency-reason".into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        headers.insert(
+            "x-idempotency-attempts".into(),
+            AMQPValue::LongLongInt(i64::from(outcome.attempt())),
+        );
+        let properties = copy.properties.with_headers(headers);
+        let confirmed = async {
+            self.channel
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    copy.routing_key,
+                    BasicPublishOptions::default(),
+                    &copy.data,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        match confirmed.await {
+            Ok(confirmation) if confirmation.is_ack() => true,
+            Ok(_) => {
+                tracing::warn!(exchange = %self.exchange, "the broker refused the dead-letter copy: rejecting the original instead");
+                false
+            }
+            Err(err) => {
+                tracing::warn!(exchange = %self.exchange, error = %err, "publishing the dead-letter copy failed: rejecting the original instead");
+                false
+            }
         }
     }
 }
