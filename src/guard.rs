@@ -201,12 +201,14 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
         let deadline = Instant::now() + self.shared.config.in_progress_wait;
         let mut poll = Duration::from_millis(20);
         loop {
+            let started = std::time::Instant::now();
             let outcome = self
                 .shared
                 .store
                 .claim(&key, &token, &payload_hash, lease)
-                .await
-                .inspect_err(|err| self.note_store_error(err))?;
+                .await;
+            crate::metrics::store_latency("claim", started);
+            let outcome = outcome.inspect_err(|err| self.note_store_error("claim", err))?;
             self.note_store_ok();
             let skip = match outcome {
                 ClaimOutcome::Acquired(claim) => {
@@ -216,6 +218,7 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
                         claim: Some(claim),
                         attempt,
                         fingerprint,
+                        work_done: false,
                     }));
                 }
                 ClaimOutcome::Done => Skip::Done,
@@ -276,7 +279,8 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
         self.shared.store_down.load(Ordering::Acquire)
     }
 
-    pub(crate) fn note_store_error(&self, err: &StoreError) {
+    pub(crate) fn note_store_error(&self, operation: &'static str, err: &StoreError) {
+        crate::metrics::store_error(operation);
         if err.is_unavailable() && !self.shared.store_down.swap(true, Ordering::AcqRel) {
             tracing::error!(error = %err, "idempotency store unreachable: pausing consumption until it answers");
         }
@@ -352,7 +356,7 @@ pub(crate) fn broker_attempt(delivery: &Delivery) -> u32 {
 trait Settle<St>: Send + Sync {
     fn store(&self) -> &St;
     fn config(&self) -> &Config;
-    fn note_error(&self, err: &StoreError);
+    fn note_error(&self, operation: &'static str, err: &StoreError);
     fn note_ok(&self);
 }
 
@@ -363,8 +367,8 @@ impl<St: Store, F: Fingerprint> Settle<St> for Deduplicator<St, F> {
     fn config(&self) -> &Config {
         &self.shared.config
     }
-    fn note_error(&self, err: &StoreError) {
-        self.note_store_error(err);
+    fn note_error(&self, operation: &'static str, err: &StoreError) {
+        self.note_store_error(operation, err);
     }
     fn note_ok(&self) {
         self.note_store_ok();
@@ -397,6 +401,7 @@ pub struct ClaimGuard<St: Store> {
     claim: Option<Claim>,
     attempt: u32,
     fingerprint: String,
+    work_done: bool,
 }
 
 impl<St: Store> std::fmt::Debug for ClaimGuard<St> {
@@ -437,18 +442,41 @@ impl<St: Store> ClaimGuard<St> {
             return Ok(false);
         };
         let lease = self.dedup.config().lease_ttl;
-        self.observe(self.dedup.store().renew(claim, lease).await)
+        let started = std::time::Instant::now();
+        self.observe(
+            "renew",
+            started,
+            self.dedup.store().renew(claim, lease).await,
+        )
     }
 
     /// Records the message as done. False means the lease was lost before
     /// (another consumer may have taken over): the effect happened anyway,
     /// so ack it, and make the effect fenced if that must never happen.
+    /// On an error the claim is not released (the work is done): it stays
+    /// in progress until its lease expires.
     pub async fn complete(mut self) -> Result<bool, StoreError> {
-        let Some(claim) = self.claim.take() else {
+        let result = self.try_complete().await;
+        // Whatever the answer, never release a claim whose work is done.
+        self.claim = None;
+        result
+    }
+
+    /// Like [`complete`](Self::complete), but keeps the claim on an error so
+    /// the caller can try again; a dropped guard no longer releases it.
+    pub(crate) async fn try_complete(&mut self) -> Result<bool, StoreError> {
+        self.work_done = true;
+        let Some(claim) = &self.claim else {
             return Ok(false);
         };
         let retention = self.dedup.config().done_ttl;
-        self.observe(self.dedup.store().complete(&claim, retention).await)
+        let started = std::time::Instant::now();
+        let result = self.dedup.store().complete(claim, retention).await;
+        let result = self.observe("complete", started, result);
+        if result.is_ok() {
+            self.claim = None;
+        }
+        result
     }
 
     /// Gives the claim up after a failure so that the redelivered copy can
@@ -458,13 +486,24 @@ impl<St: Store> ClaimGuard<St> {
             return Ok(false);
         };
         let retention = self.dedup.config().done_ttl;
-        self.observe(self.dedup.store().release(&claim, retention).await)
+        let started = std::time::Instant::now();
+        self.observe(
+            "release",
+            started,
+            self.dedup.store().release(&claim, retention).await,
+        )
     }
 
-    fn observe(&self, result: Result<bool, StoreError>) -> Result<bool, StoreError> {
+    fn observe(
+        &self,
+        operation: &'static str,
+        started: std::time::Instant,
+        result: Result<bool, StoreError>,
+    ) -> Result<bool, StoreError> {
+        crate::metrics::store_latency(operation, started);
         match &result {
             Ok(_) => self.dedup.note_ok(),
-            Err(err) => self.dedup.note_error(err),
+            Err(err) => self.dedup.note_error(operation, err),
         }
         result
     }
@@ -475,6 +514,13 @@ impl<St: Store> Drop for ClaimGuard<St> {
         let Some(claim) = self.claim.take() else {
             return;
         };
+        if self.work_done {
+            tracing::warn!(
+                key = claim.key(),
+                "the work is done but its done mark was not written; the claim expires with its lease"
+            );
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(
                 key = claim.key(),

@@ -28,6 +28,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
@@ -194,6 +195,7 @@ where
         Box::pin(
             async move {
                 let outcome = process(&dedup, inner, delivery).await;
+                crate::metrics::outcome(outcome.kind());
                 tracing::Span::current().record("outcome", outcome.kind().as_str());
                 tracing::debug!(
                     attempt = outcome.attempt(),
@@ -240,22 +242,21 @@ where
     let attempt = guard.attempt();
     let (result, lease_lost) = run_claimed(config, &guard, inner, delivery).await;
     match result {
-        Ok(()) => match guard.complete().await {
-            Ok(true) if !lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
-            Ok(_) => {
+        Ok(()) => match complete_until_answered(guard).await {
+            true if !lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
+            _ => {
                 tracing::warn!(
                     "lease lost while the handler ran: the effect happened, acking; make the effect fenced by the claim token if another consumer may have run it too"
                 );
                 Outcome::new(OutcomeKind::LeaseLost, attempt)
             }
-            Err(err) => {
-                tracing::error!(error = %err, "handler succeeded but the done mark was not written: acking, a later duplicate may run again");
-                Outcome::new(OutcomeKind::Unrecorded, attempt).because(err.to_string())
-            }
         },
         Err(failure) => {
             match guard.release().await {
                 Ok(released) => {
+                    if released {
+                        crate::metrics::released();
+                    }
                     tracing::info!(released, error = %failure, "handler failed: claim released")
                 }
                 Err(err) => {
@@ -263,6 +264,23 @@ where
                 }
             }
             failed(config, attempt, failure)
+        }
+    }
+}
+
+/// Writes the done mark, retrying while the store does not answer: the
+/// effect happened, so the message is held (not acked, not requeued) until
+/// the store says whether the claim was still ours. Returns that answer.
+async fn complete_until_answered<St: Store>(mut guard: ClaimGuard<St>) -> bool {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match guard.try_complete().await {
+            Ok(ours) => return ours,
+            Err(err) => {
+                tracing::error!(error = %err, retry_in = ?delay, "handler succeeded but the done mark could not be written yet: holding the message until the store answers");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ mod error;
 pub mod fingerprint;
 mod guard;
 mod layer;
+pub mod metrics;
 mod outcome;
 mod runner;
 pub mod store;

@@ -33,9 +33,6 @@ pub enum OutcomeKind {
     /// The handler ran, but the claim had been lost (lease expired and maybe
     /// taken over): acked because the effect happened; counted and logged.
     LeaseLost,
-    /// The handler ran but the done mark could not be written (store error):
-    /// acked because the effect happened; a later duplicate may run again.
-    Unrecorded,
     /// The handler ran without protection (no fingerprint with the
     /// pass-through policy, or the store down with fail-open).
     Unprotected,
@@ -65,7 +62,6 @@ impl OutcomeKind {
         match self {
             Self::Processed => "processed",
             Self::LeaseLost => "lease_lost",
-            Self::Unrecorded => "unrecorded",
             Self::Unprotected => "unprotected",
             Self::Duplicate => "duplicate",
             Self::InProgressElsewhere => "in_progress_elsewhere",
@@ -83,11 +79,9 @@ impl OutcomeKind {
     /// whose disposition carries a delay (requeues).
     pub fn default_disposition(self) -> Option<Disposition> {
         match self {
-            Self::Processed
-            | Self::LeaseLost
-            | Self::Unrecorded
-            | Self::Unprotected
-            | Self::Duplicate => Some(Disposition::Ack),
+            Self::Processed | Self::LeaseLost | Self::Unprotected | Self::Duplicate => {
+                Some(Disposition::Ack)
+            }
             Self::Failed
             | Self::AttemptsExhausted
             | Self::NoFingerprint

@@ -44,7 +44,7 @@ use tower::{Service, ServiceExt};
 
 use crate::config::Config;
 use crate::error::BoxError;
-use crate::outcome::{Disposition, Outcome};
+use crate::outcome::{Disposition, Outcome, OutcomeKind};
 
 /// How [`serve`] runs and stops.
 pub struct ServeOptions {
@@ -359,7 +359,7 @@ where
             };
             let Some(outcome) = outcome else {
                 let requeue = Disposition::Requeue { after: Duration::ZERO };
-                settle(&acker, tag, requeue, requeue, stopping, &tally).await;
+                settle(&acker, tag, requeue, requeue, None, stopping, &tally).await;
                 drop(slot);
                 return;
             };
@@ -369,12 +369,14 @@ where
             {
                 // The copy is confirmed: the original is finished.
                 let tally_as = Disposition::DeadLetter;
-                settle(&acker, tag, Disposition::Ack, tally_as, stopping, &tally).await;
+                let kind = Some(outcome.kind());
+                settle(&acker, tag, Disposition::Ack, tally_as, kind, stopping, &tally).await;
                 drop(slot);
                 return;
             }
             let disposition = outcome.disposition();
-            settle(&acker, tag, disposition, disposition, stopping, &tally).await;
+            let kind = Some(outcome.kind());
+            settle(&acker, tag, disposition, disposition, kind, stopping, &tally).await;
             drop(slot);
         });
     };
@@ -568,6 +570,7 @@ async fn settle(
     tag: u64,
     disposition: Disposition,
     tally_as: Disposition,
+    kind: Option<OutcomeKind>,
     mut stopping: watch::Receiver<bool>,
     tally: &Tally,
 ) {
@@ -596,7 +599,12 @@ async fn settle(
         Ok(true) => tally.add(|r| match tally_as {
             Disposition::Ack => r.acked += 1,
             Disposition::Requeue { .. } => r.requeued += 1,
-            Disposition::DeadLetter => r.dead_lettered += 1,
+            Disposition::DeadLetter => {
+                r.dead_lettered += 1;
+                if let Some(kind) = kind {
+                    crate::metrics::dead_lettered(kind);
+                }
+            }
         }),
         Ok(false) => {
             tracing::warn!(
@@ -605,10 +613,12 @@ async fn settle(
                 "not settled: the channel is closed or the delivery was already settled; the broker redelivers it"
             );
             tally.add(|r| r.unsettled += 1);
+            crate::metrics::unsettled();
         }
         Err(err) => {
             tracing::warn!(delivery_tag = tag, verb, error = %err, "not settled; the broker redelivers it");
             tally.add(|r| r.unsettled += 1);
+            crate::metrics::unsettled();
         }
     }
 }

@@ -293,7 +293,7 @@ fn inspect_reports_foreign_values_without_parsing_them() {
         ("plain", "hello"),
         ("no-attempt", "p:tok"),
         ("bad-attempt", "p:tok:two:hash"),
-        ("done-extra", "d:x:y"),
+        ("done-extra", "d:x:y:z"),
         ("empty", ""),
     ] {
         let key = space.key("orders", fingerprint);

@@ -470,3 +470,37 @@ where
     }
     false
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_done_mark_that_cannot_be_written_holds_the_message_until_the_store_answers() {
+    let store = FlakyStore::default();
+    let down = store.down.clone();
+    let svc = IdempotencyLayer::new(store.clone(), "q", config())
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            let down = down.clone();
+            async move {
+                // The effect happens, then Redis goes away for a while.
+                down.store(true, Ordering::SeqCst);
+                let down = down.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    down.store(false, Ordering::SeqCst);
+                });
+                Ok::<_, Infallible>(())
+            }
+        }));
+    let call = tokio::spawn(svc.oneshot(delivery(Some("m"), b"x")));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !call.is_finished(),
+        "not settled while the done mark is unwritten"
+    );
+    let outcome = call.await.unwrap().unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Processed);
+    let (value, _) = store.inner.get("idem:q:m").await.unwrap().unwrap();
+    assert!(
+        value.starts_with("d:"),
+        "the done mark was written: {value}"
+    );
+}

@@ -519,3 +519,182 @@ async fn shutdown_abandons_a_hung_handler_releases_its_claim_and_keeps_the_messa
     let _ = finish(&connection, &queue).await;
     let _ = OutcomeKind::Processed;
 }
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_after_max_attempts_with_reason_headers() {
+    use lapin::options::BasicGetOptions;
+    use lapin::types::AMQPValue;
+
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "poison").await;
+    publish(&setup, &queue.name, b"explode", Some("poison-1")).await;
+    let journal = Journal::default();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")).max_attempts(3),
+    )
+    .unwrap()
+    .layer(service_fn(|_d: Delivery| async {
+        Err::<(), _>(HandlerError::retryable("always fails"))
+    }));
+    let (channel, consumer) = consumer(&connection, &queue.name, 4).await;
+    let stop = journal.until(|j| j.count("attempts_exhausted") >= 1);
+    let options = ServeOptions::new()
+        .concurrency(4)
+        .shutdown_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+        })
+        .dead_letter_exchange(format!("{}.dlx", queue.name))
+        .close_channel(channel);
+    let report = serve(consumer, journal.clone().record(service), options)
+        .await
+        .expect("serve");
+    assert_eq!(journal.events(), ["retry", "retry", "attempts_exhausted"]);
+    assert_eq!(report.requeued, 2);
+    assert_eq!(report.dead_lettered, 1);
+
+    let reader = connection.create_channel().await.unwrap();
+    let mut dead = None;
+    for _ in 0..100 {
+        dead = reader
+            .basic_get(queue.dead.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if dead.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead = dead.expect("the poison message reached the dead-letter queue");
+    assert_eq!(dead.delivery.data, b"explode");
+    assert_eq!(
+        dead.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str()),
+        Some("poison-1")
+    );
+    let headers = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let header = |name: &str| {
+        headers
+            .inner()
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        header("x-idempotency-attempts"),
+        Some(AMQPValue::LongLongInt(3))
+    );
+    let text = |v: Option<AMQPValue>| match v {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("expected a string header, got {other:?}"),
+    };
+    assert_eq!(text(header("x-idempotency-outcome")), "attempts_exhausted");
+    assert!(text(header("x-idempotency-reason")).contains("always fails"));
+    assert_eq!(
+        finish(&connection, &queue).await,
+        (0, 0),
+        "exactly one dead letter, now read"
+    );
+}
+
+#[tokio::test]
+async fn a_cut_broker_connection_mid_handler_reconnects_and_the_effect_happens_once() {
+    use amqp_idempotency::{Session, serve_reconnecting};
+
+    let proxy = common::Proxy::start(5672).await;
+    let direct = amqp().await;
+    let setup = direct.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "cut").await;
+    publish(&setup, &queue.name, b"ship", Some("ship-1")).await;
+
+    let effects = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (e, s) = (effects.clone(), started.clone());
+    let journal = Journal::default();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(move |_d: Delivery| {
+        let (e, s) = (e.clone(), s.clone());
+        async move {
+            s.notify_one();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            e.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, HandlerError>(())
+        }
+    }));
+    let url = common::amqp_url().replace(":5672", &format!(":{}", proxy.port));
+    assert_ne!(
+        url,
+        common::amqp_url(),
+        "AMQP_URL must name port 5672 for this test"
+    );
+    let queue_name = queue.name.clone();
+    let connect = move || {
+        let url = url.clone();
+        let queue_name = queue_name.clone();
+        async move {
+            let connection =
+                lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            channel.basic_qos(4, BasicQosOptions::default()).await?;
+            let consumer = channel
+                .basic_consume(
+                    queue_name.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok(Session {
+                connection,
+                channel,
+                consumer,
+            })
+        }
+    };
+    let stop = journal.until(|j| j.count("duplicate") + j.count("processed") >= 2);
+    let runner = tokio::spawn(serve_reconnecting(
+        connect,
+        journal.clone().record(service),
+        ServeOptions::new().concurrency(4).shutdown_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+        }),
+    ));
+    started.notified().await;
+    assert!(
+        proxy.cut() >= 1,
+        "the consumer's connection went through the proxy"
+    );
+    let report = runner.await.unwrap().expect("serve_reconnecting");
+
+    assert_eq!(
+        effects.load(Ordering::SeqCst),
+        1,
+        "the effect happened once"
+    );
+    assert_eq!(
+        journal.events(),
+        ["processed", "duplicate"],
+        "the redelivered copy was recognised"
+    );
+    assert!(report.reconnects >= 1);
+    assert!(
+        report.unsettled >= 1,
+        "the ack on the dead channel was not counted as done"
+    );
+    assert_eq!(finish(&direct, &queue).await, (0, 0));
+}

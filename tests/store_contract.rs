@@ -49,7 +49,8 @@ async fn complete_makes_duplicates_done<S: Store>(store: S) {
     assert_eq!(
         Record::parse(&value),
         Some(Record::Done {
-            payload_hash: "h1".into()
+            payload_hash: "h1".into(),
+            token: claim.token().into(),
         })
     );
     assert!(
@@ -93,6 +94,18 @@ async fn an_expired_lease_can_be_taken_over<S: Store>(store: S) {
     // The crashed consumer wakes up: it owns nothing any more.
     assert!(!store.complete(&crashed, RETENTION).await.unwrap());
     assert!(store.complete(&heir, RETENTION).await.unwrap());
+}
+
+async fn a_late_complete_after_another_consumer_finished_is_not_ours<S: Store>(store: S) {
+    let key = key();
+    let paused = acquire(&store, &key, &Token::new()).await;
+    tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
+    let heir = acquire(&store, &key, &Token::new()).await;
+    assert!(store.complete(&heir, RETENTION).await.unwrap());
+    // The paused consumer wakes up: the key is done, but not by it.
+    assert!(!store.complete(&paused, RETENTION).await.unwrap());
+    let (value, _) = store.get(&key).await.unwrap().unwrap();
+    assert!(value.ends_with(heir.token()), "{value}");
 }
 
 async fn renew_extends_the_lease<S: Store>(store: S) {
@@ -189,6 +202,7 @@ contract!(
     release_lets_the_next_attempt_claim,
     a_stranger_cannot_complete_release_or_renew,
     an_expired_lease_can_be_taken_over,
+    a_late_complete_after_another_consumer_finished_is_not_ours,
     renew_extends_the_lease,
     retried_complete_and_release_are_harmless,
     a_different_payload_is_a_mismatch,

@@ -604,19 +604,29 @@ fn describe(key: &str, found: &Found) -> String {
             lines.push(("attempt", attempt.to_string()));
             lines.push(("payload hash", hash(payload_hash)));
         }
-        State::Record(Record::Done { payload_hash }) => {
+        State::Record(Record::Done {
+            payload_hash,
+            token,
+        }) => {
             lines.push(("state", "done".into()));
+            if !token.is_empty() {
+                lines.push(("completed by", token.clone()));
+            }
             lines.push(("payload hash", hash(payload_hash)));
         }
         State::Record(Record::Released {
             attempts,
             payload_hash,
+            token,
         }) => {
             let plural = if *attempts == 1 { "" } else { "s" };
             lines.push((
                 "state",
                 format!("released after {attempts} failed attempt{plural}"),
             ));
+            if !token.is_empty() {
+                lines.push(("released by", token.clone()));
+            }
             lines.push(("payload hash", hash(payload_hash)));
         }
         State::Foreign { kind, value, len } if kind == "string" => {

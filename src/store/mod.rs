@@ -29,8 +29,12 @@
 //! | value | state | expiry |
 //! |---|---|---|
 //! | `p:<token>:<attempt>:<payload hash>` | in progress, owned by `token` | the lease |
-//! | `d:<payload hash>` | done | the retention |
-//! | `f:<attempts>:<payload hash>` | released after `attempts` failed attempts | the retention |
+//! | `d:<payload hash>:<token>` | done, by the claim `token` | the retention |
+//! | `f:<attempts>:<payload hash>:<token>` | released by `token` after `attempts` failed attempts | the retention |
+//!
+//! The done and released values name the token that wrote them, so a
+//! retried transition can tell its own earlier write from another
+//! consumer's.
 //!
 //! A store implements four primitives (insert-if-absent returning the old
 //! value, a compare-and-set transition, a read, a ping); the state machine
@@ -115,6 +119,8 @@ pub enum Record {
     Done {
         /// Hash of the payload that was processed ("" when not checked).
         payload_hash: String,
+        /// The token of the claim that completed it ("" if unknown).
+        token: String,
     },
     /// Released after failed attempts; the next claim takes it over.
     Released {
@@ -122,6 +128,8 @@ pub enum Record {
         attempts: u32,
         /// Hash of the payload that failed ("" when not checked).
         payload_hash: String,
+        /// The token of the claim that released it ("" if unknown).
+        token: String,
     },
 }
 
@@ -129,30 +137,36 @@ impl Record {
     /// Parses a stored value; `None` if this library did not write it.
     pub fn parse(value: &str) -> Option<Self> {
         let mut parts = value.splitn(4, ':');
-        match parts.next()? {
+        let kind = parts.next()?;
+        let mut field = || parts.next();
+        let clean = |text: &str| !text.contains(':');
+        match kind {
             "p" => {
-                let token = parts.next()?.to_owned();
-                let attempt = parts.next()?.parse().ok()?;
-                let payload_hash = parts.next()?.to_owned();
-                (!token.is_empty()).then_some(Self::InProgress {
+                let token = field()?.to_owned();
+                let attempt = field()?.parse().ok()?;
+                let payload_hash = field()?.to_owned();
+                (!token.is_empty() && clean(&payload_hash)).then_some(Self::InProgress {
                     token,
                     attempt,
                     payload_hash,
                 })
             }
             "d" => {
-                let payload_hash = parts.next()?.to_owned();
-                parts
-                    .next()
-                    .is_none()
-                    .then_some(Self::Done { payload_hash })
+                let payload_hash = field()?.to_owned();
+                let token = field().unwrap_or("").to_owned();
+                (field().is_none() && clean(&token)).then_some(Self::Done {
+                    payload_hash,
+                    token,
+                })
             }
             "f" => {
-                let attempts = parts.next()?.parse().ok()?;
-                let payload_hash = parts.next()?.to_owned();
-                parts.next().is_none().then_some(Self::Released {
+                let attempts = field()?.parse().ok()?;
+                let payload_hash = field()?.to_owned();
+                let token = field().unwrap_or("").to_owned();
+                clean(&token).then_some(Self::Released {
                     attempts,
                     payload_hash,
+                    token,
                 })
             }
             _ => None,
@@ -167,11 +181,15 @@ impl Record {
                 attempt,
                 payload_hash,
             } => format!("p:{token}:{attempt}:{payload_hash}"),
-            Self::Done { payload_hash } => format!("d:{payload_hash}"),
+            Self::Done {
+                payload_hash,
+                token,
+            } => format!("d:{payload_hash}:{token}"),
             Self::Released {
                 attempts,
                 payload_hash,
-            } => format!("f:{attempts}:{payload_hash}"),
+                token,
+            } => format!("f:{attempts}:{payload_hash}:{token}"),
         }
     }
 
@@ -179,7 +197,7 @@ impl Record {
     pub fn payload_hash(&self) -> &str {
         match self {
             Self::InProgress { payload_hash, .. }
-            | Self::Done { payload_hash }
+            | Self::Done { payload_hash, .. }
             | Self::Released { payload_hash, .. } => payload_hash,
         }
     }
@@ -234,6 +252,7 @@ impl Claim {
     fn done_value(&self) -> String {
         Record::Done {
             payload_hash: self.payload_hash.clone(),
+            token: self.token.clone(),
         }
         .encode()
     }
@@ -242,6 +261,7 @@ impl Claim {
         Record::Released {
             attempts: self.attempt,
             payload_hash: self.payload_hash.clone(),
+            token: self.token.clone(),
         }
         .encode()
     }
@@ -464,10 +484,12 @@ mod tests {
             },
             Record::Done {
                 payload_hash: String::new(),
+                token: "ab".into(),
             },
             Record::Released {
                 attempts: 2,
                 payload_hash: "00".into(),
+                token: "cd".into(),
             },
         ] {
             assert_eq!(Record::parse(&record.encode()), Some(record));
@@ -476,7 +498,15 @@ mod tests {
 
     #[test]
     fn foreign_values_do_not_parse() {
-        for value in ["", "hello", "p::1:x", "p:t:one:x", "d:a:b", "x:1"] {
+        for value in [
+            "",
+            "hello",
+            "p::1:x",
+            "p:t:one:x",
+            "p:t:1:x:y",
+            "d:a:b:c",
+            "x:1",
+        ] {
             assert_eq!(Record::parse(value), None, "{value}");
         }
     }

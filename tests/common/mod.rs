@@ -259,3 +259,58 @@ impl Drop for PrivateRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A TCP proxy to `target` whose live connections can be cut, to make
+/// network faults without stopping the shared services.
+pub struct Proxy {
+    pub port: u16,
+    links: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+use std::sync::{Arc, Mutex};
+
+impl Proxy {
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let links: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let registry = Arc::clone(&links);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                registry.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        Self {
+            port,
+            links,
+            accept,
+        }
+    }
+
+    /// Drops every connection open through the proxy; new ones still work.
+    pub fn cut(&self) -> usize {
+        let links: Vec<_> = self.links.lock().unwrap().drain(..).collect();
+        let live = links.iter().filter(|l| !l.is_finished()).count();
+        for link in links {
+            link.abort();
+        }
+        live
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}

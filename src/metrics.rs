@@ -1,0 +1,80 @@
+//! The numbers operators watch, through the [`metrics`](https://docs.rs/metrics) facade.
+//!
+//! Install any recorder (for example `metrics-exporter-prometheus`) and
+//! these series appear; without a recorder they cost nothing.
+//!
+//! ```
+//! use amqp_idempotency::metrics::{PROCESSED, DUPLICATES};
+//! assert_eq!(PROCESSED, "idempotency_processed_total");
+//! assert_eq!(DUPLICATES, "idempotency_duplicates_total");
+//! ```
+//!
+//! | name | kind | labels | counts |
+//! |---|---|---|---|
+//! | `idempotency_processed_total` | counter | | handlers that ran and were recorded done |
+//! | `idempotency_duplicates_total` | counter | `state` = `done` / `in_progress` | duplicates acked without running / requeued while in progress elsewhere |
+//! | `idempotency_released_total` | counter | | claims released after a handler failure |
+//! | `idempotency_dead_lettered_total` | counter | `outcome` | messages dead-lettered, by why |
+//! | `idempotency_store_errors_total` | counter | `operation` | store operations that failed |
+//! | `idempotency_lease_lost_total` | counter | | handlers that finished after losing their claim |
+//! | `idempotency_unprotected_total` | counter | | handlers run without a claim (pass-through or fail-open) |
+//! | `idempotency_unsettled_total` | counter | | acks/nacks/rejects that did not reach the broker |
+//! | `idempotency_store_seconds` | histogram | `operation` = `claim` / `renew` / `complete` / `release` | store latency |
+
+use std::time::Instant;
+
+use crate::outcome::OutcomeKind;
+
+/// Handlers that ran and were recorded done.
+pub const PROCESSED: &str = "idempotency_processed_total";
+/// Duplicates, labelled `state` = `done` or `in_progress`.
+pub const DUPLICATES: &str = "idempotency_duplicates_total";
+/// Claims released after a handler failure.
+pub const RELEASED: &str = "idempotency_released_total";
+/// Messages dead-lettered, labelled by `outcome`.
+pub const DEAD_LETTERED: &str = "idempotency_dead_lettered_total";
+/// Failed store operations, labelled by `operation`.
+pub const STORE_ERRORS: &str = "idempotency_store_errors_total";
+/// Handlers that finished after losing their claim.
+pub const LEASE_LOST: &str = "idempotency_lease_lost_total";
+/// Handlers run without a claim.
+pub const UNPROTECTED: &str = "idempotency_unprotected_total";
+/// Broker settlements that failed (the broker redelivers those messages).
+pub const UNSETTLED: &str = "idempotency_unsettled_total";
+/// Store latency in seconds, labelled by `operation`.
+pub const STORE_SECONDS: &str = "idempotency_store_seconds";
+
+/// Counts the layer's outcome.
+pub(crate) fn outcome(kind: OutcomeKind) {
+    match kind {
+        OutcomeKind::Processed => metrics::counter!(PROCESSED).increment(1),
+        OutcomeKind::Duplicate => metrics::counter!(DUPLICATES, "state" => "done").increment(1),
+        OutcomeKind::InProgressElsewhere => {
+            metrics::counter!(DUPLICATES, "state" => "in_progress").increment(1);
+        }
+        OutcomeKind::LeaseLost => metrics::counter!(LEASE_LOST).increment(1),
+        OutcomeKind::Unprotected => metrics::counter!(UNPROTECTED).increment(1),
+        _ => {}
+    }
+}
+
+pub(crate) fn released() {
+    metrics::counter!(RELEASED).increment(1);
+}
+
+pub(crate) fn dead_lettered(kind: OutcomeKind) {
+    metrics::counter!(DEAD_LETTERED, "outcome" => kind.as_str()).increment(1);
+}
+
+pub(crate) fn unsettled() {
+    metrics::counter!(UNSETTLED).increment(1);
+}
+
+pub(crate) fn store_error(operation: &'static str) {
+    metrics::counter!(STORE_ERRORS, "operation" => operation).increment(1);
+}
+
+pub(crate) fn store_latency(operation: &'static str, started: Instant) {
+    metrics::histogram!(STORE_SECONDS, "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+}

@@ -1,0 +1,82 @@
+//! Lease expiry while a handler is paused, against the real Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use amqp_idempotency::store::{Record, Store};
+use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, OutcomeKind};
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use tower::{Layer, ServiceExt, service_fn};
+
+fn delivery() -> Delivery {
+    let mut d = Delivery::mock(1, "".into(), "q".into(), false, b"x".to_vec());
+    d.properties = BasicProperties::default().with_message_id("invoice-9".into());
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_paused_past_its_lease_loses_the_claim_and_says_so() {
+    let prefix = common::unique("lease");
+    let config = Config::default()
+        .key_prefix(&prefix)
+        .lease_ttl(Duration::from_millis(1000))
+        .handler_timeout(Duration::from_millis(900))
+        .in_progress_wait(Duration::ZERO);
+    let effects = Arc::new(AtomicUsize::new(0));
+
+    // Consumer A freezes mid-handler (like SIGSTOP): no renewal can run.
+    let e = effects.clone();
+    let paused = IdempotencyLayer::new(common::redis_store().await, "q", config.clone())
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            let e = e.clone();
+            async move {
+                e.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(1600));
+                Ok::<_, HandlerError>(())
+            }
+        }));
+    let a = tokio::spawn(paused.oneshot(delivery()));
+
+    // Consumer B gets the redelivered copy after A's lease expired.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let e = effects.clone();
+    let healthy = IdempotencyLayer::new(common::redis_store().await, "q", config)
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            e.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, HandlerError>(()) }
+        }));
+    let b = healthy.oneshot(delivery()).await.unwrap();
+    assert_eq!(
+        b.kind(),
+        OutcomeKind::Processed,
+        "the expired claim was taken over"
+    );
+
+    let a = a.await.unwrap().unwrap();
+    assert_eq!(
+        a.kind(),
+        OutcomeKind::LeaseLost,
+        "A learns it lost the claim"
+    );
+    assert_eq!(
+        effects.load(Ordering::SeqCst),
+        2,
+        "the documented window: a pause past the lease without fencing runs the effect twice"
+    );
+    let store = common::redis_store().await;
+    let (value, _) = store
+        .get(&format!("{prefix}:q:invoice-9"))
+        .await
+        .unwrap()
+        .expect("done record");
+    assert!(
+        matches!(Record::parse(&value), Some(Record::Done { .. })),
+        "B's done mark stands: {value}"
+    );
+}
