@@ -208,3 +208,47 @@ contract!(
     a_different_payload_is_a_mismatch,
     foreign_values_are_reported_not_overwritten,
 );
+
+#[tokio::test]
+async fn redis_store_recovers_when_redis_forgets_its_scripts() {
+    let redis = common::PrivateRedis::start();
+    let store = amqp_idempotency::store::RedisStore::connect(&redis.url())
+        .await
+        .expect("connect to the private redis");
+    let key = key();
+    let claim = acquire(&store, &key, &Token::new()).await;
+    assert!(store.renew(&claim, LEASE).await.unwrap());
+    let status = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "SCRIPT", "FLUSH"])
+        .status()
+        .expect("run redis-cli");
+    assert!(status.success());
+    assert!(
+        store.complete(&claim, RETENTION).await.unwrap(),
+        "reloaded and ran"
+    );
+    assert_eq!(
+        store.claim(&key, &Token::new(), "h1", LEASE).await.unwrap(),
+        ClaimOutcome::Done
+    );
+}
+
+#[tokio::test]
+async fn redis_store_sends_concurrent_requests_in_shared_round_trips() {
+    let store = common::redis_store().await;
+    let before = (store.round_trips(), store.commands());
+    let claims = (0..200).map(|n| {
+        let store = store.clone();
+        let key = format!("{}:{n}", key());
+        async move { acquire(&store, &key, &Token::new()).await }
+    });
+    let claims = futures_util::future::join_all(claims).await;
+    let round_trips = store.round_trips() - before.0;
+    let commands = store.commands() - before.1;
+    assert_eq!(claims.len(), 200);
+    assert!(commands >= 200, "every claim was sent: {commands}");
+    assert!(
+        round_trips < commands,
+        "requests issued together share pipelines: {round_trips} round trips for {commands} commands"
+    );
+}

@@ -1,9 +1,13 @@
-//! The Redis store: one key per message, token-checked scripts.
+//! The Redis store: one key per message, token-checked scripts, and every
+//! request that is waiting sent together as one pipeline.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::{Cmd, RedisError, Script, Value};
+use tokio::sync::{mpsc, oneshot};
 
 use super::Store;
 use crate::error::StoreError;
@@ -27,10 +31,17 @@ end
 return 0
 ";
 
+/// Most requests sent in one pipeline.
+const MAX_BATCH: usize = 512;
+
 /// A [`Store`] on Redis 7 or newer (it uses `SET ... NX PX GET`).
 ///
-/// It holds one multiplexed connection that reconnects by itself; clones
-/// share it. Scripts are sent by SHA and loaded on first use.
+/// All clones share one multiplexed connection that reconnects by itself,
+/// and one writer task: requests issued while a pipeline is in flight are
+/// sent together as the next pipeline, so under load the claims of many
+/// deliveries and the done marks of earlier ones share a round trip. No
+/// timer is involved: a lone request is sent at once. Scripts are loaded
+/// once and called by SHA.
 ///
 /// ```no_run
 /// use amqp_idempotency::store::RedisStore;
@@ -42,25 +53,45 @@ return 0
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
-    transition: Script,
+    requests: mpsc::UnboundedSender<Request>,
+    transition_sha: Arc<str>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Default)]
+struct Stats {
+    round_trips: AtomicU64,
+    commands: AtomicU64,
+}
+
+struct Request {
+    cmd: Cmd,
+    reply: oneshot::Sender<Result<Value, Failure>>,
+}
+
+/// A request's failure, before it is named after its operation and key.
+struct Failure {
+    unavailable: bool,
+    message: String,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").finish_non_exhaustive()
+        f.debug_struct("RedisStore")
+            .field("round_trips", &self.round_trips())
+            .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
-    /// How long a command may wait for its reply before it counts as unanswered.
+    /// How long a pipeline may wait for its replies before its requests count as unanswered.
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
     /// Connects to Redis at `url` (`redis://host:port/db`).
     ///
     /// Fails when the URL is malformed or Redis does not answer; the error
     /// names the URL. Once connected, a dropped connection is re-established
-    /// in the background and commands in between fail as unavailable.
+    /// in the background and requests in between fail as unavailable.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(|err| {
             StoreError::new(
@@ -91,26 +122,189 @@ impl RedisStore {
         Ok(Self::from_connection(connection))
     }
 
-    /// Wraps an existing connection manager.
+    /// Wraps an existing connection manager. Must be called within a Tokio
+    /// runtime: it starts the writer task.
     pub fn from_connection(connection: ConnectionManager) -> Self {
+        let script = Script::new(TRANSITION);
+        let transition_sha: Arc<str> = Arc::from(script.get_hash());
+        let stats = Arc::new(Stats::default());
+        let (requests, queue) = mpsc::unbounded_channel();
+        tokio::spawn(write_batches(connection, queue, Arc::clone(&stats)));
         Self {
-            connection,
-            transition: Script::new(TRANSITION),
+            requests,
+            transition_sha,
+            stats,
+        }
+    }
+
+    /// Pipelines sent to Redis so far (each is one round trip), by all clones.
+    pub fn round_trips(&self) -> u64 {
+        self.stats.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Commands sent to Redis so far, by all clones.
+    pub fn commands(&self) -> u64 {
+        self.stats.commands.load(Ordering::Relaxed)
+    }
+
+    async fn send(
+        &self,
+        operation: &'static str,
+        key: &str,
+        cmd: Cmd,
+    ) -> Result<Value, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || {
+            StoreError::new(
+                operation,
+                key,
+                true,
+                "the Redis writer task stopped (was the runtime shut down?)",
+            )
+        };
+        self.requests
+            .send(Request { cmd, reply })
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?.map_err(|failure| {
+            StoreError::new(operation, key, failure.unavailable, failure.message)
+        })
+    }
+}
+
+/// Sends every waiting request as one pipeline, one pipeline at a time.
+async fn write_batches(
+    mut connection: ConnectionManager,
+    mut queue: mpsc::UnboundedReceiver<Request>,
+    stats: Arc<Stats>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for request in &batch {
+            pipe.add_command(request.cmd.clone());
+        }
+        stats.round_trips.fetch_add(1, Ordering::Relaxed);
+        stats
+            .commands
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let replies: Result<Vec<redis::RedisResult<Value>>, RedisError> =
+            pipe.query_async(&mut connection).await;
+        match replies {
+            Ok(replies) if replies.len() == batch.len() => {
+                let mut missing_script = Vec::new();
+                for (request, reply) in batch.drain(..).zip(replies) {
+                    match reply {
+                        Err(err) if err.code() == Some("NOSCRIPT") => missing_script.push(request),
+                        reply => {
+                            let _ = request.reply.send(reply.map_err(failure));
+                        }
+                    }
+                }
+                if !missing_script.is_empty() {
+                    // Redis restarted or flushed its scripts: load it, then
+                    // send those requests again (safe: nothing ran).
+                    retry_after_loading(&mut connection, missing_script, &stats).await;
+                }
+            }
+            Ok(replies) => {
+                let message = format!(
+                    "Redis answered {} replies to a pipeline of {} commands",
+                    replies.len(),
+                    batch.len()
+                );
+                for request in batch.drain(..) {
+                    let _ = request.reply.send(Err(Failure {
+                        unavailable: true,
+                        message: message.clone(),
+                    }));
+                }
+            }
+            Err(err) => {
+                let unavailable = is_unavailable(&err);
+                let message = err.to_string();
+                for request in batch.drain(..) {
+                    let _ = request.reply.send(Err(Failure {
+                        unavailable,
+                        message: message.clone(),
+                    }));
+                }
+            }
         }
     }
 }
 
-fn store_error(operation: &'static str, key: &str, err: RedisError) -> StoreError {
-    let unavailable = err.is_timeout()
+async fn retry_after_loading(
+    connection: &mut ConnectionManager,
+    requests: Vec<Request>,
+    stats: &Stats,
+) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    pipe.cmd("SCRIPT").arg("LOAD").arg(TRANSITION);
+    for request in &requests {
+        pipe.add_command(request.cmd.clone());
+    }
+    stats.round_trips.fetch_add(1, Ordering::Relaxed);
+    let replies: Result<Vec<redis::RedisResult<Value>>, RedisError> =
+        pipe.query_async(connection).await;
+    match replies {
+        Ok(mut replies) if replies.len() == requests.len() + 1 => {
+            let _script_loaded = replies.remove(0);
+            for (request, reply) in requests.into_iter().zip(replies) {
+                let _ = request.reply.send(reply.map_err(failure));
+            }
+        }
+        Ok(_) | Err(_) => {
+            for request in requests {
+                let _ = request.reply.send(Err(Failure {
+                    unavailable: true,
+                    message: "could not load the transition script into Redis".into(),
+                }));
+            }
+        }
+    }
+}
+
+fn is_unavailable(err: &RedisError) -> bool {
+    err.is_timeout()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
         || err.is_io_error()
-        || err.is_unrecoverable_error();
-    StoreError::new(operation, key, unavailable, err)
+        || err.is_unrecoverable_error()
+}
+
+fn failure(err: RedisError) -> Failure {
+    Failure {
+        unavailable: is_unavailable(&err),
+        message: err.to_string(),
+    }
 }
 
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn parse<T: redis::FromRedisValue>(
+    operation: &'static str,
+    key: &str,
+    value: Value,
+) -> Result<T, StoreError> {
+    redis::from_redis_value(value).map_err(|err| {
+        StoreError::new(
+            operation,
+            key,
+            false,
+            format!("unexpected reply from Redis: {err}"),
+        )
+    })
 }
 
 impl Store for RedisStore {
@@ -120,17 +314,15 @@ impl Store for RedisStore {
         value: &str,
         ttl: Duration,
     ) -> Result<Option<String>, StoreError> {
-        let mut connection = self.connection.clone();
-        redis::cmd("SET")
-            .arg(key)
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
             .arg(value)
             .arg("NX")
             .arg("PX")
             .arg(millis(ttl))
-            .arg("GET")
-            .query_async(&mut connection)
-            .await
-            .map_err(|err| store_error("claim", key, err))
+            .arg("GET");
+        let reply = self.send("claim", key, cmd).await?;
+        parse("claim", key, reply)
     }
 
     async fn transition(
@@ -140,39 +332,32 @@ impl Store for RedisStore {
         to: Option<&str>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut connection = self.connection.clone();
-        let changed: i64 = self
-            .transition
-            .key(key)
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&*self.transition_sha)
+            .arg(1)
+            .arg(key)
             .arg(from)
             .arg(to.unwrap_or(""))
-            .arg(millis(ttl))
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|err| store_error("transition", key, err))?;
-        Ok(changed == 1)
+            .arg(millis(ttl));
+        let reply = self.send("transition", key, cmd).await?;
+        Ok(parse::<i64>("transition", key, reply)? == 1)
     }
 
     async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
-        let mut connection = self.connection.clone();
-        let (value, pttl): (Option<String>, i64) = redis::pipe()
-            .cmd("GET")
-            .arg(key)
-            .cmd("PTTL")
-            .arg(key)
-            .query_async(&mut connection)
-            .await
-            .map_err(|err| store_error("get", key, err))?;
-        let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
+        // Two requests queued together travel in the same pipeline.
+        let mut get = redis::cmd("GET");
+        get.arg(key);
+        let mut pttl = redis::cmd("PTTL");
+        pttl.arg(key);
+        let (value, ttl) = tokio::join!(self.send("get", key, get), self.send("get", key, pttl));
+        let value: Option<String> = parse("get", key, value?)?;
+        let ttl: i64 = parse("get", key, ttl?)?;
+        let ttl = u64::try_from(ttl).ok().map(Duration::from_millis);
         Ok(value.map(|value| (value, ttl)))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut connection = self.connection.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut connection)
-            .await
-            .map(drop)
-            .map_err(|err| store_error("ping", "", err))
+        let reply = self.send("ping", "", redis::cmd("PING")).await?;
+        parse::<String>("ping", "", reply).map(drop)
     }
 }
