@@ -143,7 +143,7 @@ impl fmt::Display for StoreError {
             write!(f, " for key `{}`", self.key)?;
         }
         write!(f, ": {}", self.source)?;
-        if self.unavailable {
+        if self.unavailable && self.operation != "connect" {
             write!(
                 f,
                 " (the store is unreachable: check that Redis at REDIS_URL is running; \

@@ -234,6 +234,9 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
                     Skip::Unrecognized { key }
                 }
                 ClaimOutcome::InProgress { remaining } => {
+                    if poll == Duration::from_millis(20) {
+                        tracing::debug!(%key, ?remaining, "duplicate in progress elsewhere: waiting for it to finish");
+                    }
                     let now = Instant::now();
                     if now >= deadline {
                         return Ok(Begin::Skip(Skip::InProgress { remaining }));
@@ -492,6 +495,18 @@ impl<St: Store> ClaimGuard<St> {
             started,
             self.dedup.store().release(&claim, retention).await,
         )
+    }
+
+    /// Deletes the record after the message was dead-lettered, so that a
+    /// later copy (replayed from the dead-letter queue) starts afresh.
+    /// False if it was no longer ours.
+    pub async fn discard(mut self) -> Result<bool, StoreError> {
+        let Some(claim) = self.claim.take() else {
+            return Ok(false);
+        };
+        let started = std::time::Instant::now();
+        let result = self.dedup.store().discard(&claim).await;
+        self.observe("release", started, result)
     }
 
     fn observe(

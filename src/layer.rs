@@ -39,7 +39,7 @@ use crate::config::{Config, StoreFailurePolicy};
 use crate::error::{BoxError, ConfigError, FailureKind, HandlerError};
 use crate::fingerprint::{Fingerprint, MessageIdOrBodyHash};
 use crate::guard::{Begin, ClaimGuard, Deduplicator, Skip};
-use crate::outcome::{Outcome, OutcomeKind};
+use crate::outcome::{Disposition, Outcome, OutcomeKind};
 use crate::store::Store;
 
 /// Wraps a handler (`Service<Delivery>`) in [`Idempotency`].
@@ -252,18 +252,36 @@ where
             }
         },
         Err(failure) => {
-            match guard.release().await {
-                Ok(released) => {
-                    if released {
-                        crate::metrics::released();
-                    }
-                    tracing::info!(released, error = %failure, "handler failed: claim released")
+            let outcome = failed(config, attempt, failure);
+            // A dead-lettered message leaves no record behind, so that a
+            // replay from the dead-letter queue is processed afresh; a
+            // requeued one keeps its attempt count.
+            let dead_lettered = outcome.disposition() == Disposition::DeadLetter;
+            let released = if dead_lettered {
+                guard.discard().await
+            } else {
+                guard.release().await
+            };
+            match released {
+                Ok(true) => {
+                    crate::metrics::released();
+                    tracing::info!(
+                        outcome = outcome.kind().as_str(),
+                        reason = outcome.reason(),
+                        "handler failed: claim released"
+                    );
+                }
+                Ok(false) => {
+                    tracing::warn!(
+                        reason = outcome.reason(),
+                        "handler failed after its claim was lost: nothing to release"
+                    );
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, handler_error = %failure, "handler failed and the claim could not be released; it frees itself when the lease expires")
+                    tracing::warn!(error = %err, reason = outcome.reason(), "handler failed and the claim could not be released; it frees itself when the lease expires");
                 }
             }
-            failed(config, attempt, failure)
+            outcome
         }
     }
 }

@@ -306,13 +306,6 @@ where
                 Err(_) => break Ok(()),
             },
         };
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break Ok(()),
-            ready = service.ready() => if let Err(err) = ready {
-                break Err(ServeError::Service(err.into()));
-            },
-        }
         let next = tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
@@ -329,6 +322,25 @@ where
             }
             Some(Ok(delivery)) => delivery,
         };
+        // Readiness is checked with the delivery in hand: while the store
+        // is down the layer stays pending, and this delivery waits here
+        // instead of bouncing through the broker.
+        let ready = tokio::select! {
+            biased;
+            () = &mut shutdown => None,
+            ready = service.ready() => Some(ready.map(drop)),
+        };
+        match ready {
+            Some(Ok(())) => {}
+            Some(Err(err)) => {
+                return_to_queue(&delivery).await;
+                break Err(ServeError::Service(err.into()));
+            }
+            None => {
+                return_to_queue(&delivery).await;
+                break Ok(());
+            }
+        }
         let acker = delivery.acker.clone();
         let tag = delivery.delivery_tag;
         // Only kept when dead letters are republished with their reason.
@@ -675,6 +687,20 @@ impl DeadLetters {
                 false
             }
         }
+    }
+}
+
+/// Gives a delivery that was never handed to the service back to the broker.
+async fn return_to_queue(delivery: &Delivery) {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if !matches!(delivery.acker.nack(options).await, Ok(true)) {
+        tracing::debug!(
+            delivery_tag = delivery.delivery_tag,
+            "could not return a delivery; it comes back when the channel closes"
+        );
     }
 }
 

@@ -143,6 +143,10 @@ async fn retries_are_bounded_by_max_attempts() {
     assert_eq!(kinds[2].kind(), OutcomeKind::AttemptsExhausted);
     assert_eq!(kinds[2].disposition(), Disposition::DeadLetter);
     assert_eq!(runs.load(Ordering::SeqCst), 3);
+    // Replayed from the dead-letter queue, it starts again from attempt 1.
+    let replay = svc.oneshot(delivery(Some("poison"), b"x")).await.unwrap();
+    assert_eq!(replay.kind(), OutcomeKind::Retry);
+    assert_eq!(replay.attempt(), 1);
 }
 
 #[tokio::test]

@@ -54,7 +54,11 @@ struct Journal {
 impl Journal {
     fn push(&self, event: impl Into<String>) {
         let mut events = self.events.lock().unwrap();
-        events.push(event.into());
+        let event = event.into();
+        if std::env::var("JOURNAL_TRACE").is_ok() {
+            eprintln!("{:?} {event}", std::time::SystemTime::now());
+        }
+        events.push(event);
         self.changed.send_replace(events.len());
     }
 
@@ -86,33 +90,46 @@ impl Journal {
     }
 
     /// Wraps the idempotent service to log each outcome's kind.
-    fn record<S>(
-        self,
-        inner: S,
-    ) -> impl Service<
-        Delivery,
-        Response = Outcome,
-        Error = amqp_idempotency::BoxError,
-        Future = impl Send + 'static,
-    > + Send
-    + Clone
-    + 'static
-    where
-        S: Service<Delivery, Response = Outcome, Error = amqp_idempotency::BoxError>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
-        let journal = self;
-        service_fn(move |d: Delivery| {
-            let journal = journal.clone();
-            let inner = inner.clone();
-            async move {
-                let outcome = inner.oneshot(d).await?;
-                journal.push(outcome.kind().as_str());
-                Ok(outcome)
-            }
+    fn record<S>(self, inner: S) -> Recorded<S> {
+        Recorded {
+            inner,
+            journal: self,
+        }
+    }
+}
+
+/// Logs each outcome's kind; readiness is the inner service's, so the
+/// runner pauses when the layer does.
+#[derive(Clone)]
+struct Recorded<S> {
+    inner: S,
+    journal: Journal,
+}
+
+impl<S> Service<Delivery> for Recorded<S>
+where
+    S: Service<Delivery, Response = Outcome, Error = amqp_idempotency::BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Outcome;
+    type Error = amqp_idempotency::BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Outcome, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, delivery: Delivery) -> Self::Future {
+        let journal = self.journal.clone();
+        let call = self.inner.call(delivery);
+        Box::pin(async move {
+            let outcome = call.await?;
+            journal.push(outcome.kind().as_str());
+            Ok(outcome)
         })
     }
 }
@@ -457,6 +474,7 @@ async fn with_redis_unreachable_the_handler_does_not_run_and_the_message_stays_q
 
     // Redis comes back: the same service resumes by itself.
     redis.restart();
+    journal.push("redis-restarted");
     run_until(
         &connection,
         &queue.name,

@@ -71,6 +71,21 @@ async fn release_lets_the_next_attempt_claim<S: Store>(store: S) {
     assert_eq!(acquire(&store, &key, &Token::new()).await.attempt(), 3);
 }
 
+async fn discard_forgets_the_attempts<S: Store>(store: S) {
+    let key = key();
+    let claim = acquire(&store, &key, &Token::new()).await;
+    assert!(store.release(&claim, RETENTION).await.unwrap());
+    let second = acquire(&store, &key, &Token::new()).await;
+    assert_eq!(second.attempt(), 2);
+    assert!(store.discard(&second).await.unwrap());
+    assert_eq!(store.get(&key).await.unwrap(), None);
+    assert!(
+        !store.discard(&second).await.unwrap(),
+        "only once, and only by the owner"
+    );
+    assert_eq!(acquire(&store, &key, &Token::new()).await.attempt(), 1);
+}
+
 async fn a_stranger_cannot_complete_release_or_renew<S: Store>(store: S) {
     let key = key();
     let owner = acquire(&store, &key, &Token::new()).await;
@@ -200,6 +215,7 @@ contract!(
     retried_claim_with_our_token_is_acquired,
     complete_makes_duplicates_done,
     release_lets_the_next_attempt_claim,
+    discard_forgets_the_attempts,
     a_stranger_cannot_complete_release_or_renew,
     an_expired_lease_can_be_taken_over,
     a_late_complete_after_another_consumer_finished_is_not_ours,

@@ -449,6 +449,16 @@ pub trait Store: Send + Sync + 'static {
             .await
         }
     }
+
+    /// Deletes our record after the message was dead-lettered, so that a later
+    /// copy (say, replayed from the dead-letter queue) starts from attempt 1.
+    /// False if the key is no longer ours.
+    fn discard(&self, claim: &Claim) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async move {
+            retry_ambiguous(|| self.transition(claim.key(), claim.value(), None, Duration::ZERO))
+                .await
+        }
+    }
 }
 
 /// Retries an operation whose outcome is unknown (timeout, dropped

@@ -93,12 +93,15 @@ impl RedisStore {
     /// names the URL. Once connected, a dropped connection is re-established
     /// in the background and requests in between fail as unavailable.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let shown = redact(url);
         let client = redis::Client::open(url).map_err(|err| {
             StoreError::new(
                 "connect",
                 "",
                 false,
-                format!("`{url}` is not a valid Redis URL (expected redis://host:port/db): {err}"),
+                format!(
+                    "`{shown}` is not a valid Redis URL (expected redis://host:port/db): {err}"
+                ),
             )
         })?;
         let config = ConnectionManagerConfig::new()
@@ -114,7 +117,7 @@ impl RedisStore {
                     "",
                     true,
                     format!(
-                        "cannot reach Redis at {url}: {err}; start it (for example \
+                        "cannot reach Redis at {shown}: {err}; start it (for example \
                          `redis-server --port 6379`) or set REDIS_URL"
                     ),
                 )
@@ -273,6 +276,20 @@ async fn retry_after_loading(
     }
 }
 
+/// The URL with its password replaced by `***`, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
 fn is_unavailable(err: &RedisError) -> bool {
     err.is_timeout()
         || err.is_connection_dropped()
@@ -290,6 +307,21 @@ fn failure(err: RedisError) -> Failure {
 
 fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_hidden_in_messages() {
+        assert_eq!(
+            redact("redis://:s3cret@db:6379/0"),
+            "redis://:***@db:6379/0"
+        );
+        assert_eq!(redact("redis://app:s3cret@db"), "redis://app:***@db");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
 }
 
 fn parse<T: redis::FromRedisValue>(
