@@ -59,12 +59,16 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use rusqlite::Connection as Db;
 use tower::{Layer, ServiceExt, service_fn};
 
-const USAGE: &str = "usage: register_users [--users K] [--without-middleware] [--timeout SECS]";
+const USAGE: &str =
+    "usage: register_users [--users K] [--without-middleware] [--timeout SECS] [--linger SECS]
+  METRICS_PORT=9090 serves the counters in Prometheus text format at http://0.0.0.0:9090/metrics;
+  --linger keeps serving them after the run for SECS seconds (0: until Ctrl-C or SIGTERM)";
 
 struct Args {
     users: u32,
     without_middleware: bool,
     timeout: Duration,
+    linger: Option<Duration>,
 }
 
 #[tokio::main]
@@ -81,14 +85,65 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(args).await {
+    if let Err(message) = serve_metrics().await {
+        eprintln!("error: {message}");
+        return ExitCode::FAILURE;
+    }
+    let linger = args.linger;
+    let code = match run(args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(message) => {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(linger) = linger {
+        println!("lingering so the metrics can be scraped (Ctrl-C to stop)");
+        let stop = tokio::signal::ctrl_c();
+        if linger.is_zero() {
+            let _ = stop.await;
+        } else {
+            let _ = tokio::time::timeout(linger, stop).await;
+        }
     }
+    code
+}
+
+/// With METRICS_PORT set, installs a Prometheus recorder for the library's
+/// counters and serves them over HTTP on that port.
+async fn serve_metrics() -> Result<(), String> {
+    let Ok(port) = std::env::var("METRICS_PORT") else {
+        return Ok(());
+    };
+    let port: u16 = port
+        .trim()
+        .parse()
+        .map_err(|_| format!("METRICS_PORT={port:?}: expected a TCP port number such as 9090"))?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|err| format!("cannot install the metrics recorder: {err}"))?;
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .map_err(|err| format!("cannot listen on METRICS_PORT {port}: {err}; pick a free port"))?;
+    println!("metrics: http://0.0.0.0:{port}/metrics");
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let body = handle.render();
+            tokio::spawn(async move {
+                // One request per connection; whatever the path, the answer is the metrics.
+                let mut request = [0u8; 1024];
+                let _ = socket.read(&mut request).await;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
 }
 
 /// `Ok(None)` means `--help`.
@@ -97,6 +152,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
         users: 50,
         without_middleware: false,
         timeout: Duration::from_secs(60),
+        linger: None,
     };
     while let Some(arg) = argv.next() {
         match arg.as_str() {
@@ -118,6 +174,13 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, St
                     .filter(|n| *n >= 1)
                     .ok_or_else(|| format!("--timeout expects seconds >= 1, got {value:?}"))?;
                 args.timeout = Duration::from_secs(secs);
+            }
+            "--linger" => {
+                let value = argv.next().ok_or("--linger needs a value")?;
+                let secs: u64 = value.parse().map_err(|_| {
+                    format!("--linger expects seconds (0: until Ctrl-C), got {value:?}")
+                })?;
+                args.linger = Some(Duration::from_secs(secs));
             }
             other => return Err(format!("unknown argument {other:?}")),
         }

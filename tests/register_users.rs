@@ -212,3 +212,95 @@ fn without_the_middleware_the_double_clicks_become_duplicate_rows() {
         "expected `duplicates: {USERS}` in:\n{stdout}"
     );
 }
+
+/// Reads the metrics endpoint once.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|err| panic!("cannot connect to the metrics port {port}: {err}"));
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send the scrape request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the metrics");
+    response
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[test]
+fn the_metrics_endpoint_counts_what_happened() {
+    use std::io::BufRead;
+
+    let config = config();
+    require_services(&config);
+    let scratch = Scratch::new(&config, "metrics");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let users = USERS.to_string();
+    let mut child = Command::new(env!("CARGO"))
+        .args(["run", "--quiet", "--example", "register_users", "--"])
+        .args(["--users", users.as_str(), "--linger", "60"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("REGISTER_QUEUE", &scratch.queue)
+        .env("REGISTER_DB", &scratch.db)
+        .env("IDEMPOTENCY_DONE_TTL", "10m")
+        .env("METRICS_PORT", port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the example");
+    let stdout = child.stdout.take().expect("the example's stdout");
+    let mut seen = String::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("read the example's output");
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("lingering") {
+            break;
+        }
+    }
+    let text = if seen.contains("lingering") {
+        scrape(port)
+    } else {
+        String::new()
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("OK: every user has exactly one row"),
+        "{seen}"
+    );
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK"),
+        "no metrics served:\n{seen}\n{text}"
+    );
+
+    let users = USERS as f64;
+    assert_eq!(
+        metric(&text, "idempotency_processed_total"),
+        Some(users),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "idempotency_duplicates_total{state=\"done\"}"),
+        Some(users),
+        "every second copy was acked as a duplicate:\n{text}"
+    );
+    assert_eq!(
+        metric(&text, "idempotency_lease_lost_total"),
+        None,
+        "{text}"
+    );
+    assert!(
+        text.contains("idempotency_store_seconds{operation=\"claim\""),
+        "store latency is recorded:\n{text}"
+    );
+}
