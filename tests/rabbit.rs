@@ -17,7 +17,7 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use tokio::sync::watch;
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, service_fn};
 
 async fn consumer(connection: &Connection, queue: &str, prefetch: u16) -> (Channel, Consumer) {
     let channel = connection.create_channel().await.expect("open a channel");

@@ -309,21 +309,6 @@ fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_hidden_in_messages() {
-        assert_eq!(
-            redact("redis://:s3cret@db:6379/0"),
-            "redis://:***@db:6379/0"
-        );
-        assert_eq!(redact("redis://app:s3cret@db"), "redis://app:***@db");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-    }
-}
-
 fn parse<T: redis::FromRedisValue>(
     operation: &'static str,
     key: &str,
@@ -391,5 +376,20 @@ impl Store for RedisStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let reply = self.send("ping", "", redis::cmd("PING")).await?;
         parse::<String>("ping", "", reply).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_hidden_in_messages() {
+        assert_eq!(
+            redact("redis://:s3cret@db:6379/0"),
+            "redis://:***@db:6379/0"
+        );
+        assert_eq!(redact("redis://app:s3cret@db"), "redis://app:***@db");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }
