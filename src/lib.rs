@@ -15,6 +15,7 @@ mod layer;
 pub mod metrics;
 mod outcome;
 mod runner;
+mod settle;
 pub mod store;
 
 pub use config::{Config, NoFingerprintPolicy, StoreFailurePolicy, parse_duration};

@@ -29,13 +29,9 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use lapin::Acker;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions,
-    ConfirmSelectOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::{Channel, Connection, Consumer};
 use tokio::sync::{Semaphore, watch};
@@ -45,6 +41,7 @@ use tower::{Service, ServiceExt};
 use crate::config::Config;
 use crate::error::BoxError;
 use crate::outcome::{Disposition, Outcome, OutcomeKind};
+use crate::settle::Settler;
 
 /// How [`serve`] runs and stops.
 pub struct ServeOptions {
@@ -151,6 +148,10 @@ pub struct ServeReport {
     pub abandoned: u64,
     /// Connections re-established by [`serve_reconnecting`].
     pub reconnects: u64,
+    /// ack / nack / reject frames sent: the acks of consecutive finished
+    /// deliveries share one `multiple` frame, so this is usually well
+    /// below the number of deliveries.
+    pub frames: u64,
 }
 
 impl std::ops::AddAssign for ServeReport {
@@ -161,6 +162,7 @@ impl std::ops::AddAssign for ServeReport {
         self.unsettled += other.unsettled;
         self.abandoned += other.abandoned;
         self.reconnects += other.reconnects;
+        self.frames += other.frames;
     }
 }
 
@@ -196,12 +198,54 @@ impl std::error::Error for ServeError {
 }
 
 #[derive(Default)]
-struct Tally {
+pub(crate) struct Tally {
     report: std::sync::Mutex<ServeReport>,
 }
 
 impl Tally {
-    fn add(&self, f: impl FnOnce(&mut ServeReport)) {
+    /// Counts the broker's answer to an ack/nack/reject of `tag`.
+    /// Counts one frame sent to the broker.
+    pub(crate) fn frame(&self) {
+        self.add(|r| r.frames += 1);
+    }
+
+    pub(crate) fn record(
+        &self,
+        tag: u64,
+        verb: &'static str,
+        tally_as: Disposition,
+        kind: Option<OutcomeKind>,
+        result: lapin::Result<bool>,
+    ) {
+        match result {
+            Ok(true) => self.add(|r| match tally_as {
+                Disposition::Ack => r.acked += 1,
+                Disposition::Requeue { .. } => r.requeued += 1,
+                Disposition::DeadLetter => {
+                    r.dead_lettered += 1;
+                    if let Some(kind) = kind {
+                        crate::metrics::dead_lettered(kind);
+                    }
+                }
+            }),
+            Ok(false) => {
+                tracing::warn!(
+                    delivery_tag = tag,
+                    verb,
+                    "not settled: the channel is closed or the delivery was already settled; the broker redelivers it"
+                );
+                self.add(|r| r.unsettled += 1);
+                crate::metrics::unsettled();
+            }
+            Err(err) => {
+                tracing::warn!(delivery_tag = tag, verb, error = %err, "not settled; the broker redelivers it");
+                self.add(|r| r.unsettled += 1);
+                crate::metrics::unsettled();
+            }
+        }
+    }
+
+    pub(crate) fn add(&self, f: impl FnOnce(&mut ServeReport)) {
         let mut report = self
             .report
             .lock()
@@ -291,6 +335,7 @@ where
     };
     let slots = Arc::new(Semaphore::new(concurrency));
     let tally = Arc::new(Tally::default());
+    let (settler, settling) = Settler::start(Arc::clone(&tally));
     let (stopping_tx, stopping) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
@@ -322,6 +367,7 @@ where
             }
             Some(Ok(delivery)) => delivery,
         };
+        settler.open(delivery.delivery_tag);
         // Readiness is checked with the delivery in hand: while the store
         // is down the layer stays pending, and this delivery waits here
         // instead of bouncing through the broker.
@@ -333,11 +379,11 @@ where
         match ready {
             Some(Ok(())) => {}
             Some(Err(err)) => {
-                return_to_queue(&delivery).await;
+                return_to_queue(&settler, delivery);
                 break Err(ServeError::Service(err.into()));
             }
             None => {
-                return_to_queue(&delivery).await;
+                return_to_queue(&settler, delivery);
                 break Ok(());
             }
         }
@@ -355,8 +401,8 @@ where
             )
         });
         let call = service.call(delivery);
-        let tally = Arc::clone(&tally);
-        let stopping = stopping.clone();
+        let settler = settler.clone();
+        let mut stopping = stopping.clone();
         tasks.spawn(async move {
             let outcome = match AssertUnwindSafe(call).catch_unwind().await {
                 Ok(Ok(outcome)) => Some(outcome),
@@ -371,24 +417,31 @@ where
             };
             let Some(outcome) = outcome else {
                 let requeue = Disposition::Requeue { after: Duration::ZERO };
-                settle(&acker, tag, requeue, requeue, None, stopping, &tally).await;
+                settler.settle(tag, acker, requeue, requeue, None);
                 drop(slot);
                 return;
             };
-            if outcome.disposition() == Disposition::DeadLetter
+            let kind = Some(outcome.kind());
+            let disposition = outcome.disposition();
+            if disposition == Disposition::DeadLetter
                 && let Some((dead_letters, copy)) = copy
                 && dead_letters.publish(copy, &outcome).await
             {
                 // The copy is confirmed: the original is finished.
-                let tally_as = Disposition::DeadLetter;
-                let kind = Some(outcome.kind());
-                settle(&acker, tag, Disposition::Ack, tally_as, kind, stopping, &tally).await;
+                settler.settle(tag, acker, Disposition::Ack, disposition, kind);
                 drop(slot);
                 return;
             }
-            let disposition = outcome.disposition();
-            let kind = Some(outcome.kind());
-            settle(&acker, tag, disposition, disposition, kind, stopping, &tally).await;
+            if let Disposition::Requeue { after } = disposition
+                && !after.is_zero()
+            {
+                // Hold the message during the backoff, but not past shutdown.
+                tokio::select! {
+                    () = tokio::time::sleep(after) => {}
+                    _ = stopping.wait_for(|stopping| *stopping) => {}
+                }
+            }
+            settler.settle(tag, acker, disposition, disposition, kind);
             drop(slot);
         });
     };
@@ -413,6 +466,13 @@ where
                 "some claims could not be released in time; they expire with their lease"
             );
         }
+    }
+    // Every delivery task is gone: the settler sends what is left and ends.
+    drop(settler);
+    if settling.await.is_err() {
+        tracing::error!(
+            "the settler task failed; unsettled deliveries return when the channel closes"
+        );
     }
     if let Some(channel) = channel
         && let Err(err) = channel.close(200, "OK".into()).await
@@ -576,65 +636,6 @@ where
     outcome.map(|()| total)
 }
 
-/// Applies `disposition` to the delivery and counts it as `tally_as`.
-async fn settle(
-    acker: &Acker,
-    tag: u64,
-    disposition: Disposition,
-    tally_as: Disposition,
-    kind: Option<OutcomeKind>,
-    mut stopping: watch::Receiver<bool>,
-    tally: &Tally,
-) {
-    let (verb, result) = match disposition {
-        Disposition::Ack => ("ack", acker.ack(BasicAckOptions::default()).await),
-        Disposition::Requeue { after } => {
-            if !after.is_zero() {
-                // Hold the message during the backoff, but not past shutdown.
-                tokio::select! {
-                    () = tokio::time::sleep(after) => {}
-                    _ = stopping.wait_for(|stopping| *stopping) => {}
-                }
-            }
-            let options = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            ("nack", acker.nack(options).await)
-        }
-        Disposition::DeadLetter => {
-            let options = BasicRejectOptions { requeue: false };
-            ("reject", acker.reject(options).await)
-        }
-    };
-    match result {
-        Ok(true) => tally.add(|r| match tally_as {
-            Disposition::Ack => r.acked += 1,
-            Disposition::Requeue { .. } => r.requeued += 1,
-            Disposition::DeadLetter => {
-                r.dead_lettered += 1;
-                if let Some(kind) = kind {
-                    crate::metrics::dead_lettered(kind);
-                }
-            }
-        }),
-        Ok(false) => {
-            tracing::warn!(
-                delivery_tag = tag,
-                verb,
-                "not settled: the channel is closed or the delivery was already settled; the broker redelivers it"
-            );
-            tally.add(|r| r.unsettled += 1);
-            crate::metrics::unsettled();
-        }
-        Err(err) => {
-            tracing::warn!(delivery_tag = tag, verb, error = %err, "not settled; the broker redelivers it");
-            tally.add(|r| r.unsettled += 1);
-            crate::metrics::unsettled();
-        }
-    }
-}
-
 struct DeadLetters {
     channel: Channel,
     exchange: String,
@@ -691,17 +692,17 @@ impl DeadLetters {
 }
 
 /// Gives a delivery that was never handed to the service back to the broker.
-async fn return_to_queue(delivery: &Delivery) {
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
+fn return_to_queue(settler: &Settler, delivery: Delivery) {
+    let requeue = Disposition::Requeue {
+        after: Duration::ZERO,
     };
-    if !matches!(delivery.acker.nack(options).await, Ok(true)) {
-        tracing::debug!(
-            delivery_tag = delivery.delivery_tag,
-            "could not return a delivery; it comes back when the channel closes"
-        );
-    }
+    settler.settle(
+        delivery.delivery_tag,
+        delivery.acker,
+        requeue,
+        requeue,
+        None,
+    );
 }
 
 fn log_join(joined: Result<(), tokio::task::JoinError>) {

@@ -716,3 +716,75 @@ async fn a_cut_broker_connection_mid_handler_reconnects_and_the_effect_happens_o
     );
     assert_eq!(finish(&direct, &queue).await, (0, 0));
 }
+
+#[tokio::test]
+async fn acks_are_coalesced_without_acking_a_slow_or_failing_delivery_early() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "coalesce").await;
+    const N: usize = 200;
+    for n in 0..N {
+        publish(
+            &setup,
+            &queue.name,
+            format!("m{n}").as_bytes(),
+            Some(&format!("m{n}")),
+        )
+        .await;
+    }
+    let effects = Arc::new(Mutex::new(std::collections::HashMap::<String, usize>::new()));
+    let failed_once = Arc::new(AtomicUsize::new(0));
+    let (e, f) = (effects.clone(), failed_once.clone());
+    let journal = Journal::default();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(move |d: Delivery| {
+        let (e, f) = (e.clone(), f.clone());
+        async move {
+            let body = String::from_utf8_lossy(&d.data).into_owned();
+            if body == "m0" {
+                // Slow: holds the lowest tag open while others finish.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if body == "m10" && f.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(HandlerError::retryable("first attempt fails"));
+            }
+            *e.lock().unwrap().entry(body).or_default() += 1;
+            Ok(())
+        }
+    }));
+    let (channel, consumer) = consumer(&connection, &queue.name, 64).await;
+    let stop = journal.until(|j| j.count("processed") >= N);
+    let options = ServeOptions::new()
+        .concurrency(64)
+        .shutdown_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+        })
+        .close_channel(channel);
+    let report = serve(consumer, journal.clone().record(service), options)
+        .await
+        .expect("serve");
+
+    let effects = effects.lock().unwrap();
+    assert_eq!(effects.len(), N, "every message took effect");
+    assert!(effects.values().all(|n| *n == 1), "each exactly once");
+    assert_eq!(
+        report.unsettled, 0,
+        "no ack was refused (a double ack would close the channel)"
+    );
+    assert_eq!(report.acked, N as u64);
+    assert_eq!(report.requeued, 1);
+    assert!(
+        report.frames <= report.acked + report.requeued,
+        "{report:?}"
+    );
+    assert_eq!(
+        finish(&connection, &queue).await,
+        (0, 0),
+        "nothing left unacked or dead-lettered"
+    );
+}

@@ -191,8 +191,9 @@ async fn write_batches(
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for request in &batch {
-            pipe.add_command(request.cmd.clone());
+        for request in &mut batch {
+            // Moved, not cloned: after a NOSCRIPT the pipeline's copy is resent.
+            pipe.add_command(std::mem::replace(&mut request.cmd, Cmd::new()));
         }
         stats.round_trips.fetch_add(1, Ordering::Relaxed);
         stats
@@ -203,9 +204,14 @@ async fn write_batches(
         match replies {
             Ok(replies) if replies.len() == batch.len() => {
                 let mut missing_script = Vec::new();
-                for (request, reply) in batch.drain(..).zip(replies) {
+                for ((request, reply), sent) in batch.drain(..).zip(replies).zip(pipe.cmd_iter()) {
                     match reply {
-                        Err(err) if err.code() == Some("NOSCRIPT") => missing_script.push(request),
+                        Err(err) if err.code() == Some("NOSCRIPT") => {
+                            missing_script.push(Request {
+                                cmd: sent.clone(),
+                                reply: request.reply,
+                            });
+                        }
                         reply => {
                             let _ = request.reply.send(reply.map_err(failure));
                         }
