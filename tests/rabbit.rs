@@ -769,7 +769,7 @@ async fn acks_are_coalesced_without_acking_a_slow_or_failing_delivery_early() {
         .await
         .expect("serve");
 
-    let effects = effects.lock().unwrap();
+    let effects = effects.lock().unwrap().clone();
     assert_eq!(effects.len(), N, "every message took effect");
     assert!(effects.values().all(|n| *n == 1), "each exactly once");
     assert_eq!(
