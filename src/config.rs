@@ -65,6 +65,7 @@ pub struct Config {
     pub(crate) on_store_error: StoreFailurePolicy,
     pub(crate) on_missing_fingerprint: NoFingerprintPolicy,
     pub(crate) verify_payload: bool,
+    pub(crate) max_body_bytes: Option<usize>,
 }
 
 impl Default for Config {
@@ -85,6 +86,7 @@ impl Default for Config {
             on_store_error: StoreFailurePolicy::FailClosed,
             on_missing_fingerprint: NoFingerprintPolicy::DeadLetter,
             verify_payload: true,
+            max_body_bytes: None,
         }
     }
 }
@@ -193,6 +195,17 @@ impl Config {
                     ));
                 }
             };
+        }
+        if let Some(value) = get("IDEMPOTENCY_MAX_BODY_BYTES") {
+            config.max_body_bytes = Some(value.trim().parse().ok().filter(|n| *n > 0).ok_or_else(
+                || {
+                    ConfigError::invalid(
+                        "IDEMPOTENCY_MAX_BODY_BYTES",
+                        &value,
+                        "a number of bytes greater than zero, such as 1048576",
+                    )
+                },
+            )?);
         }
         if let Some(value) = get("IDEMPOTENCY_VERIFY_PAYLOAD") {
             config.verify_payload = match value.trim() {
@@ -399,6 +412,14 @@ impl Config {
         self
     }
 
+    /// Largest body the handler is given (`IDEMPOTENCY_MAX_BODY_BYTES`,
+    /// default: no limit); a larger message is dead-lettered with a reason
+    /// instead of reaching the handler.
+    pub fn max_body_bytes(mut self, limit: usize) -> Self {
+        self.max_body_bytes = Some(limit.max(1));
+        self
+    }
+
     /// The Redis URL.
     pub fn redis(&self) -> &str {
         &self.redis_url
@@ -517,6 +538,7 @@ mod tests {
             ("IDEMPOTENCY_ON_STORE_ERROR", "fail-open"),
             ("IDEMPOTENCY_ON_MISSING_FINGERPRINT", "pass-through"),
             ("IDEMPOTENCY_VERIFY_PAYLOAD", "false"),
+            ("IDEMPOTENCY_MAX_BODY_BYTES", "1024"),
         ]))
         .unwrap();
         assert_eq!(config.redis_url, "redis://r:1");
@@ -535,6 +557,7 @@ mod tests {
             NoFingerprintPolicy::PassThrough
         );
         assert!(!config.verify_payload);
+        assert_eq!(config.max_body_bytes, Some(1024));
     }
 
     #[test]

@@ -219,6 +219,19 @@ where
     F: Fingerprint,
 {
     let config = dedup.config();
+    if let Some(limit) = config.max_body_bytes
+        && delivery.data.len() > limit
+    {
+        tracing::error!(
+            bytes = delivery.data.len(),
+            limit,
+            "body too large: dead-lettered"
+        );
+        return Outcome::new(OutcomeKind::BodyTooLarge, 0).because(format!(
+            "body of {} bytes exceeds IDEMPOTENCY_MAX_BODY_BYTES={limit}",
+            delivery.data.len()
+        ));
+    }
     let fingerprint = dedup.fingerprint(&delivery);
     if let Some(fingerprint) = &fingerprint {
         tracing::Span::current().record("fingerprint", fingerprint.as_str());

@@ -52,6 +52,9 @@ pub enum OutcomeKind {
     PayloadMismatch,
     /// The key holds a value this library did not write: dead-lettered.
     UnrecognizedRecord,
+    /// The body is larger than `IDEMPOTENCY_MAX_BODY_BYTES`: dead-lettered
+    /// without running the handler or touching the store.
+    BodyTooLarge,
     /// The store could not be reached: the handler did not run; requeued.
     StoreUnavailable,
 }
@@ -71,6 +74,7 @@ impl OutcomeKind {
             Self::NoFingerprint => "no_fingerprint",
             Self::PayloadMismatch => "payload_mismatch",
             Self::UnrecognizedRecord => "unrecognized_record",
+            Self::BodyTooLarge => "body_too_large",
             Self::StoreUnavailable => "store_unavailable",
         }
     }
@@ -86,7 +90,8 @@ impl OutcomeKind {
             | Self::AttemptsExhausted
             | Self::NoFingerprint
             | Self::PayloadMismatch
-            | Self::UnrecognizedRecord => Some(Disposition::DeadLetter),
+            | Self::UnrecognizedRecord
+            | Self::BodyTooLarge => Some(Disposition::DeadLetter),
             Self::InProgressElsewhere | Self::Retry | Self::StoreUnavailable => None,
         }
     }

@@ -508,3 +508,111 @@ async fn a_done_mark_that_cannot_be_written_holds_the_message_until_the_store_an
         "the done mark was written: {value}"
     );
 }
+
+#[tokio::test]
+async fn bad_input_is_dead_lettered_with_a_reason_not_a_panic() {
+    use amqp_idempotency::fingerprint::Header;
+    use lapin::types::{AMQPValue, ByteArray, FieldTable, LongString};
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    // A header fingerprint whose value is not UTF-8, or not a string at all.
+    let by_header = IdempotencyLayer::new(MemoryStore::new(), "q", config())
+        .unwrap()
+        .fingerprint(Header::new("order-id"))
+        .layer(counting(runs.clone(), |_| Ok(())));
+    for value in [
+        AMQPValue::LongString(LongString::from(vec![0xff, 0xfe, 0x00])),
+        AMQPValue::ByteArray(ByteArray::from(vec![1u8, 2, 3])),
+        AMQPValue::FieldTable(FieldTable::default()),
+    ] {
+        let mut headers = FieldTable::default();
+        headers.insert("order-id".into(), value);
+        let mut d = delivery(None, b"x");
+        d.properties = BasicProperties::default().with_headers(headers);
+        let outcome = by_header.clone().oneshot(d).await.unwrap();
+        assert_eq!(outcome.kind(), OutcomeKind::NoFingerprint);
+        assert!(outcome.reason().is_some());
+    }
+
+    // A nonsensical x-delivery-count is ignored, not trusted.
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().max_body_bytes(16))
+        .unwrap()
+        .layer(counting(runs.clone(), |_| Ok(())));
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongString(LongString::from("lots")),
+    );
+    let mut d = delivery(Some("m"), b"x");
+    d.properties = d.properties.clone().with_headers(headers);
+    let outcome = layer.clone().oneshot(d).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Processed);
+    assert_eq!(outcome.attempt(), 1);
+
+    // An oversized body never reaches the handler.
+    let outcome = layer
+        .oneshot(delivery(Some("big"), &[b'x'; 17]))
+        .await
+        .unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::BodyTooLarge);
+    assert_eq!(outcome.disposition(), Disposition::DeadLetter);
+    assert!(
+        outcome
+            .reason()
+            .unwrap()
+            .contains("IDEMPOTENCY_MAX_BODY_BYTES=16")
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "only the valid message ran");
+}
+
+#[tokio::test]
+async fn the_guard_api_claims_completes_and_releases() {
+    use amqp_idempotency::{Begin, Deduplicator, Skip};
+
+    let store = MemoryStore::new();
+    let dedup = Deduplicator::new(store.clone(), "q", config()).unwrap();
+    let Begin::Process(claim) = dedup.begin(&delivery(Some("g1"), b"x")).await.unwrap() else {
+        panic!("a new message is ours to process");
+    };
+    assert_eq!(claim.attempt(), 1);
+    assert_eq!(claim.key(), "idem:q:g1");
+    assert!(!claim.token().is_empty());
+    // While we hold it, a duplicate is in progress elsewhere, not done.
+    assert!(matches!(
+        dedup.begin(&delivery(Some("g1"), b"x")).await.unwrap(),
+        Begin::Skip(Skip::InProgress { .. })
+    ));
+    assert!(claim.complete().await.unwrap());
+    match dedup.begin(&delivery(Some("g1"), b"x")).await.unwrap() {
+        Begin::Skip(skip) => assert!(skip.is_done()),
+        other => panic!("expected done, got {other:?}"),
+    }
+
+    // Released explicitly: the next copy is processed, as attempt 2.
+    let Begin::Process(claim) = dedup.begin(&delivery(Some("g2"), b"x")).await.unwrap() else {
+        panic!("ours");
+    };
+    assert!(claim.release().await.unwrap());
+    let Begin::Process(again) = dedup.begin(&delivery(Some("g2"), b"x")).await.unwrap() else {
+        panic!("released, so ours again");
+    };
+    assert_eq!(again.attempt(), 2);
+    drop(again);
+
+    // Dropped without a word: released in the background.
+    let released =
+        common_eventually(|| {
+            let store = store.clone();
+            async move {
+                matches!(store.get("idem:q:g2").await, Ok(Some((v, _))) if v.starts_with("f:2:"))
+            }
+        })
+        .await;
+    assert!(released, "a dropped claim is released");
+
+    // No fingerprint: the reason, not a claim.
+    assert!(matches!(
+        dedup.begin(&delivery(None, b"")).await.unwrap(),
+        Begin::Skip(Skip::NoFingerprint)
+    ));
+}
