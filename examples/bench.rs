@@ -111,7 +111,9 @@ use tower::{Layer, Service, service_fn};
 
 const USAGE: &str = "usage: bench [--messages N] [--payload BYTES] [--prefetch P] [--duplicates F]
              [--handler-delay-ms D] [--rounds R] [--variants raw,naive,ours]
-             [--open-loop-rate MSGS_PER_S] [--quick]
+             [--open-loop-rate MSGS_PER_S] [--runtime current|multi] [--quick]
+--runtime: the tokio runtime every variant runs on (default current: one thread,
+           fewer wakeups, the faster choice on a small machine)
 env: AMQP_URL (amqp://guest:guest@127.0.0.1:5672/%2f), REDIS_URL (redis://127.0.0.1:6379)";
 
 /// Header carrying the publish time (nanoseconds since the harness started) in open-loop mode.
@@ -165,6 +167,7 @@ struct Options {
     rounds: u32,
     variants: Vec<Variant>,
     open_loop_rate: Option<f64>,
+    multi_thread: bool,
     amqp_url: String,
     redis_url: String,
 }
@@ -185,6 +188,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Options>,
     ];
     let mut open_loop_rate = None;
     let mut quick = false;
+    let mut multi_thread = false;
     while let Some(arg) = argv.next() {
         let (name, inline) = match arg.split_once('=') {
             Some((name, value)) if name.starts_with("--") => (name.to_owned(), Some(value.into())),
@@ -199,6 +203,18 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Options>,
         match name.as_str() {
             "-h" | "--help" => return Ok(None),
             "--quick" => quick = true,
+            "--runtime" => {
+                let value = argv.next().ok_or("--runtime needs `current` or `multi`")?;
+                multi_thread = match value.as_str() {
+                    "current" => false,
+                    "multi" => true,
+                    _ => {
+                        return Err(format!(
+                            "--runtime expects `current` or `multi`, got {value:?}"
+                        ));
+                    }
+                };
+            }
             "--messages" => messages = Some(parse_num(&name, &value("a count")?, 1..=u64::MAX)?),
             "--payload" => payload = parse_num(&name, &value("bytes")?, 0..=16 * 1024 * 1024)?,
             "--prefetch" => prefetch = parse_num(&name, &value("1 to 65535")?, 1..=u16::MAX)?,
@@ -275,6 +291,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Options>,
         rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
         variants,
         open_loop_rate,
+        multi_thread,
         amqp_url: env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")?,
         redis_url: env("REDIS_URL", "redis://127.0.0.1:6379")?,
     }))
@@ -1584,6 +1601,17 @@ fn summary(options: &Options, rows: &[Row]) -> String {
         ("payload", Json::Int(options.payload as u64)),
         ("rounds", Json::Int(u64::from(options.rounds))),
         ("open_loop_rate", Json::opt(options.open_loop_rate, 1)),
+        (
+            "runtime",
+            Json::Str(
+                if options.multi_thread {
+                    "multi"
+                } else {
+                    "current"
+                }
+                .into(),
+            ),
+        ),
         ("ok", Json::Bool(rows.iter().all(|r| r.ok))),
     ])
 }
@@ -1787,8 +1815,7 @@ async fn run(options: Options) -> Result<bool, String> {
     Ok(ok)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let options = match parse_args(std::env::args().skip(1)) {
         Ok(Some(options)) => options,
         Ok(None) => {
@@ -1800,7 +1827,23 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(options).await {
+    let runtime = if options.multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("bench: error: cannot start the tokio runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(options)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(message) => {

@@ -268,3 +268,34 @@ async fn redis_store_sends_concurrent_requests_in_shared_round_trips() {
         "requests issued together share pipelines: {round_trips} round trips for {commands} commands"
     );
 }
+
+#[tokio::test]
+async fn redis_store_batched_transitions_answer_each_key_on_its_own() {
+    let store = common::redis_store().await;
+    let stranger_store = MemoryStore::new();
+    let base = key();
+    let mut owners = Vec::new();
+    let mut strangers = Vec::new();
+    for n in 0..100 {
+        let key = format!("{base}:{n}");
+        owners.push(acquire(&store, &key, &Token::new()).await);
+        strangers.push(acquire(&stranger_store, &key, &Token::new()).await);
+    }
+    // Sent together: even keys completed by their owner, odd keys by a stranger.
+    let attempts = (0..100).map(|n| {
+        let store = store.clone();
+        let claim = if n % 2 == 0 {
+            owners[n].clone()
+        } else {
+            strangers[n].clone()
+        };
+        async move { store.complete(&claim, RETENTION).await.unwrap() }
+    });
+    let answers = futures_util::future::join_all(attempts).await;
+    for (n, answer) in answers.iter().enumerate() {
+        assert_eq!(*answer, n % 2 == 0, "key {n}");
+        let (value, _) = store.get(&format!("{base}:{n}")).await.unwrap().unwrap();
+        let done = matches!(Record::parse(&value), Some(Record::Done { .. }));
+        assert_eq!(done, n % 2 == 0, "key {n}: {value}");
+    }
+}

@@ -12,23 +12,31 @@ use tokio::sync::{mpsc, oneshot};
 use super::Store;
 use crate::error::StoreError;
 
-/// Compare-and-set: if KEYS[1] holds ARGV[1], set it to ARGV[2] with a
-/// PX of ARGV[3] (or delete it when ARGV[2] is empty). A key that already
-/// holds ARGV[2] also answers 1, so a retried transition is harmless.
-const TRANSITION: &str = r"
-local current = redis.call('GET', KEYS[1])
-if current == ARGV[1] then
-  if ARGV[2] == '' then
-    redis.call('DEL', KEYS[1])
+/// Compare-and-set on each key: if KEYS[i] holds ARGV[3i-2], set it to
+/// ARGV[3i-1] with a PX of ARGV[3i] (or delete it when ARGV[3i-1] is
+/// empty). A key that already holds its target also answers 1, so a
+/// retried transition is harmless. Each key is checked and written on its
+/// own; one call carries the transitions of every request that waited
+/// together, so the script's overhead is paid once per round trip.
+const TRANSITIONS: &str = r"
+local answers = {}
+for i = 1, #KEYS do
+  local from, to, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local current = redis.call('GET', KEYS[i])
+  if current == from then
+    if to == '' then
+      redis.call('DEL', KEYS[i])
+    else
+      redis.call('SET', KEYS[i], to, 'PX', ttl)
+    end
+    answers[i] = 1
+  elseif to ~= '' and current == to then
+    answers[i] = 1
   else
-    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    answers[i] = 0
   end
-  return 1
 end
-if ARGV[2] ~= '' and current == ARGV[2] then
-  return 1
-end
-return 0
+return answers
 ";
 
 /// Most requests sent in one pipeline.
@@ -40,8 +48,11 @@ const MAX_BATCH: usize = 512;
 /// and one writer task: requests issued while a pipeline is in flight are
 /// sent together as the next pipeline, so under load the claims of many
 /// deliveries and the done marks of earlier ones share a round trip. No
-/// timer is involved: a lone request is sent at once. Scripts are loaded
-/// once and called by SHA.
+/// timer is involved: a lone request is sent at once. The token-checked
+/// transitions of one pipeline run in a single script call (called by SHA,
+/// loaded again after a Redis restart); each key is still checked and
+/// written on its own. That call names several keys, so this store is for
+/// a standalone Redis (or a primary with replicas), not Redis Cluster.
 ///
 /// ```no_run
 /// use amqp_idempotency::store::RedisStore;
@@ -54,7 +65,6 @@ const MAX_BATCH: usize = 512;
 #[derive(Clone)]
 pub struct RedisStore {
     requests: mpsc::UnboundedSender<Request>,
-    transition_sha: Arc<str>,
     stats: Arc<Stats>,
 }
 
@@ -65,8 +75,20 @@ struct Stats {
 }
 
 struct Request {
-    cmd: Cmd,
+    op: Op,
     reply: oneshot::Sender<Result<Value, Failure>>,
+}
+
+enum Op {
+    /// Sent as it is.
+    Command(Cmd),
+    /// Merged with the other transitions of its batch into one script call.
+    Transition {
+        key: String,
+        from: String,
+        to: String,
+        ttl_ms: u64,
+    },
 }
 
 /// A request's failure, before it is named after its operation and key.
@@ -128,16 +150,10 @@ impl RedisStore {
     /// Wraps an existing connection manager. Must be called within a Tokio
     /// runtime: it starts the writer task.
     pub fn from_connection(connection: ConnectionManager) -> Self {
-        let script = Script::new(TRANSITION);
-        let transition_sha: Arc<str> = Arc::from(script.get_hash());
         let stats = Arc::new(Stats::default());
         let (requests, queue) = mpsc::unbounded_channel();
         tokio::spawn(write_batches(connection, queue, Arc::clone(&stats)));
-        Self {
-            requests,
-            transition_sha,
-            stats,
-        }
+        Self { requests, stats }
     }
 
     /// Pipelines sent to Redis so far (each is one round trip), by all clones.
@@ -150,12 +166,7 @@ impl RedisStore {
         self.stats.commands.load(Ordering::Relaxed)
     }
 
-    async fn send(
-        &self,
-        operation: &'static str,
-        key: &str,
-        cmd: Cmd,
-    ) -> Result<Value, StoreError> {
+    async fn send(&self, operation: &'static str, key: &str, op: Op) -> Result<Value, StoreError> {
         let (reply, answer) = oneshot::channel();
         let gone = || {
             StoreError::new(
@@ -166,7 +177,7 @@ impl RedisStore {
             )
         };
         self.requests
-            .send(Request { cmd, reply })
+            .send(Request { op, reply })
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?.map_err(|failure| {
             StoreError::new(operation, key, failure.unavailable, failure.message)
@@ -174,12 +185,14 @@ impl RedisStore {
     }
 }
 
-/// Sends every waiting request as one pipeline, one pipeline at a time.
+/// Sends every waiting request as one pipeline, one pipeline at a time:
+/// commands as they are, transitions merged into one script call.
 async fn write_batches(
     mut connection: ConnectionManager,
     mut queue: mpsc::UnboundedReceiver<Request>,
     stats: Arc<Stats>,
 ) {
+    let script = Script::new(TRANSITIONS);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
@@ -191,94 +204,118 @@ async fn write_batches(
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for request in &mut batch {
-            // Moved, not cloned: after a NOSCRIPT the pipeline's copy is resent.
-            pipe.add_command(std::mem::replace(&mut request.cmd, Cmd::new()));
+        let mut command_replies = Vec::with_capacity(batch.len());
+        let mut transition_replies = Vec::new();
+        let mut transitions = redis::cmd("EVALSHA");
+        for request in batch.drain(..) {
+            match request.op {
+                Op::Command(cmd) => {
+                    pipe.add_command(cmd);
+                    command_replies.push(request.reply);
+                }
+                Op::Transition {
+                    key,
+                    from,
+                    to,
+                    ttl_ms,
+                } => {
+                    // Keys first, then the arguments: collected apart below.
+                    transition_replies.push((key, from, to, ttl_ms, request.reply));
+                }
+            }
+        }
+        if !transition_replies.is_empty() {
+            transitions
+                .arg(script.get_hash())
+                .arg(transition_replies.len());
+            for (key, ..) in &transition_replies {
+                transitions.arg(key);
+            }
+            for (_, from, to, ttl_ms, _) in &transition_replies {
+                transitions.arg(from).arg(to).arg(*ttl_ms);
+            }
+            pipe.add_command(transitions.clone());
         }
         stats.round_trips.fetch_add(1, Ordering::Relaxed);
         stats
             .commands
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            .fetch_add(pipe.len() as u64, Ordering::Relaxed);
         let replies: Result<Vec<redis::RedisResult<Value>>, RedisError> =
             pipe.query_async(&mut connection).await;
-        match replies {
-            Ok(replies) if replies.len() == batch.len() => {
-                let mut missing_script = Vec::new();
-                for ((request, reply), sent) in batch.drain(..).zip(replies).zip(pipe.cmd_iter()) {
-                    match reply {
-                        Err(err) if err.code() == Some("NOSCRIPT") => {
-                            missing_script.push(Request {
-                                cmd: sent.clone(),
-                                reply: request.reply,
-                            });
-                        }
-                        reply => {
-                            let _ = request.reply.send(reply.map_err(failure));
-                        }
-                    }
-                }
-                if !missing_script.is_empty() {
-                    // Redis restarted or flushed its scripts: load it, then
-                    // send those requests again (safe: nothing ran).
-                    retry_after_loading(&mut connection, missing_script, &stats).await;
-                }
-            }
+        let mut replies = match replies {
+            Ok(replies) if replies.len() == pipe.len() => replies,
             Ok(replies) => {
-                let message = format!(
-                    "Redis answered {} replies to a pipeline of {} commands",
-                    replies.len(),
-                    batch.len()
-                );
-                for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(Failure {
-                        unavailable: true,
-                        message: message.clone(),
-                    }));
-                }
+                let failure = Failure {
+                    unavailable: true,
+                    message: format!(
+                        "Redis answered {} replies to a pipeline of {} commands",
+                        replies.len(),
+                        pipe.len()
+                    ),
+                };
+                answer_all(command_replies, transition_replies, &failure);
+                continue;
             }
             Err(err) => {
-                let unavailable = is_unavailable(&err);
-                let message = err.to_string();
-                for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(Failure {
-                        unavailable,
-                        message: message.clone(),
-                    }));
+                answer_all(command_replies, transition_replies, &failure(err));
+                continue;
+            }
+        };
+        let script_reply = (!transition_replies.is_empty()).then(|| replies.pop());
+        for (reply, answer) in command_replies.into_iter().zip(replies) {
+            let _ = reply.send(answer.map_err(failure));
+        }
+        let Some(script_reply) = script_reply.flatten() else {
+            continue;
+        };
+        let script_reply = match script_reply {
+            Err(err) if err.code() == Some("NOSCRIPT") => {
+                // Redis restarted or flushed its scripts: load it and send
+                // the transitions again (safe: none of them ran).
+                stats.round_trips.fetch_add(1, Ordering::Relaxed);
+                let mut retry = redis::pipe();
+                retry.cmd("SCRIPT").arg("LOAD").arg(TRANSITIONS).ignore();
+                retry.add_command(transitions);
+                retry
+                    .query_async::<(Value,)>(&mut connection)
+                    .await
+                    .map(|(value,)| value)
+            }
+            other => other,
+        };
+        match script_reply.map_err(failure) {
+            Ok(Value::Array(answers)) if answers.len() == transition_replies.len() => {
+                for ((.., reply), answer) in transition_replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
                 }
             }
+            Ok(other) => {
+                let failure = Failure {
+                    unavailable: false,
+                    message: format!("unexpected reply to the transition script: {other:?}"),
+                };
+                answer_all(Vec::new(), transition_replies, &failure);
+            }
+            Err(failure) => answer_all(Vec::new(), transition_replies, &failure),
         }
     }
 }
 
-async fn retry_after_loading(
-    connection: &mut ConnectionManager,
-    requests: Vec<Request>,
-    stats: &Stats,
+type Reply = oneshot::Sender<Result<Value, Failure>>;
+
+fn answer_all(
+    commands: Vec<Reply>,
+    transitions: Vec<(String, String, String, u64, Reply)>,
+    failure: &Failure,
 ) {
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    pipe.cmd("SCRIPT").arg("LOAD").arg(TRANSITION);
-    for request in &requests {
-        pipe.add_command(request.cmd.clone());
-    }
-    stats.round_trips.fetch_add(1, Ordering::Relaxed);
-    let replies: Result<Vec<redis::RedisResult<Value>>, RedisError> =
-        pipe.query_async(connection).await;
-    match replies {
-        Ok(mut replies) if replies.len() == requests.len() + 1 => {
-            let _script_loaded = replies.remove(0);
-            for (request, reply) in requests.into_iter().zip(replies) {
-                let _ = request.reply.send(reply.map_err(failure));
-            }
-        }
-        Ok(_) | Err(_) => {
-            for request in requests {
-                let _ = request.reply.send(Err(Failure {
-                    unavailable: true,
-                    message: "could not load the transition script into Redis".into(),
-                }));
-            }
-        }
+    let replies = commands
+        .into_iter()
+        .chain(transitions.into_iter().map(|(.., reply)| reply));
+    for reply in replies {
+        let _ = reply.send(Err(Failure {
+            unavailable: failure.unavailable,
+            message: failure.message.clone(),
+        }));
     }
 }
 
@@ -344,7 +381,7 @@ impl Store for RedisStore {
             .arg("PX")
             .arg(millis(ttl))
             .arg("GET");
-        let reply = self.send("claim", key, cmd).await?;
+        let reply = self.send("claim", key, Op::Command(cmd)).await?;
         parse("claim", key, reply)
     }
 
@@ -355,14 +392,13 @@ impl Store for RedisStore {
         to: Option<&str>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&*self.transition_sha)
-            .arg(1)
-            .arg(key)
-            .arg(from)
-            .arg(to.unwrap_or(""))
-            .arg(millis(ttl));
-        let reply = self.send("transition", key, cmd).await?;
+        let op = Op::Transition {
+            key: key.to_owned(),
+            from: from.to_owned(),
+            to: to.unwrap_or("").to_owned(),
+            ttl_ms: millis(ttl),
+        };
+        let reply = self.send("transition", key, op).await?;
         Ok(parse::<i64>("transition", key, reply)? == 1)
     }
 
@@ -372,7 +408,10 @@ impl Store for RedisStore {
         get.arg(key);
         let mut pttl = redis::cmd("PTTL");
         pttl.arg(key);
-        let (value, ttl) = tokio::join!(self.send("get", key, get), self.send("get", key, pttl));
+        let (value, ttl) = tokio::join!(
+            self.send("get", key, Op::Command(get)),
+            self.send("get", key, Op::Command(pttl))
+        );
         let value: Option<String> = parse("get", key, value?)?;
         let ttl: i64 = parse("get", key, ttl?)?;
         let ttl = u64::try_from(ttl).ok().map(Duration::from_millis);
@@ -380,7 +419,9 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let reply = self.send("ping", "", redis::cmd("PING")).await?;
+        let reply = self
+            .send("ping", "", Op::Command(redis::cmd("PING")))
+            .await?;
         parse::<String>("ping", "", reply).map(drop)
     }
 }
