@@ -31,7 +31,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicCancelOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::{Channel, Connection, Consumer};
 use tokio::sync::{Semaphore, watch};
@@ -43,6 +43,9 @@ use crate::error::BoxError;
 use crate::outcome::{Disposition, Outcome, OutcomeKind};
 use crate::settle::Settler;
 
+/// How long closing a channel or connection may take (a dead one may never answer).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How [`serve`] runs and stops.
 pub struct ServeOptions {
     concurrency: usize,
@@ -51,6 +54,7 @@ pub struct ServeOptions {
     shutdown_deadline: Duration,
     dead_letter_exchange: Option<String>,
     channel: Option<Channel>,
+    close_channel: bool,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -72,6 +76,7 @@ impl Default for ServeOptions {
             shutdown_deadline: Duration::from_secs(20),
             dead_letter_exchange: None,
             channel: None,
+            close_channel: false,
         }
     }
 }
@@ -111,9 +116,20 @@ impl ServeOptions {
         self
     }
 
-    /// Closes `channel` once stopped, which returns unsettled messages to the queue.
+    /// The consumer's channel, left open: on stop the consumer is
+    /// cancelled on it, and deliveries that arrive until the broker
+    /// confirms the cancel are given back to the queue at once. Without
+    /// it, those return only when you close the channel.
+    pub fn channel(mut self, channel: Channel) -> Self {
+        self.channel = Some(channel);
+        self.close_channel = false;
+        self
+    }
+
+    /// Like [`channel`](Self::channel), and closes the channel once stopped.
     pub fn close_channel(mut self, channel: Channel) -> Self {
         self.channel = Some(channel);
+        self.close_channel = true;
         self
     }
 
@@ -269,7 +285,10 @@ impl Tally {
 /// returned, that is after its store write; the `bool` lapin answers is
 /// checked and a delivery that could not be settled is counted as
 /// unsettled (the broker redelivers it). A handler that panics is treated
-/// as a retryable failure. On shutdown the consumer is cancelled, handlers
+/// as a retryable failure. Acks of consecutive finished deliveries share
+/// one `multiple=true` frame; give `serve` a channel of its own (one
+/// consumer per channel), otherwise it notices the foreign delivery tags
+/// and acks one by one. On shutdown the consumer is cancelled, handlers
 /// in flight get the deadline to finish, abandoned ones have their claims
 /// released, and the channel (if given) is closed.
 pub async fn serve<S>(
@@ -303,6 +322,7 @@ where
         shutdown_deadline,
         dead_letter_exchange,
         channel,
+        close_channel,
     } = options;
     let dead_letters = match (dead_letter_exchange, &channel) {
         (Some(exchange), Some(channel)) => {
@@ -446,8 +466,34 @@ where
         });
     };
 
-    // Stop taking deliveries: dropping the consumer cancels it; prefetched
-    // deliveries not yet taken return to the queue when the channel closes.
+    // Stop taking deliveries and give back the ones that were on their way.
+    // With the channel: cancel, then return whatever arrives until the
+    // stream ends. Without it: return what is buffered; the rest comes back
+    // when the channel closes.
+    let cancelled = match &channel {
+        Some(channel) if result.is_ok() => {
+            let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+            matches!(
+                tokio::time::timeout(CLOSE_TIMEOUT, cancel).await,
+                Ok(Ok(()))
+            )
+        }
+        _ => false,
+    };
+    if cancelled {
+        let drain = async {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                settler.open(delivery.delivery_tag);
+                return_to_queue(&settler, delivery);
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
+    } else {
+        while let Some(Some(Ok(delivery))) = consumer.next().now_or_never() {
+            settler.open(delivery.delivery_tag);
+            return_to_queue(&settler, delivery);
+        }
+    }
     drop(consumer);
     let _ = stopping_tx.send(true);
     let drained = tokio::time::timeout(shutdown_deadline, async {
@@ -469,13 +515,22 @@ where
     }
     // Every delivery task is gone: the settler sends what is left and ends.
     drop(settler);
-    if settling.await.is_err() {
-        tracing::error!(
+    let abort = settling.abort_handle();
+    match tokio::time::timeout(shutdown_deadline, settling).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => tracing::error!(
             "the settler task failed; unsettled deliveries return when the channel closes"
-        );
+        ),
+        Err(_) => {
+            abort.abort();
+            tracing::warn!(
+                "the broker did not take the last acks in time; those deliveries return when the channel closes"
+            );
+        }
     }
-    if let Some(channel) = channel
-        && let Err(err) = channel.close(200, "OK".into()).await
+    if let Some(channel) = channel.filter(|_| close_channel)
+        && let Ok(Err(err)) =
+            tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await
     {
         tracing::warn!(error = %err, "closing the channel failed");
     }
@@ -559,6 +614,7 @@ where
         shutdown_deadline,
         dead_letter_exchange,
         channel: _,
+        close_channel: _,
     } = options;
     let shutdown: BoxFuture<'static, ()> = match shutdown {
         Some(signal) => signal,
@@ -614,10 +670,12 @@ where
             shutdown_deadline,
             dead_letter_exchange: dead_letter_exchange.clone(),
             channel: Some(channel),
+            close_channel: true,
         };
         let (report, result) = run(consumer, service.clone(), options).await;
         total += report;
-        let _ = connection.close(200, "OK".into()).await;
+        // A dead connection may never answer the close: bounded.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "OK".into())).await;
         match result {
             Ok(()) if *stop.borrow() => break Ok(()),
             Ok(()) => tracing::warn!("the broker cancelled the consumer; reconnecting"),

@@ -9,6 +9,11 @@
 //! requeue) are sent one by one after [`MAX_HOLD`], so one slow message
 //! never holds the others' acks for long. Nacks and rejects are always
 //! sent at once and alone.
+//!
+//! A multiple ack is only safe when every delivery on the channel passes
+//! through this runner. The settler checks that the tags it sees start at
+//! 1 and have no gaps; if they do not (another consumer on the same
+//! channel, or a channel used before), it sends single acks only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -24,6 +29,26 @@ use crate::runner::Tally;
 
 /// How long a finished ack may wait for a slower delivery before it is sent alone.
 pub(crate) const MAX_HOLD: Duration = Duration::from_millis(2);
+
+/// How long one ack/nack/reject may take. lapin can leave the call pending
+/// when the connection dies at that moment; such a delivery counts as
+/// unsettled (the broker redelivers it) and the settler moves on.
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends one frame through `send`, bounded by [`SEND_TIMEOUT`].
+async fn bounded(
+    tally: &Tally,
+    send: impl std::future::Future<Output = lapin::Result<bool>>,
+) -> lapin::Result<bool> {
+    tally.frame();
+    match tokio::time::timeout(SEND_TIMEOUT, send).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(timeout = ?SEND_TIMEOUT, "the broker connection did not take an ack/nack/reject in time");
+            Ok(false)
+        }
+    }
+}
 
 pub(crate) enum Event {
     /// The runner took this delivery: it is open until settled.
@@ -88,10 +113,24 @@ struct Ready {
     since: Instant,
 }
 
-#[derive(Default)]
 struct State {
     open: BTreeSet<u64>,
     ready: BTreeMap<u64, Ready>,
+    /// The last tag opened; tags must follow 1, 2, 3... for multiple acks.
+    last_opened: u64,
+    /// False once a tag broke the sequence: single acks from then on.
+    contiguous: bool,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            open: BTreeSet::new(),
+            ready: BTreeMap::new(),
+            last_opened: 0,
+            contiguous: true,
+        }
+    }
 }
 
 async fn run(mut queue: mpsc::UnboundedReceiver<Event>, tally: Arc<Tally>) {
@@ -126,6 +165,14 @@ async fn run(mut queue: mpsc::UnboundedReceiver<Event>, tally: Arc<Tally>) {
 async fn apply(state: &mut State, event: Event, tally: &Tally) {
     match event {
         Event::Open(tag) => {
+            if state.contiguous && tag != state.last_opened + 1 {
+                state.contiguous = false;
+                tracing::warn!(
+                    delivery_tag = tag,
+                    "delivery tags are not 1, 2, 3...: the channel is shared with another consumer or was used before; acking one by one"
+                );
+            }
+            state.last_opened = tag;
             state.open.insert(tag);
         }
         Event::Settle {
@@ -153,13 +200,12 @@ async fn apply(state: &mut State, event: Event, tally: &Tally) {
                         requeue: true,
                         ..BasicNackOptions::default()
                     };
-                    let result = acker.nack(options).await;
-                    tally.frame();
+                    let result = bounded(tally, acker.nack(options)).await;
                     tally.record(tag, "nack", tally_as, kind, result);
                 }
                 Disposition::DeadLetter => {
-                    let result = acker.reject(BasicRejectOptions { requeue: false }).await;
-                    tally.frame();
+                    let result =
+                        bounded(tally, acker.reject(BasicRejectOptions { requeue: false })).await;
                     tally.record(tag, "reject", tally_as, kind, result);
                 }
             }
@@ -171,7 +217,11 @@ async fn apply(state: &mut State, event: Event, tally: &Tally) {
 /// for the finished deliveries held too long behind an open one (or all of
 /// them when closing).
 async fn flush(state: &mut State, tally: &Tally, closing: bool) {
-    let lowest_open = state.open.first().copied().unwrap_or(u64::MAX);
+    let lowest_open = if state.contiguous {
+        state.open.first().copied().unwrap_or(u64::MAX)
+    } else {
+        0
+    };
     let prefix: Vec<(u64, Ready)> = {
         let rest = state.ready.split_off(&lowest_open);
         std::mem::replace(&mut state.ready, rest)
@@ -180,8 +230,7 @@ async fn flush(state: &mut State, tally: &Tally, closing: bool) {
     };
     if let Some((last_tag, last)) = prefix.last() {
         let multiple = prefix.len() > 1;
-        let result = last.acker.ack(BasicAckOptions { multiple }).await;
-        tally.frame();
+        let result = bounded(tally, last.acker.ack(BasicAckOptions { multiple })).await;
         let ok = matches!(result, Ok(true));
         for (tag, ready) in &prefix[..prefix.len() - 1] {
             let covered = if ok { Ok(true) } else { Ok(false) };
@@ -193,13 +242,12 @@ async fn flush(state: &mut State, tally: &Tally, closing: bool) {
     let overdue: Vec<u64> = state
         .ready
         .iter()
-        .filter(|(_, r)| closing || r.since + MAX_HOLD <= now)
+        .filter(|(_, r)| closing || !state.contiguous || r.since + MAX_HOLD <= now)
         .map(|(tag, _)| *tag)
         .collect();
     for tag in overdue {
         if let Some(ready) = state.ready.remove(&tag) {
-            let result = ready.acker.ack(BasicAckOptions::default()).await;
-            tally.frame();
+            let result = bounded(tally, ready.acker.ack(BasicAckOptions::default())).await;
             tally.record(tag, "ack", ready.tally_as, ready.kind, result);
         }
     }

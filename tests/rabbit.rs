@@ -788,3 +788,63 @@ async fn acks_are_coalesced_without_acking_a_slow_or_failing_delivery_early() {
         "nothing left unacked or dead-lettered"
     );
 }
+
+#[tokio::test]
+async fn a_reused_channel_falls_back_to_single_acks() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "reuse").await;
+    for n in 0..20 {
+        publish(&setup, &queue.name, b"x", Some(&format!("r{n}"))).await;
+    }
+    let journal = Journal::default();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(|_d: Delivery| async {
+        Ok::<_, HandlerError>(())
+    }));
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut reports = Vec::new();
+    for (round, target) in [(0, 5), (1, 20)] {
+        // The same channel, a new consumer: tags go on from where they were.
+        let consumer = channel
+            .basic_consume(
+                queue.name.as_str().into(),
+                format!("c{round}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let stop = journal.until(move |j| j.count("processed") >= target);
+        let options = ServeOptions::new()
+            .concurrency(1)
+            .shutdown_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+            })
+            .channel(channel.clone());
+        reports.push(
+            serve(consumer, journal.clone().record(service.clone()), options)
+                .await
+                .unwrap(),
+        );
+    }
+    let second = reports[1];
+    assert_eq!(second.unsettled, 0, "{second:?}");
+    assert_eq!(
+        second.frames,
+        second.acked + second.requeued,
+        "one frame per delivery: {second:?}"
+    );
+    assert_eq!(journal.count("processed"), 20);
+    let _ = channel.close(200, "OK".into()).await;
+    assert_eq!(finish(&connection, &queue).await, (0, 0));
+}
