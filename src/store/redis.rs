@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, RedisError, Script, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -41,6 +43,9 @@ return answers
 
 /// Most requests sent in one pipeline.
 const MAX_BATCH: usize = 512;
+
+/// Most pipelines awaiting their replies at once.
+const MAX_IN_FLIGHT: usize = 4;
 
 /// A [`Store`] on Redis 7 or newer (it uses `SET ... NX PX GET`).
 ///
@@ -185,119 +190,144 @@ impl RedisStore {
     }
 }
 
-/// Sends every waiting request as one pipeline, one pipeline at a time:
-/// commands as they are, transitions merged into one script call.
+/// Sends every waiting request as one pipeline: commands as they are,
+/// transitions merged into one script call. Up to [`MAX_IN_FLIGHT`]
+/// pipelines travel at once on the multiplexed connection, so a request
+/// never waits for an unrelated pipeline's replies before it is sent.
 async fn write_batches(
-    mut connection: ConnectionManager,
+    connection: ConnectionManager,
     mut queue: mpsc::UnboundedReceiver<Request>,
     stats: Arc<Stats>,
 ) {
-    let script = Script::new(TRANSITIONS);
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut command_replies = Vec::with_capacity(batch.len());
-        let mut transition_replies = Vec::new();
-        let mut transitions = redis::cmd("EVALSHA");
-        for request in batch.drain(..) {
-            match request.op {
-                Op::Command(cmd) => {
-                    pipe.add_command(cmd);
-                    command_replies.push(request.reply);
+    let script = Arc::new(Script::new(TRANSITIONS));
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            first = queue.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let Some(first) = first else { break };
+                let mut batch = Vec::with_capacity(16);
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(request) => batch.push(request),
+                        Err(_) => break,
+                    }
                 }
-                Op::Transition {
-                    key,
-                    from,
-                    to,
-                    ttl_ms,
-                } => {
-                    // Keys first, then the arguments: collected apart below.
-                    transition_replies.push((key, from, to, ttl_ms, request.reply));
-                }
+                in_flight.push(send_batch(
+                    connection.clone(),
+                    batch,
+                    Arc::clone(&script),
+                    Arc::clone(&stats),
+                ));
+            }
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+        }
+    }
+    while in_flight.next().await.is_some() {}
+}
+
+/// Sends one batch as one pipeline and answers each request.
+async fn send_batch(
+    mut connection: ConnectionManager,
+    batch: Vec<Request>,
+    script: Arc<Script>,
+    stats: Arc<Stats>,
+) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    let mut command_replies = Vec::with_capacity(batch.len());
+    let mut transition_replies = Vec::new();
+    let mut transitions = redis::cmd("EVALSHA");
+    for request in batch {
+        match request.op {
+            Op::Command(cmd) => {
+                pipe.add_command(cmd);
+                command_replies.push(request.reply);
+            }
+            Op::Transition {
+                key,
+                from,
+                to,
+                ttl_ms,
+            } => {
+                // Keys first, then the arguments: collected apart below.
+                transition_replies.push((key, from, to, ttl_ms, request.reply));
             }
         }
-        if !transition_replies.is_empty() {
-            transitions
-                .arg(script.get_hash())
-                .arg(transition_replies.len());
-            for (key, ..) in &transition_replies {
-                transitions.arg(key);
-            }
-            for (_, from, to, ttl_ms, _) in &transition_replies {
-                transitions.arg(from).arg(to).arg(*ttl_ms);
-            }
-            pipe.add_command(transitions.clone());
+    }
+    if !transition_replies.is_empty() {
+        transitions
+            .arg(script.get_hash())
+            .arg(transition_replies.len());
+        for (key, ..) in &transition_replies {
+            transitions.arg(key);
         }
-        stats.round_trips.fetch_add(1, Ordering::Relaxed);
-        stats
-            .commands
-            .fetch_add(pipe.len() as u64, Ordering::Relaxed);
-        let replies: Result<Vec<redis::RedisResult<Value>>, RedisError> =
-            pipe.query_async(&mut connection).await;
-        let mut replies = match replies {
-            Ok(replies) if replies.len() == pipe.len() => replies,
-            Ok(replies) => {
-                let failure = Failure {
-                    unavailable: true,
-                    message: format!(
-                        "Redis answered {} replies to a pipeline of {} commands",
-                        replies.len(),
-                        pipe.len()
-                    ),
-                };
-                answer_all(command_replies, transition_replies, &failure);
-                continue;
-            }
-            Err(err) => {
-                answer_all(command_replies, transition_replies, &failure(err));
-                continue;
-            }
-        };
-        let script_reply = (!transition_replies.is_empty()).then(|| replies.pop());
-        for (reply, answer) in command_replies.into_iter().zip(replies) {
-            let _ = reply.send(answer.map_err(failure));
+        for (_, from, to, ttl_ms, _) in &transition_replies {
+            transitions.arg(from).arg(to).arg(*ttl_ms);
         }
-        let Some(script_reply) = script_reply.flatten() else {
-            continue;
-        };
-        let script_reply = match script_reply {
-            Err(err) if err.code() == Some("NOSCRIPT") => {
-                // Redis restarted or flushed its scripts: load it and send
-                // the transitions again (safe: none of them ran).
-                stats.round_trips.fetch_add(1, Ordering::Relaxed);
-                let mut retry = redis::pipe();
-                retry.cmd("SCRIPT").arg("LOAD").arg(TRANSITIONS).ignore();
-                retry.add_command(transitions);
-                retry
-                    .query_async::<(Value,)>(&mut connection)
-                    .await
-                    .map(|(value,)| value)
-            }
-            other => other,
-        };
-        match script_reply.map_err(failure) {
-            Ok(Value::Array(answers)) if answers.len() == transition_replies.len() => {
-                for ((.., reply), answer) in transition_replies.into_iter().zip(answers) {
-                    let _ = reply.send(Ok(answer));
-                }
-            }
-            Ok(other) => {
-                let failure = Failure {
-                    unavailable: false,
-                    message: format!("unexpected reply to the transition script: {other:?}"),
-                };
-                answer_all(Vec::new(), transition_replies, &failure);
-            }
-            Err(failure) => answer_all(Vec::new(), transition_replies, &failure),
+        pipe.add_command(transitions.clone());
+    }
+    stats.round_trips.fetch_add(1, Ordering::Relaxed);
+    stats
+        .commands
+        .fetch_add(pipe.len() as u64, Ordering::Relaxed);
+    let replies: Result<Vec<redis::RedisResult<Value>>, RedisError> =
+        pipe.query_async(&mut connection).await;
+    let mut replies = match replies {
+        Ok(replies) if replies.len() == pipe.len() => replies,
+        Ok(replies) => {
+            let failure = Failure {
+                unavailable: true,
+                message: format!(
+                    "Redis answered {} replies to a pipeline of {} commands",
+                    replies.len(),
+                    pipe.len()
+                ),
+            };
+            answer_all(command_replies, transition_replies, &failure);
+            return;
         }
+        Err(err) => {
+            answer_all(command_replies, transition_replies, &failure(err));
+            return;
+        }
+    };
+    let script_reply = (!transition_replies.is_empty()).then(|| replies.pop());
+    for (reply, answer) in command_replies.into_iter().zip(replies) {
+        let _ = reply.send(answer.map_err(failure));
+    }
+    let Some(script_reply) = script_reply.flatten() else {
+        return;
+    };
+    let script_reply = match script_reply {
+        Err(err) if err.code() == Some("NOSCRIPT") => {
+            // Redis restarted or flushed its scripts: load it and send
+            // the transitions again (safe: none of them ran).
+            stats.round_trips.fetch_add(1, Ordering::Relaxed);
+            let mut retry = redis::pipe();
+            retry.cmd("SCRIPT").arg("LOAD").arg(TRANSITIONS).ignore();
+            retry.add_command(transitions);
+            retry
+                .query_async::<(Value,)>(&mut connection)
+                .await
+                .map(|(value,)| value)
+        }
+        other => other,
+    };
+    match script_reply.map_err(failure) {
+        Ok(Value::Array(answers)) if answers.len() == transition_replies.len() => {
+            for ((.., reply), answer) in transition_replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Ok(other) => {
+            let failure = Failure {
+                unavailable: false,
+                message: format!("unexpected reply to the transition script: {other:?}"),
+            };
+            answer_all(Vec::new(), transition_replies, &failure);
+        }
+        Err(failure) => answer_all(Vec::new(), transition_replies, &failure),
     }
 }
 
