@@ -47,6 +47,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use amqp_idempotency::redact_url;
 use amqp_idempotency::{
     Config, Disposition, HandlerError, IdempotencyLayer, Outcome, OutcomeKind, ServeOptions, serve,
     store::RedisStore,
@@ -363,7 +364,7 @@ fn human(duration: Duration) -> String {
 }
 
 async fn connect_amqp(url: &str) -> Result<Connection, String> {
-    let shown = redact(url);
+    let shown = redact_url(url);
     let connect = Connection::connect(url, ConnectionProperties::default());
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(connection)) => Ok(connection),
@@ -374,20 +375,6 @@ async fn connect_amqp(url: &str) -> Result<Connection, String> {
         Err(_) => Err(format!(
             "RabbitMQ at {shown} did not answer within 10s; check AMQP_URL and that the broker is up"
         )),
-    }
-}
-
-/// Hides the password of `scheme://user:password@host/...`.
-fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((credentials, host)) => {
-                let user = credentials.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:***@{host}")
-            }
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
     }
 }
 

@@ -90,6 +90,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use amqp_idempotency::redact_url;
 use amqp_idempotency::store::{RedisStore, Store};
 use amqp_idempotency::{
     BoxError, Config, Disposition, IdempotencyLayer, Outcome, OutcomeKind, ServeOptions,
@@ -1673,25 +1674,11 @@ fn push_json_str(out: &mut String, s: &str) {
 
 // ---------------------------------------------------------------- main
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 async fn connect_amqp(url: &str) -> Result<Connection, String> {
     let hint = || {
         format!(
             "cannot reach RabbitMQ at {}: start it with `rabbitmq-server -detached` or set AMQP_URL",
-            redact(url)
+            redact_url(url)
         )
     };
     match tokio::time::timeout(
@@ -1711,7 +1698,7 @@ const REDIS_HINT: &str = "start it with `redis-server --daemonize yes --bind 127
 async fn connect_redis(
     url: &str,
 ) -> Result<(MultiplexedConnection, RedisStore, deadpool_redis::Pool), String> {
-    let shown = redact(url);
+    let shown = redact_url(url);
     let fail = |err: String| format!("cannot reach Redis at {shown}: {REDIS_HINT} ({err})");
     let client = redis::Client::open(url)
         .map_err(|err| format!("REDIS_URL `{shown}` is not a valid Redis URL: {err}"))?;

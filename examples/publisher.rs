@@ -29,6 +29,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use amqp_idempotency::redact_url;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -133,7 +134,7 @@ async fn publish(args: Args) -> Result<(), String> {
         .ok()
         .filter(|url| !url.trim().is_empty())
         .unwrap_or_else(|| amqp_idempotency::Config::default().amqp().to_owned());
-    let shown = redact(&url);
+    let shown = redact_url(&url);
     let connection = match tokio::time::timeout(
         Duration::from_secs(10),
         Connection::connect(&url, ConnectionProperties::default()),
@@ -242,18 +243,4 @@ async fn publish(args: Args) -> Result<(), String> {
     let _ = channel.close(200, "OK".into()).await;
     let _ = connection.close(200, "OK".into()).await;
     Ok(())
-}
-
-/// Hides the password of `scheme://user:password@host/...`.
-fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((credentials, host)) => {
-                let user = credentials.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:***@{host}")
-            }
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }

@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use amqp_idempotency::redact_url;
 use amqp_idempotency::{
     Config, Disposition, HandlerError, IdempotencyLayer, Outcome, ServeOptions, serve,
     store::RedisStore,
@@ -615,7 +616,7 @@ async fn delete_keys(url: &str, keys: &[String]) -> Result<u64, String> {
     let unreachable = |err: redis::RedisError| {
         format!(
             "cannot reach Redis at {}: {err}; start it or set REDIS_URL",
-            redact(url)
+            redact_url(url)
         )
     };
     let client = redis::Client::open(url).map_err(unreachable)?;
@@ -624,7 +625,7 @@ async fn delete_keys(url: &str, keys: &[String]) -> Result<u64, String> {
         client.get_multiplexed_async_connection(),
     )
     .await
-    .map_err(|_| format!("Redis at {} did not answer within 5s", redact(url)))?
+    .map_err(|_| format!("Redis at {} did not answer within 5s", redact_url(url)))?
     .map_err(unreachable)?;
     let mut deleted = 0;
     for chunk in keys.chunks(500) {
@@ -650,7 +651,7 @@ fn is_precondition_failed(err: &lapin::Error) -> bool {
 /// broker's health check can pass a moment before it accepts logins.
 async fn connect_amqp(url: &str) -> Result<Connection, String> {
     const TRIES: u32 = 5;
-    let shown = redact(url);
+    let shown = redact_url(url);
     for attempt in 1..=TRIES {
         let connect = Connection::connect(url, ConnectionProperties::default());
         match tokio::time::timeout(Duration::from_secs(10), connect).await {
@@ -673,20 +674,6 @@ async fn connect_amqp(url: &str) -> Result<Connection, String> {
         }
     }
     Err(format!("cannot connect to RabbitMQ at {shown}"))
-}
-
-/// Hides the password of `scheme://user:password@host/...`.
-fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((credentials, host)) => {
-                let user = credentials.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:***@{host}")
-            }
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }
 
 fn init_logs() {

@@ -10,6 +10,30 @@
 
 use std::fmt;
 
+/// `url` with its password replaced by `***`, for error messages and logs:
+/// `redis://user:secret@host/0` becomes `redis://user:***@host/0`.
+///
+/// ```
+/// use amqp_idempotency::redact_url;
+/// assert_eq!(redact_url("amqp://guest:guest@rabbit:5672/%2f"), "amqp://guest:***@rabbit:5672/%2f");
+/// assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some((credentials, after)) = rest[..authority_end].rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _password)) => {
+            format!("{scheme}://{user}:***@{after}{}", &rest[authority_end..])
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// A type-erased error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

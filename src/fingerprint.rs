@@ -138,6 +138,20 @@ impl<B: Fingerprint, C: Fingerprint> Fingerprint for Composite<B, C> {
     }
 }
 
+/// The Redis key of a fingerprint: `{prefix}:{scope}:{fingerprint}`, with
+/// the fingerprint normalised as the layer does (over 200 bytes, or with
+/// control characters, it is replaced by `hashed-<128-bit hash>`). Tools
+/// that look records up, like the operator CLI, use this to find the same key.
+///
+/// ```
+/// use amqp_idempotency::fingerprint::record_key;
+/// assert_eq!(record_key("idem", "orders", "order-42"), "idem:orders:order-42");
+/// assert!(record_key("idem", "orders", "a\nb").starts_with("idem:orders:hashed-"));
+/// ```
+pub fn record_key(prefix: &str, scope: &str, fingerprint: &str) -> String {
+    format!("{prefix}:{scope}:{}", normalize(fingerprint.to_owned()))
+}
+
 /// Makes a fingerprint safe and bounded for use inside a Redis key:
 /// control characters and over-long values are replaced by their hash.
 pub(crate) fn normalize(fingerprint: String) -> String {

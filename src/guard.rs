@@ -154,9 +154,10 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
 
     /// The Redis key of `fingerprint`: `{prefix}:{scope}:{fingerprint}`.
     pub fn key(&self, fingerprint: &str) -> String {
-        format!(
-            "{}:{}:{}",
-            self.shared.config.key_prefix, self.shared.scope, fingerprint
+        fingerprint::record_key(
+            &self.shared.config.key_prefix,
+            &self.shared.scope,
+            fingerprint,
         )
     }
 

@@ -19,7 +19,7 @@ mod settle;
 pub mod store;
 
 pub use config::{Config, NoFingerprintPolicy, StoreFailurePolicy, parse_duration};
-pub use error::{BoxError, ConfigError, FailureKind, HandlerError, StoreError};
+pub use error::{BoxError, ConfigError, FailureKind, HandlerError, StoreError, redact_url};
 pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};

@@ -348,11 +348,7 @@ where
         }
         (None, _) => None,
     };
-    let mut shutdown: BoxFuture<'static, ()> = match shutdown {
-        Some(signal) => signal,
-        None if signals => Box::pin(termination_signal()),
-        None => Box::pin(std::future::pending()),
-    };
+    let mut shutdown = stop_signal(shutdown, signals);
     let slots = Arc::new(Semaphore::new(concurrency));
     let tally = Arc::new(Tally::default());
     let (settler, settling) = Settler::start(Arc::clone(&tally));
@@ -616,11 +612,7 @@ where
         channel: _,
         close_channel: _,
     } = options;
-    let shutdown: BoxFuture<'static, ()> = match shutdown {
-        Some(signal) => signal,
-        None if signals => Box::pin(termination_signal()),
-        None => Box::pin(std::future::pending()),
-    };
+    let shutdown = stop_signal(shutdown, signals);
     // One stop signal shared by every session.
     let (stop_tx, stop) = watch::channel(false);
     let watcher = tokio::spawn(async move {
@@ -768,6 +760,16 @@ fn log_join(joined: Result<(), tokio::task::JoinError>) {
         && !err.is_cancelled()
     {
         tracing::error!(error = %err, "delivery task failed");
+    }
+}
+
+/// The future that asks the runner to stop: the one given, else SIGINT or
+/// SIGTERM when signals are on, else never.
+fn stop_signal(given: Option<BoxFuture<'static, ()>>, signals: bool) -> BoxFuture<'static, ()> {
+    match given {
+        Some(signal) => signal,
+        None if signals => Box::pin(termination_signal()),
+        None => Box::pin(std::future::pending()),
     }
 }
 

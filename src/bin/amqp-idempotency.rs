@@ -22,9 +22,10 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use amqp_idempotency::fingerprint::record_key;
+use amqp_idempotency::redact_url;
 use amqp_idempotency::store::Record;
 use redis::{Connection, RedisError};
-use sha2::{Digest, Sha256};
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 const DEFAULT_PREFIX: &str = "idem";
@@ -38,9 +39,6 @@ const SCAN_COUNT: usize = 1000;
 const MAX_VALUE_BYTES: usize = 4096;
 /// At most this much of an unrecognized value is printed.
 const SHOWN_VALUE_BYTES: usize = 200;
-/// Mirrors the library's fingerprint normalisation: longer fingerprints,
-/// or ones with control characters, are stored as `hashed-<hash128>`.
-const MAX_VERBATIM_LEN: usize = 200;
 
 const HELP: &str = "\
 amqp-idempotency: inspect and repair the Redis records of amqp-idempotency consumers
@@ -443,44 +441,12 @@ fn resolve_key(
              `{prefix}:<scope>:{target}`"
         )));
     };
-    Ok(format!("{prefix}:{scope}:{}", normalize(target)))
-}
-
-/// The library's normalisation of fingerprints (`fingerprint::normalize`).
-fn normalize(fingerprint: &str) -> String {
-    if !fingerprint.contains(char::is_control) && fingerprint.len() <= MAX_VERBATIM_LEN {
-        return fingerprint.to_owned();
-    }
-    let digest = Sha256::digest(fingerprint.as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("hashed-{hex}")
-}
-
-/// Hides the password of a URL: `redis://user:***@host`.
-fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest_start = scheme_end + 3;
-    let rest = &url[rest_start..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..rest_start],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
+    Ok(record_key(prefix, scope, target))
 }
 
 /// Connects with timeouts, turning failures into messages that say what to do.
 fn connect(settings: &Settings) -> Result<Connection, Failure> {
-    let shown = redact(&settings.redis_url);
+    let shown = redact_url(&settings.redis_url);
     let client = redis::Client::open(settings.redis_url.as_str()).map_err(|err| {
         Failure::Usage(format!(
             "`{shown}` (from {}) is not a valid Redis URL: {err}; expected \
@@ -695,12 +661,12 @@ fn no_such_key(key: &str, settings: &Settings) -> Failure {
     Failure::NotFound(format!(
         "no such key: `{key}` does not exist on {} (never claimed, already expired or \
          forgotten; check --prefix and --scope, or run `amqp-idempotency stats`)",
-        redact(&settings.redis_url)
+        redact_url(&settings.redis_url)
     ))
 }
 
 fn inspect(settings: &Settings, key: &str) -> Result<(), Failure> {
-    let shown = redact(&settings.redis_url);
+    let shown = redact_url(&settings.redis_url);
     let mut connection = connect(settings)?;
     let found = lookup(&mut connection, &shown, &[key.as_bytes().to_vec()], false)?;
     let Some(found) = found.into_iter().next() else {
@@ -716,7 +682,7 @@ fn inspect(settings: &Settings, key: &str) -> Result<(), Failure> {
 }
 
 fn forget(settings: &Settings, key: &str, yes: bool) -> Result<(), Failure> {
-    let shown = redact(&settings.redis_url);
+    let shown = redact_url(&settings.redis_url);
     let mut connection = connect(settings)?;
     let found = lookup(&mut connection, &shown, &[key.as_bytes().to_vec()], yes)?;
     let Some(found) = found.into_iter().next() else {
@@ -775,7 +741,7 @@ fn glob_escape(text: &str) -> String {
 }
 
 fn stats(settings: &Settings) -> Result<(), Failure> {
-    let shown = redact(&settings.redis_url);
+    let shown = redact_url(&settings.redis_url);
     let shown_pattern = match &settings.scope {
         Some(scope) => format!("{}:{}:*", settings.prefix, scope),
         None => format!("{}:*", settings.prefix),

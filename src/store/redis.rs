@@ -12,7 +12,7 @@ use redis::{Cmd, RedisError, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Store;
-use crate::error::StoreError;
+use crate::error::{StoreError, redact_url};
 
 /// Compare-and-set on each key: if KEYS[i] holds ARGV[3i-2], set it to
 /// ARGV[3i-1] with a PX of ARGV[3i] (or delete it when ARGV[3i-1] is
@@ -120,7 +120,7 @@ impl RedisStore {
     /// names the URL. Once connected, a dropped connection is re-established
     /// in the background and requests in between fail as unavailable.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let shown = redact(url);
+        let shown = redact_url(url);
         let client = redis::Client::open(url).map_err(|err| {
             StoreError::new(
                 "connect",
@@ -349,20 +349,6 @@ fn answer_all(
     }
 }
 
-/// The URL with its password replaced by `***`, for messages.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
-            None => format!("{scheme}://***@{host}"),
-        },
-        None => url.to_owned(),
-    }
-}
-
 fn is_unavailable(err: &RedisError) -> bool {
     err.is_timeout()
         || err.is_connection_dropped()
@@ -453,20 +439,5 @@ impl Store for RedisStore {
             .send("ping", "", Op::Command(redis::cmd("PING")))
             .await?;
         parse::<String>("ping", "", reply).map(drop)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_are_hidden_in_messages() {
-        assert_eq!(
-            redact("redis://:s3cret@db:6379/0"),
-            "redis://:***@db:6379/0"
-        );
-        assert_eq!(redact("redis://app:s3cret@db"), "redis://app:***@db");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }
