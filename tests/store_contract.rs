@@ -299,3 +299,41 @@ async fn redis_store_batched_transitions_answer_each_key_on_its_own() {
         assert_eq!(done, n % 2 == 0, "key {n}: {value}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn memory_store_forgets_expired_records_as_it_grows() {
+    let store = MemoryStore::new();
+    for n in 0..5000 {
+        let key = format!("k{n}");
+        assert_eq!(
+            store
+                .insert_or_get(&key, "v", Duration::from_secs(1))
+                .await
+                .unwrap(),
+            None
+        );
+        if n % 1000 == 999 {
+            tokio::time::advance(Duration::from_secs(2)).await;
+        }
+    }
+    assert_eq!(store.len(), 0, "every record expired");
+    // A live record survives the sweeps and still answers.
+    assert_eq!(
+        store.insert_or_get("live", "v", RETENTION).await.unwrap(),
+        None
+    );
+    for n in 0..3000 {
+        store
+            .insert_or_get(&format!("j{n}"), "v", Duration::from_millis(1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store
+            .insert_or_get("live", "w", RETENTION)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("v")
+    );
+}

@@ -26,7 +26,15 @@ use crate::error::StoreError;
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
-    entries: Arc<Mutex<HashMap<String, Entry>>>,
+    entries: Arc<Mutex<Entries>>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    map: HashMap<String, Entry>,
+    /// Expired entries are swept when the map grows past this size, which
+    /// then doubles: sweeping costs O(1) per insert on average.
+    sweep_at: usize,
 }
 
 #[derive(Debug)]
@@ -45,6 +53,7 @@ impl MemoryStore {
     pub fn len(&self) -> usize {
         let now = Instant::now();
         self.lock()
+            .map
             .values()
             .filter(|entry| entry.expires_at > now)
             .count()
@@ -55,7 +64,7 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         // A panic while holding the lock cannot leave a half-written entry
         // (every update is a single insert or remove), so poisoning is ignored.
         self.entries
@@ -82,15 +91,17 @@ impl Store for MemoryStore {
         value: &str,
         ttl: Duration,
     ) -> Result<Option<String>, StoreError> {
-        let mut entries = self.lock();
-        if let Some(entry) = Self::live(&mut entries, key) {
+        let mut guard = self.lock();
+        let Entries { map, sweep_at } = &mut *guard;
+        if let Some(entry) = Self::live(map, key) {
             return Ok(Some(entry.value.clone()));
         }
-        if entries.len() > 1024 {
+        if map.len() >= (*sweep_at).max(1024) {
             let now = Instant::now();
-            entries.retain(|_, entry| entry.expires_at > now);
+            map.retain(|_, entry| entry.expires_at > now);
+            *sweep_at = map.len().saturating_mul(2);
         }
-        entries.insert(
+        map.insert(
             key.to_owned(),
             Entry {
                 value: value.to_owned(),
@@ -107,8 +118,9 @@ impl Store for MemoryStore {
         to: Option<&str>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut entries = self.lock();
-        let Some(entry) = Self::live(&mut entries, key) else {
+        let mut guard = self.lock();
+        let entries = &mut guard.map;
+        let Some(entry) = Self::live(entries, key) else {
             return Ok(false);
         };
         if entry.value == from {
@@ -127,9 +139,9 @@ impl Store for MemoryStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
-        let mut entries = self.lock();
+        let mut guard = self.lock();
         let now = Instant::now();
-        Ok(Self::live(&mut entries, key)
+        Ok(Self::live(&mut guard.map, key)
             .map(|entry| (entry.value.clone(), Some(entry.expires_at - now))))
     }
 
