@@ -26,10 +26,13 @@
 //! ```
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use tower::{Layer, Service, ServiceExt};
@@ -246,18 +249,26 @@ where
             tracing::warn!(error = %err, "store unreachable; processing unprotected (fail-open)");
             return run_unprotected(config, inner, delivery).await;
         }
-        Err(err) => {
-            tracing::error!(error = %err, "store error: handler not run, message requeued");
+        Err(err) if err.is_unavailable() => {
+            tracing::error!(error = %err, "store unreachable: handler not run, message requeued");
             return Outcome::requeue(OutcomeKind::StoreUnavailable, 0, config.retry_backoff)
                 .because(err.to_string());
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "store refused the claim: handler not run, message dead-lettered");
+            return Outcome::new(OutcomeKind::StoreRefused, 0).because(err.to_string());
         }
     };
     let attempt = guard.attempt();
     let (result, lease_lost) = run_claimed(config, &guard, inner, delivery).await;
     match result {
         Ok(()) => match complete_until_answered(guard).await {
-            true if !lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
-            _ => {
+            Ok(true) if !lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
+            Err(err) => {
+                tracing::error!(error = %err, "handler succeeded but the store refused the done mark: acking (the effect happened); a later duplicate may run again");
+                Outcome::new(OutcomeKind::Unrecorded, attempt).because(err.to_string())
+            }
+            Ok(_) => {
                 tracing::warn!(
                     "lease lost while the handler ran: the effect happened, acking; make the effect fenced by the claim token if another consumer may have run it too"
                 );
@@ -301,24 +312,30 @@ where
 
 /// Writes the done mark, retrying while the store does not answer: the
 /// effect happened, so the message is held (not acked, not requeued) until
-/// the store says whether the claim was still ours. Returns that answer.
-async fn complete_until_answered<St: Store>(mut guard: ClaimGuard<St>) -> bool {
+/// the store says whether the claim was still ours. `Ok(ours)` is that
+/// answer; `Err` is a refusal no retry can fix (the key was changed to
+/// another type, say): the caller acks, since the effect happened, and logs it.
+async fn complete_until_answered<St: Store>(
+    mut guard: ClaimGuard<St>,
+) -> Result<bool, crate::error::StoreError> {
     let mut delay = Duration::from_millis(50);
     loop {
         match guard.try_complete().await {
-            Ok(ours) => return ours,
-            Err(err) => {
+            Ok(ours) => return Ok(ours),
+            Err(err) if err.is_unavailable() => {
                 tracing::error!(error = %err, retry_in = ?delay, "handler succeeded but the done mark could not be written yet: holding the message until the store answers");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
+            Err(err) => return Err(err),
         }
     }
 }
 
-/// Runs the handler under the claim: renewed every third of the lease,
-/// bounded by the handler timeout. Returns the handler's result and
-/// whether the lease was lost meanwhile.
+/// Runs the handler under the claim: renewed every third of the lease
+/// (alongside the handler, which keeps running while a renewal waits for
+/// Redis), bounded by the handler timeout. Returns the handler's result
+/// and whether the lease was lost meanwhile.
 async fn run_claimed<S, St>(
     config: &Config,
     guard: &ClaimGuard<St>,
@@ -332,34 +349,72 @@ where
     S::Future: Send,
     St: Store,
 {
-    let handler = tokio::time::timeout(config.handler_timeout, inner.oneshot(delivery));
-    tokio::pin!(handler);
+    let lease_lost = AtomicBool::new(false);
     let period = config.lease_ttl / 3;
-    let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lease_lost = false;
-    loop {
-        tokio::select! {
-            result = &mut handler => {
-                let result = match result {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(err)) => Err(HandlerError::classify(err.into())),
-                    Err(_) => Err(HandlerError::retryable(format!(
-                        "handler timed out after {:?} (IDEMPOTENCY_HANDLER_TIMEOUT)",
-                        config.handler_timeout
-                    ))),
-                };
-                return (result, lease_lost);
-            }
-            _ = renewals.tick(), if !lease_lost => match guard.renew().await {
+    let renewing = async {
+        loop {
+            tokio::time::sleep(period).await;
+            match guard.renew().await {
                 Ok(true) => {}
                 Ok(false) => {
-                    lease_lost = true;
-                    tracing::warn!(key = guard.key(), "lease lost while the handler runs: another consumer may take the message over");
+                    lease_lost.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        key = guard.key(),
+                        "lease lost while the handler runs: another consumer may take the message over"
+                    );
+                    // Nothing left to renew; the handler runs on.
+                    std::future::pending::<()>().await;
                 }
-                Err(err) => tracing::warn!(error = %err, "lease renewal failed; retrying at the next tick"),
-            },
+                Err(err) => {
+                    tracing::warn!(error = %err, "lease renewal failed; retrying at the next tick");
+                }
+            }
         }
+    };
+    let handler = run_handler(config, inner, delivery);
+    tokio::select! {
+        result = handler => (result, lease_lost.load(Ordering::Relaxed)),
+        () = renewing => unreachable_renewal(),
+    }
+}
+
+/// `renewing` never completes; this keeps the select exhaustive without a panic path.
+fn unreachable_renewal() -> (Result<(), HandlerError>, bool) {
+    (
+        Err(HandlerError::retryable(
+            "lease renewal stopped unexpectedly",
+        )),
+        true,
+    )
+}
+
+/// Runs the handler once: bounded by the handler timeout, a panic caught
+/// and counted as a retryable failure (so it backs off and is dead-lettered
+/// after the last attempt instead of looping).
+async fn run_handler<S>(config: &Config, inner: S, delivery: Delivery) -> Result<(), HandlerError>
+where
+    S: Service<Delivery>,
+    S::Error: Into<BoxError>,
+{
+    let call = AssertUnwindSafe(inner.oneshot(delivery)).catch_unwind();
+    match tokio::time::timeout(config.handler_timeout, call).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(err))) => Err(HandlerError::classify(err.into())),
+        Ok(Err(panic)) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string panic payload".to_owned());
+            tracing::error!(panic = %message, "handler panicked");
+            Err(HandlerError::retryable(format!(
+                "handler panicked: {message}"
+            )))
+        }
+        Err(_) => Err(HandlerError::retryable(format!(
+            "handler timed out after {:?} (IDEMPOTENCY_HANDLER_TIMEOUT)",
+            config.handler_timeout
+        ))),
     }
 }
 
@@ -369,14 +424,9 @@ where
     S::Error: Into<BoxError>,
 {
     let attempt = crate::guard::broker_attempt(&delivery);
-    match tokio::time::timeout(config.handler_timeout, inner.oneshot(delivery)).await {
-        Ok(Ok(_)) => Outcome::new(OutcomeKind::Unprotected, attempt),
-        Ok(Err(err)) => failed(config, attempt, HandlerError::classify(err.into())),
-        Err(_) => failed(
-            config,
-            attempt,
-            HandlerError::retryable("handler timed out (IDEMPOTENCY_HANDLER_TIMEOUT)"),
-        ),
+    match run_handler(config, inner, delivery).await {
+        Ok(()) => Outcome::new(OutcomeKind::Unprotected, attempt),
+        Err(failure) => failed(config, attempt, failure),
     }
 }
 

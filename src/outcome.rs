@@ -33,6 +33,10 @@ pub enum OutcomeKind {
     /// The handler ran, but the claim had been lost (lease expired and maybe
     /// taken over): acked because the effect happened; counted and logged.
     LeaseLost,
+    /// The handler ran but the store refused the done mark with an error
+    /// no retry fixes (a key of another type, say): acked because the
+    /// effect happened; logged; a later duplicate may run again.
+    Unrecorded,
     /// The handler ran without protection (no fingerprint with the
     /// pass-through policy, or the store down with fail-open).
     Unprotected,
@@ -57,6 +61,9 @@ pub enum OutcomeKind {
     BodyTooLarge,
     /// The store could not be reached: the handler did not run; requeued.
     StoreUnavailable,
+    /// The store refused the claim with an error no retry fixes (a key of
+    /// another type, say): the handler did not run; dead-lettered with the error.
+    StoreRefused,
 }
 
 impl OutcomeKind {
@@ -65,6 +72,7 @@ impl OutcomeKind {
         match self {
             Self::Processed => "processed",
             Self::LeaseLost => "lease_lost",
+            Self::Unrecorded => "unrecorded",
             Self::Unprotected => "unprotected",
             Self::Duplicate => "duplicate",
             Self::InProgressElsewhere => "in_progress_elsewhere",
@@ -76,6 +84,7 @@ impl OutcomeKind {
             Self::UnrecognizedRecord => "unrecognized_record",
             Self::BodyTooLarge => "body_too_large",
             Self::StoreUnavailable => "store_unavailable",
+            Self::StoreRefused => "store_refused",
         }
     }
 
@@ -83,15 +92,18 @@ impl OutcomeKind {
     /// whose disposition carries a delay (requeues).
     pub fn default_disposition(self) -> Option<Disposition> {
         match self {
-            Self::Processed | Self::LeaseLost | Self::Unprotected | Self::Duplicate => {
-                Some(Disposition::Ack)
-            }
+            Self::Processed
+            | Self::LeaseLost
+            | Self::Unrecorded
+            | Self::Unprotected
+            | Self::Duplicate => Some(Disposition::Ack),
             Self::Failed
             | Self::AttemptsExhausted
             | Self::NoFingerprint
             | Self::PayloadMismatch
             | Self::UnrecognizedRecord
-            | Self::BodyTooLarge => Some(Disposition::DeadLetter),
+            | Self::BodyTooLarge
+            | Self::StoreRefused => Some(Disposition::DeadLetter),
             Self::InProgressElsewhere | Self::Retry | Self::StoreUnavailable => None,
         }
     }

@@ -616,3 +616,25 @@ async fn the_guard_api_claims_completes_and_releases() {
         Begin::Skip(Skip::NoFingerprint)
     ));
 }
+
+#[tokio::test]
+async fn a_panicking_handler_backs_off_and_is_dead_lettered_after_the_last_attempt() {
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().max_attempts(2)).unwrap();
+    let svc = layer.layer(service_fn(|_d: Delivery| async {
+        if true {
+            panic!("index out of bounds");
+        }
+        Ok::<_, Infallible>(())
+    }));
+    let first = svc
+        .clone()
+        .oneshot(delivery(Some("boom"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(first.kind(), OutcomeKind::Retry);
+    assert!(matches!(first.disposition(), Disposition::Requeue { after } if !after.is_zero()));
+    assert!(first.reason().unwrap().contains("index out of bounds"));
+    let second = svc.oneshot(delivery(Some("boom"), b"x")).await.unwrap();
+    assert_eq!(second.kind(), OutcomeKind::AttemptsExhausted);
+    assert_eq!(second.disposition(), Disposition::DeadLetter);
+}

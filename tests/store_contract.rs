@@ -337,3 +337,74 @@ async fn memory_store_forgets_expired_records_as_it_grows() {
         Some("v")
     );
 }
+
+fn redis_cli(port: Option<u16>, args: &[&str]) {
+    let port = port.map(|p| p.to_string()).unwrap_or_else(|| {
+        common::redis_url()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.split('/').next())
+            .unwrap_or("6379")
+            .to_owned()
+    });
+    let status = std::process::Command::new("redis-cli")
+        .args(["-p", &port])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run redis-cli");
+    assert!(status.success(), "redis-cli {args:?}");
+}
+
+#[tokio::test]
+async fn redis_store_answers_a_key_of_another_type_alone_and_as_permanent() {
+    let store = common::redis_store().await;
+    let base = key();
+    let claims: Vec<_> = futures_util::future::join_all((0..3).map(|n| {
+        let store = store.clone();
+        let key = format!("{base}:{n}");
+        async move { acquire(&store, &key, &Token::new()).await }
+    }))
+    .await;
+    // Someone turns the middle key into a hash behind our back.
+    let middle = format!("{base}:1");
+    redis_cli(None, &["DEL", &middle]);
+    redis_cli(None, &["HSET", &middle, "f", "v"]);
+    let answers = futures_util::future::join_all(claims.iter().map(|claim| {
+        let store = store.clone();
+        async move { store.complete(claim, RETENTION).await }
+    }))
+    .await;
+    assert!(matches!(answers[0], Ok(true)), "{:?}", answers[0]);
+    assert!(matches!(answers[2], Ok(true)), "{:?}", answers[2]);
+    let err = answers[1].as_ref().expect_err("the hash key fails alone");
+    assert!(!err.is_unavailable(), "WRONGTYPE is not an outage: {err}");
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    let claim = store.claim(&middle, &Token::new(), "h1", LEASE).await;
+    assert!(
+        matches!(&claim, Err(err) if !err.is_unavailable()),
+        "{claim:?}"
+    );
+    redis_cli(None, &["DEL", &middle]);
+}
+
+#[tokio::test]
+async fn redis_store_treats_a_full_redis_as_unavailable() {
+    let redis = common::PrivateRedis::start();
+    let store = amqp_idempotency::store::RedisStore::connect(&redis.url())
+        .await
+        .expect("connect to the private redis");
+    redis_cli(
+        Some(redis.port),
+        &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
+    );
+    redis_cli(Some(redis.port), &["CONFIG", "SET", "maxmemory", "1"]);
+    let err = store
+        .claim(&key(), &Token::new(), "h1", LEASE)
+        .await
+        .expect_err("a full Redis refuses writes");
+    assert!(
+        err.is_unavailable(),
+        "OOM pauses consumption like an outage: {err}"
+    );
+}

@@ -18,20 +18,28 @@ use crate::error::{StoreError, redact_url};
 /// ARGV[3i-1] with a PX of ARGV[3i] (or delete it when ARGV[3i-1] is
 /// empty). A key that already holds its target also answers 1, so a
 /// retried transition is harmless. Each key is checked and written on its
-/// own; one call carries the transitions of every request that waited
-/// together, so the script's overhead is paid once per round trip.
+/// own, and an error on one key (a key of another type, say) is that key's
+/// answer alone; one call carries the transitions of every request that
+/// waited together, so the script's overhead is paid once per round trip.
 const TRANSITIONS: &str = r"
 local answers = {}
 for i = 1, #KEYS do
   local from, to, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
-  local current = redis.call('GET', KEYS[i])
-  if current == from then
+  local current = redis.pcall('GET', KEYS[i])
+  if type(current) == 'table' and current.err then
+    answers[i] = current
+  elseif current == from then
+    local written
     if to == '' then
-      redis.call('DEL', KEYS[i])
+      written = redis.pcall('DEL', KEYS[i])
     else
-      redis.call('SET', KEYS[i], to, 'PX', ttl)
+      written = redis.pcall('SET', KEYS[i], to, 'PX', ttl)
     end
-    answers[i] = 1
+    if type(written) == 'table' and written.err then
+      answers[i] = written
+    else
+      answers[i] = 1
+    end
   elseif to ~= '' and current == to then
     answers[i] = 1
   else
@@ -317,7 +325,11 @@ async fn send_batch(
     match script_reply.map_err(failure) {
         Ok(Value::Array(answers)) if answers.len() == transition_replies.len() => {
             for ((.., reply), answer) in transition_replies.into_iter().zip(answers) {
-                let _ = reply.send(Ok(answer));
+                let answer = match answer {
+                    Value::ServerError(err) => Err(failure(RedisError::from(err))),
+                    answer => Ok(answer),
+                };
+                let _ = reply.send(answer);
             }
         }
         Ok(other) => {
@@ -349,8 +361,24 @@ fn answer_all(
     }
 }
 
+/// Server errors that say "not now" rather than "never": Redis is full
+/// (`noeviction`), loading, read-only after a failover, busy with a script...
+const TRANSIENT_CODES: &[&str] = &[
+    "OOM",
+    "READONLY",
+    "LOADING",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "BUSY",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+    "MISCONF",
+];
+
 fn is_unavailable(err: &RedisError) -> bool {
-    err.is_timeout()
+    err.code()
+        .is_some_and(|code| TRANSIENT_CODES.contains(&code))
+        || err.is_timeout()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
         || err.is_io_error()
