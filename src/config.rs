@@ -136,7 +136,13 @@ impl Config {
         duration("IDEMPOTENCY_LEASE_TTL", &mut config.lease_ttl)?;
         duration("IDEMPOTENCY_DONE_TTL", &mut config.done_ttl)?;
         duration("IDEMPOTENCY_HANDLER_TIMEOUT", &mut config.handler_timeout)?;
-        duration("IDEMPOTENCY_IN_PROGRESS_WAIT", &mut config.in_progress_wait)?;
+        match get("IDEMPOTENCY_IN_PROGRESS_WAIT") {
+            // Zero is allowed here: it turns waiting off.
+            Some(value) if matches!(value.trim(), "0" | "0s" | "0ms") => {
+                config.in_progress_wait = Duration::ZERO;
+            }
+            _ => duration("IDEMPOTENCY_IN_PROGRESS_WAIT", &mut config.in_progress_wait)?,
+        }
         duration("IDEMPOTENCY_RETRY_BACKOFF", &mut config.retry_backoff)?;
         duration(
             "IDEMPOTENCY_RETRY_BACKOFF_MAX",
@@ -533,7 +539,7 @@ mod tests {
             ("IDEMPOTENCY_DONE_TTL", "1h"),
             ("IDEMPOTENCY_HANDLER_TIMEOUT", "9s"),
             ("IDEMPOTENCY_PREFETCH", "8"),
-            ("IDEMPOTENCY_IN_PROGRESS_WAIT", "250ms"),
+            ("IDEMPOTENCY_IN_PROGRESS_WAIT", "0s"),
             ("IDEMPOTENCY_MAX_ATTEMPTS", "3"),
             ("IDEMPOTENCY_ON_STORE_ERROR", "fail-open"),
             ("IDEMPOTENCY_ON_MISSING_FINGERPRINT", "pass-through"),
@@ -549,7 +555,11 @@ mod tests {
         assert_eq!(config.done_ttl, Duration::from_secs(3600));
         assert_eq!(config.handler_timeout, Duration::from_secs(9));
         assert_eq!(config.prefetch, 8);
-        assert_eq!(config.in_progress_wait, Duration::from_millis(250));
+        assert_eq!(
+            config.in_progress_wait,
+            Duration::ZERO,
+            "0s turns waiting off"
+        );
         assert_eq!(config.max_attempts, 3);
         assert_eq!(config.on_store_error, StoreFailurePolicy::FailOpen);
         assert_eq!(

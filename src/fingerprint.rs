@@ -134,13 +134,25 @@ impl<B: Fingerprint, C: Fingerprint> Fingerprint for Composite<B, C> {
     fn fingerprint(&self, delivery: &Delivery) -> Option<String> {
         let id = self.business_id.fingerprint(delivery)?;
         let code = self.code.fingerprint(delivery)?;
-        Some(format!("{id}:{code}"))
+        // Escaped so that ("a:b", "c") and ("a", "b:c") stay apart.
+        Some(format!("{}:{}", escape_colons(&id), escape_colons(&code)))
+    }
+}
+
+/// `%` as `%25` and `:` as `%3A`, so a part cannot imitate a separator.
+fn escape_colons(part: &str) -> std::borrow::Cow<'_, str> {
+    if part.contains([':', '%']) {
+        part.replace('%', "%25").replace(':', "%3A").into()
+    } else {
+        part.into()
     }
 }
 
 /// The Redis key of a fingerprint: `{prefix}:{scope}:{fingerprint}`, with
-/// the fingerprint normalised as the layer does (over 200 bytes, or with
-/// control characters, it is replaced by `hashed-<128-bit hash>`). Tools
+/// `:` in the scope escaped as `%3A` (a queue named `a:b` cannot collide
+/// with scope `a`), and the fingerprint normalised as the layer does (over
+/// 200 bytes, or with control characters, it is replaced by
+/// `hashed-<128-bit hash>`). Tools
 /// that look records up, like the operator CLI, use this to find the same key.
 ///
 /// ```
@@ -149,7 +161,11 @@ impl<B: Fingerprint, C: Fingerprint> Fingerprint for Composite<B, C> {
 /// assert!(record_key("idem", "orders", "a\nb").starts_with("idem:orders:hashed-"));
 /// ```
 pub fn record_key(prefix: &str, scope: &str, fingerprint: &str) -> String {
-    format!("{prefix}:{scope}:{}", normalize(fingerprint.to_owned()))
+    format!(
+        "{prefix}:{}:{}",
+        escape_colons(scope),
+        normalize(fingerprint.to_owned())
+    )
 }
 
 /// Makes a fingerprint safe and bounded for use inside a Redis key:
@@ -251,6 +267,22 @@ mod tests {
         assert_eq!(fp.fingerprint(&d).as_deref(), Some("u7:register"));
         let missing = Composite::new(Header::new("user-id"), Header::new("code"));
         assert_eq!(missing.fingerprint(&d), None);
+    }
+
+    #[test]
+    fn composite_parts_cannot_imitate_the_separator() {
+        let mut headers = FieldTable::default();
+        headers.insert("a".into(), AMQPValue::LongString(LongString::from("x:y")));
+        headers.insert("b".into(), AMQPValue::LongString(LongString::from("z")));
+        headers.insert("c".into(), AMQPValue::LongString(LongString::from("x")));
+        headers.insert("d".into(), AMQPValue::LongString(LongString::from("y:z")));
+        let mut d = delivery(b"x");
+        d.properties = BasicProperties::default().with_headers(headers);
+        let left = Composite::new(Header::new("a"), Header::new("b")).fingerprint(&d);
+        let right = Composite::new(Header::new("c"), Header::new("d")).fingerprint(&d);
+        assert_ne!(left, right);
+        assert_eq!(left.as_deref(), Some("x%3Ay:z"));
+        assert_eq!(record_key("idem", "q:1", "f"), "idem:q%3A1:f");
     }
 
     #[test]

@@ -1,28 +1,47 @@
 //! The guard API, for consumers that keep their own delivery loop.
 //!
 //! ```no_run
-//! use amqp_idempotency::{Begin, Config, Deduplicator, store::RedisStore};
+//! use amqp_idempotency::{Begin, Config, Deduplicator, Skip, store::RedisStore};
 //! use futures_util::StreamExt;
-//! use lapin::options::{BasicAckOptions, BasicNackOptions};
+//! use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 //!
+//! # async fn work(_: &lapin::message::Delivery, _token: &str) -> Result<(), Box<dyn std::error::Error>> { Ok(()) }
 //! # async fn run(mut consumer: lapin::Consumer) -> Result<(), Box<dyn std::error::Error>> {
 //! let config = Config::from_env()?;
 //! let store = RedisStore::connect(config.redis()).await?;
 //! let dedup = Deduplicator::new(store, "orders", config)?;
+//! let requeue = BasicNackOptions { requeue: true, ..Default::default() };
 //! while let Some(delivery) = consumer.next().await {
 //!     let delivery = delivery?;
 //!     match dedup.begin(&delivery).await {
 //!         Ok(Begin::Process(claim)) => {
-//!             // ... do the work, using claim.token() as a fencing value if you can ...
-//!             claim.complete().await?;
+//!             if work(&delivery, claim.token()).await.is_ok() {
+//!                 claim.complete().await?; // the done mark first...
+//!                 delivery.ack(BasicAckOptions::default()).await?; // ...then the ack
+//!             } else {
+//!                 claim.release().await?;
+//!                 delivery.nack(requeue).await?;
+//!             }
+//!         }
+//!         Ok(Begin::Unprotected) => {
+//!             work(&delivery, "").await?;
 //!             delivery.ack(BasicAckOptions::default()).await?;
 //!         }
-//!         Ok(Begin::Skip(skip)) if skip.is_done() => {
+//!         Ok(Begin::Skip(Skip::Done)) => {
 //!             delivery.ack(BasicAckOptions::default()).await?;
 //!         }
-//!         // In progress elsewhere, store down, ...: let the broker redeliver it.
-//!         _ => {
-//!             delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+//!         // Still running elsewhere: never ack it, let it come back.
+//!         Ok(Begin::Skip(Skip::InProgress { .. })) => {
+//!             delivery.nack(requeue).await?;
+//!         }
+//!         // No fingerprint, payload mismatch, foreign record: dead-letter.
+//!         Ok(Begin::Skip(_)) => {
+//!             delivery.reject(BasicRejectOptions { requeue: false }).await?;
+//!         }
+//!         // Redis down: give the message back and wait until it answers.
+//!         Err(_) => {
+//!             delivery.nack(requeue).await?;
+//!             dedup.wait_for_store().await;
 //!         }
 //!     }
 //! }
@@ -507,7 +526,7 @@ impl<St: Store> ClaimGuard<St> {
         };
         let started = std::time::Instant::now();
         let result = self.dedup.store().discard(&claim).await;
-        self.observe("release", started, result)
+        self.observe("discard", started, result)
     }
 
     fn observe(
@@ -546,7 +565,10 @@ impl<St: Store> Drop for ClaimGuard<St> {
         };
         let dedup = Arc::clone(&self.dedup);
         PENDING_RELEASES.fetch_add(1, Ordering::AcqRel);
+        // Counted down even if the runtime drops the task before it ran.
+        let pending = PendingRelease;
         runtime.spawn(async move {
+            let _pending = pending;
             let retention = dedup.config().done_ttl;
             match dedup.store().release(&claim, retention).await {
                 Ok(released) => {
@@ -556,8 +578,16 @@ impl<St: Store> Drop for ClaimGuard<St> {
                     tracing::warn!(key = claim.key(), error = %err, "could not release an abandoned claim; it expires with its lease");
                 }
             }
-            PENDING_RELEASES.fetch_sub(1, Ordering::AcqRel);
-            RELEASES_SETTLED.notify_waiters();
         });
+    }
+}
+
+/// One release of a dropped guard in flight; counts itself down when dropped.
+struct PendingRelease;
+
+impl Drop for PendingRelease {
+    fn drop(&mut self) {
+        PENDING_RELEASES.fetch_sub(1, Ordering::AcqRel);
+        RELEASES_SETTLED.notify_waiters();
     }
 }

@@ -30,9 +30,12 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use lapin::BasicProperties;
+use lapin::ExchangeKind;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::options::{
+    BasicCancelOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, Consumer};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -94,7 +97,7 @@ impl ServeOptions {
 
     /// How many deliveries are processed at once; match the channel's prefetch.
     pub fn concurrency(mut self, limit: usize) -> Self {
-        self.concurrency = limit.max(1);
+        self.concurrency = limit.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
 
@@ -109,8 +112,9 @@ impl ServeOptions {
     }
 
     /// How long in-flight handlers may take to finish once stopping; the
-    /// ones still running then are abandoned: their claims are released and
-    /// their messages return to the queue.
+    /// ones still running then are abandoned: their claims are released,
+    /// and their messages return to the queue when the channel closes
+    /// ([`close_channel`](Self::close_channel) closes it for you).
     pub fn shutdown_deadline(mut self, deadline: Duration) -> Self {
         self.shutdown_deadline = deadline;
         self
@@ -190,6 +194,14 @@ pub enum ServeError {
     Consumer(lapin::Error),
     /// The service failed to become ready.
     Service(BoxError),
+    /// The exchange given to [`ServeOptions::dead_letter_exchange`] could
+    /// not be found on the broker (the check closes the channel).
+    DeadLetterExchange {
+        /// The exchange name.
+        exchange: String,
+        /// What the broker answered.
+        error: lapin::Error,
+    },
 }
 
 impl std::fmt::Display for ServeError {
@@ -200,6 +212,10 @@ impl std::fmt::Display for ServeError {
                 "the RabbitMQ consumer stopped: {err}; unacked messages return to the queue, reconnect to resume"
             ),
             Self::Service(err) => write!(f, "the handler service failed to become ready: {err}"),
+            Self::DeadLetterExchange { exchange, error } => write!(
+                f,
+                "the dead-letter exchange `{exchange}` cannot be used: {error}; declare it, or fix ServeOptions::dead_letter_exchange"
+            ),
         }
     }
 }
@@ -209,6 +225,7 @@ impl std::error::Error for ServeError {
         match self {
             Self::Consumer(err) => Some(err),
             Self::Service(err) => Some(&**err),
+            Self::DeadLetterExchange { error, .. } => Some(error),
         }
     }
 }
@@ -326,6 +343,35 @@ where
     } = options;
     let dead_letters = match (dead_letter_exchange, &channel) {
         (Some(exchange), Some(channel)) => {
+            // A publish to a missing exchange would close the consumer's
+            // channel (404) on the first dead letter; find out now instead.
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            let check = channel.exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                passive,
+                FieldTable::default(),
+            );
+            if let Ok(Err(err)) | Err(err) = tokio::time::timeout(CLOSE_TIMEOUT, check)
+                .await
+                .map_err(|_| {
+                    lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                        lapin::ChannelState::Closed,
+                        "exchange.declare",
+                    ))
+                })
+            {
+                return (
+                    ServeReport::default(),
+                    Err(ServeError::DeadLetterExchange {
+                        exchange,
+                        error: err,
+                    }),
+                );
+            }
             match channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
@@ -553,9 +599,10 @@ pub struct Session {
 /// (exchanges, queues, bindings, QoS) and starts the consumer; it is called
 /// again, with a growing delay (100ms doubling up to 10s), whenever the
 /// connection or channel fails. Handlers still running when their channel
-/// died finish and write their Redis state, but their deliveries are not
-/// acked on the new channel (their tags are invalid there): the broker
-/// redelivers them, and the redelivered copies are recognised as done.
+/// died get the shutdown deadline to finish and write their Redis state,
+/// but their deliveries are not acked on the new channel (their tags are
+/// invalid there): the broker redelivers them, and the redelivered copies
+/// are recognised as done.
 ///
 /// ```no_run
 /// use std::convert::Infallible;
@@ -727,7 +774,11 @@ impl DeadLetters {
                 .await?
                 .await
         };
-        match confirmed.await {
+        let Ok(confirmed) = tokio::time::timeout(CLOSE_TIMEOUT, confirmed).await else {
+            tracing::warn!(exchange = %self.exchange, "no publisher confirm for the dead-letter copy in time: rejecting the original instead");
+            return false;
+        };
+        match confirmed {
             Ok(confirmation) if confirmation.is_ack() => true,
             Ok(_) => {
                 tracing::warn!(exchange = %self.exchange, "the broker refused the dead-letter copy: rejecting the original instead");

@@ -231,12 +231,20 @@ async fn flush(state: &mut State, tally: &Tally, closing: bool) {
     if let Some((last_tag, last)) = prefix.last() {
         let multiple = prefix.len() > 1;
         let result = bounded(tally, last.acker.ack(BasicAckOptions { multiple })).await;
-        let ok = matches!(result, Ok(true));
-        for (tag, ready) in &prefix[..prefix.len() - 1] {
-            let covered = if ok { Ok(true) } else { Ok(false) };
-            tally.record(*tag, "ack", ready.tally_as, ready.kind, covered);
-        }
+        let sent = matches!(result, Ok(true));
         tally.record(*last_tag, "ack", last.tally_as, last.kind, result);
+        for (tag, ready) in &prefix[..prefix.len() - 1] {
+            let result = if sent {
+                Ok(true)
+            } else if !ready.acker.poisoned() {
+                // The last one's acker was already used (a handler acked its
+                // own delivery?) while the channel is fine: ack these alone.
+                bounded(tally, ready.acker.ack(BasicAckOptions::default())).await
+            } else {
+                Ok(false)
+            };
+            tally.record(*tag, "ack", ready.tally_as, ready.kind, result);
+        }
     }
     let now = Instant::now();
     let overdue: Vec<u64> = state

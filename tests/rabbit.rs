@@ -848,3 +848,35 @@ async fn a_reused_channel_falls_back_to_single_acks() {
     let _ = channel.close(200, "OK".into()).await;
     assert_eq!(finish(&connection, &queue).await, (0, 0));
 }
+
+#[tokio::test]
+async fn a_missing_dead_letter_exchange_is_reported_at_start() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "nodlx").await;
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(|_d: Delivery| async {
+        Ok::<_, HandlerError>(())
+    }));
+    let (channel, consumer) = consumer(&connection, &queue.name, 1).await;
+    let missing = common::unique("no-such-exchange");
+    let options = ServeOptions::new()
+        .shutdown_on(std::future::pending())
+        .dead_letter_exchange(missing.clone())
+        .close_channel(channel);
+    let err = tokio::time::timeout(Duration::from_secs(10), serve(consumer, service, options))
+        .await
+        .expect("serve returns at once")
+        .expect_err("the exchange does not exist");
+    assert!(
+        matches!(&err, amqp_idempotency::ServeError::DeadLetterExchange { exchange, .. } if *exchange == missing),
+        "{err}"
+    );
+    assert!(err.to_string().contains("declare it"), "{err}");
+    let _ = finish(&connection, &queue).await;
+}

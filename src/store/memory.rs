@@ -84,6 +84,13 @@ impl MemoryStore {
     }
 }
 
+/// `now + ttl`, saturating far in the future instead of overflowing.
+fn expiry(ttl: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 impl Store for MemoryStore {
     async fn insert_or_get(
         &self,
@@ -105,7 +112,7 @@ impl Store for MemoryStore {
             key.to_owned(),
             Entry {
                 value: value.to_owned(),
-                expires_at: Instant::now() + ttl,
+                expires_at: expiry(ttl),
             },
         );
         Ok(None)
@@ -127,7 +134,7 @@ impl Store for MemoryStore {
             match to {
                 Some(to) => {
                     entry.value = to.to_owned();
-                    entry.expires_at = Instant::now() + ttl;
+                    entry.expires_at = expiry(ttl);
                 }
                 None => {
                     entries.remove(key);
