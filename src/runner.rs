@@ -341,58 +341,9 @@ where
         channel,
         close_channel,
     } = options;
-    let dead_letters = match (dead_letter_exchange, &channel) {
-        (Some(exchange), Some(channel)) => {
-            // A publish to a missing exchange would close the consumer's
-            // channel (404) on the first dead letter; find out now instead.
-            let passive = ExchangeDeclareOptions {
-                passive: true,
-                ..ExchangeDeclareOptions::default()
-            };
-            let check = channel.exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                passive,
-                FieldTable::default(),
-            );
-            if let Ok(Err(err)) | Err(err) = tokio::time::timeout(CLOSE_TIMEOUT, check)
-                .await
-                .map_err(|_| {
-                    lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-                        lapin::ChannelState::Closed,
-                        "exchange.declare",
-                    ))
-                })
-            {
-                return (
-                    ServeReport::default(),
-                    Err(ServeError::DeadLetterExchange {
-                        exchange,
-                        error: err,
-                    }),
-                );
-            }
-            match channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-            {
-                Ok(()) => Some(Arc::new(DeadLetters {
-                    channel: channel.clone(),
-                    exchange,
-                })),
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot put the channel in confirm mode: dead letters are rejected to the queue's own dead-letter exchange");
-                    None
-                }
-            }
-        }
-        (Some(_), None) => {
-            tracing::warn!(
-                "dead_letter_exchange needs the channel (ServeOptions::close_channel): dead letters are rejected instead"
-            );
-            None
-        }
-        (None, _) => None,
+    let dead_letters = match DeadLetters::prepare(dead_letter_exchange, channel.as_ref()).await {
+        Ok(dead_letters) => dead_letters,
+        Err(err) => return (ServeReport::default(), Err(err)),
     };
     let mut shutdown = stop_signal(shutdown, signals);
     let slots = Arc::new(Semaphore::new(concurrency));
@@ -745,6 +696,66 @@ struct DeadLetterCopy {
 }
 
 impl DeadLetters {
+    /// Checks that `exchange` exists and puts the channel in confirm mode.
+    /// A publish to a missing exchange would close the consumer's channel
+    /// (404) on the first dead letter, so that is found out at start.
+    async fn prepare(
+        exchange: Option<String>,
+        channel: Option<&Channel>,
+    ) -> Result<Option<Arc<Self>>, ServeError> {
+        let (exchange, channel) = match (exchange, channel) {
+            (Some(exchange), Some(channel)) => (exchange, channel),
+            (Some(_), None) => {
+                tracing::warn!(
+                    "dead_letter_exchange needs the channel (ServeOptions::channel): dead letters are rejected instead"
+                );
+                return Ok(None);
+            }
+            (None, _) => return Ok(None),
+        };
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let check = channel.exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            passive,
+            FieldTable::default(),
+        );
+        let unanswered = || {
+            lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                lapin::ChannelState::Closed,
+                "exchange.declare",
+            ))
+        };
+        match tokio::time::timeout(CLOSE_TIMEOUT, check).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(ServeError::DeadLetterExchange { exchange, error }),
+            Err(_) => {
+                let error = unanswered();
+                return Err(ServeError::DeadLetterExchange { exchange, error });
+            }
+        }
+        let confirm = channel.confirm_select(ConfirmSelectOptions::default());
+        match tokio::time::timeout(CLOSE_TIMEOUT, confirm).await {
+            Ok(Ok(())) => Ok(Some(Arc::new(Self {
+                channel: channel.clone(),
+                exchange,
+            }))),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot put the channel in confirm mode: dead letters are rejected to the queue's own dead-letter exchange");
+                Ok(None)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "no answer to confirm.select: dead letters are rejected to the queue's own dead-letter exchange"
+                );
+                Ok(None)
+            }
+        }
+    }
+
     /// Publishes the copy with its reason; true once the broker confirmed it.
     async fn publish(&self, copy: DeadLetterCopy, outcome: &Outcome) -> bool {
         let mut headers = copy.properties.headers().clone().unwrap_or_default();
