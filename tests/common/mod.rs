@@ -70,11 +70,18 @@ pub async fn declare_queue(channel: &Channel, label: &str) -> TestQueue {
     let name = unique(label);
     let dead = format!("{name}.dead");
     let dlx = format!("{name}.dlx");
+    // Leftovers of a failed test vanish by themselves: the queues expire
+    // after 10 unused minutes, the exchange with its last binding.
+    let mut expires = FieldTable::default();
+    expires.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
     channel
         .exchange_declare(
             dlx.as_str().into(),
             ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -83,7 +90,7 @@ pub async fn declare_queue(channel: &Channel, label: &str) -> TestQueue {
         .queue_declare(
             dead.as_str().into(),
             QueueDeclareOptions::default(),
-            FieldTable::default(),
+            expires.clone(),
         )
         .await
         .expect("declare the dead-letter queue");
@@ -97,7 +104,7 @@ pub async fn declare_queue(channel: &Channel, label: &str) -> TestQueue {
         )
         .await
         .expect("bind the dead-letter queue");
-    let mut args = FieldTable::default();
+    let mut args = expires;
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(LongString::from(dlx.as_str())),
