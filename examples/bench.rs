@@ -635,70 +635,6 @@ impl<S: Store> Store for CountingStore<S> {
     }
 }
 
-/// The store of the `ours_mem` diagnostic: a map under a mutex, without
-/// expiry (a run lasts seconds, the TTLs are 30 s and more). The crate's
-/// `MemoryStore` is not used because it sweeps every entry on each insert
-/// once it holds more than 1024, which makes it the bottleneck here.
-#[derive(Clone, Default)]
-struct PlainMemoryStore {
-    entries: Arc<Mutex<std::collections::HashMap<String, String>>>,
-}
-
-impl PlainMemoryStore {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-impl Store for PlainMemoryStore {
-    async fn insert_or_get(
-        &self,
-        key: &str,
-        value: &str,
-        _ttl: Duration,
-    ) -> Result<Option<String>, StoreError> {
-        let mut entries = self.lock();
-        if let Some(current) = entries.get(key) {
-            return Ok(Some(current.clone()));
-        }
-        entries.insert(key.to_owned(), value.to_owned());
-        Ok(None)
-    }
-
-    async fn transition(
-        &self,
-        key: &str,
-        from: &str,
-        to: Option<&str>,
-        _ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let mut entries = self.lock();
-        let Some(current) = entries.get_mut(key) else {
-            return Ok(false);
-        };
-        if current == from {
-            match to {
-                Some(to) => *current = to.to_owned(),
-                None => {
-                    entries.remove(key);
-                }
-            }
-            return Ok(true);
-        }
-        Ok(to.is_some_and(|to| current == to))
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
-        Ok(self.lock().get(key).map(|value| (value.clone(), None)))
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
 /// Wraps the idempotency service to see each [`Outcome`]: counts
 /// duplicates and requeues, and records the latency up to the outcome
 /// (the runner acks right after it).
@@ -1367,7 +1303,7 @@ async fn measure(
             drained
         }
         Variant::OursMemory => {
-            let store = PlainMemoryStore::default();
+            let store = amqp_idempotency::store::MemoryStore::new();
             drain_ours(ctx, store, queue, key_prefix, &stats, ready_tx).await
         }
         _ => drain_plain(ctx, variant, queue, key_prefix, &stats, ready_tx).await,
