@@ -161,22 +161,30 @@ fn escape_colons(part: &str) -> std::borrow::Cow<'_, str> {
 /// assert!(record_key("idem", "orders", "a\nb").starts_with("idem:orders:hashed-"));
 /// ```
 pub fn record_key(prefix: &str, scope: &str, fingerprint: &str) -> String {
-    format!(
-        "{prefix}:{}:{}",
-        escape_colons(scope),
-        normalize(fingerprint.to_owned())
-    )
+    let scope = escape_colons(scope);
+    if is_key_safe(fingerprint) {
+        format!("{prefix}:{scope}:{fingerprint}")
+    } else {
+        format!(
+            "{prefix}:{scope}:hashed-{}",
+            hash128(fingerprint.as_bytes())
+        )
+    }
 }
 
 /// Makes a fingerprint safe and bounded for use inside a Redis key:
 /// control characters and over-long values are replaced by their hash.
 pub(crate) fn normalize(fingerprint: String) -> String {
-    let printable = fingerprint.chars().all(|c| !c.is_control());
-    if printable && fingerprint.len() <= MAX_VERBATIM_LEN {
+    if is_key_safe(&fingerprint) {
         fingerprint
     } else {
         format!("hashed-{}", hash128(fingerprint.as_bytes()))
     }
+}
+
+/// Short enough and printable: kept verbatim in a key.
+fn is_key_safe(fingerprint: &str) -> bool {
+    fingerprint.len() <= MAX_VERBATIM_LEN && !fingerprint.contains(char::is_control)
 }
 
 /// Hex of the first 128 bits of SHA-256.

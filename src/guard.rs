@@ -303,23 +303,16 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
     }
 
     pub(crate) fn note_store_error(&self, operation: &'static str, err: &StoreError) {
-        crate::metrics::store_error(operation);
-        if err.is_unavailable() && !self.shared.store_down.swap(true, Ordering::AcqRel) {
-            tracing::error!(error = %err, "idempotency store unreachable: pausing consumption until it answers");
-        }
+        self.shared.note_error(operation, err);
     }
 
     pub(crate) fn note_store_ok(&self) {
-        if self.shared.store_down.swap(false, Ordering::AcqRel) {
-            tracing::info!("idempotency store answers again: resuming consumption");
-        }
+        self.shared.note_ok();
     }
 
-    fn erased(&self) -> Arc<dyn Settle<St>>
-    where
-        F: Fingerprint,
-    {
-        Arc::new(self.clone())
+    /// The shared state, seen as what a claim guard needs: no allocation.
+    fn erased(&self) -> Arc<dyn Settle<St>> {
+        Arc::clone(&self.shared) as Arc<dyn Settle<St>>
     }
 }
 
@@ -383,18 +376,23 @@ trait Settle<St>: Send + Sync {
     fn note_ok(&self);
 }
 
-impl<St: Store, F: Fingerprint> Settle<St> for Deduplicator<St, F> {
+impl<St: Store, F: Fingerprint> Settle<St> for Shared<St, F> {
     fn store(&self) -> &St {
-        &self.shared.store
+        &self.store
     }
     fn config(&self) -> &Config {
-        &self.shared.config
+        &self.config
     }
     fn note_error(&self, operation: &'static str, err: &StoreError) {
-        self.note_store_error(operation, err);
+        crate::metrics::store_error(operation);
+        if err.is_unavailable() && !self.store_down.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %err, "idempotency store unreachable: pausing consumption until it answers");
+        }
     }
     fn note_ok(&self) {
-        self.note_store_ok();
+        if self.store_down.swap(false, Ordering::AcqRel) {
+            tracing::info!("idempotency store answers again: resuming consumption");
+        }
     }
 }
 
