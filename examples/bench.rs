@@ -91,7 +91,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use amqp_idempotency::redact_url;
-use amqp_idempotency::store::{RedisStore, Store};
+use amqp_idempotency::store::{Expect, RedisStore, Store};
 use amqp_idempotency::{
     BoxError, Config, Disposition, IdempotencyLayer, Outcome, OutcomeKind, ServeOptions,
     StoreError, serve,
@@ -616,7 +616,7 @@ impl<S: Store> Store for CountingStore<S> {
     async fn transition(
         &self,
         key: &str,
-        from: &str,
+        from: Expect<'_>,
         to: Option<&str>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
@@ -629,9 +629,9 @@ impl<S: Store> Store for CountingStore<S> {
         self.inner.get(key).await
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
+    async fn probe(&self, key: &str) -> Result<(), StoreError> {
         self.tick();
-        self.inner.ping().await
+        self.inner.probe(key).await
     }
 }
 

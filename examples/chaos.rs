@@ -539,6 +539,28 @@ impl Topology {
 }
 
 /// The id the suite gave a message (header, else `message_id`, else `-`).
+/// The header that tells the handler which execution it is.
+const NONCE_HEADER: &str = "x-chaos-nonce";
+
+/// The execution number `Recorded` gave this delivery (0 if none).
+fn exec_nonce(delivery: &Delivery) -> u64 {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| {
+            headers
+                .inner()
+                .iter()
+                .find(|(name, _)| name.as_str() == NONCE_HEADER)
+                .and_then(|(_, value)| match value {
+                    AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+                    _ => None,
+                })
+        })
+        .unwrap_or(0)
+}
+
 fn chaos_id(delivery: &Delivery) -> String {
     let header = delivery.properties.headers().as_ref().and_then(|headers| {
         headers
@@ -578,11 +600,6 @@ fn signal(pid: u32, name: &str) -> bool {
 
 // ---------------------------------------------------------------------------
 // Consumer role
-
-tokio::task_local! {
-    /// The execution nonce, shared by the ledger wrapper and the handler.
-    static EXEC_NONCE: u64;
-}
 
 async fn consumer_main(argv: &[String]) -> ExitCode {
     init_consumer_logs();
@@ -741,7 +758,7 @@ async fn open_session(
 /// The business handler: 0-1ms of work, the effect (a ledger line), 0-1ms more.
 /// Poison messages always fail, retryably.
 async fn handle(ledger: &Ledger, pid: u32, delivery: Delivery) -> Result<(), HandlerError> {
-    let nonce = EXEC_NONCE.try_with(|nonce| *nonce).unwrap_or(0);
+    let nonce = exec_nonce(&delivery);
     let id = chaos_id(&delivery);
     let mut work = SplitMix::new((u64::from(pid) << 32) ^ nonce);
     tokio::time::sleep(Duration::from_micros(work.below(1001))).await;
@@ -807,7 +824,13 @@ where
             head,
             kind: None,
         };
-        let call = EXEC_NONCE.scope(nonce, self.inner.call(delivery));
+        // Carried in a header: the layer runs the handler in a task of its
+        // own, where a task-local set here would not be visible.
+        let mut delivery = delivery;
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(NONCE_HEADER.into(), AMQPValue::LongLongInt(nonce as i64));
+        delivery.properties = delivery.properties.clone().with_headers(headers);
+        let call = self.inner.call(delivery);
         Box::pin(async move {
             let result = call.await;
             line.kind = Some(match &result {

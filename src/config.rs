@@ -66,6 +66,7 @@ pub struct Config {
     pub(crate) on_missing_fingerprint: NoFingerprintPolicy,
     pub(crate) verify_payload: bool,
     pub(crate) max_body_bytes: Option<usize>,
+    pub(crate) consumer_timeout: Duration,
 }
 
 impl Default for Config {
@@ -87,6 +88,7 @@ impl Default for Config {
             on_missing_fingerprint: NoFingerprintPolicy::DeadLetter,
             verify_payload: true,
             max_body_bytes: None,
+            consumer_timeout: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -144,6 +146,7 @@ impl Config {
             _ => duration("IDEMPOTENCY_IN_PROGRESS_WAIT", &mut config.in_progress_wait)?,
         }
         duration("IDEMPOTENCY_RETRY_BACKOFF", &mut config.retry_backoff)?;
+        duration("IDEMPOTENCY_CONSUMER_TIMEOUT", &mut config.consumer_timeout)?;
         duration(
             "IDEMPOTENCY_RETRY_BACKOFF_MAX",
             &mut config.retry_backoff_max,
@@ -256,6 +259,7 @@ impl Config {
             ("IDEMPOTENCY_HANDLER_TIMEOUT", self.handler_timeout),
             ("IDEMPOTENCY_RETRY_BACKOFF", self.retry_backoff),
             ("IDEMPOTENCY_RETRY_BACKOFF_MAX", self.retry_backoff_max),
+            ("IDEMPOTENCY_CONSUMER_TIMEOUT", self.consumer_timeout),
         ] {
             if value < Duration::from_millis(1) || value > MAX_DURATION {
                 return Err(ConfigError::invalid(
@@ -300,6 +304,41 @@ impl Config {
                     "at least IDEMPOTENCY_RETRY_BACKOFF ({})",
                     secs(self.retry_backoff)
                 ),
+            ));
+        }
+        // Every wait below holds a delivery unacked; past the broker's
+        // consumer_timeout RabbitMQ closes the channel with all of them.
+        let bound = |what: &str| {
+            format!(
+                "{what} below IDEMPOTENCY_CONSUMER_TIMEOUT ({}), RabbitMQ's consumer_timeout: \
+                 a delivery held longer makes the broker close the channel; if your broker \
+                 allows longer, raise IDEMPOTENCY_CONSUMER_TIMEOUT to match",
+                secs(self.consumer_timeout)
+            )
+        };
+        if self.lease_ttl.saturating_mul(2) >= self.consumer_timeout {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_LEASE_TTL",
+                secs(self.lease_ttl),
+                bound(
+                    "twice the lease (a timed-out handler's delivery is held until its lease ends)",
+                ),
+            ));
+        }
+        if self.in_progress_wait.saturating_add(self.lease_ttl) >= self.consumer_timeout {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_IN_PROGRESS_WAIT",
+                secs(self.in_progress_wait),
+                bound(
+                    "the wait plus IDEMPOTENCY_LEASE_TTL (a duplicate in progress elsewhere is held up to both)",
+                ),
+            ));
+        }
+        if self.retry_backoff_max >= self.consumer_timeout {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_RETRY_BACKOFF_MAX",
+                secs(self.retry_backoff_max),
+                bound("a delay (a failed delivery is held during its backoff)"),
             ));
         }
         if self.prefetch == 0 {
@@ -426,6 +465,17 @@ impl Config {
         self
     }
 
+    /// RabbitMQ's `consumer_timeout` (`IDEMPOTENCY_CONSUMER_TIMEOUT`,
+    /// default 30m, the broker's default): the longest a delivery may stay
+    /// unacked before the broker closes its channel. Every hold (backoff,
+    /// waiting for a duplicate in progress elsewhere, a timed-out handler's
+    /// lease, a store outage) is kept below it; set it to your broker's
+    /// value if you changed that.
+    pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.consumer_timeout = timeout;
+        self
+    }
+
     /// The Redis URL.
     pub fn redis(&self) -> &str {
         &self.redis_url
@@ -545,8 +595,10 @@ mod tests {
             ("IDEMPOTENCY_ON_MISSING_FINGERPRINT", "pass-through"),
             ("IDEMPOTENCY_VERIFY_PAYLOAD", "false"),
             ("IDEMPOTENCY_MAX_BODY_BYTES", "1024"),
+            ("IDEMPOTENCY_CONSUMER_TIMEOUT", "1h"),
         ]))
         .unwrap();
+        assert_eq!(config.consumer_timeout, Duration::from_secs(3600));
         assert_eq!(config.redis_url, "redis://r:1");
         assert_eq!(config.amqp_url, "amqp://a");
         assert_eq!(config.key_prefix, "shop");
@@ -597,6 +649,30 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.variable(), "IDEMPOTENCY_HANDLER_TIMEOUT");
         assert!(err.expected().contains("LEASE_TTL"));
+    }
+
+    #[test]
+    fn waits_longer_than_the_brokers_consumer_timeout_are_refused() {
+        let err =
+            Config::from_lookup(lookup(&[("IDEMPOTENCY_RETRY_BACKOFF_MAX", "31m")])).unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_RETRY_BACKOFF_MAX");
+        assert!(err.expected().contains("consumer_timeout"), "{err}");
+        let err =
+            Config::from_lookup(lookup(&[("IDEMPOTENCY_IN_PROGRESS_WAIT", "40m")])).unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_IN_PROGRESS_WAIT");
+        let err = Config::from_lookup(lookup(&[
+            ("IDEMPOTENCY_LEASE_TTL", "20m"),
+            ("IDEMPOTENCY_HANDLER_TIMEOUT", "10m"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_LEASE_TTL");
+        // A broker configured for longer: raise the bound with it.
+        let config = Config::from_lookup(lookup(&[
+            ("IDEMPOTENCY_LEASE_TTL", "20m"),
+            ("IDEMPOTENCY_HANDLER_TIMEOUT", "10m"),
+            ("IDEMPOTENCY_CONSUMER_TIMEOUT", "2h"),
+        ]));
+        assert!(config.is_ok(), "{config:?}");
     }
 
     #[test]

@@ -117,8 +117,8 @@ impl std::error::Error for HandlerError {
 /// A store operation failed.
 ///
 /// [`is_unavailable`](Self::is_unavailable) tells a store that cannot be
-/// reached (connection refused or dropped, timeout) from a store that
-/// answered something unexpected.
+/// used right now (unreachable, or refusing writes for a reason that is not
+/// about this key) from an error about this one key.
 #[derive(Debug)]
 pub struct StoreError {
     operation: &'static str,
@@ -153,8 +153,15 @@ impl StoreError {
         &self.key
     }
 
-    /// True when the store could not be reached or did not answer in time;
-    /// the outcome of the operation is then unknown.
+    /// True when the store cannot be used right now: unreachable, timed
+    /// out, or refusing every write (wrong password, missing ACL
+    /// permission, out of memory, read-only replica, loading, a cluster
+    /// node, a server too old). The outcome of the operation may be
+    /// unknown. Consumption pauses (fail-closed) until a write succeeds;
+    /// no message is dead-lettered for it.
+    ///
+    /// False only for an error about this one key (it holds a value of
+    /// another type, say): that message alone is dead-lettered.
     pub fn is_unavailable(&self) -> bool {
         self.unavailable
     }
@@ -170,8 +177,8 @@ impl fmt::Display for StoreError {
         if self.unavailable && self.operation != "connect" {
             write!(
                 f,
-                " (the store is unreachable: check that Redis at REDIS_URL is running; \
-                 messages are requeued until it answers)"
+                " (the store cannot be used: consumption pauses, and no message is processed \
+                 or dead-lettered, until a write to Redis at REDIS_URL succeeds)"
             )?;
         }
         Ok(())

@@ -172,6 +172,19 @@ pub fn record_key(prefix: &str, scope: &str, fingerprint: &str) -> String {
     }
 }
 
+/// The key a paused consumer writes to learn that the store accepts writes
+/// again: under the scope like every record, so the same ACL key pattern
+/// covers it, and ending in [`PROBE_NAME`], which no normalised
+/// fingerprint can take (they never hold control characters).
+pub(crate) fn probe_key(prefix: &str, scope: &str) -> String {
+    format!("{prefix}:{}:{PROBE_NAME}", escape_colons(scope))
+}
+
+/// The last segment of the key a paused consumer writes to learn that
+/// Redis accepts writes again (`{prefix}:{scope}:\0probe`): a NUL byte
+/// leads it, so no fingerprint can take it. Tools that list records skip it.
+pub const PROBE_NAME: &str = "\u{0}probe";
+
 /// Makes a fingerprint safe and bounded for use inside a Redis key:
 /// control characters and over-long values are replaced by their hash.
 pub(crate) fn normalize(fingerprint: String) -> String {

@@ -232,13 +232,18 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
             self.note_store_ok();
             let skip = match outcome {
                 ClaimOutcome::Acquired(claim) => {
-                    let attempt = claim.attempt().max(broker_attempt(delivery));
+                    // Handler runs, as the record counts them: a broker's
+                    // x-delivery-count also counts requeues that ran nothing.
+                    let attempt = claim.attempt();
+                    let after_crash = claim.after_crash();
                     return Ok(Begin::Process(ClaimGuard {
                         dedup: self.erased(),
                         claim: Some(claim),
                         attempt,
+                        after_crash,
                         fingerprint,
                         work_done: false,
+                        work_started: false,
                     }));
                 }
                 ClaimOutcome::Done => Skip::Done,
@@ -275,21 +280,24 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
         }
     }
 
-    /// Blocks until the store answers again after an outage was seen.
-    /// Returns at once when the store is believed up.
+    /// Blocks until the store accepts a write again after an outage (or a
+    /// refusal that is not about one key) was seen. Returns at once when the
+    /// store is believed up.
     pub async fn wait_for_store(&self) {
         if !self.shared.store_down.load(Ordering::Acquire) {
             return;
         }
         let mut delay = Duration::from_millis(100);
+        let probe = fingerprint::probe_key(&self.shared.config.key_prefix, &self.shared.scope);
         loop {
-            match self.shared.store.ping().await {
+            // A write, not a PING: a full or read-only Redis answers PING.
+            match self.shared.store.probe(&probe).await {
                 Ok(()) => {
                     self.note_store_ok();
                     return;
                 }
                 Err(err) => {
-                    tracing::debug!(error = %err, "store still unreachable");
+                    tracing::debug!(error = %err, "store still refuses writes");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -386,7 +394,7 @@ impl<St: Store, F: Fingerprint> Settle<St> for Shared<St, F> {
     fn note_error(&self, operation: &'static str, err: &StoreError) {
         crate::metrics::store_error(operation);
         if err.is_unavailable() && !self.store_down.swap(true, Ordering::AcqRel) {
-            tracing::error!(error = %err, "idempotency store unreachable: pausing consumption until it answers");
+            tracing::error!(error = %err, "idempotency store unusable: pausing consumption until a write succeeds");
         }
     }
     fn note_ok(&self) {
@@ -421,8 +429,10 @@ pub struct ClaimGuard<St: Store> {
     dedup: Arc<dyn Settle<St>>,
     claim: Option<Claim>,
     attempt: u32,
+    after_crash: bool,
     fingerprint: String,
     work_done: bool,
+    work_started: bool,
 }
 
 impl<St: Store> std::fmt::Debug for ClaimGuard<St> {
@@ -451,10 +461,36 @@ impl<St: Store> ClaimGuard<St> {
         &self.fingerprint
     }
 
-    /// Which attempt this is, starting at 1 (the larger of the store's count
-    /// and the broker's `x-delivery-count`).
+    /// Which attempt this is, starting at 1: handler runs as the record
+    /// counts them (failed ones, and ones whose consumer died before an
+    /// outcome), not broker deliveries.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// True when the previous attempt never reached an outcome (its
+    /// consumer crashed or hung past its lease) and this claim took over.
+    /// With [`attempt`](Self::attempt) above the maximum, this is the crash
+    /// loop of a poison message: dead-letter it without running the work.
+    pub fn after_crash(&self) -> bool {
+        self.after_crash
+    }
+
+    /// Marks the work as started: from now on, a guard dropped without
+    /// complete or release keeps the claim until its lease ends instead of
+    /// releasing it, because work that was started (a spawned task, a
+    /// request already sent) may still be running, and a released claim
+    /// would let a redelivered copy run beside it.
+    pub fn mark_started(&mut self) {
+        self.work_started = true;
+    }
+
+    /// A handle that renews this claim from another task.
+    pub(crate) fn renewer(&self) -> Option<Renewer<St>> {
+        Some(Renewer {
+            dedup: Arc::clone(&self.dedup),
+            claim: self.claim.clone()?,
+        })
     }
 
     /// Extends the lease; false if the claim is no longer ours.
@@ -554,6 +590,13 @@ impl<St: Store> Drop for ClaimGuard<St> {
             );
             return;
         }
+        if self.work_started {
+            tracing::warn!(
+                key = claim.key(),
+                "abandoned while its work may still run: the claim is kept until its lease ends, then the next copy takes it over"
+            );
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(
                 key = claim.key(),
@@ -577,6 +620,36 @@ impl<St: Store> Drop for ClaimGuard<St> {
                 }
             }
         });
+    }
+}
+
+/// Renews a claim from a task of its own (see [`ClaimGuard::renewer`]).
+pub(crate) struct Renewer<St> {
+    dedup: Arc<dyn Settle<St>>,
+    claim: Claim,
+}
+
+impl<St: Store> Renewer<St> {
+    /// The lease configured.
+    pub(crate) fn lease(&self) -> Duration {
+        self.dedup.config().lease_ttl
+    }
+
+    /// The key renewed.
+    pub(crate) fn key(&self) -> &str {
+        self.claim.key()
+    }
+
+    /// Extends the lease; false if the claim is no longer ours.
+    pub(crate) async fn renew(&self) -> Result<bool, StoreError> {
+        let started = std::time::Instant::now();
+        let result = self.dedup.store().renew(&self.claim, self.lease()).await;
+        crate::metrics::store_latency("renew", started);
+        match &result {
+            Ok(_) => self.dedup.note_ok(),
+            Err(err) => self.dedup.note_error("renew", err),
+        }
+        result
     }
 }
 

@@ -26,22 +26,22 @@
 //! ```
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
+use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::config::{Config, StoreFailurePolicy};
 use crate::error::{BoxError, ConfigError, FailureKind, HandlerError};
 use crate::fingerprint::{Fingerprint, MessageIdOrBodyHash};
-use crate::guard::{Begin, ClaimGuard, Deduplicator, Skip};
+use crate::guard::{Begin, ClaimGuard, Deduplicator, Renewer, Skip};
 use crate::outcome::{Disposition, Outcome, OutcomeKind};
 use crate::store::Store;
 
@@ -212,12 +212,43 @@ where
     }
 }
 
-async fn process<S, St, F>(dedup: &Deduplicator<St, F>, inner: S, delivery: Delivery) -> Outcome
+async fn process<S, St, F>(dedup: &Deduplicator<St, F>, inner: S, mut delivery: Delivery) -> Outcome
 where
-    S: Service<Delivery> + Send,
+    S: Service<Delivery> + Send + 'static,
     S::Error: Into<BoxError> + Send,
-    S::Response: Send,
-    S::Future: Send,
+    S::Response: Send + 'static,
+    S::Future: Send + 'static,
+    St: Store,
+    F: Fingerprint,
+{
+    // The handler gets a delivery it cannot settle: the runner acks only
+    // after the done mark, and its coalesced `multiple` acks count on
+    // every delivery passing through it.
+    let inert = Delivery::mock(
+        delivery.delivery_tag,
+        "".into(),
+        "".into(),
+        false,
+        Vec::new(),
+    )
+    .acker;
+    delivery.acker = inert.clone();
+    let outcome = decide(dedup, inner, delivery).await;
+    if !inert.usable() {
+        crate::metrics::handler_settled();
+        tracing::error!(
+            "the handler acked, nacked or rejected its delivery itself: ignored; the runner settles it after the store write (remove the ack from the handler)"
+        );
+    }
+    outcome
+}
+
+async fn decide<S, St, F>(dedup: &Deduplicator<St, F>, inner: S, delivery: Delivery) -> Outcome
+where
+    S: Service<Delivery> + Send + 'static,
+    S::Error: Into<BoxError> + Send,
+    S::Response: Send + 'static,
+    S::Future: Send + 'static,
     St: Store,
     F: Fingerprint,
 {
@@ -239,31 +270,75 @@ where
     if let Some(fingerprint) = &fingerprint {
         tracing::Span::current().record("fingerprint", fingerprint.as_str());
     }
-    let guard = match dedup.begin_with(&delivery, fingerprint).await {
+    // While the store cannot be used, the delivery is held (not requeued:
+    // a requeue would count against a quorum queue's delivery limit) until
+    // a write succeeds, at most half the broker's consumer timeout.
+    let hold_until = Instant::now() + config.consumer_timeout / 2;
+    let begun = loop {
+        match dedup.begin_with(&delivery, fingerprint.clone()).await {
+            Err(err)
+                if err.is_unavailable()
+                    && config.on_store_error == StoreFailurePolicy::FailClosed =>
+            {
+                tracing::error!(error = %err, "store unusable: handler not run, delivery held until a write succeeds");
+                let recovered = tokio::select! {
+                    recovered = tokio::time::timeout_at(hold_until, dedup.wait_for_store()) => recovered.is_ok(),
+                    () = crate::runner::runner_stopping() => false,
+                };
+                if !recovered {
+                    return Outcome::requeue(
+                        OutcomeKind::StoreUnavailable,
+                        0,
+                        config.retry_backoff,
+                    )
+                    .because(err.to_string());
+                }
+            }
+            other => break other,
+        }
+    };
+    let mut guard = match begun {
         Ok(Begin::Process(guard)) => guard,
         Ok(Begin::Unprotected) => return run_unprotected(config, inner, delivery).await,
         Ok(Begin::Skip(skip)) => return skipped(config, skip),
-        Err(err)
-            if err.is_unavailable() && config.on_store_error == StoreFailurePolicy::FailOpen =>
-        {
-            tracing::warn!(error = %err, "store unreachable; processing unprotected (fail-open)");
+        Err(err) if err.is_unavailable() => {
+            tracing::warn!(error = %err, "store unusable; processing unprotected (fail-open)");
             return run_unprotected(config, inner, delivery).await;
         }
-        Err(err) if err.is_unavailable() => {
-            tracing::error!(error = %err, "store unreachable: handler not run, message requeued");
-            return Outcome::requeue(OutcomeKind::StoreUnavailable, 0, config.retry_backoff)
-                .because(err.to_string());
-        }
         Err(err) => {
-            tracing::error!(error = %err, "store refused the claim: handler not run, message dead-lettered");
+            tracing::error!(error = %err, "store refused the claim with an error about this key: handler not run, message dead-lettered");
             return Outcome::new(OutcomeKind::StoreRefused, 0).because(err.to_string());
         }
     };
     let attempt = guard.attempt();
-    let (result, lease_lost) = run_claimed(config, &guard, inner, delivery).await;
-    match result {
+    if attempt > config.max_attempts {
+        // Only a takeover of a record whose attempts never finished (or a
+        // lowered IDEMPOTENCY_MAX_ATTEMPTS) gets here: no more runs.
+        let outcome = if guard.after_crash() {
+            tracing::error!(
+                attempt,
+                "the previous attempts never finished (their consumers died or hung past the lease): dead-lettering without running the handler"
+            );
+            Outcome::new(OutcomeKind::Crashed, attempt - 1).because(format!(
+                "{} attempts never reached an outcome (IDEMPOTENCY_MAX_ATTEMPTS={}): the consumer crashed, was killed or hung while handling it",
+                attempt - 1,
+                config.max_attempts
+            ))
+        } else {
+            Outcome::new(OutcomeKind::AttemptsExhausted, attempt - 1).because(format!(
+                "already ran {} times (IDEMPOTENCY_MAX_ATTEMPTS={})",
+                attempt - 1,
+                config.max_attempts
+            ))
+        };
+        settle_failed_claim(guard, &outcome).await;
+        return outcome;
+    }
+    guard.mark_started();
+    let run = run_claimed(config, &guard, inner, delivery).await;
+    match run.result {
         Ok(()) => match complete_until_answered(guard).await {
-            Ok(true) if !lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
+            Ok(true) if !run.lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
             Err(err) => {
                 tracing::error!(error = %err, "handler succeeded but the store refused the done mark: acking (the effect happened); a later duplicate may run again");
                 Outcome::new(OutcomeKind::Unrecorded, attempt).because(err.to_string())
@@ -276,36 +351,56 @@ where
             }
         },
         Err(failure) => {
-            let outcome = failed(config, attempt, failure);
-            // A dead-lettered message leaves no record behind, so that a
-            // replay from the dead-letter queue is processed afresh; a
-            // requeued one keeps its attempt count.
-            let dead_lettered = outcome.disposition() == Disposition::DeadLetter;
-            let released = if dead_lettered {
-                guard.discard().await
-            } else {
-                guard.release().await
-            };
-            match released {
-                Ok(true) => {
-                    crate::metrics::released();
-                    tracing::info!(
-                        outcome = outcome.kind().as_str(),
-                        reason = outcome.reason(),
-                        "handler failed: claim released"
-                    );
-                }
-                Ok(false) => {
-                    tracing::warn!(
-                        reason = outcome.reason(),
-                        "handler failed after its claim was lost: nothing to release"
-                    );
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, reason = outcome.reason(), "handler failed and the claim could not be released; it frees itself when the lease expires");
-                }
+            if run.timed_out {
+                // Its work may still run (a spawned task, a request already
+                // sent): keep the claim, unrenewed, until its lease ends, so
+                // the redelivered copy cannot run beside it.
+                tracing::warn!(
+                    until_lease_end = ?run.lease_ends.saturating_duration_since(Instant::now()),
+                    "handler timed out: keeping its claim until the lease ends before retrying"
+                );
+                tokio::time::sleep_until(run.lease_ends + LEASE_MARGIN).await;
             }
+            let outcome = failed(config, attempt, failure);
+            settle_failed_claim(guard, &outcome).await;
             outcome
+        }
+    }
+}
+
+/// Past the lease's end as we measured it, to cover the time the renewal
+/// took to reach Redis.
+const LEASE_MARGIN: Duration = Duration::from_millis(100);
+
+/// After a failure: releases the claim for the retry, or, for a message
+/// that is dead-lettered, discards the record so that a replay from the
+/// parking queue is processed afresh.
+async fn settle_failed_claim<St: Store>(guard: ClaimGuard<St>, outcome: &Outcome) {
+    let dead_lettered = outcome.disposition() == Disposition::DeadLetter;
+    let settled = if dead_lettered {
+        guard.discard().await
+    } else {
+        guard.release().await
+    };
+    match settled {
+        Ok(true) => {
+            if !dead_lettered {
+                crate::metrics::released();
+            }
+            tracing::info!(
+                outcome = outcome.kind().as_str(),
+                reason = outcome.reason(),
+                "claim given up"
+            );
+        }
+        Ok(false) => {
+            tracing::warn!(
+                reason = outcome.reason(),
+                "the claim was lost before it could be given up: nothing to release"
+            );
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, reason = outcome.reason(), "the claim could not be given up; it frees itself when the lease expires");
         }
     }
 }
@@ -313,8 +408,8 @@ where
 /// Writes the done mark, retrying while the store does not answer: the
 /// effect happened, so the message is held (not acked, not requeued) until
 /// the store says whether the claim was still ours. `Ok(ours)` is that
-/// answer; `Err` is a refusal no retry can fix (the key was changed to
-/// another type, say): the caller acks, since the effect happened, and logs it.
+/// answer; `Err` is a refusal about this key (it was changed to another
+/// type, say): the caller acks, since the effect happened, and logs it.
 async fn complete_until_answered<St: Store>(
     mut guard: ClaimGuard<St>,
 ) -> Result<bool, crate::error::StoreError> {
@@ -323,7 +418,7 @@ async fn complete_until_answered<St: Store>(
         match guard.try_complete().await {
             Ok(ours) => return Ok(ours),
             Err(err) if err.is_unavailable() => {
-                tracing::error!(error = %err, retry_in = ?delay, "handler succeeded but the done mark could not be written yet: holding the message until the store answers");
+                tracing::error!(error = %err, retry_in = ?delay, "handler succeeded but the done mark could not be written yet: holding the message until the store takes it");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -332,75 +427,136 @@ async fn complete_until_answered<St: Store>(
     }
 }
 
-/// Runs the handler under the claim: renewed every third of the lease
-/// (alongside the handler, which keeps running while a renewal waits for
-/// Redis), bounded by the handler timeout. Returns the handler's result
-/// and whether the lease was lost meanwhile.
+/// How a claimed handler run ended.
+struct Run {
+    result: Result<(), HandlerError>,
+    /// A renewal found the claim taken over.
+    lease_lost: bool,
+    /// The handler timed out; its work may go on.
+    timed_out: bool,
+    /// When the lease ends, counted from the last renewal sent.
+    lease_ends: Instant,
+}
+
+/// Runs the handler under the claim. The handler runs in a task of its
+/// own, and so do the renewals (every third of the lease), so that a
+/// handler that blocks its thread stops neither the renewals nor the
+/// handler timeout (kept here). The renewal task is spawned first: the
+/// handler's spawn then moves it to the stealable run queue and wakes an
+/// idle worker, which keeps the timers running while the handler blocks.
 async fn run_claimed<S, St>(
     config: &Config,
     guard: &ClaimGuard<St>,
     inner: S,
     delivery: Delivery,
-) -> (Result<(), HandlerError>, bool)
+) -> Run
 where
-    S: Service<Delivery>,
+    S: Service<Delivery> + Send + 'static,
     S::Error: Into<BoxError> + Send,
-    S::Response: Send,
-    S::Future: Send,
+    S::Response: Send + 'static,
+    S::Future: Send + 'static,
     St: Store,
 {
-    let lease_lost = AtomicBool::new(false);
-    let period = config.lease_ttl / 3;
-    let renewing = async {
-        loop {
-            tokio::time::sleep(period).await;
-            match guard.renew().await {
-                Ok(true) => {}
-                Ok(false) => {
-                    lease_lost.store(true, Ordering::Relaxed);
-                    tracing::warn!(
-                        key = guard.key(),
-                        "lease lost while the handler runs: another consumer may take the message over"
-                    );
-                    // Nothing left to renew; the handler runs on.
-                    std::future::pending::<()>().await;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "lease renewal failed; retrying at the next tick");
-                }
-            }
+    let lease = Arc::new(LeaseState {
+        lost: AtomicBool::new(false),
+        ends: std::sync::Mutex::new(Instant::now() + config.lease_ttl),
+    });
+    // Stopped when this run ends or is dropped (an abandoned run's claim is
+    // kept, unrenewed, until its lease ends).
+    let renewing = guard
+        .renewer()
+        .map(|renewer| AbortOnDrop(tokio::spawn(keep_renewing(renewer, Arc::clone(&lease)))));
+    let mut handler = spawn_handler(inner, delivery);
+    let joined = tokio::time::timeout(config.handler_timeout, &mut handler).await;
+    drop(renewing);
+    let (result, timed_out) = match joined {
+        Ok(joined) => (handler_result(joined), false),
+        Err(_) => {
+            // Cancels at its next await; work it started may go on.
+            handler.abort();
+            (Err(timed_out(config)), true)
         }
     };
-    let handler = run_handler(config, inner, delivery);
-    tokio::select! {
-        result = handler => (result, lease_lost.load(Ordering::Relaxed)),
-        () = renewing => unreachable_renewal(),
+    let lease_ends = lease
+        .ends
+        .lock()
+        .map_or_else(|poisoned| *poisoned.into_inner(), |ends| *ends);
+    Run {
+        result,
+        lease_lost: lease.lost.load(Ordering::Relaxed),
+        timed_out,
+        lease_ends,
     }
 }
 
-/// `renewing` never completes; this keeps the select exhaustive without a panic path.
-fn unreachable_renewal() -> (Result<(), HandlerError>, bool) {
-    (
-        Err(HandlerError::retryable(
-            "lease renewal stopped unexpectedly",
-        )),
-        true,
-    )
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
-/// Runs the handler once: bounded by the handler timeout, a panic caught
-/// and counted as a retryable failure (so it backs off and is dead-lettered
-/// after the last attempt instead of looping).
-async fn run_handler<S>(config: &Config, inner: S, delivery: Delivery) -> Result<(), HandlerError>
+/// What the renewal task tells the run about the lease.
+struct LeaseState {
+    lost: AtomicBool,
+    /// When the lease ends, counted from the last renewal sent.
+    ends: std::sync::Mutex<Instant>,
+}
+
+async fn keep_renewing<St: Store>(renewer: Renewer<St>, lease: Arc<LeaseState>) {
+    let period = renewer.lease() / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        let sent = Instant::now();
+        match renewer.renew().await {
+            Ok(true) => {
+                if let Ok(mut ends) = lease.ends.lock() {
+                    *ends = sent + renewer.lease();
+                }
+            }
+            Ok(false) => {
+                lease.lost.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    key = renewer.key(),
+                    "lease lost while the handler runs: another consumer may take the message over"
+                );
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "lease renewal failed; retrying at the next tick");
+            }
+        }
+    }
+}
+
+type HandlerTask = tokio::task::JoinHandle<Result<(), BoxError>>;
+
+fn spawn_handler<S>(inner: S, delivery: Delivery) -> HandlerTask
 where
-    S: Service<Delivery>,
-    S::Error: Into<BoxError>,
+    S: Service<Delivery> + Send + 'static,
+    S::Error: Into<BoxError> + Send,
+    S::Response: Send + 'static,
+    S::Future: Send + 'static,
 {
-    let call = AssertUnwindSafe(inner.oneshot(delivery)).catch_unwind();
-    match tokio::time::timeout(config.handler_timeout, call).await {
-        Ok(Ok(Ok(_))) => Ok(()),
-        Ok(Ok(Err(err))) => Err(HandlerError::classify(err.into())),
-        Ok(Err(panic)) => {
+    // The delivery's span goes along; task-locals set around the layer's
+    // call do not (the handler runs in a task of its own).
+    let work = async move { inner.oneshot(delivery).await.map(drop).map_err(Into::into) };
+    tokio::spawn(work.instrument(tracing::Span::current()))
+}
+
+/// A handler task's end as a handler result: a panic counts as a retryable
+/// failure (so it backs off and is dead-lettered after the last attempt
+/// instead of looping).
+fn handler_result(
+    joined: Result<Result<(), BoxError>, tokio::task::JoinError>,
+) -> Result<(), HandlerError> {
+    match joined {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(HandlerError::classify(err)),
+        Err(err) if err.is_panic() => {
+            let panic = err.into_panic();
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
@@ -411,20 +567,36 @@ where
                 "handler panicked: {message}"
             )))
         }
-        Err(_) => Err(HandlerError::retryable(format!(
-            "handler timed out after {:?} (IDEMPOTENCY_HANDLER_TIMEOUT)",
-            config.handler_timeout
-        ))),
+        Err(_) => Err(HandlerError::retryable(
+            "the handler task was cancelled (is the runtime shutting down?)",
+        )),
     }
+}
+
+fn timed_out(config: &Config) -> HandlerError {
+    HandlerError::retryable(format!(
+        "handler timed out after {:?} (IDEMPOTENCY_HANDLER_TIMEOUT)",
+        config.handler_timeout
+    ))
 }
 
 async fn run_unprotected<S>(config: &Config, inner: S, delivery: Delivery) -> Outcome
 where
-    S: Service<Delivery>,
-    S::Error: Into<BoxError>,
+    S: Service<Delivery> + Send + 'static,
+    S::Error: Into<BoxError> + Send,
+    S::Response: Send + 'static,
+    S::Future: Send + 'static,
 {
     let attempt = crate::guard::broker_attempt(&delivery);
-    match run_handler(config, inner, delivery).await {
+    let mut handler = spawn_handler(inner, delivery);
+    let result = match tokio::time::timeout(config.handler_timeout, &mut handler).await {
+        Ok(joined) => handler_result(joined),
+        Err(_) => {
+            handler.abort();
+            Err(timed_out(config))
+        }
+    };
+    match result {
         Ok(()) => Outcome::new(OutcomeKind::Unprotected, attempt),
         Err(failure) => failed(config, attempt, failure),
     }
@@ -456,11 +628,17 @@ fn skipped(config: &Config, skip: Skip) -> Outcome {
             Outcome::new(OutcomeKind::Duplicate, 0)
         }
         Skip::InProgress { remaining } => {
+            // Held until the other consumer's lease can have ended, so that
+            // the copy does not bounce through the broker meanwhile.
+            let hold = remaining
+                .unwrap_or(config.retry_backoff)
+                .clamp(config.retry_backoff, config.lease_ttl);
             tracing::info!(
                 ?remaining,
-                "duplicate in progress elsewhere: requeued, not acked"
+                ?hold,
+                "duplicate in progress elsewhere: requeued after the hold, not acked"
             );
-            Outcome::requeue(OutcomeKind::InProgressElsewhere, 0, config.retry_backoff)
+            Outcome::requeue(OutcomeKind::InProgressElsewhere, 0, hold)
         }
         Skip::NoFingerprint => {
             tracing::warn!(

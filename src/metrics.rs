@@ -13,12 +13,15 @@
 //! |---|---|---|---|
 //! | `idempotency_processed_total` | counter | | handlers that ran and were recorded done |
 //! | `idempotency_duplicates_total` | counter | `state` = `done` / `in_progress` | duplicates acked without running / requeued while in progress elsewhere |
-//! | `idempotency_released_total` | counter | | claims released after a handler failure |
+//! | `idempotency_released_total` | counter | | claims released after a handler failure, for a retry (a dead-lettered message's record is discarded, not counted here) |
 //! | `idempotency_dead_lettered_total` | counter | `outcome` | messages dead-lettered, by why |
 //! | `idempotency_store_errors_total` | counter | `operation` | store operations that failed |
 //! | `idempotency_lease_lost_total` | counter | | handlers that finished after losing their claim |
 //! | `idempotency_unprotected_total` | counter | | handlers run without a claim (pass-through or fail-open) |
 //! | `idempotency_unsettled_total` | counter | | acks/nacks/rejects that did not reach the broker |
+//! | `idempotency_unrecorded_total` | counter | | handlers that ran but whose done mark the store refused (a later duplicate may run again) |
+//! | `idempotency_store_refused_total` | counter | | claims refused with an error about the key: dead-lettered, handler not run |
+//! | `idempotency_handler_settled_total` | counter | | handlers that tried to ack/nack/reject their delivery themselves (ignored) |
 //! | `idempotency_store_seconds` | histogram | `operation` = `claim` / `renew` / `complete` / `release` | store latency |
 
 use std::time::Instant;
@@ -41,6 +44,12 @@ pub const LEASE_LOST: &str = "idempotency_lease_lost_total";
 pub const UNPROTECTED: &str = "idempotency_unprotected_total";
 /// Broker settlements that failed (the broker redelivers those messages).
 pub const UNSETTLED: &str = "idempotency_unsettled_total";
+/// Handlers that ran but whose done mark the store refused.
+pub const UNRECORDED: &str = "idempotency_unrecorded_total";
+/// Claims refused with an error about the key (dead-lettered).
+pub const STORE_REFUSED: &str = "idempotency_store_refused_total";
+/// Handlers that tried to settle their delivery themselves.
+pub const HANDLER_SETTLED: &str = "idempotency_handler_settled_total";
 /// Store latency in seconds, labelled by `operation`.
 pub const STORE_SECONDS: &str = "idempotency_store_seconds";
 
@@ -54,12 +63,18 @@ pub(crate) fn outcome(kind: OutcomeKind) {
         }
         OutcomeKind::LeaseLost => metrics::counter!(LEASE_LOST).increment(1),
         OutcomeKind::Unprotected => metrics::counter!(UNPROTECTED).increment(1),
+        OutcomeKind::Unrecorded => metrics::counter!(UNRECORDED).increment(1),
+        OutcomeKind::StoreRefused => metrics::counter!(STORE_REFUSED).increment(1),
         _ => {}
     }
 }
 
 pub(crate) fn released() {
     metrics::counter!(RELEASED).increment(1);
+}
+
+pub(crate) fn handler_settled() {
+    metrics::counter!(HANDLER_SETTLED).increment(1);
 }
 
 pub(crate) fn dead_lettered(kind: OutcomeKind) {

@@ -50,6 +50,11 @@ pub enum OutcomeKind {
     Failed,
     /// The handler kept failing: dead-lettered after the last attempt.
     AttemptsExhausted,
+    /// The message's earlier attempts never reached an outcome (their
+    /// consumers died or hung past the lease) as many times as
+    /// `IDEMPOTENCY_MAX_ATTEMPTS` allows: dead-lettered without running the
+    /// handler again. The crash loop of a poison message.
+    Crashed,
     /// No usable fingerprint: dead-lettered (the default policy).
     NoFingerprint,
     /// Same fingerprint, different payload: dead-lettered.
@@ -59,10 +64,14 @@ pub enum OutcomeKind {
     /// The body is larger than `IDEMPOTENCY_MAX_BODY_BYTES`: dead-lettered
     /// without running the handler or touching the store.
     BodyTooLarge,
-    /// The store could not be reached: the handler did not run; requeued.
+    /// The store could not be used (unreachable, or refusing writes) for
+    /// longer than a delivery may be held: the handler did not run; requeued.
     StoreUnavailable,
-    /// The store refused the claim with an error no retry fixes (a key of
-    /// another type, say): the handler did not run; dead-lettered with the error.
+    /// The store refused the claim with an error about this one key (it
+    /// holds a value of another type): the handler did not run;
+    /// dead-lettered with the error. Errors that are not about the key
+    /// (credentials, permissions, a full or read-only Redis) pause
+    /// consumption instead.
     StoreRefused,
 }
 
@@ -79,6 +88,7 @@ impl OutcomeKind {
             Self::Retry => "retry",
             Self::Failed => "failed",
             Self::AttemptsExhausted => "attempts_exhausted",
+            Self::Crashed => "crashed",
             Self::NoFingerprint => "no_fingerprint",
             Self::PayloadMismatch => "payload_mismatch",
             Self::UnrecognizedRecord => "unrecognized_record",
@@ -99,6 +109,7 @@ impl OutcomeKind {
             | Self::Duplicate => Some(Disposition::Ack),
             Self::Failed
             | Self::AttemptsExhausted
+            | Self::Crashed
             | Self::NoFingerprint
             | Self::PayloadMismatch
             | Self::UnrecognizedRecord

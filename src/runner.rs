@@ -76,7 +76,10 @@ impl Default for ServeOptions {
             concurrency: 64,
             shutdown: None,
             signals: true,
-            shutdown_deadline: Duration::from_secs(20),
+            // The default lease (30s) plus a margin: longer than the default
+            // handler timeout (25s), so a handler that keeps to its timeout
+            // always finishes before the deadline.
+            shutdown_deadline: Duration::from_secs(35),
             dead_letter_exchange: None,
             channel: None,
             close_channel: false,
@@ -85,14 +88,18 @@ impl Default for ServeOptions {
 }
 
 impl ServeOptions {
-    /// Defaults: 64 deliveries in flight, stop on SIGINT/SIGTERM, 20s to finish.
+    /// Defaults: 64 deliveries in flight, stop on SIGINT/SIGTERM, 35s to finish.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Concurrency equal to the configured prefetch.
+    /// Concurrency equal to the configured prefetch, and a shutdown
+    /// deadline of the lease plus 5s: above the handler timeout, so that
+    /// handlers that keep to it finish before the deadline.
     pub fn from_config(config: &Config) -> Self {
-        Self::default().concurrency(usize::from(config.prefetch))
+        Self::default()
+            .concurrency(usize::from(config.prefetch))
+            .shutdown_deadline(config.lease_ttl.saturating_add(Duration::from_secs(5)))
     }
 
     /// How many deliveries are processed at once; match the channel's prefetch.
@@ -112,9 +119,11 @@ impl ServeOptions {
     }
 
     /// How long in-flight handlers may take to finish once stopping; the
-    /// ones still running then are abandoned: their claims are released,
-    /// and their messages return to the queue when the channel closes
-    /// ([`close_channel`](Self::close_channel) closes it for you).
+    /// ones still running then are abandoned: their claims are kept until
+    /// their leases end (their work may still be running), and their
+    /// messages return to the queue when the channel closes
+    /// ([`close_channel`](Self::close_channel) closes it for you). Keep it
+    /// above the handler timeout ([`from_config`](Self::from_config) does).
     pub fn shutdown_deadline(mut self, deadline: Duration) -> Self {
         self.shutdown_deadline = deadline;
         self
@@ -166,7 +175,8 @@ pub struct ServeReport {
     pub unsettled: u64,
     /// Handlers still running at the shutdown deadline, abandoned.
     pub abandoned: u64,
-    /// Connections re-established by [`serve_reconnecting`].
+    /// Connections re-established by [`serve_reconnecting`], and channels
+    /// recovered by lapin (`ConnectionProperties::enable_auto_recover`).
     pub reconnects: u64,
     /// ack / nack / reject frames sent: the acks of consecutive finished
     /// deliveries share one `multiple` frame, so this is usually well
@@ -318,15 +328,20 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    let (report, result) = run(consumer, service, options).await;
-    result.map(|()| report)
+    let tally = Arc::new(Tally::default());
+    let (result, _finishing) = run(consumer, service, options, Arc::clone(&tally)).await;
+    result.map(|()| tally.snapshot())
 }
 
+/// Serves until stopped. When the consumer failed, the handlers still in
+/// flight finish in the background: the returned task, which counts into
+/// `tally` as they do.
 async fn run<S>(
     mut consumer: Consumer,
     mut service: S,
     options: ServeOptions,
-) -> (ServeReport, Result<(), ServeError>)
+    tally: Arc<Tally>,
+) -> (Result<(), ServeError>, Option<tokio::task::JoinHandle<()>>)
 where
     S: Service<Delivery, Response = Outcome> + Send + 'static,
     S::Error: Into<BoxError>,
@@ -343,12 +358,15 @@ where
     } = options;
     let dead_letters = match DeadLetters::prepare(dead_letter_exchange, channel.as_ref()).await {
         Ok(dead_letters) => dead_letters,
-        Err(err) => return (ServeReport::default(), Err(err)),
+        Err(err) => return (Err(err), None),
     };
     let mut shutdown = stop_signal(shutdown, signals);
     let slots = Arc::new(Semaphore::new(concurrency));
-    let tally = Arc::new(Tally::default());
-    let (settler, settling) = Settler::start(Arc::clone(&tally));
+    let (mut settler, settling) = Settler::start(Arc::clone(&tally));
+    // One settler per channel incarnation: delivery tags restart at 1 after
+    // lapin's automatic recovery.
+    let mut settlings = vec![settling];
+    let mut last_tag = 0;
     let (stopping_tx, stopping) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
@@ -358,7 +376,9 @@ where
         }
         let slot = tokio::select! {
             biased;
-            () = &mut shutdown => break Ok(()),
+            () = &mut shutdown => {
+                                break Ok(());
+            }
             slot = Arc::clone(&slots).acquire_owned() => match slot {
                 Ok(slot) => slot,
                 Err(_) => break Ok(()),
@@ -366,7 +386,9 @@ where
         };
         let next = tokio::select! {
             biased;
-            () = &mut shutdown => break Ok(()),
+            () = &mut shutdown => {
+                                break Ok(());
+            }
             next = consumer.next() => next,
         };
         let delivery = match next {
@@ -375,11 +397,52 @@ where
                 break Ok(());
             }
             Some(Err(err)) => {
-                tracing::error!(error = %err, "consumer failed");
-                break Err(ServeError::Consumer(err));
+                let Some(channel) = channel.as_ref().filter(|_| err.can_be_recovered()) else {
+                    tracing::error!(error = %err, "consumer failed");
+                    break Err(ServeError::Consumer(err));
+                };
+                // With ConnectionProperties::enable_auto_recover, lapin
+                // reconnects and restarts the consumer; without it this
+                // returns the error at once.
+                tracing::warn!(error = %err, "the consumer's channel failed; waiting for lapin's automatic recovery");
+                let recovered = tokio::select! {
+                    biased;
+                    () = &mut shutdown => {
+                                                break Ok(());
+                    }
+                    recovered = channel.wait_for_recovery(err) => recovered,
+                };
+                match recovered {
+                    Ok(()) => {
+                        tracing::info!(
+                            "channel recovered: consuming again; deliveries from before the failure are never acked on the new channel, the broker redelivers them"
+                        );
+                        let (fresh, settling) = Settler::start(Arc::clone(&tally));
+                        settler = fresh;
+                        settlings.push(settling);
+                        tally.add(|r| r.reconnects += 1);
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "consumer failed");
+                        break Err(ServeError::Consumer(err));
+                    }
+                }
             }
             Some(Ok(delivery)) => delivery,
         };
+        if delivery.delivery_tag <= last_tag {
+            // Tags start again at 1: lapin recovered the channel without a
+            // word on the stream. Earlier deliveries belong to the old one.
+            tracing::info!(
+                "the channel was recovered: consuming again; deliveries from before are never acked on the new channel, the broker redelivers them"
+            );
+            let (fresh, settling) = Settler::start(Arc::clone(&tally));
+            settler = fresh;
+            settlings.push(settling);
+            tally.add(|r| r.reconnects += 1);
+        }
+        last_tag = delivery.delivery_tag;
         settler.open(delivery.delivery_tag);
         // Readiness is checked with the delivery in hand: while the store
         // is down the layer stays pending, and this delivery waits here
@@ -413,7 +476,9 @@ where
                 },
             )
         });
-        let call = service.call(delivery);
+        // A delivery the layer holds (the store refusing writes) is given
+        // back once the runner stops, instead of holding up the shutdown.
+        let call = STOPPING.scope(stopping.clone(), service.call(delivery));
         let settler = settler.clone();
         let mut stopping = stopping.clone();
         tasks.spawn(async move {
@@ -489,47 +554,114 @@ where
     }
     drop(consumer);
     let _ = stopping_tx.send(true);
-    let drained = tokio::time::timeout(shutdown_deadline, async {
-        while let Some(joined) = tasks.join_next().await {
-            log_join(joined);
-        }
-    })
-    .await;
-    if drained.is_err() {
-        let abandoned = tasks.len() as u64;
-        tracing::warn!(abandoned, deadline = ?shutdown_deadline, "handlers still running at the shutdown deadline: abandoning them and releasing their claims");
-        tasks.shutdown().await;
-        tally.add(|r| r.abandoned += abandoned);
-        if !crate::guard::flush_dropped_releases(Duration::from_secs(5)).await {
-            tracing::warn!(
-                "some claims could not be released in time; they expire with their lease"
+    let finish = Finish {
+        tasks,
+        settler,
+        settlings,
+        tally: Arc::clone(&tally),
+        shutdown_deadline,
+    };
+    let finishing = if result.is_ok() {
+        finish.run().await;
+        None
+    } else {
+        // The consumer failed (connection or channel lost): the handlers in
+        // flight finish in the background (their Redis writes matter; their
+        // acks cannot reach the broker, which redelivers those messages)
+        // while the caller reconnects. Never aborted for a mere reconnect.
+        let running = finish.tasks.len();
+        if running > 0 {
+            tracing::info!(
+                running,
+                "the consumer stopped: its handlers in flight finish in the background"
             );
         }
-    }
-    // Every delivery task is gone: the settler sends what is left and ends.
-    drop(settler);
-    let abort = settling.abort_handle();
-    match tokio::time::timeout(shutdown_deadline, settling).await {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => tracing::error!(
-            "the settler task failed; unsettled deliveries return when the channel closes"
-        ),
-        Err(_) => {
-            abort.abort();
-            tracing::warn!(
-                "the broker did not take the last acks in time; those deliveries return when the channel closes"
-            );
-        }
-    }
+        Some(tokio::spawn(finish.run()))
+    };
     if let Some(channel) = channel.filter(|_| close_channel)
         && let Ok(Err(err)) =
             tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await
     {
         tracing::warn!(error = %err, "closing the channel failed");
     }
-    let report = tally.snapshot();
-    tracing::info!(?report, "runner stopped");
-    (report, result)
+    tracing::info!(report = ?tally.snapshot(), "runner stopped");
+    (result, finishing)
+}
+
+tokio::task_local! {
+    /// Set by the runner around each delivery: true once it stops.
+    static STOPPING: watch::Receiver<bool>;
+}
+
+/// Completes once the runner that called the layer stops; never when the
+/// layer was called by something else.
+pub(crate) async fn runner_stopping() {
+    match STOPPING.try_with(watch::Receiver::clone) {
+        Ok(mut stopping) => {
+            if stopping.wait_for(|stopping| *stopping).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// What is left of a runner once it stopped taking deliveries.
+struct Finish {
+    tasks: JoinSet<()>,
+    settler: Settler,
+    settlings: Vec<tokio::task::JoinHandle<()>>,
+    tally: Arc<Tally>,
+    shutdown_deadline: Duration,
+}
+
+impl Finish {
+    /// Waits for the handlers in flight, up to the deadline, then abandons
+    /// the rest (their claims are kept until their leases end), and lets
+    /// the settlers send what is left.
+    async fn run(self) {
+        let Self {
+            mut tasks,
+            settler,
+            settlings,
+            tally,
+            shutdown_deadline,
+        } = self;
+        let drained = tokio::time::timeout(shutdown_deadline, async {
+            while let Some(joined) = tasks.join_next().await {
+                log_join(joined);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            let abandoned = tasks.len() as u64;
+            tracing::warn!(abandoned, deadline = ?shutdown_deadline, "handlers still running at the shutdown deadline: abandoning them; their claims are kept until their leases end");
+            tasks.shutdown().await;
+            tally.add(|r| r.abandoned += abandoned);
+            if !crate::guard::flush_dropped_releases(Duration::from_secs(5)).await {
+                tracing::warn!(
+                    "some claims could not be released in time; they expire with their lease"
+                );
+            }
+        }
+        // Every delivery task is gone: the settlers send what is left and end.
+        drop(settler);
+        for settling in settlings {
+            let abort = settling.abort_handle();
+            match tokio::time::timeout(shutdown_deadline, settling).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => tracing::error!(
+                    "the settler task failed; unsettled deliveries return when the channel closes"
+                ),
+                Err(_) => {
+                    abort.abort();
+                    tracing::warn!(
+                        "the broker did not take the last acks in time; those deliveries return when the channel closes"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// A consumer and what keeps it alive, as returned by the `connect`
@@ -620,7 +752,10 @@ where
     let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
-    let mut total = ServeReport::default();
+    // One tally for every session, so that handlers of a lost session that
+    // finish in the background still count.
+    let tally = Arc::new(Tally::default());
+    let mut finishing = Vec::new();
     let mut delay = FIRST_DELAY;
     let mut sessions = 0u64;
     let outcome = loop {
@@ -648,7 +783,7 @@ where
             }
         };
         if sessions > 0 {
-            total.reconnects += 1;
+            tally.add(|r| r.reconnects += 1);
             tracing::info!("reconnected to RabbitMQ: consuming again");
         }
         sessions += 1;
@@ -662,8 +797,9 @@ where
             channel: Some(channel),
             close_channel: true,
         };
-        let (report, result) = run(consumer, service.clone(), options).await;
-        total += report;
+        let (result, background) =
+            run(consumer, service.clone(), options, Arc::clone(&tally)).await;
+        finishing.extend(background);
         // A dead connection may never answer the close: bounded.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "OK".into())).await;
         match result {
@@ -681,7 +817,11 @@ where
         delay = (delay * 2).min(MAX_DELAY);
     };
     watcher.abort();
-    outcome.map(|()| total)
+    // Handlers of lost sessions finish (each within the shutdown deadline).
+    for background in finishing {
+        let _ = background.await;
+    }
+    outcome.map(|()| tally.snapshot())
 }
 
 struct DeadLetters {

@@ -525,6 +525,36 @@ fn stats_matches_the_scope_literally() {
 }
 
 #[test]
+fn stats_escapes_the_scope_as_keys_do() {
+    // The library writes scope `a:b` as `a%3Ab`, so that it cannot collide
+    // with scope `a`; stats must look where inspect and the layer look.
+    let mut space = Space::new("stats-colon");
+    let key = amqp_idempotency::fingerprint::record_key(&space.prefix, "a:b", "7");
+    space.set(&key, "d:", Some(60_000));
+    let other = amqp_idempotency::fingerprint::record_key(&space.prefix, "a", "b:7");
+    space.set(&other, "d:", Some(60_000));
+    let run = space.cli(&["--scope", "a:b", "inspect", "7"]);
+    assert_eq!(run.code, Some(0), "inspect finds it: {run:?}");
+    let run = space.cli(&["stats", "--scope", "a:b"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.count("done"), 1, "{run:?}");
+    assert_eq!(run.count("total"), 1, "scope `a` is not counted: {run:?}");
+}
+
+#[test]
+fn stats_does_not_count_the_write_probe() {
+    // A paused consumer proves Redis takes writes again with a probe key
+    // under its scope; it is not a record.
+    let mut space = Space::new("stats-probe");
+    space.set(&space.key("orders", "1"), "d:", Some(60_000));
+    let probe = format!("{}:orders:\u{0}probe", space.prefix);
+    space.set(&probe, "probe", Some(60_000));
+    let run = space.cli(&["stats", "--scope", "orders"]);
+    assert_eq!(run.count("total"), 1, "{run:?}");
+    assert_eq!(run.count("unrecognized"), 0, "{run:?}");
+}
+
+#[test]
 fn a_malformed_url_is_a_usage_error_that_shows_the_expected_form() {
     let run = cli(&["--redis-url", "not a url", "stats"], &[]);
     assert_eq!(run.code, Some(2), "{run:?}");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use amqp_idempotency::store::{MemoryStore, Store};
+use amqp_idempotency::store::{Expect, MemoryStore, Record, Store};
 use amqp_idempotency::{
     BoxError, Config, Disposition, HandlerError, IdempotencyLayer, NoFingerprintPolicy,
     OutcomeKind, StoreError, StoreFailurePolicy,
@@ -310,12 +310,20 @@ async fn a_hung_handler_times_out_and_is_retried() {
 struct FlakyStore {
     inner: MemoryStore,
     down: Arc<AtomicBool>,
+    /// Claims fail with an error about the key (like WRONGTYPE).
+    refuse: Arc<AtomicBool>,
+    /// Transitions fail with an error about the key.
+    refuse_transitions: Arc<AtomicBool>,
 }
 
 impl FlakyStore {
     fn check(&self, op: &'static str) -> Result<(), StoreError> {
         if self.down.load(Ordering::SeqCst) {
             Err(StoreError::new(op, "", true, "connection refused"))
+        } else if self.refuse.load(Ordering::SeqCst) && op == "claim"
+            || self.refuse_transitions.load(Ordering::SeqCst) && op == "transition"
+        {
+            Err(StoreError::new(op, "", false, "WRONGTYPE"))
         } else {
             Ok(())
         }
@@ -335,7 +343,7 @@ impl Store for FlakyStore {
     async fn transition(
         &self,
         key: &str,
-        from: &str,
+        from: Expect<'_>,
         to: Option<&str>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
@@ -346,26 +354,24 @@ impl Store for FlakyStore {
         self.check("get")?;
         self.inner.get(key).await
     }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.check("ping")
+    async fn probe(&self, _key: &str) -> Result<(), StoreError> {
+        self.check("probe")
     }
 }
 
 #[tokio::test(start_paused = true)]
-async fn fail_closed_does_not_run_the_handler_and_pauses_until_the_store_answers() {
+async fn fail_closed_holds_the_delivery_and_pauses_until_the_store_takes_writes() {
     let store = FlakyStore::default();
     store.down.store(true, Ordering::SeqCst);
     let runs = Arc::new(AtomicUsize::new(0));
     let mut svc = IdempotencyLayer::new(store.clone(), "q", config())
         .unwrap()
         .layer(counting(runs.clone(), |_| Ok(())));
-    let outcome = svc
-        .clone()
-        .oneshot(delivery(Some("m"), b"x"))
-        .await
-        .unwrap();
-    assert_eq!(outcome.kind(), OutcomeKind::StoreUnavailable);
-    assert!(matches!(outcome.disposition(), Disposition::Requeue { .. }));
+    // Held, not requeued: a requeue would count against a quorum queue's
+    // delivery limit.
+    let held = tokio::spawn(svc.clone().oneshot(delivery(Some("m"), b"x")));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(!held.is_finished(), "held while the store refuses writes");
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     // Not ready while the store is down...
     let ready = tokio::time::timeout(Duration::from_secs(2), svc.ready()).await;
@@ -373,14 +379,109 @@ async fn fail_closed_does_not_run_the_handler_and_pauses_until_the_store_answers
         ready.is_err(),
         "poll_ready must stay pending while Redis is down"
     );
-    // ...and ready again once it answers.
+    // ...and ready again once it answers; the held delivery is processed.
     store.down.store(false, Ordering::SeqCst);
+    let outcome = held.await.unwrap().unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Processed);
     tokio::time::timeout(Duration::from_secs(10), svc.ready())
         .await
         .expect("ready after the store is back")
         .unwrap();
     let outcome = svc.call(delivery(Some("m"), b"x")).await.unwrap();
-    assert_eq!(outcome.kind(), OutcomeKind::Processed);
+    assert_eq!(outcome.kind(), OutcomeKind::Duplicate);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_is_held_at_most_half_the_brokers_consumer_timeout() {
+    let store = FlakyStore::default();
+    store.down.store(true, Ordering::SeqCst);
+    let cfg = config().consumer_timeout(Duration::from_secs(600));
+    let started = tokio::time::Instant::now();
+    let outcome = IdempotencyLayer::new(store, "q", cfg)
+        .unwrap()
+        .layer(counting(Arc::default(), |_| Ok(())))
+        .oneshot(delivery(Some("m"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::StoreUnavailable);
+    assert!(matches!(outcome.disposition(), Disposition::Requeue { .. }));
+    let held = started.elapsed();
+    assert!(
+        held >= Duration::from_secs(300) && held < Duration::from_secs(330),
+        "given back before the broker's consumer_timeout would close the channel: {held:?}"
+    );
+}
+
+/// Counts what the layer reports through the `metrics` facade, for the
+/// duration of `body` on a current-thread runtime.
+fn with_metrics(body: impl std::future::Future<Output = ()>) -> String {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(body);
+    });
+    handle.render()
+}
+
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_tell_releases_from_discards_and_count_refusals() {
+    let text = with_metrics(async {
+        let store = FlakyStore::default();
+        let svc = IdempotencyLayer::new(store.clone(), "q", config())
+            .unwrap()
+            .layer(service_fn(|d: Delivery| async move {
+                match d.data.as_slice() {
+                    b"retry" => Err(HandlerError::retryable("again")),
+                    b"poison" => Err(HandlerError::permanent("never")),
+                    _ => Ok(()),
+                }
+            }));
+        let retry = svc
+            .clone()
+            .oneshot(delivery(Some("a"), b"retry"))
+            .await
+            .unwrap();
+        assert_eq!(retry.kind(), OutcomeKind::Retry);
+        let poison = svc
+            .clone()
+            .oneshot(delivery(Some("b"), b"poison"))
+            .await
+            .unwrap();
+        assert_eq!(poison.kind(), OutcomeKind::Failed);
+        store.refuse.store(true, Ordering::SeqCst);
+        let refused = svc
+            .clone()
+            .oneshot(delivery(Some("c"), b"ok"))
+            .await
+            .unwrap();
+        assert_eq!(refused.kind(), OutcomeKind::StoreRefused);
+        store.refuse.store(false, Ordering::SeqCst);
+        store.refuse_transitions.store(true, Ordering::SeqCst);
+        let unrecorded = svc.oneshot(delivery(Some("d"), b"ok")).await.unwrap();
+        assert_eq!(unrecorded.kind(), OutcomeKind::Unrecorded);
+    });
+    assert_eq!(
+        counter(&text, "idempotency_released_total"),
+        1,
+        "a dead-lettered message's discard is not a release:\n{text}"
+    );
+    assert_eq!(
+        counter(&text, "idempotency_store_refused_total"),
+        1,
+        "{text}"
+    );
+    assert_eq!(counter(&text, "idempotency_unrecorded_total"), 1, "{text}");
 }
 
 #[tokio::test]
@@ -418,7 +519,7 @@ async fn a_lost_lease_is_reported_and_still_acked() {
                 let (value, _) = store.get(key).await.unwrap().unwrap();
                 assert!(
                     store
-                        .transition(key, &value, None, Duration::ZERO)
+                        .transition(key, Expect::Value(&value), None, Duration::ZERO)
                         .await
                         .unwrap()
                 );
@@ -437,28 +538,204 @@ async fn a_lost_lease_is_reported_and_still_acked() {
     assert_eq!(value, "p:thief:1:", "the new owner's record is untouched");
 }
 
-#[tokio::test]
-async fn a_dropped_call_releases_its_claim() {
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_call_keeps_its_claim_until_the_lease_ends() {
+    // Shutdown aborts a handler that outlived the deadline: work it
+    // started may still run, so its claim must not be handed to the
+    // redelivered copy before the lease ends.
     let store = MemoryStore::new();
-    let svc = IdempotencyLayer::new(store.clone(), "q", config())
+    let cfg = config()
+        .lease_ttl(Duration::from_secs(3))
+        .handler_timeout(Duration::from_secs(2));
+    let svc = IdempotencyLayer::new(store.clone(), "q", cfg)
         .unwrap()
         .layer(service_fn(|_d: Delivery| async {
             std::future::pending::<()>().await;
             Ok::<_, Infallible>(())
         }));
-    let call = tokio::spawn(svc.oneshot(delivery(Some("m"), b"x")));
+    let call = tokio::spawn(svc.clone().oneshot(delivery(Some("m"), b"x")));
     tokio::time::sleep(Duration::from_millis(50)).await;
     call.abort();
     let _ = call.await;
-    let released =
-        common_eventually(|| {
-            let store = store.clone();
-            async move {
-                matches!(store.get("idem:q:m").await, Ok(Some((v, _))) if v.starts_with("f:1:"))
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    let (value, _) = store.get("idem:q:m").await.unwrap().expect("record kept");
+    assert!(
+        matches!(
+            Record::parse(&value),
+            Some(Record::InProgress { attempt: 1, .. })
+        ),
+        "the abandoned claim is kept, not released: {value}"
+    );
+    let copy = svc
+        .clone()
+        .oneshot(delivery(Some("m"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(
+        copy.kind(),
+        OutcomeKind::InProgressElsewhere,
+        "a copy during the lease does not run"
+    );
+    // After the lease, the next copy takes the claim over as attempt 2.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let store2 = store.clone();
+    let later = IdempotencyLayer::new(store2, "q", config())
+        .unwrap()
+        .layer(service_fn(|_d: Delivery| async { Ok::<_, Infallible>(()) }))
+        .oneshot(delivery(Some("m"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(later.kind(), OutcomeKind::Processed);
+    assert_eq!(later.attempt(), 2, "the abandoned run counts as an attempt");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_handler_keeps_its_claim_until_the_lease_ends() {
+    // The handler's work goes on in a task of its own after the timeout.
+    let running = Arc::new(AtomicUsize::new(0));
+    let overlap = Arc::new(AtomicBool::new(false));
+    let (r, o) = (running.clone(), overlap.clone());
+    let svc = IdempotencyLayer::new(
+        MemoryStore::new(),
+        "q",
+        config()
+            .lease_ttl(Duration::from_secs(3))
+            .handler_timeout(Duration::from_secs(1)),
+    )
+    .unwrap()
+    .layer(service_fn(move |_d: Delivery| {
+        let (r, o) = (r.clone(), o.clone());
+        async move {
+            if r.fetch_add(1, Ordering::SeqCst) > 0 {
+                o.store(true, Ordering::SeqCst);
             }
-        })
-        .await;
-    assert!(released, "an abandoned claim is released in the background");
+            let r = r.clone();
+            // Work the handler started and does not wait for: 2.5s.
+            let work = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+            });
+            let _ = work.await;
+            Ok::<_, Infallible>(())
+        }
+    }));
+    let first = tokio::spawn(svc.clone().oneshot(delivery(Some("m"), b"x")));
+    // After the timeout (1s), before the lease ends (3s): the copy waits.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let copy = svc
+        .clone()
+        .oneshot(delivery(Some("m"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(copy.kind(), OutcomeKind::InProgressElsewhere);
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.kind(), OutcomeKind::Retry);
+    assert!(first.reason().unwrap().contains("timed out"));
+    let retry = svc.oneshot(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(retry.kind(), OutcomeKind::Retry, "the retry times out too");
+    assert!(
+        !overlap.load(Ordering::SeqCst),
+        "the retry never ran beside the timed-out run's work"
+    );
+}
+
+#[tokio::test]
+async fn attempts_count_handler_runs_not_broker_deliveries() {
+    // A quorum queue's x-delivery-count also counts requeues that ran
+    // nothing (in progress elsewhere, a store pause): 16 of those must not
+    // exhaust 5 attempts on the first failure.
+    let mut d = delivery(Some("m"), b"x");
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-delivery-count".into(),
+        lapin::types::AMQPValue::LongLongInt(16),
+    );
+    d.properties = d.properties.with_headers(headers);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(MemoryStore::new(), "q", config())
+        .unwrap()
+        .layer(counting(runs.clone(), |_| {
+            Err(HandlerError::retryable("flaky"))
+        }));
+    let outcome = svc.oneshot(d).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Retry);
+    assert_eq!(outcome.attempt(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_that_kills_its_consumer_is_dead_lettered_after_the_last_attempt() {
+    let store = MemoryStore::new();
+    let cfg = config()
+        .max_attempts(3)
+        .lease_ttl(Duration::from_secs(3))
+        .handler_timeout(Duration::from_secs(2));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let svc = IdempotencyLayer::new(store.clone(), "q", cfg)
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async {
+                std::future::pending::<()>().await;
+                Ok::<_, Infallible>(())
+            }
+        }));
+    let mut attempts = Vec::new();
+    for _ in 0..3 {
+        // The consumer dies mid-handler: its future is gone, nothing settles.
+        let call = tokio::spawn(svc.clone().oneshot(delivery(Some("m"), b"x")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        call.abort();
+        let _ = call.await;
+        let (value, _) = store.get("idem:q:m").await.unwrap().expect("record");
+        if let Some(Record::InProgress { attempt, .. }) = Record::parse(&value) {
+            attempts.push(attempt);
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    assert_eq!(attempts, [1, 2, 3], "each crash counts");
+    let outcome = svc.oneshot(delivery(Some("m"), b"x")).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Crashed);
+    assert_eq!(outcome.disposition(), Disposition::DeadLetter);
+    assert!(
+        outcome
+            .reason()
+            .unwrap()
+            .contains("never reached an outcome")
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "the handler did not run again"
+    );
+    assert!(
+        store.get("idem:q:m").await.unwrap().is_none(),
+        "a replay from the parking queue starts afresh"
+    );
+}
+
+#[tokio::test]
+async fn the_handler_cannot_settle_the_delivery_itself() {
+    let svc = IdempotencyLayer::new(MemoryStore::new(), "q", config())
+        .unwrap()
+        .layer(service_fn(|d: Delivery| async move {
+            let acked = d
+                .acker
+                .ack(lapin::options::BasicAckOptions::default())
+                .await;
+            assert!(matches!(acked, Ok(true)), "the handler's ack is a no-op");
+            Ok::<_, Infallible>(())
+        }));
+    let d = delivery(Some("m"), b"x");
+    let runner_acker = d.acker.clone();
+    let outcome = svc.oneshot(d).await.unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Processed);
+    assert!(
+        runner_acker.usable(),
+        "the runner's acker is untouched: it settles after the done mark"
+    );
 }
 
 async fn common_eventually<F, Fut>(mut check: F) -> bool

@@ -439,16 +439,18 @@ async fn with_redis_unreachable_the_handler_does_not_run_and_the_message_stays_q
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let journal = Journal::default();
-    let service = IdempotencyLayer::new(store, &queue.name, config(&common::unique("p")))
-        .unwrap()
-        .layer(service_fn(move |_d: Delivery| {
-            r.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, HandlerError>(()) }
-        }));
+    let layer = IdempotencyLayer::new(store, &queue.name, config(&common::unique("p"))).unwrap();
+    let dedup = layer.deduplicator().clone();
+    let service = layer.layer(service_fn(move |_d: Delivery| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, HandlerError>(()) }
+    }));
     let service = journal.clone().record(service);
-    let seen = journal.until(|j| j.count("store_unavailable") >= 1);
     let report = run_until(&connection, &queue.name, service.clone(), async move {
-        seen.await;
+        // The claim failed: the delivery is held (not requeued) while paused.
+        while !dedup.store_is_down() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // Stay a little longer: paused, nothing else may happen.
         tokio::time::sleep(Duration::from_millis(500)).await;
     })
@@ -459,12 +461,12 @@ async fn with_redis_unreachable_the_handler_does_not_run_and_the_message_stays_q
         "handler not run while Redis is down"
     );
     assert_eq!(
-        journal.count("store_unavailable"),
-        1,
-        "consumption paused after the first failure: {:?}",
-        journal.events()
+        journal.events(),
+        ["store_unavailable"],
+        "held while paused, given back once at shutdown (not requeued in a loop)"
     );
     assert_eq!(report.acked, 0);
+    assert_eq!(report.requeued, 1);
     let channel = connection.create_channel().await.unwrap();
     assert_eq!(
         ready_count(&channel, &queue.name).await,
@@ -487,7 +489,7 @@ async fn with_redis_unreachable_the_handler_does_not_run_and_the_message_stays_q
 }
 
 #[tokio::test]
-async fn shutdown_abandons_a_hung_handler_releases_its_claim_and_keeps_the_message() {
+async fn shutdown_abandons_a_hung_handler_keeps_its_claim_and_the_message() {
     let connection = amqp().await;
     let setup = connection.create_channel().await.unwrap();
     let queue = declare_queue(&setup, "shutdown").await;
@@ -520,9 +522,13 @@ async fn shutdown_abandons_a_hung_handler_releases_its_claim_and_keeps_the_messa
     assert!(
         matches!(
             Record::parse(&value),
-            Some(Record::Released { attempts: 1, .. })
+            Some(Record::InProgress {
+                attempt: 1,
+                lingers: true,
+                ..
+            })
         ),
-        "the abandoned claim is released, not left in progress: {value}"
+        "the abandoned claim is kept until its lease ends (its work may still run), not released: {value}"
     );
     let channel = connection.create_channel().await.unwrap();
     assert!(
@@ -879,4 +885,74 @@ async fn a_missing_dead_letter_exchange_is_reported_at_start() {
     );
     assert!(err.to_string().contains("declare it"), "{err}");
     let _ = finish(&connection, &queue).await;
+}
+
+#[tokio::test]
+async fn serve_follows_lapins_automatic_recovery_after_a_cut_connection() {
+    let proxy = common::Proxy::start(5672).await;
+    let direct = amqp().await;
+    let setup = direct.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "recover").await;
+    let url = common::amqp_url().replace(":5672", &format!(":{}", proxy.port));
+    assert_ne!(
+        url,
+        common::amqp_url(),
+        "AMQP_URL must name port 5672 for this test"
+    );
+    let recovering = lapin::Connection::connect(
+        &url,
+        lapin::ConnectionProperties::default().enable_auto_recover(),
+    )
+    .await
+    .expect("connect through the proxy");
+    let (channel, consumer) = consumer(&recovering, &queue.name, 8).await;
+    let journal = Journal::default();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(move |_d: Delivery| {
+        let s = s.clone();
+        async move {
+            s.notify_one();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, HandlerError>(())
+        }
+    }));
+    // The copy of `first` whose ack died with the old channel comes back
+    // as a duplicate; `second` is published after the cut.
+    let stop = journal.until(|j| j.count("processed") >= 2 && j.count("duplicate") >= 1);
+    let runner = tokio::spawn(serve(
+        consumer,
+        journal.clone().record(service),
+        ServeOptions::new()
+            .concurrency(8)
+            .shutdown_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+            })
+            .channel(channel),
+    ));
+    publish(&setup, &queue.name, b"first", Some("first-1")).await;
+    started.notified().await;
+    assert!(
+        proxy.cut() >= 1,
+        "the consumer's connection went through the proxy"
+    );
+    publish(&setup, &queue.name, b"second", Some("second-1")).await;
+    let report = runner
+        .await
+        .unwrap()
+        .expect("serve keeps consuming through lapin's recovery");
+    assert_eq!(journal.count("processed"), 2, "{:?}", journal.events());
+    assert_eq!(journal.count("duplicate"), 1, "{:?}", journal.events());
+    assert!(report.reconnects >= 1, "{report:?}");
+    assert!(
+        report.unsettled >= 1,
+        "the ack on the old channel was never counted as done: {report:?}"
+    );
+    assert_eq!(finish(&direct, &queue).await, (0, 0));
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use amqp_idempotency::store::{ClaimOutcome, MemoryStore, Record, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, Expect, MemoryStore, Record, Store, Token};
 
 const LEASE: Duration = Duration::from_millis(300);
 const RETENTION: Duration = Duration::from_secs(60);
@@ -189,6 +189,81 @@ async fn foreign_values_are_reported_not_overwritten<S: Store>(store: S) {
     );
 }
 
+async fn an_expired_lease_is_taken_over_as_the_next_attempt<S: Store>(store: S) {
+    // The owner died mid-handler: nobody completed or released the claim.
+    let key = key();
+    let crashed = acquire(&store, &key, &Token::new()).await;
+    assert!(!crashed.after_crash());
+    let early = store.claim(&key, &Token::new(), "h1", LEASE).await.unwrap();
+    assert!(
+        matches!(early, ClaimOutcome::InProgress { remaining: Some(left) } if left <= LEASE),
+        "during the lease the record is in progress: {early:?}"
+    );
+    tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
+    let heir = acquire(&store, &key, &Token::new()).await;
+    assert_eq!(heir.attempt(), 2, "the crashed run counts as an attempt");
+    assert!(heir.after_crash());
+    tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
+    let third = acquire(&store, &key, &Token::new()).await;
+    assert_eq!(third.attempt(), 3);
+}
+
+async fn complete_writes_the_mark_where_the_key_vanished<S: Store>(store: S) {
+    // Our lease expired and nobody took over (here: the key was deleted).
+    let key = key();
+    let claim = acquire(&store, &key, &Token::new()).await;
+    assert!(
+        store
+            .transition(&key, Expect::Value(claim.value()), None, Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    assert!(store.complete(&claim, RETENTION).await.unwrap());
+    let dup = store.claim(&key, &Token::new(), "h1", LEASE).await.unwrap();
+    assert_eq!(
+        dup,
+        ClaimOutcome::Done,
+        "the effect that happened is recorded"
+    );
+    // Release and renew still need the key to be ours.
+    let key = format!("{key}-2");
+    let claim = acquire(&store, &key, &Token::new()).await;
+    store
+        .transition(&key, Expect::Value(claim.value()), None, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!store.release(&claim, RETENTION).await.unwrap());
+    assert!(!store.renew(&claim, LEASE).await.unwrap());
+}
+
+async fn a_record_of_the_previous_format_expires_with_its_lease<S: Store>(store: S) {
+    // 0.1.0 wrote in-progress records without the `+`: their lease is the
+    // key's whole life, so they are never taken over early.
+    let key = key();
+    let old = Record::InProgress {
+        token: "0123456789abcdef0123456789abcdef".into(),
+        attempt: 1,
+        payload_hash: "h1".into(),
+        lingers: false,
+    };
+    assert!(
+        old.encode()
+            .starts_with("p:0123456789abcdef0123456789abcdef:")
+    );
+    store
+        .insert_or_get(&key, &old.encode(), LEASE)
+        .await
+        .unwrap();
+    let seen = store.claim(&key, &Token::new(), "h1", LEASE).await.unwrap();
+    assert!(
+        matches!(seen, ClaimOutcome::InProgress { remaining: Some(left) } if left <= LEASE),
+        "{seen:?}"
+    );
+    tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
+    let fresh = acquire(&store, &key, &Token::new()).await;
+    assert_eq!(fresh.attempt(), 1);
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -223,6 +298,9 @@ contract!(
     retried_complete_and_release_are_harmless,
     a_different_payload_is_a_mismatch,
     foreign_values_are_reported_not_overwritten,
+    an_expired_lease_is_taken_over_as_the_next_attempt,
+    complete_writes_the_mark_where_the_key_vanished,
+    a_record_of_the_previous_format_expires_with_its_lease,
 );
 
 #[tokio::test]

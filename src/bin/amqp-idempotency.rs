@@ -22,9 +22,9 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use amqp_idempotency::fingerprint::record_key;
+use amqp_idempotency::fingerprint::{PROBE_NAME, record_key};
 use amqp_idempotency::redact_url;
-use amqp_idempotency::store::Record;
+use amqp_idempotency::store::{CRASH_MEMORY, Record};
 use redis::{Connection, RedisError};
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -564,11 +564,26 @@ fn describe(key: &str, found: &Found) -> String {
             token,
             attempt,
             payload_hash,
+            lingers,
         }) => {
-            lines.push(("state", "in progress".into()));
+            let crash_memory = i64::try_from(CRASH_MEMORY.as_millis()).unwrap_or(i64::MAX);
+            let lease_over = *lingers && found.pttl >= 0 && found.pttl <= crash_memory;
+            if lease_over {
+                lines.push((
+                    "state",
+                    "in progress, lease over: the attempt never finished (its consumer died or \
+                     hung); the next copy takes it over as the next attempt"
+                        .into(),
+                ));
+            } else {
+                lines.push(("state", "in progress".into()));
+            }
             lines.push(("owner token", token.clone()));
             lines.push(("attempt", attempt.to_string()));
             lines.push(("payload hash", hash(payload_hash)));
+            if *lingers && !lease_over && found.pttl >= 0 {
+                lines.push(("lease left", format_ttl(found.pttl - crash_memory)));
+            }
         }
         State::Record(Record::Done {
             payload_hash,
@@ -742,12 +757,18 @@ fn glob_escape(text: &str) -> String {
 
 fn stats(settings: &Settings) -> Result<(), Failure> {
     let shown = redact_url(&settings.redis_url);
-    let shown_pattern = match &settings.scope {
-        Some(scope) => format!("{}:{}:*", settings.prefix, scope),
+    // Keys hold the scope escaped as the library writes it (`a:b` as `a%3Ab`).
+    let scope_prefix = settings.scope.as_ref().map(|scope| {
+        record_key(&settings.prefix, scope, "")
+            .trim_end_matches(':')
+            .to_owned()
+    });
+    let shown_pattern = match &scope_prefix {
+        Some(prefix) => format!("{prefix}:*"),
         None => format!("{}:*", settings.prefix),
     };
-    let pattern = match &settings.scope {
-        Some(scope) => format!("{}:{}:*", glob_escape(&settings.prefix), glob_escape(scope)),
+    let pattern = match &scope_prefix {
+        Some(prefix) => format!("{}:*", glob_escape(prefix)),
         None => format!("{}:*", glob_escape(&settings.prefix)),
     };
     let mut connection = connect(settings)?;
@@ -764,8 +785,10 @@ fn stats(settings: &Settings) -> Result<(), Failure> {
             .arg(SCAN_COUNT)
             .query(&mut connection)
             .map_err(|err| redis_failure(&shown, &err))?;
+        // The key a paused consumer writes to test Redis is not a record.
         let fresh: Vec<Vec<u8>> = keys
             .into_iter()
+            .filter(|key| !key.ends_with(PROBE_NAME.as_bytes()))
             .filter(|key| seen.insert(key.clone()))
             .collect();
         if !fresh.is_empty() {

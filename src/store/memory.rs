@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::Store;
+use super::{Expect, Store};
 use crate::error::StoreError;
 
 /// An in-process [`Store`]: for tests and single-process consumers.
@@ -121,28 +121,43 @@ impl Store for MemoryStore {
     async fn transition(
         &self,
         key: &str,
-        from: &str,
+        from: Expect<'_>,
         to: Option<&str>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let mut guard = self.lock();
         let entries = &mut guard.map;
-        let Some(entry) = Self::live(entries, key) else {
-            return Ok(false);
-        };
-        if entry.value == from {
-            match to {
-                Some(to) => {
-                    entry.value = to.to_owned();
-                    entry.expires_at = expiry(ttl);
-                }
-                None => {
-                    entries.remove(key);
-                }
+        let now = Instant::now();
+        let matches = match (Self::live(entries, key), from) {
+            (None, Expect::ValueOrAbsent(_)) => true,
+            (None, _) => false,
+            (Some(entry), Expect::Value(value) | Expect::ValueOrAbsent(value)) => {
+                entry.value == value
             }
-            return Ok(true);
+            (Some(entry), Expect::Expired { value, grace }) => {
+                entry.value == value && entry.expires_at - now <= grace
+            }
+        };
+        if !matches {
+            return Ok(to.is_some_and(|to| {
+                Self::live(entries, key).is_some_and(|entry| entry.value == to)
+            }));
         }
-        Ok(to.is_some_and(|to| entry.value == to))
+        match to {
+            Some(to) => {
+                entries.insert(
+                    key.to_owned(),
+                    Entry {
+                        value: to.to_owned(),
+                        expires_at: expiry(ttl),
+                    },
+                );
+            }
+            None => {
+                entries.remove(key);
+            }
+        }
+        Ok(true)
     }
 
     async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
@@ -152,7 +167,7 @@ impl Store for MemoryStore {
             .map(|entry| (entry.value.clone(), Some(entry.expires_at - now))))
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
+    async fn probe(&self, _key: &str) -> Result<(), StoreError> {
         Ok(())
     }
 }

@@ -28,13 +28,22 @@
 //!
 //! | value | state | expiry |
 //! |---|---|---|
-//! | `p:<token>:<attempt>:<payload hash>` | in progress, owned by `token` | the lease |
+//! | `p:<token>+:<attempt>:<payload hash>` | in progress, owned by `token` | the lease, then [`CRASH_MEMORY`] more |
+//! | `p:<token>:<attempt>:<payload hash>` | in progress (written by 0.1.0) | the lease |
 //! | `d:<payload hash>:<token>` | done, by the claim `token` | the retention |
 //! | `f:<attempts>:<payload hash>:<token>` | released by `token` after `attempts` failed attempts | the retention |
 //!
 //! The done and released values name the token that wrote them, so a
 //! retried transition can tell its own earlier write from another
 //! consumer's.
+//!
+//! An in-progress record outlives its lease by [`CRASH_MEMORY`]: when its
+//! owner dies mid-handler (kill -9, OOM kill, an abort), the next claim
+//! finds the record with its lease over, takes it over (atomically, only if
+//! the lease is still over) and counts the dead attempt, so a message that
+//! kills its consumer is dead-lettered after the configured attempts
+//! instead of looping. The `+` after the token marks such records; an
+//! in-progress record without it (written by 0.1.0) expires with its lease.
 //!
 //! A store implements four primitives (insert-if-absent returning the old
 //! value, a compare-and-set transition, a read, a ping); the state machine
@@ -57,6 +66,12 @@ pub use self::redis::RedisStore;
 const AMBIGUOUS_RETRIES: usize = 2;
 /// How often a takeover of a released record is retried when raced.
 const TAKEOVER_RETRIES: usize = 3;
+
+/// How long an in-progress record is kept after its lease ended, so that the
+/// next claim can tell that the previous attempt never finished (its
+/// consumer crashed) and count it. The same for every consumer: the lease
+/// left is the record's time to live minus this.
+pub const CRASH_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
 /// A unique claim token: 64 random bits per process plus a counter.
 ///
@@ -114,6 +129,10 @@ pub enum Record {
         attempt: u32,
         /// Hash of the payload being processed ("" when not checked).
         payload_hash: String,
+        /// True when the record is kept [`CRASH_MEMORY`] past its lease
+        /// (the `+` after the token); false for 0.1.0's records, which
+        /// expire with their lease.
+        lingers: bool,
     },
     /// Processed.
     Done {
@@ -142,14 +161,21 @@ impl Record {
         let clean = |text: &str| !text.contains(':');
         match kind {
             "p" => {
-                let token = field()?.to_owned();
+                let token = field()?;
+                let (token, lingers) = match token.strip_suffix('+') {
+                    Some(token) => (token.to_owned(), true),
+                    None => (token.to_owned(), false),
+                };
                 let attempt = field()?.parse().ok()?;
                 let payload_hash = field()?.to_owned();
-                (!token.is_empty() && clean(&payload_hash)).then_some(Self::InProgress {
-                    token,
-                    attempt,
-                    payload_hash,
-                })
+                (!token.is_empty() && !token.contains('+') && clean(&payload_hash)).then_some(
+                    Self::InProgress {
+                        token,
+                        attempt,
+                        payload_hash,
+                        lingers,
+                    },
+                )
             }
             "d" => {
                 let payload_hash = field()?.to_owned();
@@ -180,7 +206,11 @@ impl Record {
                 token,
                 attempt,
                 payload_hash,
-            } => format!("p:{token}:{attempt}:{payload_hash}"),
+                lingers,
+            } => {
+                let mark = if *lingers { "+" } else { "" };
+                format!("p:{token}{mark}:{attempt}:{payload_hash}")
+            }
             Self::Done {
                 payload_hash,
                 token,
@@ -211,6 +241,7 @@ pub struct Claim {
     attempt: u32,
     payload_hash: String,
     value: String,
+    after_crash: bool,
 }
 
 impl Claim {
@@ -219,6 +250,7 @@ impl Claim {
             token: token.to_owned(),
             attempt,
             payload_hash: payload_hash.to_owned(),
+            lingers: true,
         };
         Self {
             key: key.to_owned(),
@@ -226,7 +258,15 @@ impl Claim {
             attempt,
             payload_hash: payload_hash.to_owned(),
             value: record.encode(),
+            after_crash: false,
         }
+    }
+
+    /// True when the previous attempt never reached an outcome: its lease
+    /// ran out with nobody completing or releasing it (its consumer
+    /// crashed, was killed, or hung), and this claim took the record over.
+    pub fn after_crash(&self) -> bool {
+        self.after_crash
     }
 
     /// The Redis key.
@@ -239,7 +279,8 @@ impl Claim {
         &self.token
     }
 
-    /// Which attempt this is, starting at 1.
+    /// Which attempt this is, starting at 1: handler runs, counted in the
+    /// record (failed ones and ones that never finished), not deliveries.
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
@@ -292,12 +333,47 @@ pub enum ClaimOutcome {
     },
 }
 
+/// What a [`Store::transition`] must find at the key before it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect<'a> {
+    /// Exactly this value.
+    Value(&'a str),
+    /// This value, or no key at all: a done mark may be written where our
+    /// lease expired with nobody taking the key over.
+    ValueOrAbsent(&'a str),
+    /// This value with at most `grace` left to live: an in-progress record
+    /// whose lease is over (see [`CRASH_MEMORY`]). Checked in the same
+    /// atomic step as the write, so a renewal that lands first wins.
+    Expired {
+        /// The in-progress value.
+        value: &'a str,
+        /// The time to live at or below which the lease is over.
+        grace: Duration,
+    },
+}
+
+impl Expect<'_> {
+    /// The value expected at the key.
+    pub fn value(&self) -> &str {
+        match self {
+            Self::Value(value) | Self::ValueOrAbsent(value) | Self::Expired { value, .. } => value,
+        }
+    }
+}
+
 /// A key/value store with expiry that can hold idempotency records.
 ///
 /// Implementors provide four primitives; the claim/renew/complete/release
 /// transitions are provided methods built on them, so every store follows
 /// the same state machine. Every write after a claim is a
 /// [`transition`](Self::transition) that checks the current value first.
+///
+/// Errors: a [`StoreError`] that [`is_unavailable`](StoreError::is_unavailable)
+/// pauses consumption (fail-closed) until [`probe`](Self::probe) succeeds;
+/// any other error is about that one key (a key of another type, say) and
+/// dead-letters that one message. So a store returns unavailable for
+/// anything that is not about the key: outages, timeouts, but also refused
+/// credentials, missing permissions, a full or read-only server.
 pub trait Store: Send + Sync + 'static {
     /// Sets `key` to `value` with a `ttl` only if it is absent, and returns
     /// the previous value (`None`: the write happened). One round trip:
@@ -309,14 +385,14 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 
-    /// If `key` holds `from`, replaces it with `to` (with a `ttl`), or
-    /// deletes it when `to` is `None`, and returns true. Also returns true
-    /// when `key` already holds `to`, so a retried transition is safe.
-    /// Otherwise changes nothing and returns false.
+    /// If `key` holds what `from` expects, replaces it with `to` (with a
+    /// `ttl`), or deletes it when `to` is `None`, and returns true. Also
+    /// returns true when `key` already holds `to`, so a retried transition
+    /// is safe. Otherwise changes nothing and returns false.
     fn transition(
         &self,
         key: &str,
-        from: &str,
+        from: Expect<'_>,
         to: Option<&str>,
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
@@ -327,15 +403,20 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
     ) -> impl Future<Output = Result<Option<(String, Option<Duration>)>, StoreError>> + Send;
 
-    /// Checks that the store answers.
-    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Proves that the store accepts a write, by writing a short-lived
+    /// `key` that no record uses. A `PING` is not enough: a Redis that is
+    /// full, read-only or unable to persist answers it while refusing
+    /// every write. Ends a pause.
+    fn probe(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Claims `key` for `token` with a `lease`.
     ///
     /// `payload_hash` is compared with the hash stored in an existing
     /// record; pass `""` to skip that check. An unanswered request is
     /// retried with the same token, and finding our own token counts as
-    /// acquired, never as a duplicate.
+    /// acquired, never as a duplicate. A record whose lease ran out without
+    /// an outcome is taken over, as the next attempt
+    /// ([`Claim::after_crash`]).
     fn claim(
         &self,
         key: &str,
@@ -344,10 +425,11 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
         async move {
+            let ttl = lease.saturating_add(CRASH_MEMORY);
             let fresh = Claim::new(key, token.as_str(), 1, payload_hash);
             for _ in 0..TAKEOVER_RETRIES {
                 let previous =
-                    retry_ambiguous(|| self.insert_or_get(key, fresh.value(), lease)).await?;
+                    retry_ambiguous(|| self.insert_or_get(key, fresh.value(), ttl)).await?;
                 let Some(previous) = previous else {
                     return Ok(ClaimOutcome::Acquired(fresh));
                 };
@@ -360,27 +442,50 @@ pub trait Store: Send + Sync + 'static {
                         stored: stored.to_owned(),
                     });
                 }
-                match record {
+                let (from, next) = match record {
                     Record::InProgress {
                         token: owner,
                         attempt,
                         ..
                     } if owner == token.as_str() => {
-                        return Ok(ClaimOutcome::Acquired(Claim::new(
+                        let mut ours = Claim::new(key, token.as_str(), attempt, payload_hash);
+                        // Our own earlier claim, whose reply was lost: the
+                        // stored value is the one every later write checks.
+                        ours.value = previous;
+                        return Ok(ClaimOutcome::Acquired(ours));
+                    }
+                    Record::InProgress {
+                        attempt, lingers, ..
+                    } => {
+                        // The lease left tells waiting from taking over; a
+                        // failure to read it must not fail the claim.
+                        let ttl_left = match self.get(key).await {
+                            Ok(Some((value, ttl))) if value == previous => ttl,
+                            Ok(_) => continue,
+                            Err(_) => None,
+                        };
+                        let remaining = match (lingers, ttl_left) {
+                            (true, Some(left)) => left.saturating_sub(CRASH_MEMORY),
+                            (false, Some(left)) => left,
+                            (_, None) => return Ok(ClaimOutcome::InProgress { remaining: None }),
+                        };
+                        if !lingers || !remaining.is_zero() {
+                            return Ok(ClaimOutcome::InProgress {
+                                remaining: Some(remaining),
+                            });
+                        }
+                        let mut next = Claim::new(
                             key,
                             token.as_str(),
-                            attempt,
+                            attempt.saturating_add(1),
                             payload_hash,
-                        )));
-                    }
-                    Record::InProgress { .. } => {
-                        // The remaining lease is only a hint for waiting; a
-                        // failure to read it must not fail the claim.
-                        let remaining = match self.get(key).await {
-                            Ok(Some((_, ttl))) => ttl,
-                            _ => None,
+                        );
+                        next.after_crash = true;
+                        let from = Expect::Expired {
+                            value: &previous,
+                            grace: CRASH_MEMORY,
                         };
-                        return Ok(ClaimOutcome::InProgress { remaining });
+                        (from, next)
                     }
                     Record::Done { .. } => return Ok(ClaimOutcome::Done),
                     Record::Released { attempts, .. } => {
@@ -390,16 +495,15 @@ pub trait Store: Send + Sync + 'static {
                             attempts.saturating_add(1),
                             payload_hash,
                         );
-                        let taken = retry_ambiguous(|| {
-                            self.transition(key, &previous, Some(next.value()), lease)
-                        })
-                        .await?;
-                        if taken {
-                            return Ok(ClaimOutcome::Acquired(next));
-                        }
-                        // Someone else changed the record meanwhile: look again.
+                        (Expect::Value(&previous), next)
                     }
+                };
+                let taken =
+                    retry_ambiguous(|| self.transition(key, from, Some(next.value()), ttl)).await?;
+                if taken {
+                    return Ok(ClaimOutcome::Acquired(next));
                 }
+                // Someone else changed the record meanwhile: look again.
             }
             Ok(ClaimOutcome::InProgress { remaining: None })
         }
@@ -412,14 +516,16 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         async move {
-            retry_ambiguous(|| {
-                self.transition(claim.key(), claim.value(), Some(claim.value()), lease)
-            })
-            .await
+            let ttl = lease.saturating_add(CRASH_MEMORY);
+            let from = Expect::Value(claim.value());
+            retry_ambiguous(|| self.transition(claim.key(), from, Some(claim.value()), ttl)).await
         }
     }
 
-    /// Marks the message done for `retention`; false if the key is no longer ours.
+    /// Marks the message done for `retention`; false if the key is no
+    /// longer ours. Also writes the mark where the key is gone (our lease
+    /// expired and nobody took over), so the effect that happened is
+    /// recorded and a later duplicate is recognised.
     fn complete(
         &self,
         claim: &Claim,
@@ -427,8 +533,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         async move {
             let done = claim.done_value();
-            retry_ambiguous(|| self.transition(claim.key(), claim.value(), Some(&done), retention))
-                .await
+            let from = Expect::ValueOrAbsent(claim.value());
+            retry_ambiguous(|| self.transition(claim.key(), from, Some(&done), retention)).await
         }
     }
 
@@ -443,10 +549,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         async move {
             let released = claim.released_value();
-            retry_ambiguous(|| {
-                self.transition(claim.key(), claim.value(), Some(&released), retention)
-            })
-            .await
+            let from = Expect::Value(claim.value());
+            retry_ambiguous(|| self.transition(claim.key(), from, Some(&released), retention)).await
         }
     }
 
@@ -455,8 +559,8 @@ pub trait Store: Send + Sync + 'static {
     /// False if the key is no longer ours.
     fn discard(&self, claim: &Claim) -> impl Future<Output = Result<bool, StoreError>> + Send {
         async move {
-            retry_ambiguous(|| self.transition(claim.key(), claim.value(), None, Duration::ZERO))
-                .await
+            let from = Expect::Value(claim.value());
+            retry_ambiguous(|| self.transition(claim.key(), from, None, Duration::ZERO)).await
         }
     }
 }
@@ -491,6 +595,13 @@ mod tests {
                 token: "ab".into(),
                 attempt: 3,
                 payload_hash: "ff".into(),
+                lingers: true,
+            },
+            Record::InProgress {
+                token: "ab".into(),
+                attempt: 1,
+                payload_hash: String::new(),
+                lingers: false,
             },
             Record::Done {
                 payload_hash: String::new(),
@@ -514,6 +625,8 @@ mod tests {
             "p::1:x",
             "p:t:one:x",
             "p:t:1:x:y",
+            "p:t++:1:x",
+            "p:+:1:x",
             "d:a:b:c",
             "x:1",
         ] {

@@ -7,43 +7,56 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, RedisError, Script, Value};
-use tokio::sync::{mpsc, oneshot};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, Script, Value};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::Store;
+use super::{Expect, Store};
 use crate::error::{StoreError, redact_url};
 
-/// Compare-and-set on each key: if KEYS[i] holds ARGV[3i-2], set it to
-/// ARGV[3i-1] with a PX of ARGV[3i] (or delete it when ARGV[3i-1] is
-/// empty). A key that already holds its target also answers 1, so a
-/// retried transition is harmless. Each key is checked and written on its
-/// own, and an error on one key (a key of another type, say) is that key's
-/// answer alone; one call carries the transitions of every request that
-/// waited together, so the script's overhead is paid once per round trip.
+/// Compare-and-set on each key. For KEYS[i], ARGV holds five values:
+/// `from`, `to`, `ttl` (PX), `mode` and `grace`. The key is written (set to
+/// `to` with the ttl, or deleted when `to` is empty) when it holds `from`;
+/// with mode `a` also when it is absent; with mode `e` only when, besides,
+/// its PTTL is at most `grace` (an in-progress record whose lease is over).
+/// A key that already holds its target also answers 1, so a retried
+/// transition is harmless. Each key is checked and written on its own, and
+/// an error on one key (a key of another type, say) is that key's answer
+/// alone; one call carries the transitions of every request that waited
+/// together, so the script's overhead is paid once per round trip.
 const TRANSITIONS: &str = r"
 local answers = {}
 for i = 1, #KEYS do
-  local from, to, ttl = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local at = 5 * (i - 1)
+  local from, to, ttl, mode, grace = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
   local current = redis.pcall('GET', KEYS[i])
   if type(current) == 'table' and current.err then
     answers[i] = current
-  elseif current == from then
-    local written
-    if to == '' then
-      written = redis.pcall('DEL', KEYS[i])
-    else
-      written = redis.pcall('SET', KEYS[i], to, 'PX', ttl)
-    end
-    if type(written) == 'table' and written.err then
-      answers[i] = written
-    else
-      answers[i] = 1
-    end
-  elseif to ~= '' and current == to then
-    answers[i] = 1
   else
-    answers[i] = 0
+    local matches = current == from
+    if matches and mode == 'e' then
+      local left = redis.call('PTTL', KEYS[i])
+      matches = left >= 0 and left <= tonumber(grace)
+    elseif not matches and mode == 'a' then
+      matches = current == false
+    end
+    if matches then
+      local written
+      if to == '' then
+        written = redis.pcall('DEL', KEYS[i])
+      else
+        written = redis.pcall('SET', KEYS[i], to, 'PX', ttl)
+      end
+      if type(written) == 'table' and written.err then
+        answers[i] = written
+      else
+        answers[i] = 1
+      end
+    elseif to ~= '' and current == to then
+      answers[i] = 1
+    else
+      answers[i] = 0
+    end
   end
 end
 return answers
@@ -57,8 +70,11 @@ const MAX_IN_FLIGHT: usize = 4;
 
 /// A [`Store`] on Redis 7 or newer (it uses `SET ... NX PX GET`).
 ///
-/// All clones share one multiplexed connection that reconnects by itself,
-/// and one writer task: requests issued while a pipeline is in flight are
+/// All clones share one multiplexed connection and one writer task. A
+/// connection that failed (dropped, timed out, refused our credentials) is
+/// replaced by a new one on the next request, whatever the error was, so
+/// the store recovers by itself once Redis is reachable and the
+/// credentials are right again. The writer task: requests issued while a pipeline is in flight are
 /// sent together as the next pipeline, so under load the claims of many
 /// deliveries and the done marks of earlier ones share a round trip. No
 /// timer is involved: a lone request is sent at once. The token-checked
@@ -81,6 +97,65 @@ pub struct RedisStore {
     stats: Arc<Stats>,
 }
 
+/// The one connection all pipelines share, made again after it failed.
+///
+/// Each connection carries a generation number, so that a pipeline that
+/// failed on an old connection does not throw away the new one.
+struct Link {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    shown: String,
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generations: AtomicU64,
+}
+
+impl Link {
+    fn new(client: redis::Client, shown: String) -> Self {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(RedisStore::RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(RedisStore::RESPONSE_TIMEOUT));
+        Self {
+            client,
+            config,
+            shown,
+            current: Mutex::new(None),
+            generations: AtomicU64::new(0),
+        }
+    }
+
+    /// The current connection, or a new one if there is none.
+    async fn get(&self) -> Result<(u64, MultiplexedConnection), Failure> {
+        let mut current = self.current.lock().await;
+        if let Some((generation, connection)) = &*current {
+            return Ok((*generation, connection.clone()));
+        }
+        let connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await
+            .map_err(|err| {
+                let mut failure = failure(err);
+                failure.message = format!(
+                    "cannot connect to Redis at {}: {}",
+                    self.shown, failure.message
+                );
+                failure
+            })?;
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        *current = Some((generation, connection.clone()));
+        Ok((generation, connection))
+    }
+
+    /// Forgets connection `generation` after it failed; the next request
+    /// connects anew.
+    async fn discard(&self, generation: u64) {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *current = None;
+        }
+    }
+}
+
 #[derive(Default)]
 struct Stats {
     round_trips: AtomicU64,
@@ -96,12 +171,16 @@ enum Op {
     /// Sent as it is.
     Command(Cmd),
     /// Merged with the other transitions of its batch into one script call.
-    Transition {
-        key: String,
-        from: String,
-        to: String,
-        ttl_ms: u64,
-    },
+    Transition(Transition),
+}
+
+struct Transition {
+    key: String,
+    from: String,
+    to: String,
+    ttl_ms: u64,
+    mode: &'static str,
+    grace_ms: u64,
 }
 
 /// A request's failure, before it is named after its operation and key.
@@ -122,11 +201,13 @@ impl RedisStore {
     /// How long a pipeline may wait for its replies before its requests count as unanswered.
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-    /// Connects to Redis at `url` (`redis://host:port/db`).
+    /// Connects to Redis at `url` (`redis://host:port/db`, with
+    /// `redis://user:password@host:port/db` for an ACL user).
     ///
-    /// Fails when the URL is malformed or Redis does not answer; the error
-    /// names the URL. Once connected, a dropped connection is re-established
-    /// in the background and requests in between fail as unavailable.
+    /// Fails when the URL is malformed, Redis does not answer or refuses the
+    /// credentials; the error names the URL (password hidden) and what to
+    /// fix. Once connected, a failed connection is replaced on the next
+    /// request, and requests in between fail as unavailable.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let shown = redact_url(url);
         let client = redis::Client::open(url).map_err(|err| {
@@ -139,33 +220,32 @@ impl RedisStore {
                 ),
             )
         })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Self::RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(Self::RESPONSE_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|err| {
-                StoreError::new(
-                    "connect",
-                    "",
-                    true,
-                    format!(
-                        "cannot reach Redis at {shown}: {err}; start it (for example \
-                         `redis-server --port 6379`) or set REDIS_URL"
-                    ),
-                )
-            })?;
-        Ok(Self::from_connection(connection))
+        let link = Link::new(client, shown.clone());
+        link.get().await.map_err(|failure| {
+            StoreError::new(
+                "connect",
+                "",
+                true,
+                format!(
+                    "{}; start it (for example `redis-server --port 6379`) or set REDIS_URL",
+                    failure.message
+                ),
+            )
+        })?;
+        Ok(Self::start(link))
     }
 
-    /// Wraps an existing connection manager. Must be called within a Tokio
-    /// runtime: it starts the writer task.
-    pub fn from_connection(connection: ConnectionManager) -> Self {
+    /// A store on `client` that connects on its first request. Must be
+    /// called within a Tokio runtime: it starts the writer task.
+    pub fn from_client(client: redis::Client) -> Self {
+        let shown = format!("redis at {}", client.get_connection_info().addr());
+        Self::start(Link::new(client, shown))
+    }
+
+    fn start(link: Link) -> Self {
         let stats = Arc::new(Stats::default());
         let (requests, queue) = mpsc::unbounded_channel();
-        tokio::spawn(write_batches(connection, queue, Arc::clone(&stats)));
+        tokio::spawn(write_batches(Arc::new(link), queue, Arc::clone(&stats)));
         Self { requests, stats }
     }
 
@@ -203,7 +283,7 @@ impl RedisStore {
 /// pipelines travel at once on the multiplexed connection, so a request
 /// never waits for an unrelated pipeline's replies before it is sent.
 async fn write_batches(
-    connection: ConnectionManager,
+    link: Arc<Link>,
     mut queue: mpsc::UnboundedReceiver<Request>,
     stats: Arc<Stats>,
 ) {
@@ -222,7 +302,7 @@ async fn write_batches(
                     }
                 }
                 in_flight.push(send_batch(
-                    connection.clone(),
+                    Arc::clone(&link),
                     batch,
                     Arc::clone(&script),
                     Arc::clone(&stats),
@@ -235,46 +315,45 @@ async fn write_batches(
 }
 
 /// Sends one batch as one pipeline and answers each request.
-async fn send_batch(
-    mut connection: ConnectionManager,
-    batch: Vec<Request>,
-    script: Arc<Script>,
-    stats: Arc<Stats>,
-) {
+async fn send_batch(link: Arc<Link>, batch: Vec<Request>, script: Arc<Script>, stats: Arc<Stats>) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     let mut command_replies = Vec::with_capacity(batch.len());
     let mut transition_replies = Vec::new();
-    let mut transitions = redis::cmd("EVALSHA");
     for request in batch {
         match request.op {
             Op::Command(cmd) => {
                 pipe.add_command(cmd);
                 command_replies.push(request.reply);
             }
-            Op::Transition {
-                key,
-                from,
-                to,
-                ttl_ms,
-            } => {
-                // Keys first, then the arguments: collected apart below.
-                transition_replies.push((key, from, to, ttl_ms, request.reply));
-            }
+            Op::Transition(transition) => transition_replies.push((transition, request.reply)),
         }
     }
+    let mut transitions = redis::cmd("EVALSHA");
     if !transition_replies.is_empty() {
         transitions
             .arg(script.get_hash())
             .arg(transition_replies.len());
-        for (key, ..) in &transition_replies {
-            transitions.arg(key);
+        for (t, _) in &transition_replies {
+            transitions.arg(&t.key);
         }
-        for (_, from, to, ttl_ms, _) in &transition_replies {
-            transitions.arg(from).arg(to).arg(*ttl_ms);
+        for (t, _) in &transition_replies {
+            transitions
+                .arg(&t.from)
+                .arg(&t.to)
+                .arg(t.ttl_ms)
+                .arg(t.mode)
+                .arg(t.grace_ms);
         }
         pipe.add_command(transitions.clone());
     }
+    let (generation, mut connection) = match link.get().await {
+        Ok(connection) => connection,
+        Err(failure) => {
+            answer_all(command_replies, transition_replies, &failure);
+            return;
+        }
+    };
     stats.round_trips.fetch_add(1, Ordering::Relaxed);
     stats
         .commands
@@ -292,14 +371,25 @@ async fn send_batch(
                     pipe.len()
                 ),
             };
+            link.discard(generation).await;
             answer_all(command_replies, transition_replies, &failure);
             return;
         }
         Err(err) => {
+            if breaks_connection(&err) {
+                link.discard(generation).await;
+            }
             answer_all(command_replies, transition_replies, &failure(err));
             return;
         }
     };
+    if replies
+        .iter()
+        .any(|reply| reply.as_ref().is_err_and(breaks_connection))
+    {
+        // NOAUTH and the like: this connection is no longer usable as it is.
+        link.discard(generation).await;
+    }
     let script_reply = (!transition_replies.is_empty()).then(|| replies.pop());
     for (reply, answer) in command_replies.into_iter().zip(replies) {
         let _ = reply.send(answer.map_err(failure));
@@ -324,7 +414,7 @@ async fn send_batch(
     };
     match script_reply.map_err(failure) {
         Ok(Value::Array(answers)) if answers.len() == transition_replies.len() => {
-            for ((.., reply), answer) in transition_replies.into_iter().zip(answers) {
+            for ((_, reply), answer) in transition_replies.into_iter().zip(answers) {
                 let answer = match answer {
                     Value::ServerError(err) => Err(failure(RedisError::from(err))),
                     answer => Ok(answer),
@@ -334,8 +424,10 @@ async fn send_batch(
         }
         Ok(other) => {
             let failure = Failure {
-                unavailable: false,
-                message: format!("unexpected reply to the transition script: {other:?}"),
+                unavailable: true,
+                message: format!(
+                    "unexpected reply to the transition script: {other:?}; is REDIS_URL a Redis 7 (or newer) server?"
+                ),
             };
             answer_all(Vec::new(), transition_replies, &failure);
         }
@@ -345,14 +437,10 @@ async fn send_batch(
 
 type Reply = oneshot::Sender<Result<Value, Failure>>;
 
-fn answer_all(
-    commands: Vec<Reply>,
-    transitions: Vec<(String, String, String, u64, Reply)>,
-    failure: &Failure,
-) {
+fn answer_all(commands: Vec<Reply>, transitions: Vec<(Transition, Reply)>, failure: &Failure) {
     let replies = commands
         .into_iter()
-        .chain(transitions.into_iter().map(|(.., reply)| reply));
+        .chain(transitions.into_iter().map(|(_, reply)| reply));
     for reply in replies {
         let _ = reply.send(Err(Failure {
             unavailable: failure.unavailable,
@@ -361,34 +449,75 @@ fn answer_all(
     }
 }
 
-/// Server errors that say "not now" rather than "never": Redis is full
-/// (`noeviction`), loading, read-only after a failover, busy with a script...
-const TRANSIENT_CODES: &[&str] = &[
-    "OOM",
-    "READONLY",
-    "LOADING",
-    "MASTERDOWN",
-    "TRYAGAIN",
-    "BUSY",
-    "CLUSTERDOWN",
-    "NOREPLICAS",
-    "MISCONF",
-];
+/// True for the errors that are about one key and nothing else: only those
+/// may dead-letter a message. Everything else (an outage, refused
+/// credentials, a missing permission, a full, read-only or loading server,
+/// a cluster redirect, an old server) is systemic: consumption pauses until
+/// a write succeeds.
+fn is_about_the_key(err: &RedisError) -> bool {
+    err.code() == Some("WRONGTYPE")
+}
 
-fn is_unavailable(err: &RedisError) -> bool {
-    err.code()
-        .is_some_and(|code| TRANSIENT_CODES.contains(&code))
-        || err.is_timeout()
+/// True when the connection that produced `err` cannot be used any more:
+/// it broke, or the server no longer accepts it as authenticated.
+fn breaks_connection(err: &RedisError) -> bool {
+    err.is_timeout()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
         || err.is_io_error()
         || err.is_unrecoverable_error()
+        || err.kind() == ErrorKind::AuthenticationFailed
+        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS"))
+}
+
+/// What an operator should do about a systemic error, if we can tell.
+fn remedy(err: &RedisError) -> Option<&'static str> {
+    let text = err.to_string();
+    let code = err.code().unwrap_or("");
+    let remedy = if err.kind() == ErrorKind::AuthenticationFailed
+        || matches!(code, "NOAUTH" | "WRONGPASS")
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+    {
+        "Redis refused the credentials: put the right user and password in REDIS_URL \
+         (redis://user:password@host:port)"
+    } else if code == "NOPERM" || text.contains("NOPERM") {
+        "the Redis ACL user lacks a permission: grant the commands and key pattern listed \
+         in the README (Least privilege)"
+    } else if matches!(code, "MOVED" | "ASK" | "CLUSTERDOWN" | "CROSSSLOT") {
+        "REDIS_URL points at a Redis Cluster node, which this standalone client cannot use: \
+         give it a standalone Redis (or primary) instead"
+    } else if code == "OOM" {
+        "Redis is out of memory (maxmemory with noeviction): raise maxmemory or lower \
+         IDEMPOTENCY_DONE_TTL; consumption resumes once a write succeeds"
+    } else if code == "READONLY" {
+        "Redis is a read-only replica (after a failover?): point REDIS_URL at the primary"
+    } else if code == "MISCONF" {
+        "Redis refuses writes because it cannot persist (stop-writes-on-bgsave-error): \
+         fix its disk or persistence settings"
+    } else if code == "NOREPLICAS" {
+        "Redis has fewer replicas than min-replicas-to-write: bring the replicas back"
+    } else if code == "LOADING" {
+        "Redis is loading its dataset: consumption resumes when it is done"
+    } else if code == "BUSY" {
+        "Redis is busy running a slow script: wait, or SCRIPT KILL it"
+    } else if code == "ERR" && (text.contains("syntax error") || text.contains("unknown command")) {
+        "the server does not support `SET key value NX PX ms GET`: amqp-idempotency needs \
+         Redis 7.0 or newer (or Valkey)"
+    } else {
+        return None;
+    };
+    Some(remedy)
 }
 
 fn failure(err: RedisError) -> Failure {
+    let message = match remedy(&err) {
+        Some(remedy) => format!("{err} ({remedy})"),
+        None => err.to_string(),
+    };
     Failure {
-        unavailable: is_unavailable(&err),
-        message: err.to_string(),
+        unavailable: !is_about_the_key(&err),
+        message,
     }
 }
 
@@ -405,8 +534,10 @@ fn parse<T: redis::FromRedisValue>(
         StoreError::new(
             operation,
             key,
-            false,
-            format!("unexpected reply from Redis: {err}"),
+            true,
+            format!(
+                "unexpected reply from Redis: {err}; is REDIS_URL a Redis 7 (or newer) server?"
+            ),
         )
     })
 }
@@ -432,16 +563,23 @@ impl Store for RedisStore {
     async fn transition(
         &self,
         key: &str,
-        from: &str,
+        from: Expect<'_>,
         to: Option<&str>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let op = Op::Transition {
+        let (mode, grace_ms) = match from {
+            Expect::Value(_) => ("", 0),
+            Expect::ValueOrAbsent(_) => ("a", 0),
+            Expect::Expired { grace, .. } => ("e", millis(grace)),
+        };
+        let op = Op::Transition(Transition {
             key: key.to_owned(),
-            from: from.to_owned(),
+            from: from.value().to_owned(),
             to: to.unwrap_or("").to_owned(),
             ttl_ms: millis(ttl),
-        };
+            mode,
+            grace_ms,
+        });
         let reply = self.send("transition", key, op).await?;
         Ok(parse::<i64>("transition", key, reply)? == 1)
     }
@@ -462,10 +600,10 @@ impl Store for RedisStore {
         Ok(value.map(|value| (value, ttl)))
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        let reply = self
-            .send("ping", "", Op::Command(redis::cmd("PING")))
-            .await?;
-        parse::<String>("ping", "", reply).map(drop)
+    async fn probe(&self, key: &str) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg("probe").arg("PX").arg(10_000);
+        let reply = self.send("probe", key, Op::Command(cmd)).await?;
+        parse::<String>("probe", key, reply).map(drop)
     }
 }

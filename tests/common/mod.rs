@@ -321,3 +321,32 @@ impl Drop for Proxy {
         self.cut();
     }
 }
+
+/// Runs `redis-cli` against the Redis on `port` (as `password`, if given)
+/// and returns what it printed; panics with the command when it fails.
+pub fn redis_cli(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    let mut command = Command::new("redis-cli");
+    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(password) = password {
+        command.args(["--no-auth-warning", "-a", password]);
+    }
+    let output = command
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run redis-cli (apt-get install redis-tools): {err}"));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && !text.starts_with("ERR") && !text.starts_with("NOAUTH"),
+        "redis-cli -p {port} {args:?} failed: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+/// A port nothing listens on.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free port")
+}
