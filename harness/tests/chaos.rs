@@ -1,4 +1,4 @@
-//! Runs the fault-injection suite (`examples/chaos.rs`) in its CI
+//! Runs the fault-injection suite (`src/bin/chaos`) in its CI
 //! configuration: 2000 messages, 20% duplicates, 3 consumer processes,
 //! seed 7, every fault enabled; debug build.
 //!
@@ -8,35 +8,23 @@
 
 use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Well under the 3 minutes CI allows, compilation of the example included.
+use harness::amqp::split_amqp_url;
+use harness::env::{DEFAULT_AMQP_URL, env_or};
+
+/// Well under the 3 minutes CI allows (Cargo built the binary beforehand).
 const LIMIT: Duration = Duration::from_secs(170);
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL")
-        .ok()
-        .filter(|url| !url.trim().is_empty())
-        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-/// `host:port` of an AMQP URL.
-fn broker_address(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let hostport = authority.rsplit('@').next().unwrap_or_default();
-    match hostport.rfind(':') {
-        Some(colon) if !hostport[colon..].contains(']') => hostport.to_owned(),
-        _ if hostport.is_empty() => "127.0.0.1:5672".to_owned(),
-        _ => format!("{hostport}:5672"),
-    }
-}
 
 /// Fails (never skips) when the broker does not answer.
 fn require_rabbitmq() {
-    let url = amqp_url();
-    let address = broker_address(&url);
+    let url = env_or("AMQP_URL", DEFAULT_AMQP_URL).unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned());
+    let address = match split_amqp_url(&url) {
+        Ok((address, _, _)) => address,
+        Err(err) => panic!("the chaos suite cannot run against this broker: {err}"),
+    };
     let reachable = address
         .to_socket_addrs()
         .map_err(|err| err.to_string())
@@ -69,13 +57,8 @@ fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String
 fn chaos_suite_loses_nothing_and_explains_every_duplicate() {
     require_rabbitmq();
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chaos"))
         .args([
-            "run",
-            "--quiet",
-            "--example",
-            "chaos",
-            "--",
             "--messages",
             "2000",
             "--duplicates",
@@ -85,21 +68,26 @@ fn chaos_suite_loses_nothing_and_explains_every_duplicate() {
             "--seed",
             "7",
         ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        // Its own process group: the suite, its consumers and its
+        // redis-server, to kill together if it overruns.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("cannot run cargo");
+        .expect("cannot run the chaos binary");
     let stdout = drain(child.stdout.take().expect("piped stdout"));
     let stderr = drain(child.stderr.take().expect("piped stderr"));
     let status = loop {
-        if let Some(status) = child.try_wait().expect("cannot wait for cargo") {
+        if let Some(status) = child.try_wait().expect("cannot wait for the chaos suite") {
             break status;
         }
         if started.elapsed() > LIMIT {
-            // The suite exits by itself (and stops its consumers and its
-            // redis-server) once its parent is gone.
+            // SIGKILL to the whole group: a killed suite cannot stop its
+            // consumers and its redis-server itself.
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
             let stderr = stderr.join().unwrap_or_default();

@@ -1,4 +1,4 @@
-//! The benchmark harness (`examples/bench.rs`) in its quick mode: it runs,
+//! The benchmark (`src/bin/bench`) in its quick mode: it runs,
 //! and its counts are right (no message lost, none processed twice).
 //! Timing is never asserted. Needs the local RabbitMQ and Redis.
 
@@ -6,15 +6,15 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// Runs the harness (debug build) with `args` after `--quick` and returns
-/// its JSON lines; fails with the harness's stderr if it exits non-zero.
+/// Runs the benchmark (the binary Cargo built for these tests, debug) with
+/// `args` after `--quick` and returns its JSON lines; fails with its stderr
+/// if it exits non-zero.
 fn bench(args: &[&str]) -> Vec<Value> {
-    let output = Command::new(env!("CARGO"))
-        .args(["run", "--quiet", "--example", "bench", "--", "--quick"])
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--quick")
         .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-        .expect("run `cargo run --example bench`");
+        .expect("cannot run the bench binary");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

@@ -1,0 +1,159 @@
+//! Benchmark harness (issue 5): what does the idempotency middleware cost
+//! compared with a plain lapin consumer on the same broker, in the same run?
+//!
+//! It pre-fills a fresh queue on the local RabbitMQ (publisher confirms,
+//! pipelined in batches) and drains it with each variant, interleaved
+//! (A B C A B C ...) for several rounds:
+//!
+//! - `raw_single`: plain lapin consume + one `basic.ack` per message;
+//! - `raw_multi`: plain lapin consume + `basic.ack(multiple=true)` over the
+//!   contiguous prefix of finished delivery tags. The faster of the two
+//!   `raw` sub-variants is the ceiling (`raw_msgs_per_s` in the summary);
+//! - `naive`: the obvious implementation: a deadpool-redis pool, one
+//!   connection checked out per command, `SET key 1 NX EX 86400` to claim,
+//!   then `SET key done EX 86400` to mark done, one ack per message;
+//! - `ours`: the crate's [`serve`] runner + [`IdempotencyLayer`] on a
+//!   [`RedisStore`], default [`Config`] apart from the prefetch and a key
+//!   prefix unique to the run.
+//!
+//! [`serve`]: amqp_idempotency::serve
+//! [`IdempotencyLayer`]: amqp_idempotency::IdempotencyLayer
+//! [`RedisStore`]: amqp_idempotency::store::RedisStore
+//! [`Config`]: amqp_idempotency::Config
+//!
+//! Every variant processes up to `--prefetch` deliveries at once (spawned
+//! tasks bounded by a semaphore, like the runner), and its handler does the
+//! same thing: sleep `--handler-delay-ms` when it is above zero, then count
+//! one execution for the message id.
+//!
+//! Per variant and round it prints one JSON line:
+//!
+//! - `msgs_per_s`: published messages / time from `basic.consume` to the last ack;
+//! - `p50_ms`, `p99_ms`: delivery-to-ack latency. Pre-filled: from the moment
+//!   the consumer got the delivery to the return of the ack call. Open loop
+//!   (`--open-loop-rate`): from the publish timestamp (header
+//!   `x-bench-sent-ns`, nanoseconds since the harness started) to the ack.
+//!   For `ours` the runner acks internally, so the end point is the moment
+//!   the service returned its `Outcome`; the runner issues the ack right after;
+//! - `redis_roundtrips_per_msg`: client-side count (naive: commands sent
+//!   plus pool checkouts, each of which costs deadpool-redis's recycle
+//!   `UNWATCH`+`PING` round trip; ours: pipelines sent, from
+//!   `RedisStore::round_trips`, since requests that wait together share one;
+//!   ours_mem: calls to the store primitives, through `CountingStore`);
+//! - `redis_cmds_per_msg`: from `INFO commandstats` (sum of `calls=`) before
+//!   and after the drain. Server-wide: commands run inside Lua scripts count
+//!   too, and so do other clients of the same Redis (noise);
+//! - `ack_frames_per_msg`: ack/nack/reject calls issued by the consumer;
+//! - `consumer_cpu_us_per_msg`: utime + stime of this process
+//!   (`/proc/self/stat`, converted with `getconf CLK_TCK`, 100 if unknown)
+//!   during the drain, per message. In open-loop mode it includes the publisher;
+//! - `redis_server_cpu_us_per_msg` (`INFO cpu`) and `broker_cpu_us_per_msg`
+//!   (the local `beam.smp`'s `/proc/<pid>/stat`): server-side CPU during
+//!   the drain, per message, `null` when unavailable. Both servers are
+//!   shared, so other load on the machine shows up here;
+//! - `processed` (distinct ids executed), `duplicates` (deliveries suppressed
+//!   as duplicates; for raw, executions beyond the first), plus `published`,
+//!   `unique`, `executions`, `ok`.
+//!
+//! The last line is the summary (medians over rounds):
+//! `{"raw_msgs_per_s":..,"ours_msgs_per_s":..,"naive_msgs_per_s":..,"ratio":ours/raw,"redis_roundtrips_per_msg":..,"p99_ms":..}`
+//! (round trips and p99 are `ours`'; extra keys follow). In open-loop mode
+//! every variant runs at the publish rate, so look at the latencies, not the ratio.
+//!
+//! The process exits non-zero when a variant lost a message or ran one twice
+//! (`processed != unique`, or, for naive and ours, `executions != unique`).
+//! Queues and Redis keys of the run are deleted at the end.
+//!
+//! ```text
+//! cargo run --release -p harness --bin bench -- --messages 100000 --prefetch 256 --payload 64 --rounds 3
+//! cargo run --release -p harness --bin bench -- --open-loop-rate 10000 --variants raw,ours
+//! cargo run -p harness --bin bench -- --quick          # 2000 messages, 1 round: for CI
+//! ```
+//!
+//! Options: `--messages N` (100000), `--payload BYTES` (64), `--prefetch P`
+//! (256), `--duplicates F` (fraction of the messages that re-publish an
+//! earlier message id with the same body, 0), `--handler-delay-ms D` (0),
+//! `--rounds R` (3), `--variants raw,naive,ours` (all; `raw_single` and
+//! `raw_multi` select one raw sub-variant; `ours_mem`, never run by default,
+//! is ours over a plain in-process map instead of Redis: what the runner and
+//! layer cost by themselves), `--open-loop-rate MSGS_PER_S`
+//! (publish concurrently at that rate instead of pre-filling), `--quick`
+//! (2000 messages and 1 round unless given explicitly).
+//!
+//! Services: `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`)
+//! and `REDIS_URL` (default `redis://127.0.0.1:6379`). Queues are
+//! non-durable and messages transient, so the numbers measure the consumer
+//! side rather than the broker's disk.
+//!
+//! # Where things are
+//!
+//! - [`options`]: the command line;
+//! - [`plan`]: the message ids to publish and their bodies;
+//! - [`publish`]: pre-filling a queue, or publishing in open loop;
+//! - [`variants`]: the consumers under test (`raw`, `naive`, `ours`);
+//! - [`stats`]: what a drain counts, and when it is done;
+//! - [`meter`]: wall clock and CPU (this process, Redis, the broker);
+//! - [`run`](mod@run): the rounds, one fresh queue per variant and round;
+//! - [`report`]: the JSON lines.
+//!
+//! Connecting to the services and the Redis `INFO` counters come from the
+//! `harness` library.
+
+mod meter;
+mod options;
+mod plan;
+mod publish;
+mod report;
+mod run;
+mod stats;
+mod variants;
+
+use std::process::ExitCode;
+
+use crate::options::parse_args;
+use crate::run::run;
+
+const USAGE: &str = "usage: bench [--messages N] [--payload BYTES] [--prefetch P] [--duplicates F]
+             [--handler-delay-ms D] [--rounds R] [--variants raw,naive,ours]
+             [--open-loop-rate MSGS_PER_S] [--runtime current|multi] [--quick]
+--runtime: the tokio runtime every variant runs on (default current: one thread,
+           fewer wakeups, the faster choice on a small machine)
+env: AMQP_URL (amqp://guest:guest@127.0.0.1:5672/%2f), REDIS_URL (redis://127.0.0.1:6379)";
+
+fn main() -> ExitCode {
+    let options = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("bench: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = if options.multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("bench: error: cannot start the tokio runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(options)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(message) => {
+            eprintln!("bench: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

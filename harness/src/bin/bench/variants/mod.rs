@@ -1,0 +1,172 @@
+//! The benchmark variants, and the consume loop that `raw` and `naive`
+//! share:
+//!
+//! - `raw_single` (here) and `raw_multi` ([`raw`]): plain lapin consumers;
+//! - [`naive`]: a deadpool-redis connection per command;
+//! - [`ours`]: the crate's runner and layer.
+
+pub mod naive;
+pub mod ours;
+pub mod raw;
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use harness::amqp::new_channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::meter::{Measured, Meter};
+use crate::run::Ctx;
+use crate::stats::{RunStats, latency_start, message_id};
+
+/// A consumer under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    RawSingle,
+    RawMulti,
+    Naive,
+    Ours,
+    /// Diagnostic, only when asked for: ours over the in-process
+    /// `MemoryStore`, to separate the runner and layer from Redis.
+    OursMemory,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RawSingle => "raw_single",
+            Self::RawMulti => "raw_multi",
+            Self::Naive => "naive",
+            Self::Ours => "ours",
+            Self::OursMemory => "ours_mem",
+        }
+    }
+
+    /// Whether the variant suppresses duplicates (raw runs every delivery).
+    pub fn deduplicates(self) -> bool {
+        matches!(self, Self::Naive | Self::Ours | Self::OursMemory)
+    }
+}
+
+pub async fn consume(channel: &Channel, queue: &str, prefetch: u16) -> Result<Consumer, String> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|err| format!("basic.qos failed: {err}"))?;
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|err| format!("basic.consume on `{queue}` failed: {err}"))
+}
+
+pub async fn stop_consumer(channel: &Channel, consumer: &Consumer) {
+    let _ = channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await;
+    let _ = channel.close(200, "OK".into()).await;
+}
+
+/// raw_single, raw_multi and naive: a consume loop that spawns one task per
+/// delivery, at most `prefetch` at once, until every message is settled.
+pub async fn drain_plain(
+    ctx: &Ctx,
+    variant: Variant,
+    queue: &str,
+    key_prefix: &str,
+    stats: &Arc<RunStats>,
+    ready: oneshot::Sender<()>,
+) -> Result<Measured, String> {
+    let channel = new_channel(&ctx.consume_conn).await?;
+    let meter = Meter::start();
+    let mut consumer = consume(&channel, queue, ctx.options.prefetch).await?;
+    let _ = ready.send(());
+    let slots = Arc::new(Semaphore::new(usize::from(ctx.options.prefetch)));
+    let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+    let tracker = (variant == Variant::RawMulti).then(|| {
+        tokio::spawn(raw::ack_contiguous_prefix(
+            channel.clone(),
+            finished_rx,
+            Arc::clone(stats),
+        ))
+    });
+    let key_prefix: Arc<str> = key_prefix.into();
+    let consume_loop = async {
+        loop {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return "the semaphore closed".to_owned();
+            };
+            let delivery = match consumer.next().await {
+                None => return "the consumer was cancelled".to_owned(),
+                Some(Err(err)) => return format!("the consumer failed: {err}"),
+                Some(Ok(delivery)) => delivery,
+            };
+            let stats = Arc::clone(stats);
+            match variant {
+                Variant::RawSingle => {
+                    tokio::spawn(async move {
+                        let start = latency_start(&delivery);
+                        stats.handle(message_id(&delivery)).await;
+                        ack_one(&delivery, &stats, start).await;
+                        drop(slot);
+                    });
+                }
+                Variant::RawMulti => {
+                    let finished = finished_tx.clone();
+                    tokio::spawn(async move {
+                        let start = latency_start(&delivery);
+                        stats.handle(message_id(&delivery)).await;
+                        let _ = finished.send((delivery.delivery_tag, start));
+                        drop(slot);
+                    });
+                }
+                Variant::Naive => {
+                    let pool = ctx.pool.clone();
+                    let key_prefix = Arc::clone(&key_prefix);
+                    tokio::spawn(async move {
+                        let start = latency_start(&delivery);
+                        naive::naive(&pool, &key_prefix, &delivery, &stats, start).await;
+                        drop(slot);
+                    });
+                }
+                Variant::Ours | Variant::OursMemory => {
+                    unreachable!("ours runs through `serve`")
+                }
+            }
+        }
+    };
+    let result = tokio::select! {
+        done = stats.wait_done() => done,
+        failure = consume_loop => Err(failure),
+    };
+    let measured = meter.stop();
+    drop(finished_tx);
+    stop_consumer(&channel, &consumer).await;
+    if let Some(tracker) = tracker {
+        tracker.abort();
+    }
+    result.map(|()| measured)
+}
+
+pub async fn ack_one(delivery: &Delivery, stats: &RunStats, start: u64) {
+    RunStats::count(&stats.ack_calls);
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => stats.settle(start),
+        Ok(false) => {
+            eprintln!("bench: ack of {} not sent", delivery.delivery_tag);
+            RunStats::count(&stats.errors);
+        }
+        Err(err) => {
+            eprintln!("bench: ack of {} failed: {err}", delivery.delivery_tag);
+            RunStats::count(&stats.errors);
+        }
+    }
+}

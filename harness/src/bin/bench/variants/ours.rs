@@ -1,0 +1,206 @@
+//! `ours` (and `ours_mem`): the crate's [`serve`] runner and
+//! [`IdempotencyLayer`] with default settings, over a store wrapped to count
+//! calls, and a service wrapper that watches each [`Outcome`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use amqp_idempotency::store::{Expect, Store};
+use amqp_idempotency::{
+    BoxError, Config, Disposition, IdempotencyLayer, Outcome, OutcomeKind, ServeOptions,
+    StoreError, serve,
+};
+use harness::amqp::new_channel;
+use lapin::message::Delivery;
+use tokio::sync::oneshot;
+use tower::{Layer, Service, service_fn};
+
+use crate::meter::{Measured, Meter};
+use crate::run::Ctx;
+use crate::stats::{RunStats, latency_start, message_id};
+use crate::variants::consume;
+
+/// A store that counts calls to the four primitives and delegates them.
+///
+/// `claim`/`renew`/`complete`/`release` are provided methods of [`Store`]
+/// built on the primitives, and `RedisStore` does one round trip per
+/// primitive, so the count is the number of Redis round trips. If the
+/// library ever overrides a provided method in `RedisStore` (a pipelined
+/// claim, say), this wrapper must delegate that method too, or the benchmark
+/// would measure the provided fallback instead of the override.
+struct CountingStore<S> {
+    inner: S,
+    stats: Arc<RunStats>,
+}
+
+impl<S> CountingStore<S> {
+    fn tick(&self) {
+        RunStats::count(&self.stats.redis_roundtrips);
+    }
+}
+
+impl<S: Store> Store for CountingStore<S> {
+    async fn insert_or_get(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        self.tick();
+        self.inner.insert_or_get(key, value, ttl).await
+    }
+
+    async fn transition(
+        &self,
+        key: &str,
+        from: Expect<'_>,
+        to: Option<&str>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.tick();
+        self.inner.transition(key, from, to, ttl).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
+        self.tick();
+        self.inner.get(key).await
+    }
+
+    async fn probe(&self, key: &str) -> Result<(), StoreError> {
+        self.tick();
+        self.inner.probe(key).await
+    }
+}
+
+/// Wraps the idempotency service to see each [`Outcome`]: counts
+/// duplicates and requeues, and records the latency up to the outcome
+/// (the runner acks right after it).
+#[derive(Clone)]
+struct Observe<S> {
+    inner: S,
+    stats: Arc<RunStats>,
+}
+
+impl<S> Service<Delivery> for Observe<S>
+where
+    S: Service<Delivery, Response = Outcome, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Outcome;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Outcome, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, delivery: Delivery) -> Self::Future {
+        let start = latency_start(&delivery);
+        let stats = Arc::clone(&self.stats);
+        let call = self.inner.call(delivery);
+        Box::pin(async move {
+            let result = call.await;
+            match &result {
+                Ok(outcome) => {
+                    match outcome.kind() {
+                        OutcomeKind::Processed => {}
+                        OutcomeKind::Duplicate => RunStats::count(&stats.duplicates),
+                        OutcomeKind::InProgressElsewhere => {}
+                        other => {
+                            eprintln!("bench: unexpected outcome {other} ({:?})", outcome.reason());
+                            RunStats::count(&stats.errors);
+                        }
+                    }
+                    match outcome.disposition() {
+                        Disposition::Ack => stats.settle(start),
+                        Disposition::Requeue { .. } => RunStats::count(&stats.requeued),
+                        // Never comes back: counted as settled so the run ends (and fails).
+                        Disposition::DeadLetter => stats.settled_n(1),
+                    }
+                }
+                Err(err) => {
+                    eprintln!("bench: the service failed: {err}");
+                    RunStats::count(&stats.errors);
+                    RunStats::count(&stats.requeued);
+                }
+            }
+            result
+        })
+    }
+}
+
+/// ours: the crate's runner and layer, default settings, over `store`.
+pub async fn drain_ours<S: Store>(
+    ctx: &Ctx,
+    store: S,
+    queue: &str,
+    key_prefix: &str,
+    stats: &Arc<RunStats>,
+    ready: oneshot::Sender<()>,
+) -> Result<Measured, String> {
+    let config = Config::default()
+        .prefetch(ctx.options.prefetch)
+        .key_prefix(key_prefix);
+    let store = CountingStore {
+        inner: store,
+        stats: Arc::clone(stats),
+    };
+    let layer = IdempotencyLayer::new(store, queue, config)
+        .map_err(|err| format!("cannot build the idempotency layer: {err}"))?;
+    let handler_stats = Arc::clone(stats);
+    let handler = service_fn(move |delivery: Delivery| {
+        let stats = Arc::clone(&handler_stats);
+        let id = message_id(&delivery);
+        async move {
+            stats.handle(id).await;
+            Ok::<_, Infallible>(())
+        }
+    });
+    let service = Observe {
+        inner: layer.layer(handler),
+        stats: Arc::clone(stats),
+    };
+    let waiter = Arc::clone(stats);
+    let stalled = Arc::new(Mutex::new(None));
+    let stalled_in = Arc::clone(&stalled);
+    let shutdown = async move {
+        if let Err(err) = waiter.wait_done().await {
+            *stalled_in
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(err);
+        }
+    };
+    let options = ServeOptions::new()
+        .concurrency(usize::from(ctx.options.prefetch))
+        .shutdown_on(shutdown);
+
+    let channel = new_channel(&ctx.consume_conn).await?;
+    let meter = Meter::start();
+    let consumer = consume(&channel, queue, ctx.options.prefetch).await?;
+    let _ = ready.send(());
+    let served = serve(consumer, service, options).await;
+    let measured = meter.stop();
+    let _ = channel.close(200, "OK".into()).await;
+    let report = served.map_err(|err| format!("serve failed: {err}"))?;
+    // The runner counts the ack/nack/reject frames it sent (consecutive
+    // acks share one `multiple` frame).
+    stats.ack_calls.store(report.frames, Ordering::Relaxed);
+    if report.unsettled + report.abandoned > 0 {
+        stats
+            .errors
+            .fetch_add(report.unsettled + report.abandoned, Ordering::Relaxed);
+    }
+    if let Some(err) = stalled
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take()
+    {
+        return Err(err);
+    }
+    Ok(measured)
+}

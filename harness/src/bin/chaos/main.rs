@@ -1,0 +1,194 @@
+//! Fault-injection suite for `amqp-idempotency` (issue 4): proves with
+//! numbers that no message is lost and that every duplicate effect falls in
+//! one of the windows DESIGN.md admits, while consumers are killed, paused,
+//! and cut off from Redis and RabbitMQ.
+//!
+//! # What it does
+//!
+//! 1. Starts its own `redis-server` on a free port (AOF with
+//!    `appendfsync always` in a temporary directory, so a restart keeps the
+//!    keys; the shared Redis on 6379 is never touched), declares a fresh
+//!    queue on the real RabbitMQ at `AMQP_URL` with a dead-letter exchange
+//!    and queue behind it, and opens two TCP proxies on `127.0.0.1:0`, one
+//!    to Redis and one to RabbitMQ.
+//! 2. Starts `--consumers` consumer processes: this same binary re-executed
+//!    with a hidden `--role consumer`. They reach Redis and RabbitMQ only
+//!    through the proxies and run `serve_reconnecting` with the idempotency
+//!    layer (lease 2s, handler timeout 1500ms, prefetch 32, 4 attempts,
+//!    retry backoff 50ms..400ms, dead letters republished with their
+//!    `x-idempotency-*` headers). The handler works 0-1ms, performs its
+//!    effect (a ledger line), then works 0-1ms more.
+//! 3. Publishes `--messages` unique messages (each with a `message_id`), a
+//!    `--duplicates` fraction of them a second time (same `message_id`, same
+//!    body; half of the copies right after their original, half anywhere),
+//!    `--poison` messages (the handler always fails them, retryable, so they
+//!    are dead-lettered after the last attempt) and `--no-fingerprint`
+//!    messages (no `message_id`, empty body: dead-lettered by the default
+//!    policy), shuffled. Half of them go out evenly over about one round of
+//!    faults (or `N / --rate` seconds if longer), the other half in bursts
+//!    released just before each fault, so that faults hit consumers with
+//!    full prefetch windows.
+//! 4. Meanwhile injects faults, one every `--fault-interval-ms` (jittered),
+//!    in rounds that each hold every enabled kind once, ordered by a PRNG
+//!    seeded with `--seed`:
+//!    - `kill`: `kill -9` of a random consumer; a new one takes its slot;
+//!    - `pause`: `SIGSTOP` of a random consumer for the lease plus 1s, then `SIGCONT`;
+//!    - `redis-restart`: `kill -9` of the redis-server, restarted on the same
+//!      port and directory after a short outage;
+//!    - `redis-cut`: every connection through the Redis proxy is dropped;
+//!    - `amqp-cut`: every connection through the RabbitMQ proxy is dropped.
+//! 5. Stops injecting once everything is published, every enabled fault
+//!    happened at least once and every message is accounted for; waits for
+//!    the queue to drain (no ready message, no handler in flight, nothing
+//!    written to the ledger for a few seconds); stops the consumers with
+//!    SIGTERM; reads the dead-letter queue; deletes the queues.
+//!
+//! # Running it
+//!
+//! ```text
+//! cargo run --release -p harness --bin chaos -- --messages 20000 --duplicates 0.2 --consumers 4 --seed 1
+//! cargo run --release -p harness --bin chaos -- --faults kill,pause --fault-interval-ms 800
+//! ```
+//!
+//! Options (defaults in brackets): `--messages N` \[2000\], `--duplicates R`
+//! \[0.2\], `--consumers C` \[3\], `--seed S` \[1\], `--poison F` \[0.01\],
+//! `--no-fingerprint F` \[0.005\], `--faults LIST` \[kill,pause,redis-restart,
+//! redis-cut,amqp-cut; `none` for no faults\], `--fault-interval-ms MS`
+//! \[1500\], `--rate R` \[800 messages/s at most on average; 0 publishes
+//! everything at once\], `--timeout-secs S` \[600, the whole run\], `--keep`
+//! (keep the run directory even when the run passes).
+//! `chaos --analyse <run dir>/ledger.log` classifies a kept ledger again.
+//! Environment: `AMQP_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`; start the broker with
+//! `rabbitmq-server -detached`), `CHAOS_CONSUMER_LOG` (the consumers'
+//! `RUST_LOG`, default `warn`). Needs `redis-server` 7+ and `kill` on the
+//! PATH: Linux and other Unixes only.
+//!
+//! # Reading the output
+//!
+//! Progress goes to stderr. The last line on stdout is one JSON object:
+//!
+//! ```text
+//! {"messages":N,"unique":U,"executions":E,"lost":L,"duplicate_effects":D,
+//!  "explained_duplicates":X,"unexplained_duplicates":Y,"dead_lettered":Q,
+//!  "faults":{"kills":..,"pauses":..,"redis_restarts":..,"redis_cuts":..,"amqp_cuts":..}}
+//! ```
+//!
+//! - `messages`: `--messages`; `unique`: distinct messages published (plain,
+//!   poison and fingerprint-less; duplicates are extra copies of plain ones).
+//! - `executions`: handler runs (effects plus failed poison runs).
+//! - `lost`: plain and fingerprint-less messages that neither took effect
+//!   nor reached the dead-letter queue. Must be 0.
+//! - `duplicate_effects`: effects beyond the first for the same message.
+//!   Each is `explained` when the ledger shows one of the windows DESIGN.md
+//!   admits (a crash after the effect but before the done mark, a pause
+//!   longer than the lease): every earlier execution of that message was cut
+//!   off between its effect and its done mark (its process was killed
+//!   before it wrote an outcome; its outcome was `lease_lost`, `unrecorded`
+//!   or `dropped`; or its process was stopped past the lease while it ran,
+//!   so that its claim expired and its handler timed out after the effect),
+//!   or the later execution itself was stopped past the lease between its
+//!   start and its effect (its claim expired under it). Anything else is
+//!   `unexplained` and must be 0. Progress lists the explanations found.
+//! - `dead_lettered`: messages found in the dead-letter queue at the end
+//!   (poison and fingerprint-less ones, plus any re-dead-lettered copy).
+//! - `faults`: how many of each were injected.
+//!
+//! Exit status: 0 when `lost` and `unexplained_duplicates` are 0, 1 when
+//! not, 2 when the suite could not run (e.g. RabbitMQ unreachable). The run
+//! directory (ledger, one log per consumer process, redis log) is printed
+//! and kept when the run fails or with `--keep`. Lines starting with
+//! `WARNING` point at trouble that does not fail the run by itself, such as
+//! a consumer that did not stop within 15s of SIGTERM.
+//!
+//! # The ledger
+//!
+//! `<run dir>/ledger.log`, appended with `O_APPEND`, one line per event in a
+//! single `write` (so it survives `kill -9` and Redis restarts); times are
+//! microseconds since the Unix epoch:
+//!
+//! ```text
+//! begin   <id> <pid> <nonce> <t>          the delivery entered the idempotent service
+//! effect  <id> <pid> <nonce> <t>          the handler performed its effect
+//! fail    <id> <pid> <nonce> <t>          the handler failed a poison message
+//! outcome <id> <pid> <nonce> <t> <kind>   the layer returned (processed, duplicate, lease_lost, ...)
+//! start <pid> <t> | kill <pid> <t> | pause <pid> <t0> <t1> | exit <pid> <t>
+//! redis-restart <t0> <t1> | redis-cut <t> <n> | amqp-cut <t> <n>
+//! ```
+//!
+//! The nonce is shared by the wrapper that writes `begin`/`outcome` and the
+//! handler through a delivery header (`x-chaos-nonce`): the layer runs the
+//! handler in a task of its own, where a task-local would not be visible.
+//!
+//! # Where things are
+//!
+//! - [`options`]: the orchestrator's command line;
+//! - [`orchestrate`](mod@orchestrate): the run, phase by phase;
+//! - [`supervisor`]: the consumer processes;
+//! - [`consumer`]: what runs inside each of them (`--role consumer`);
+//! - [`faults`]: the fault injectors;
+//! - [`messages`]: what is published, and how fast;
+//! - [`topology`]: the queues, and the dead letters at the end;
+//! - [`ledger`]: the ledger, written; [`tally`]: the ledger, read back;
+//! - [`classify`]: duplicate effects, explained or not (and `--analyse`);
+//! - [`report`]: progress lines, the numbers and the JSON line;
+//! - [`rng`]: the seeded PRNG.
+//!
+//! The redis-server on a free port, the TCP proxies and the AMQP URL
+//! helpers come from the `harness` library.
+
+mod classify;
+mod consumer;
+mod faults;
+mod ledger;
+mod messages;
+mod options;
+mod orchestrate;
+mod report;
+mod rng;
+mod supervisor;
+mod tally;
+mod topology;
+
+use std::process::ExitCode;
+
+use crate::classify::analyse_main;
+use crate::consumer::consumer_main;
+use crate::options::parse_options;
+use crate::orchestrate::orchestrate;
+
+const USAGE: &str = "usage: chaos [--messages N] [--duplicates R] [--consumers C] [--seed S]
+             [--poison F] [--no-fingerprint F] [--faults kill,pause,redis-restart,redis-cut,amqp-cut|none]
+             [--fault-interval-ms MS] [--rate R] [--timeout-secs S] [--keep]
+       chaos --analyse <run dir>/ledger.log
+fault-injection suite: see the doc comment of harness/src/bin/chaos/main.rs";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("--role") {
+        return consumer_main(&argv).await;
+    }
+    if argv.first().map(String::as_str) == Some("--analyse") {
+        return analyse_main(argv.get(1));
+    }
+    let options = match parse_options(&argv) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("error: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match orchestrate(options).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(message) => {
+            eprintln!("chaos: error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The command line of the orchestrator: `--messages`, `--faults`,
+//! `--fault-interval-ms` and the rest, with their defaults.
+
+use std::time::Duration;
+
+use crate::faults::Fault;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub messages: usize,
+    pub duplicates: f64,
+    pub consumers: usize,
+    pub seed: u64,
+    pub poison: f64,
+    pub no_fingerprint: f64,
+    pub faults: Vec<Fault>,
+    pub fault_interval: Duration,
+    pub rate: usize,
+    pub timeout: Duration,
+    pub keep: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            messages: 2000,
+            duplicates: 0.2,
+            consumers: 3,
+            seed: 1,
+            poison: 0.01,
+            no_fingerprint: 0.005,
+            faults: Fault::ALL.to_vec(),
+            fault_interval: Duration::from_millis(1500),
+            rate: 800,
+            timeout: Duration::from_secs(600),
+            keep: false,
+        }
+    }
+}
+
+/// `Ok(None)` means `--help`.
+pub fn parse_options(argv: &[String]) -> Result<Option<Options>, String> {
+    let mut options = Options::default();
+    let mut args = argv.iter();
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, value)) if name.starts_with("--") => (name, Some(value.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next().cloned())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match name {
+            "-h" | "--help" => return Ok(None),
+            "--messages" => options.messages = parse_int(name, &value()?, 1)?,
+            "--consumers" => options.consumers = parse_int(name, &value()?, 1)?,
+            "--seed" => {
+                let text = value()?;
+                options.seed = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("--seed: `{text}` is not an unsigned integer"))?;
+            }
+            "--duplicates" => options.duplicates = parse_fraction(name, &value()?)?,
+            "--poison" => options.poison = parse_fraction(name, &value()?)?,
+            "--no-fingerprint" => options.no_fingerprint = parse_fraction(name, &value()?)?,
+            "--faults" => options.faults = parse_faults(&value()?)?,
+            "--fault-interval-ms" => {
+                let ms = parse_int(name, &value()?, 10)?;
+                options.fault_interval = Duration::from_millis(ms as u64);
+            }
+            "--rate" => options.rate = parse_int(name, &value()?, 0)?,
+            "--timeout-secs" => {
+                let secs = parse_int(name, &value()?, 10)?;
+                options.timeout = Duration::from_secs(secs as u64);
+            }
+            "--keep" => options.keep = true,
+            other => return Err(format!("unknown option `{other}`")),
+        }
+    }
+    Ok(Some(options))
+}
+
+pub fn parse_int(name: &str, text: &str, min: usize) -> Result<usize, String> {
+    text.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n >= min)
+        .ok_or_else(|| format!("{name}: `{text}` is not an integer >= {min}"))
+}
+
+pub fn parse_fraction(name: &str, text: &str) -> Result<f64, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite() && (0.0..=1.0).contains(f))
+        .ok_or_else(|| format!("{name}: `{text}` is not a fraction between 0 and 1"))
+}
+
+pub fn parse_faults(text: &str) -> Result<Vec<Fault>, String> {
+    let text = text.trim();
+    if text.is_empty() || text == "none" {
+        return Ok(Vec::new());
+    }
+    let mut faults = Vec::new();
+    for name in text.split(',').map(str::trim) {
+        let fault = Fault::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| {
+                format!(
+                    "--faults: unknown fault `{name}` (expected kill, pause, redis-restart, redis-cut, amqp-cut or none)"
+                )
+            })?;
+        if !faults.contains(&fault) {
+            faults.push(fault);
+        }
+    }
+    Ok(faults)
+}

@@ -1,0 +1,398 @@
+//! The run, from the orchestrator's side: sets up the suite's redis-server,
+//! the proxies and the queues, starts the consumers, publishes while it
+//! injects faults until every message is accounted for, waits for the queue
+//! to drain, stops everything and hands the ledger to the report.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use amqp_idempotency::{Config, parse_duration};
+use harness::amqp::split_amqp_url;
+use harness::env::{DEFAULT_AMQP_URL, env_or};
+use harness::proxy::Proxy;
+use harness::redis_server::RedisServer;
+use lapin::{Connection, ConnectionProperties};
+use tokio::sync::watch;
+
+use crate::faults::{Fault, Injector, PAUSE_BEYOND_LEASE};
+use crate::ledger::{Ledger, now_us};
+use crate::messages::{Pacer, Plan, publish_all};
+use crate::options::Options;
+use crate::report::{Clock, Findings, conclude};
+use crate::rng::SplitMix;
+use crate::supervisor::{CONSUMER_ENV, Consumers};
+use crate::tally::Tally;
+use crate::topology::{Topology, read_dead_letters, ready_count};
+
+pub async fn orchestrate(options: Options) -> Result<bool, String> {
+    let clock = Clock::start();
+    // When whoever started the suite is gone (e.g. a test that timed out
+    // killed `cargo run`), stop: dropping the consumers and the
+    // redis-server kills them.
+    let parent = std::os::unix::process::parent_id();
+    let orphaned = || {
+        (std::os::unix::process::parent_id() != parent)
+            .then(|| "the process that started the suite is gone: stopping".to_owned())
+    };
+    let amqp_url =
+        env_or("AMQP_URL", DEFAULT_AMQP_URL).unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned());
+    let (upstream, url_head, url_tail) = split_amqp_url(&amqp_url)?;
+    let connection = Connection::connect(&amqp_url, ConnectionProperties::default())
+        .await
+        .map_err(|err| {
+            format!(
+                "cannot reach RabbitMQ at {amqp_url}: {err}\n\
+                 start it with `rabbitmq-server -detached` (or set AMQP_URL to a running broker)"
+            )
+        })?;
+    let admin = connection
+        .create_channel()
+        .await
+        .map_err(|err| format!("cannot open a channel: {err}"))?;
+
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let run_name = format!("chaos-{}-{}-{nanos:x}", options.seed, std::process::id());
+    let dir = std::env::temp_dir().join(&run_name);
+    std::fs::create_dir_all(&dir)
+        .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    clock.say(format!("run directory {}", dir.display()));
+    let ledger_path = dir.join("ledger.log");
+    let ledger = Ledger::open(&ledger_path)
+        .map_err(|err| format!("cannot create the ledger {}: {err}", ledger_path.display()))?;
+
+    let mut redis = RedisServer::start(&dir).await?;
+    let redis_proxy = Proxy::start(format!("127.0.0.1:{}", redis.port())).await?;
+    let amqp_proxy = Proxy::start(upstream.clone()).await?;
+    clock.say(format!(
+        "redis-server on port {} (proxy {}), RabbitMQ {upstream} (proxy {})",
+        redis.port(),
+        redis_proxy.addr(),
+        amqp_proxy.addr()
+    ));
+
+    let topology = Topology::new(&run_name);
+    topology
+        .declare(&admin)
+        .await
+        .map_err(|err| format!("cannot declare the queues: {err}"))?;
+
+    let mut env: Vec<(String, String)> = CONSUMER_ENV
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    env.push((
+        "REDIS_URL".into(),
+        format!("redis://{}", redis_proxy.addr()),
+    ));
+    env.push((
+        "AMQP_URL".into(),
+        format!("{url_head}{}{url_tail}", amqp_proxy.addr()),
+    ));
+    env.push((
+        "RUST_LOG".into(),
+        std::env::var("CHAOS_CONSUMER_LOG").unwrap_or_else(|_| "warn".into()),
+    ));
+    let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let config = Config::from_lookup(lookup).map_err(|err| err.to_string())?;
+    let setting = |name: &str| {
+        lookup(name)
+            .as_deref()
+            .and_then(parse_duration)
+            .unwrap_or_default()
+    };
+    let pause = config.lease() + PAUSE_BEYOND_LEASE;
+    // Longer than anything a consumer may hold a delivery without a ledger line.
+    let quiet = setting("IDEMPOTENCY_IN_PROGRESS_WAIT")
+        + setting("IDEMPOTENCY_RETRY_BACKOFF_MAX")
+        + Duration::from_millis(1600);
+
+    let mut rng = SplitMix::new(options.seed);
+    let mut plan = Plan::new(&options, &mut rng);
+    let unique = plan.unique();
+    let total = plan.publications.len();
+    clock.say(format!(
+        "publishing {total} messages to {}: {} plain, {} duplicates, {} poison, {} without fingerprint; {} consumers; faults: {}",
+        topology.queue,
+        plan.plain.len(),
+        plan.duplicates,
+        plan.poison.len(),
+        plan.no_fingerprint.len(),
+        options.consumers,
+        if options.faults.is_empty() {
+            "none".to_owned()
+        } else {
+            options
+                .faults
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    ));
+
+    let exe = std::env::current_exe()
+        .map_err(|err| format!("cannot find this executable to start consumers: {err}"))?;
+    let mut consumers = Consumers {
+        exe,
+        queue: topology.queue.clone(),
+        ledger: ledger_path.clone(),
+        dir: dir.clone(),
+        env: env.clone(),
+        slots: (0..options.consumers).map(|_| None).collect(),
+        spawned: 0,
+    };
+    for slot in 0..options.consumers {
+        consumers.spawn(slot)?;
+    }
+
+    // Publishing lasts about one round of faults (and no less than
+    // `--rate` allows), so that each fault hits traffic.
+    let mut spread = options
+        .fault_interval
+        .mul_f64(options.faults.len() as f64 + 1.0);
+    if options.faults.contains(&Fault::Pause) {
+        spread += pause;
+    }
+    if options.faults.contains(&Fault::RedisRestart) {
+        spread += Duration::from_secs(1);
+    }
+    if options.rate > 0 {
+        spread = spread.max(Duration::from_secs_f64(total as f64 / options.rate as f64));
+    } else {
+        spread = Duration::ZERO;
+    }
+    let expected_faults = (spread.as_secs_f64() / options.fault_interval.as_secs_f64()).max(1.0);
+    let prefetch = usize::from(config.prefetch_count());
+    let (allowance, allowance_rx) = watch::channel(0usize);
+    let mut pacer = Pacer {
+        total,
+        spread,
+        start: Instant::now(),
+        burst: ((total / 2) as f64 / expected_faults) as usize,
+        bursts: 0,
+        allowance,
+    };
+    pacer.burst = pacer.burst.max(options.consumers * prefetch);
+    pacer.tick();
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher_channel = connection
+        .create_channel()
+        .await
+        .map_err(|err| format!("cannot open a channel: {err}"))?;
+    let mut publisher = Some(tokio::spawn(publish_all(
+        publisher_channel,
+        topology.queue.clone(),
+        std::mem::take(&mut plan.publications),
+        allowance_rx,
+        Arc::clone(&published),
+    )));
+
+    // ---- fault phase
+    let mut tally = Tally::new(&ledger_path);
+    let mut fault_rng = SplitMix::new(options.seed ^ 0xFA17_5EED_0000_0001);
+    let mut counts = [0u64; 5];
+    let mut schedule: Vec<Fault> = Vec::new();
+    let jitter = |rng: &mut SplitMix| options.fault_interval.mul_f64(0.5 + rng.unit());
+    let mut next_fault = Instant::now() + jitter(&mut fault_rng);
+    let deadline = Instant::now() + options.timeout;
+    let mut last_progress = Instant::now();
+    let mut crashes = 0u64;
+    let mut timed_out = false;
+    let fault_summary = |counts: &[u64; 5]| {
+        Fault::ALL
+            .iter()
+            .map(|f| format!("{} {}", f.name(), counts[f.index()]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(message) = orphaned() {
+            return Err(message);
+        }
+        pacer.tick();
+        tally.tail()?;
+        for (slot, pid, status) in consumers.reap() {
+            crashes += 1;
+            ledger.append(&format!("exit {pid} {}", now_us()));
+            clock.say(format!(
+                "consumer {pid} (slot {slot}) exited on its own ({status}); starting another"
+            ));
+            if crashes > 20 {
+                return Err(format!(
+                    "consumers keep exiting; see the logs in {}",
+                    dir.display()
+                ));
+            }
+            consumers.spawn(slot)?;
+        }
+        if publisher.as_ref().is_some_and(|p| p.is_finished())
+            && let Some(handle) = publisher.take()
+        {
+            match handle.await {
+                Ok(Ok(())) => clock.say(format!("published all {total} messages")),
+                Ok(Err(message)) => return Err(message),
+                Err(err) => return Err(format!("the publisher task failed: {err}")),
+            }
+        }
+        let every_fault = options.faults.iter().all(|f| counts[f.index()] > 0);
+        if publisher.is_none() && every_fault && tally.accounted.len() >= unique {
+            clock.say("every message accounted for: no more faults");
+            break;
+        }
+        if Instant::now() >= deadline {
+            clock.say("timeout: stopping the faults");
+            timed_out = true;
+            break;
+        }
+        if last_progress.elapsed() >= Duration::from_secs(2) {
+            last_progress = Instant::now();
+            let ready = ready_count(&admin, &topology.queue)
+                .await
+                .map_or_else(|err| format!("? ({err})"), |n| n.to_string());
+            clock.say(format!(
+                "published {}/{total}, effects {}, accounted {}/{unique}, ready {ready}, in flight {}; faults: {}",
+                published.load(Ordering::SeqCst),
+                tally.effect_lines,
+                tally.accounted.len(),
+                tally.in_flight(),
+                fault_summary(&counts)
+            ));
+        }
+        if options.faults.is_empty() || Instant::now() < next_fault {
+            continue;
+        }
+        if schedule.is_empty() {
+            schedule = options.faults.clone();
+            fault_rng.shuffle(&mut schedule);
+        }
+        let Some(fault) = schedule.pop() else {
+            continue;
+        };
+        if pacer.burst() {
+            // Strike while the burst is still arriving: the publisher is
+            // faster than the consumers, so their prefetch windows are full.
+            tokio::time::sleep(Duration::from_millis(20 + fault_rng.below(60))).await;
+        }
+        let live = consumers.live();
+        let Some(&(slot, pid)) = live.get(fault_rng.below(live.len() as u64) as usize) else {
+            continue;
+        };
+        tally.tail()?;
+        let busy = format!(
+            "{} deliveries in flight, {} in the target",
+            tally.in_flight(),
+            tally.in_flight_of(pid)
+        );
+        let injector = Injector {
+            consumers: &mut consumers,
+            redis: &mut redis,
+            redis_proxy: &redis_proxy,
+            amqp_proxy: &amqp_proxy,
+            ledger: &ledger,
+            clock: &clock,
+            rng: &mut fault_rng,
+            pause,
+        };
+        if injector.inject(fault, slot, pid, &busy).await? {
+            counts[fault.index()] += 1;
+        }
+        next_fault = Instant::now() + jitter(&mut fault_rng);
+    }
+
+    // ---- drain: nothing ready, nothing in flight, every message accounted
+    // for, and the ledger quiet, for `quiet` in a row.
+    clock.say(format!("draining (quiet period {quiet:?})"));
+    let drain_deadline = if timed_out {
+        Instant::now() + Duration::from_secs(30)
+    } else {
+        deadline.max(Instant::now() + Duration::from_secs(60))
+    };
+    let mut settled_since: Option<Instant> = None;
+    let mut drained = false;
+    while Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(message) = orphaned() {
+            return Err(message);
+        }
+        tally.tail()?;
+        for (slot, pid, status) in consumers.reap() {
+            ledger.append(&format!("exit {pid} {}", now_us()));
+            clock.say(format!(
+                "consumer {pid} (slot {slot}) exited on its own ({status}); starting another"
+            ));
+            consumers.spawn(slot)?;
+        }
+        let ready = ready_count(&admin, &topology.queue).await.ok();
+        let settled = ready == Some(0)
+            && tally.in_flight() == 0
+            && tally.accounted.len() >= unique
+            && publisher.is_none();
+        settled_since = match (settled, settled_since) {
+            (false, _) => None,
+            (true, None) => Some(Instant::now()),
+            (true, since) => since,
+        };
+        if settled_since.is_some_and(|since| since.elapsed() >= quiet)
+            && tally.last_growth.elapsed() >= quiet
+        {
+            drained = true;
+            break;
+        }
+        if last_progress.elapsed() >= Duration::from_secs(2) {
+            last_progress = Instant::now();
+            clock.say(format!(
+                "draining: ready {}, in flight {}, accounted {}/{unique}",
+                ready.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                tally.in_flight(),
+                tally.accounted.len()
+            ));
+        }
+    }
+    if drained {
+        clock.say("drained");
+    } else {
+        clock.say("WARNING: the queue did not drain in time");
+    }
+    if let Some(handle) = publisher.take() {
+        handle.abort();
+    }
+
+    let (graceful, forced) = consumers.terminate(Duration::from_secs(15)).await;
+    clock.say(format!("consumers stopped: {graceful} gracefully"));
+    for (pid, log) in &forced {
+        clock.say(format!(
+            "WARNING: consumer {pid} did not stop within 15s of SIGTERM and was killed (stuck; log: {})",
+            log.display()
+        ));
+    }
+    tally.tail()?;
+    let left = ready_count(&admin, &topology.queue).await.unwrap_or(0);
+    let dead = read_dead_letters(&admin, &topology.dead)
+        .await
+        .map_err(|err| format!("cannot read the dead-letter queue: {err}"))?;
+    topology.delete(&admin).await;
+    let _ = connection.close(200, "OK".into()).await;
+    drop(redis_proxy);
+    drop(amqp_proxy);
+    redis.kill();
+
+    Ok(conclude(
+        Findings {
+            options: &options,
+            plan: &plan,
+            tally: &tally,
+            dead: &dead,
+            left,
+            crashes,
+            counts,
+            forced: &forced,
+            dir: &dir,
+        },
+        &clock,
+    ))
+}

@@ -1,0 +1,33 @@
+//! The test harness of `amqp-idempotency`: a benchmark and a fault-injection
+//! suite, run against a real RabbitMQ and a real Redis. Not published.
+//!
+//! ```text
+//! cargo run --release -p harness --bin bench -- --messages 100000 --prefetch 256 --payload 64
+//! cargo run --release -p harness --bin chaos -- --messages 20000 --duplicates 0.2 --consumers 4 --seed 1
+//! ```
+//!
+//! Each binary documents its options and its JSON output at the top of its
+//! `main.rs` (`src/bin/bench/`, `src/bin/chaos/`), and answers `--help`.
+//! This library holds what they have in common, the plumbing around the two
+//! services:
+//!
+//! - [`env`](mod@env): the service URLs from the environment, with their defaults;
+//! - [`amqp`]: connecting to RabbitMQ, publisher confirms, pointing an AMQP
+//!   URL somewhere else;
+//! - [`redis_server`]: a private `redis-server` on a free port, which can be
+//!   killed and restarted;
+//! - [`redis_admin`]: `INFO` counters and key clean-up on a Redis in use;
+//! - [`proxy`]: a TCP proxy whose connections can all be cut at once.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+
+pub mod amqp;
+pub mod env;
+pub mod proxy;
+pub mod redis_admin;
+pub mod redis_server;
+
+use std::time::Duration;
+
+/// How long connecting to a service may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
