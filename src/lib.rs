@@ -8,12 +8,14 @@
 )]
 
 mod config;
+mod dead_letter;
 mod error;
 pub mod fingerprint;
 mod guard;
 mod layer;
 pub mod metrics;
 mod outcome;
+mod report;
 mod runner;
 mod settle;
 pub mod store;
@@ -23,4 +25,5 @@ pub use error::{BoxError, ConfigError, FailureKind, HandlerError, StoreError, re
 pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};
-pub use runner::{ServeError, ServeOptions, ServeReport, Session, serve, serve_reconnecting};
+pub use report::ServeReport;
+pub use runner::{ServeError, ServeOptions, Session, serve, serve_reconnecting};

@@ -29,21 +29,18 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use lapin::BasicProperties;
-use lapin::ExchangeKind;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicCancelOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::options::BasicCancelOptions;
 use lapin::{Channel, Connection, Consumer};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
 
 use crate::config::Config;
+use crate::dead_letter::{DeadLetterCopy, DeadLetters};
 use crate::error::BoxError;
-use crate::outcome::{Disposition, Outcome, OutcomeKind};
+use crate::outcome::{Disposition, Outcome};
+use crate::report::{ServeReport, Tally};
 use crate::settle::Settler;
 
 /// How long closing a channel or connection may take (a dead one may never answer).
@@ -161,41 +158,6 @@ impl ServeOptions {
     }
 }
 
-/// What [`serve`] did, in broker terms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServeReport {
-    /// Deliveries acked.
-    pub acked: u64,
-    /// Deliveries nacked with requeue.
-    pub requeued: u64,
-    /// Deliveries rejected without requeue (dead-lettered).
-    pub dead_lettered: u64,
-    /// Deliveries whose ack/nack/reject did not reach the broker (channel
-    /// closed): the broker redelivers them.
-    pub unsettled: u64,
-    /// Handlers still running at the shutdown deadline, abandoned.
-    pub abandoned: u64,
-    /// Connections re-established by [`serve_reconnecting`], and channels
-    /// recovered by lapin (`ConnectionProperties::enable_auto_recover`).
-    pub reconnects: u64,
-    /// ack / nack / reject frames sent: the acks of consecutive finished
-    /// deliveries share one `multiple` frame, so this is usually well
-    /// below the number of deliveries.
-    pub frames: u64,
-}
-
-impl std::ops::AddAssign for ServeReport {
-    fn add_assign(&mut self, other: Self) {
-        self.acked += other.acked;
-        self.requeued += other.requeued;
-        self.dead_lettered += other.dead_lettered;
-        self.unsettled += other.unsettled;
-        self.abandoned += other.abandoned;
-        self.reconnects += other.reconnects;
-        self.frames += other.frames;
-    }
-}
-
 /// Why [`serve`] stopped early.
 #[derive(Debug)]
 pub enum ServeError {
@@ -237,70 +199,6 @@ impl std::error::Error for ServeError {
             Self::Service(err) => Some(&**err),
             Self::DeadLetterExchange { error, .. } => Some(error),
         }
-    }
-}
-
-#[derive(Default)]
-pub(crate) struct Tally {
-    report: std::sync::Mutex<ServeReport>,
-}
-
-impl Tally {
-    /// Counts the broker's answer to an ack/nack/reject of `tag`.
-    /// Counts one frame sent to the broker.
-    pub(crate) fn frame(&self) {
-        self.add(|r| r.frames += 1);
-    }
-
-    pub(crate) fn record(
-        &self,
-        tag: u64,
-        verb: &'static str,
-        tally_as: Disposition,
-        kind: Option<OutcomeKind>,
-        result: lapin::Result<bool>,
-    ) {
-        match result {
-            Ok(true) => self.add(|r| match tally_as {
-                Disposition::Ack => r.acked += 1,
-                Disposition::Requeue { .. } => r.requeued += 1,
-                Disposition::DeadLetter => {
-                    r.dead_lettered += 1;
-                    if let Some(kind) = kind {
-                        crate::metrics::dead_lettered(kind);
-                    }
-                }
-            }),
-            Ok(false) => {
-                tracing::warn!(
-                    delivery_tag = tag,
-                    verb,
-                    "not settled: the channel is closed or the delivery was already settled; the broker redelivers it"
-                );
-                self.add(|r| r.unsettled += 1);
-                crate::metrics::unsettled();
-            }
-            Err(err) => {
-                tracing::warn!(delivery_tag = tag, verb, error = %err, "not settled; the broker redelivers it");
-                self.add(|r| r.unsettled += 1);
-                crate::metrics::unsettled();
-            }
-        }
-    }
-
-    pub(crate) fn add(&self, f: impl FnOnce(&mut ServeReport)) {
-        let mut report = self
-            .report
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut report);
-    }
-
-    fn snapshot(&self) -> ServeReport {
-        *self
-            .report
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -822,125 +720,6 @@ where
         let _ = background.await;
     }
     outcome.map(|()| tally.snapshot())
-}
-
-struct DeadLetters {
-    channel: Channel,
-    exchange: String,
-}
-
-struct DeadLetterCopy {
-    routing_key: ShortString,
-    properties: BasicProperties,
-    data: Vec<u8>,
-}
-
-impl DeadLetters {
-    /// Checks that `exchange` exists and puts the channel in confirm mode.
-    /// A publish to a missing exchange would close the consumer's channel
-    /// (404) on the first dead letter, so that is found out at start.
-    async fn prepare(
-        exchange: Option<String>,
-        channel: Option<&Channel>,
-    ) -> Result<Option<Arc<Self>>, ServeError> {
-        let (exchange, channel) = match (exchange, channel) {
-            (Some(exchange), Some(channel)) => (exchange, channel),
-            (Some(_), None) => {
-                tracing::warn!(
-                    "dead_letter_exchange needs the channel (ServeOptions::channel): dead letters are rejected instead"
-                );
-                return Ok(None);
-            }
-            (None, _) => return Ok(None),
-        };
-        let passive = ExchangeDeclareOptions {
-            passive: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        let check = channel.exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            passive,
-            FieldTable::default(),
-        );
-        let unanswered = || {
-            lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-                lapin::ChannelState::Closed,
-                "exchange.declare",
-            ))
-        };
-        match tokio::time::timeout(CLOSE_TIMEOUT, check).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(ServeError::DeadLetterExchange { exchange, error }),
-            Err(_) => {
-                let error = unanswered();
-                return Err(ServeError::DeadLetterExchange { exchange, error });
-            }
-        }
-        let confirm = channel.confirm_select(ConfirmSelectOptions::default());
-        match tokio::time::timeout(CLOSE_TIMEOUT, confirm).await {
-            Ok(Ok(())) => Ok(Some(Arc::new(Self {
-                channel: channel.clone(),
-                exchange,
-            }))),
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "cannot put the channel in confirm mode: dead letters are rejected to the queue's own dead-letter exchange");
-                Ok(None)
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "no answer to confirm.select: dead letters are rejected to the queue's own dead-letter exchange"
-                );
-                Ok(None)
-            }
-        }
-    }
-
-    /// Publishes the copy with its reason; true once the broker confirmed it.
-    async fn publish(&self, copy: DeadLetterCopy, outcome: &Outcome) -> bool {
-        let mut headers = copy.properties.headers().clone().unwrap_or_default();
-        let reason = outcome.reason().unwrap_or(outcome.kind().as_str());
-        headers.insert(
-            "x-idempotency-outcome".into(),
-            AMQPValue::LongString(LongString::from(outcome.kind().as_str())),
-        );
-        headers.insert(
-            "x-idempotency-reason".into(),
-            AMQPValue::LongString(LongString::from(reason)),
-        );
-        headers.insert(
-            "x-idempotency-attempts".into(),
-            AMQPValue::LongLongInt(i64::from(outcome.attempt())),
-        );
-        let properties = copy.properties.with_headers(headers);
-        let confirmed = async {
-            self.channel
-                .basic_publish(
-                    self.exchange.as_str().into(),
-                    copy.routing_key,
-                    BasicPublishOptions::default(),
-                    &copy.data,
-                    properties,
-                )
-                .await?
-                .await
-        };
-        let Ok(confirmed) = tokio::time::timeout(CLOSE_TIMEOUT, confirmed).await else {
-            tracing::warn!(exchange = %self.exchange, "no publisher confirm for the dead-letter copy in time: rejecting the original instead");
-            return false;
-        };
-        match confirmed {
-            Ok(confirmation) if confirmation.is_ack() => true,
-            Ok(_) => {
-                tracing::warn!(exchange = %self.exchange, "the broker refused the dead-letter copy: rejecting the original instead");
-                false
-            }
-            Err(err) => {
-                tracing::warn!(exchange = %self.exchange, error = %err, "publishing the dead-letter copy failed: rejecting the original instead");
-                false
-            }
-        }
-    }
 }
 
 /// Gives a delivery that was never handed to the service back to the broker.

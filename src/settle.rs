@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::outcome::{Disposition, OutcomeKind};
-use crate::runner::Tally;
+use crate::report::Tally;
 
 /// How long a finished ack may wait for a slower delivery before it is sent alone.
 pub(crate) const MAX_HOLD: Duration = Duration::from_millis(2);

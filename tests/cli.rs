@@ -532,13 +532,18 @@ fn stats_escapes_the_scope_as_keys_do() {
     let key = amqp_idempotency::fingerprint::record_key(&space.prefix, "a:b", "7");
     space.set(&key, "d:", Some(60_000));
     let other = amqp_idempotency::fingerprint::record_key(&space.prefix, "a", "b:7");
-    space.set(&other, "d:", Some(60_000));
+    space.set(&other, "f:1::", Some(60_000));
     let run = space.cli(&["--scope", "a:b", "inspect", "7"]);
     assert_eq!(run.code, Some(0), "inspect finds it: {run:?}");
     let run = space.cli(&["stats", "--scope", "a:b"]);
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_eq!(run.count("done"), 1, "{run:?}");
-    assert_eq!(run.count("total"), 1, "scope `a` is not counted: {run:?}");
+    assert_eq!(
+        run.count("released"),
+        0,
+        "scope `a` is not counted: {run:?}"
+    );
+    assert_eq!(run.count("total"), 1, "{run:?}");
 }
 
 #[test]

@@ -107,9 +107,15 @@ async fn run_consumer(queue: &str, ledger_path: &Path) -> Result<(), String> {
     let store = connect_store(config.redis()).await?;
     let handler = {
         let ledger = Arc::clone(&ledger);
+        let dir = Arc::new(
+            ledger_path
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_owned),
+        );
         service_fn(move |delivery: Delivery| {
             let ledger = Arc::clone(&ledger);
-            async move { handle(&ledger, pid, delivery).await }
+            let dir = Arc::clone(&dir);
+            async move { handle(ledger, &dir, pid, delivery).await }
         })
     };
     let idempotent = IdempotencyLayer::new(store, queue, config.clone())
@@ -206,12 +212,50 @@ async fn open_session(
     })
 }
 
+/// How long the first run of an `s<i>` message works: past the handler
+/// timeout (1500ms in [`crate::supervisor::CONSUMER_ENV`]), so the layer
+/// gives up on it while the work it spawned goes on and takes effect.
+const SLOW_WORK: Duration = Duration::from_millis(1800);
+
 /// The business handler: 0-1ms of work, the effect (a ledger line), 0-1ms more.
-/// Poison messages always fail, retryably.
-async fn handle(ledger: &Ledger, pid: u32, delivery: Delivery) -> Result<(), HandlerError> {
+/// Poison messages `p<i>` always fail, retryably. `a<i>` aborts the process.
+/// The first run of `s<i>` spawns its work and waits for it past the
+/// handler timeout; later runs work at once. Each run of `s<i>` writes when
+/// its work began and ended (`work`), to show that no two overlap.
+async fn handle(
+    ledger: Arc<Ledger>,
+    dir: &Path,
+    pid: u32,
+    delivery: Delivery,
+) -> Result<(), HandlerError> {
     let nonce = exec_nonce(&delivery);
     let id = chaos_id(&delivery);
     let mut work = SplitMix::new((u64::from(pid) << 32) ^ nonce);
+    if id.starts_with('a') {
+        ledger.append(&format!("abort {id} {pid} {nonce} {}", now_us()));
+        eprintln!("consumer {pid}: {id} is a poison message that aborts its consumer");
+        std::process::abort();
+    }
+    if id.starts_with('s') {
+        let first = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(format!("slow-{id}")))
+            .is_ok();
+        let run = async move {
+            let begun = now_us();
+            if first {
+                tokio::time::sleep(SLOW_WORK).await;
+            }
+            let done = now_us();
+            ledger.append(&format!("effect {id} {pid} {nonce} {done}"));
+            ledger.append(&format!("work {id} {pid} {nonce} {begun} {done}"));
+        };
+        // Spawned: when the layer gives up on the handler, the work goes on.
+        return tokio::spawn(run)
+            .await
+            .map_err(|err| HandlerError::retryable(format!("the work failed: {err}")));
+    }
     tokio::time::sleep(Duration::from_micros(work.below(1001))).await;
     if id.starts_with('p') {
         ledger.append(&format!("fail {id} {pid} {nonce} {}", now_us()));

@@ -1,7 +1,8 @@
 //! Fault-injection suite for `amqp-idempotency` (issue 4): proves with
 //! numbers that no message is lost and that every duplicate effect falls in
 //! one of the windows DESIGN.md admits, while consumers are killed, paused,
-//! and cut off from Redis and RabbitMQ.
+//! aborted by a poison message and cut off from Redis and RabbitMQ, Redis
+//! refuses writes, and handlers time out while their work goes on.
 //!
 //! # What it does
 //!
@@ -36,7 +37,22 @@
 //!    - `redis-restart`: `kill -9` of the redis-server, restarted on the same
 //!      port and directory after a short outage;
 //!    - `redis-cut`: every connection through the Redis proxy is dropped;
-//!    - `amqp-cut`: every connection through the RabbitMQ proxy is dropped.
+//!    - `amqp-cut`: every connection through the RabbitMQ proxy is dropped;
+//!    - `redis-oom`: `maxmemory 1` with `noeviction` for 0.3-1s, then lifted;
+//!    - `redis-password`: `requirepass` set and every consumer connection
+//!      killed (reconnects are refused), then the password removed again;
+//!    - `redis-readonly`: `REPLICAOF` a port nothing listens on, then
+//!      `REPLICAOF NO ONE`;
+//!    - `handler-timeout`: publishes `s<i>`, whose first handler run spawns
+//!      its work and waits for it past the handler timeout: the layer gives
+//!      up, the work goes on and takes effect, and the retry must not run
+//!      beside it (each run writes when its work began and ended);
+//!    - `poison-abort`: publishes `a<i>`, whose handler aborts its consumer
+//!      process; after 4 such runs the message must be dead-lettered as
+//!      `crashed` without running again.
+//!
+//!    The three Redis faults leave `PING` answering: consumers must pause
+//!    until a write succeeds, and dead-letter nothing.
 //! 5. Stops injecting once everything is published, every enabled fault
 //!    happened at least once and every message is accounted for; waits for
 //!    the queue to drain (no ready message, no handler in flight, nothing
@@ -53,7 +69,8 @@
 //! Options (defaults in brackets): `--messages N` \[2000\], `--duplicates R`
 //! \[0.2\], `--consumers C` \[3\], `--seed S` \[1\], `--poison F` \[0.01\],
 //! `--no-fingerprint F` \[0.005\], `--faults LIST` \[kill,pause,redis-restart,
-//! redis-cut,amqp-cut; `none` for no faults\], `--fault-interval-ms MS`
+//! redis-cut,amqp-cut,redis-oom,redis-password,redis-readonly,handler-timeout,
+//! poison-abort; `none` for no faults\], `--fault-interval-ms MS`
 //! \[1500\], `--rate R` \[800 messages/s at most on average; 0 publishes
 //! everything at once\], `--timeout-secs S` \[600, the whole run\], `--keep`
 //! (keep the run directory even when the run passes).
@@ -71,14 +88,19 @@
 //! ```text
 //! {"messages":N,"unique":U,"executions":E,"lost":L,"duplicate_effects":D,
 //!  "explained_duplicates":X,"unexplained_duplicates":Y,"dead_lettered":Q,
-//!  "faults":{"kills":..,"pauses":..,"redis_restarts":..,"redis_cuts":..,"amqp_cuts":..}}
+//!  "faults":{"kills":..,"pauses":..,"redis_restarts":..,"redis_cuts":..,"amqp_cuts":..,
+//!            "redis_ooms":..,"redis_password_flips":..,"redis_readonly":..,
+//!            "handler_timeouts":..,"poison_aborts":..},
+//!  "overlapping_runs":O,"plain_dead_lettered":P}
 //! ```
 //!
 //! - `messages`: `--messages`; `unique`: distinct messages published (plain,
-//!   poison and fingerprint-less; duplicates are extra copies of plain ones).
+//!   poison, fingerprint-less, and those of `handler-timeout` and
+//!   `poison-abort`; duplicates are extra copies of plain ones).
 //! - `executions`: handler runs (effects plus failed poison runs).
-//! - `lost`: plain and fingerprint-less messages that neither took effect
-//!   nor reached the dead-letter queue. Must be 0.
+//! - `lost`: plain, fingerprint-less and timed-out messages that neither
+//!   took effect nor reached the dead-letter queue, and aborting ones that
+//!   did not reach it. Must be 0.
 //! - `duplicate_effects`: effects beyond the first for the same message.
 //!   Each is `explained` when the ledger shows one of the windows DESIGN.md
 //!   admits (a crash after the effect but before the done mark, a pause
@@ -88,13 +110,24 @@
 //!   or `dropped`; or its process was stopped past the lease while it ran,
 //!   so that its claim expired and its handler timed out after the effect),
 //!   or the later execution itself was stopped past the lease between its
-//!   start and its effect (its claim expired under it). Anything else is
+//!   start and its effect (its claim expired under it); also when the
+//!   earlier execution's process aborted (a `poison-abort` message beside
+//!   it), or its outcome was `retry` after its effect (a handler that timed
+//!   out while its work went on and took effect). Anything else is
 //!   `unexplained` and must be 0. Progress lists the explanations found.
 //! - `dead_lettered`: messages found in the dead-letter queue at the end
 //!   (poison and fingerprint-less ones, plus any re-dead-lettered copy).
 //! - `faults`: how many of each were injected.
+//! - `overlapping_runs`: pairs of runs of one `handler-timeout` message
+//!   whose work overlapped in time (no kill or pause of their processes
+//!   explaining it). Must be 0.
+//! - `plain_dead_lettered`: plain messages found in the dead-letter queue.
+//!   Must be 0, except for `crashed` ones when a `poison-abort` message was
+//!   published (a message in flight beside it can run out of attempts with
+//!   it); a store fault must never dead-letter one.
 //!
-//! Exit status: 0 when `lost` and `unexplained_duplicates` are 0, 1 when
+//! Exit status: 0 when `lost`, `unexplained_duplicates`, `overlapping_runs`
+//! and unexplained plain dead letters are 0, 1 when
 //! not, 2 when the suite could not run (e.g. RabbitMQ unreachable). The run
 //! directory (ledger, one log per consumer process, redis log) is printed
 //! and kept when the run fails or with `--keep`. Lines starting with
@@ -111,9 +144,13 @@
 //! begin   <id> <pid> <nonce> <t>          the delivery entered the idempotent service
 //! effect  <id> <pid> <nonce> <t>          the handler performed its effect
 //! fail    <id> <pid> <nonce> <t>          the handler failed a poison message
+//! abort   <id> <pid> <nonce> <t>          the handler is about to abort its process
+//! work    <id> <pid> <nonce> <t0> <t1>    when a run of an `s<i>` message worked
 //! outcome <id> <pid> <nonce> <t> <kind>   the layer returned (processed, duplicate, lease_lost, ...)
 //! start <pid> <t> | kill <pid> <t> | pause <pid> <t0> <t1> | exit <pid> <t>
 //! redis-restart <t0> <t1> | redis-cut <t> <n> | amqp-cut <t> <n>
+//! redis-oom <t0> <t1> | redis-password <t0> <t1> | redis-readonly <t0> <t1>
+//! inject <id> <t>                         a fault published `s<i>` or `a<i>`
 //! ```
 //!
 //! The nonce is shared by the wrapper that writes `begin`/`outcome` and the
@@ -158,7 +195,9 @@ use crate::options::parse_options;
 use crate::orchestrate::orchestrate;
 
 const USAGE: &str = "usage: chaos [--messages N] [--duplicates R] [--consumers C] [--seed S]
-             [--poison F] [--no-fingerprint F] [--faults kill,pause,redis-restart,redis-cut,amqp-cut|none]
+             [--poison F] [--no-fingerprint F]
+             [--faults kill,pause,redis-restart,redis-cut,amqp-cut,redis-oom,redis-password,
+                       redis-readonly,handler-timeout,poison-abort|none]
              [--fault-interval-ms MS] [--rate R] [--timeout-secs S] [--keep]
        chaos --analyse <run dir>/ledger.log
 fault-injection suite: see the doc comment of harness/src/bin/chaos/main.rs";

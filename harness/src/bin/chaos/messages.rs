@@ -249,3 +249,74 @@ impl Pacer {
         true
     }
 }
+
+/// The messages that faults publish: `s<i>`, whose first handler run times
+/// out while the work it spawned goes on (`handler-timeout`), and `a<i>`,
+/// whose handler aborts its consumer process (`poison-abort`).
+pub struct Injected {
+    pub channel: Channel,
+    pub queue: String,
+    pub slow: Vec<String>,
+    pub abort: Vec<String>,
+}
+
+impl Injected {
+    /// Opens publishing on `channel` (confirm mode) to `queue`.
+    pub async fn new(channel: Channel, queue: &str) -> Result<Self, String> {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|err| format!("cannot enable publisher confirms: {err}"))?;
+        Ok(Self {
+            channel,
+            queue: queue.to_owned(),
+            slow: Vec::new(),
+            abort: Vec::new(),
+        })
+    }
+
+    /// How many messages were published this way.
+    pub fn count(&self) -> usize {
+        self.slow.len() + self.abort.len()
+    }
+
+    pub async fn publish_slow(&mut self) -> Result<String, String> {
+        let id = format!("s{}", self.slow.len());
+        self.publish(&id).await?;
+        self.slow.push(id.clone());
+        Ok(id)
+    }
+
+    pub async fn publish_abort(&mut self) -> Result<String, String> {
+        let id = format!("a{}", self.abort.len());
+        self.publish(&id).await?;
+        self.abort.push(id.clone());
+        Ok(id)
+    }
+
+    async fn publish(&self, id: &str) -> Result<(), String> {
+        let publication = Publication {
+            id: id.to_owned(),
+            body: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+            with_message_id: true,
+        };
+        let confirmation = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &publication.body,
+                publication.properties(),
+            )
+            .await
+            .map_err(|err| format!("publishing {id} failed: {err}"))?
+            .await
+            .map_err(|err| format!("publisher confirm for {id} failed: {err}"))?;
+        if confirmation.is_ack() {
+            Ok(())
+        } else {
+            Err(format!("the broker nacked {id}"))
+        }
+    }
+}

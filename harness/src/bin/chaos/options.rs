@@ -112,7 +112,8 @@ pub fn parse_faults(text: &str) -> Result<Vec<Fault>, String> {
             .find(|f| f.name() == name)
             .ok_or_else(|| {
                 format!(
-                    "--faults: unknown fault `{name}` (expected kill, pause, redis-restart, redis-cut, amqp-cut or none)"
+                    "--faults: unknown fault `{name}` (expected a comma-separated list of {} or none)",
+                    Fault::ALL.map(Fault::name).join(", ")
                 )
             })?;
         if !faults.contains(&fault) {

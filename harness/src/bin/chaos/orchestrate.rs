@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::faults::{Fault, Injector, PAUSE_BEYOND_LEASE};
 use crate::ledger::{Ledger, now_us};
-use crate::messages::{Pacer, Plan, publish_all};
+use crate::messages::{Injected, Pacer, Plan, publish_all};
 use crate::options::Options;
 use crate::report::{Clock, Findings, conclude};
 use crate::rng::SplitMix;
@@ -192,9 +192,14 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
     )));
 
     // ---- fault phase
+    let injector_channel = connection
+        .create_channel()
+        .await
+        .map_err(|err| format!("cannot open a channel: {err}"))?;
+    let mut injected = Injected::new(injector_channel, &topology.queue).await?;
     let mut tally = Tally::new(&ledger_path);
     let mut fault_rng = SplitMix::new(options.seed ^ 0xFA17_5EED_0000_0001);
-    let mut counts = [0u64; 5];
+    let mut counts = [0u64; Fault::ALL.len()];
     let mut schedule: Vec<Fault> = Vec::new();
     let jitter = |rng: &mut SplitMix| options.fault_interval.mul_f64(0.5 + rng.unit());
     let mut next_fault = Instant::now() + jitter(&mut fault_rng);
@@ -202,7 +207,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
     let mut last_progress = Instant::now();
     let mut crashes = 0u64;
     let mut timed_out = false;
-    let fault_summary = |counts: &[u64; 5]| {
+    let fault_summary = |counts: &[u64; Fault::ALL.len()]| {
         Fault::ALL
             .iter()
             .map(|f| format!("{} {}", f.name(), counts[f.index()]))
@@ -222,7 +227,9 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             clock.say(format!(
                 "consumer {pid} (slot {slot}) exited on its own ({status}); starting another"
             ));
-            if crashes > 20 {
+            tally.tail()?;
+            // Aborts by `poison-abort` messages are expected crashes.
+            if crashes.saturating_sub(tally.abort_lines) > 20 {
                 return Err(format!(
                     "consumers keep exiting; see the logs in {}",
                     dir.display()
@@ -240,7 +247,8 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             }
         }
         let every_fault = options.faults.iter().all(|f| counts[f.index()] > 0);
-        if publisher.is_none() && every_fault && tally.accounted.len() >= unique {
+        if publisher.is_none() && every_fault && tally.accounted.len() >= unique + injected.count()
+        {
             clock.say("every message accounted for: no more faults");
             break;
         }
@@ -255,10 +263,11 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
                 .await
                 .map_or_else(|err| format!("? ({err})"), |n| n.to_string());
             clock.say(format!(
-                "published {}/{total}, effects {}, accounted {}/{unique}, ready {ready}, in flight {}; faults: {}",
+                "published {}/{total}, effects {}, accounted {}/{}, ready {ready}, in flight {}; faults: {}",
                 published.load(Ordering::SeqCst),
                 tally.effect_lines,
                 tally.accounted.len(),
+                unique + injected.count(),
                 tally.in_flight(),
                 fault_summary(&counts)
             ));
@@ -293,6 +302,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             redis: &mut redis,
             redis_proxy: &redis_proxy,
             amqp_proxy: &amqp_proxy,
+            injected: &mut injected,
             ledger: &ledger,
             clock: &clock,
             rng: &mut fault_rng,
@@ -330,7 +340,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         let ready = ready_count(&admin, &topology.queue).await.ok();
         let settled = ready == Some(0)
             && tally.in_flight() == 0
-            && tally.accounted.len() >= unique
+            && tally.accounted.len() >= unique + injected.count()
             && publisher.is_none();
         settled_since = match (settled, settled_since) {
             (false, _) => None,
@@ -346,10 +356,11 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         if last_progress.elapsed() >= Duration::from_secs(2) {
             last_progress = Instant::now();
             clock.say(format!(
-                "draining: ready {}, in flight {}, accounted {}/{unique}",
+                "draining: ready {}, in flight {}, accounted {}/{}",
                 ready.map_or_else(|| "?".to_owned(), |n| n.to_string()),
                 tally.in_flight(),
-                tally.accounted.len()
+                tally.accounted.len(),
+                unique + injected.count()
             ));
         }
     }
@@ -385,6 +396,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         Findings {
             options: &options,
             plan: &plan,
+            injected: &injected,
             tally: &tally,
             dead: &dead,
             left,

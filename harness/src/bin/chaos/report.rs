@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::classify::classify_duplicates;
 use crate::faults::Fault;
-use crate::messages::Plan;
+use crate::messages::{Injected, Plan};
 use crate::options::Options;
 use crate::tally::Tally;
 use crate::topology::DeadLetters;
@@ -31,6 +31,8 @@ impl Clock {
 pub struct Findings<'a> {
     pub options: &'a Options,
     pub plan: &'a Plan,
+    /// The messages faults published (`handler-timeout`, `poison-abort`).
+    pub injected: &'a Injected,
     pub tally: &'a Tally,
     pub dead: &'a DeadLetters,
     /// Messages still in the queue after the consumers stopped.
@@ -38,7 +40,7 @@ pub struct Findings<'a> {
     /// Consumer processes that exited on their own.
     pub crashes: u64,
     /// Faults injected, by [`Fault::index`].
-    pub counts: [u64; 5],
+    pub counts: [u64; Fault::ALL.len()],
     /// Consumers that had to be killed at the end: (pid, log).
     pub forced: &'a [(u32, PathBuf)],
     /// The run directory: removed when the run passed, unless `--keep`.
@@ -51,6 +53,7 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
     let Findings {
         options,
         plan,
+        injected,
         tally,
         dead,
         left,
@@ -59,10 +62,21 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         forced,
         dir,
     } = findings;
-    let unique = plan.unique();
+    let unique = plan.unique() + injected.count();
     let mut lost_ids = Vec::new();
-    for id in plan.plain.iter().chain(&plan.no_fingerprint) {
+    for id in plan
+        .plain
+        .iter()
+        .chain(&plan.no_fingerprint)
+        .chain(&injected.slow)
+    {
         if !tally.effects.contains_key(id) && !dead.ids.contains_key(id) {
+            lost_ids.push(id.clone());
+        }
+    }
+    // A message that aborts its consumer ends in the dead-letter queue.
+    for id in &injected.abort {
+        if !dead.ids.contains_key(id) {
             lost_ids.push(id.clone());
         }
     }
@@ -74,8 +88,21 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
     let plain_dead: Vec<&String> = plan
         .plain
         .iter()
+        .chain(&injected.slow)
         .filter(|id| dead.ids.contains_key(*id))
         .collect();
+    // A plain message in flight beside a poison message that aborted its
+    // consumer can run out of attempts with it (`crashed`): explained. Any
+    // other plain dead letter (a store fault dead-lettering, say) fails.
+    let plain_dead_unexplained: Vec<&String> = plain_dead
+        .iter()
+        .copied()
+        .filter(|id| {
+            dead.outcome_of.get(*id).map(String::as_str) != Some("crashed")
+                || injected.abort.is_empty()
+        })
+        .collect();
+    let overlaps = tally.overlapping_work();
     let duplicates = classify_duplicates(tally);
     let executions = tally.effect_lines + tally.fail_lines;
 
@@ -114,6 +141,35 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
             &plain_dead[..plain_dead.len().min(10)]
         ));
     }
+    if !plain_dead_unexplained.is_empty() {
+        clock.say(format!(
+            "FAILED: {} plain messages dead-lettered with no poison to explain it, e.g. {:?}",
+            plain_dead_unexplained.len(),
+            &plain_dead_unexplained[..plain_dead_unexplained.len().min(10)]
+        ));
+    }
+    if !injected.slow.is_empty() {
+        clock.say(format!(
+            "handler timeouts: {} messages timed out with their work going on; {} overlapping runs",
+            injected.slow.len(),
+            overlaps.len()
+        ));
+    }
+    for overlap in overlaps.iter().take(10) {
+        clock.say(format!("OVERLAP {overlap}"));
+    }
+    if !injected.abort.is_empty() {
+        clock.say(format!(
+            "poison aborts: {} messages aborted {} consumer runs, {} of them dead-lettered as crashed",
+            injected.abort.len(),
+            tally.abort_lines,
+            injected
+                .abort
+                .iter()
+                .filter(|id| dead.outcome_of.get(*id).map(String::as_str) == Some("crashed"))
+                .count()
+        ));
+    }
     if !lost_ids.is_empty() {
         clock.say(format!(
             "LOST {} messages, e.g. {:?}",
@@ -140,13 +196,17 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
             duplicates.unmatched, duplicates.unmatched_examples
         ));
     }
-    if crashes > 0 {
+    let unexpected_crashes = crashes.saturating_sub(tally.abort_lines);
+    if unexpected_crashes > 0 {
         clock.say(format!(
-            "WARNING: {crashes} consumer processes exited on their own"
+            "WARNING: {unexpected_crashes} consumer processes exited on their own (besides the poison aborts)"
         ));
     }
 
-    let passed = lost_ids.is_empty() && duplicates.unexplained == 0;
+    let passed = lost_ids.is_empty()
+        && duplicates.unexplained == 0
+        && overlaps.is_empty()
+        && plain_dead_unexplained.is_empty();
     if passed && !options.keep && forced.is_empty() {
         let _ = std::fs::remove_dir_all(dir);
     } else {
@@ -157,19 +217,21 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         if passed { "PASSED" } else { "FAILED" },
         clock.0.elapsed().as_secs_f64()
     ));
+    let faults = Fault::ALL
+        .iter()
+        .map(|f| format!("\"{}\":{}", f.json_name(), counts[f.index()]))
+        .collect::<Vec<_>>()
+        .join(",");
     println!(
-        "{{\"messages\":{},\"unique\":{unique},\"executions\":{executions},\"lost\":{},\"duplicate_effects\":{},\"explained_duplicates\":{},\"unexplained_duplicates\":{},\"dead_lettered\":{},\"faults\":{{\"kills\":{},\"pauses\":{},\"redis_restarts\":{},\"redis_cuts\":{},\"amqp_cuts\":{}}}}}",
+        "{{\"messages\":{},\"unique\":{unique},\"executions\":{executions},\"lost\":{},\"duplicate_effects\":{},\"explained_duplicates\":{},\"unexplained_duplicates\":{},\"dead_lettered\":{},\"faults\":{{{faults}}},\"overlapping_runs\":{},\"plain_dead_lettered\":{}}}",
         options.messages,
         lost_ids.len(),
         duplicates.total,
         duplicates.explained,
         duplicates.unexplained,
         dead.total,
-        counts[Fault::Kill.index()],
-        counts[Fault::Pause.index()],
-        counts[Fault::RedisRestart.index()],
-        counts[Fault::RedisCut.index()],
-        counts[Fault::AmqpCut.index()],
+        overlaps.len(),
+        plain_dead.len(),
     );
     passed
 }

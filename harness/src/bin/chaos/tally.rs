@@ -17,12 +17,16 @@ pub const DEAD_LETTER_KINDS: &[&str] = &[
     "no_fingerprint",
     "payload_mismatch",
     "unrecognized_record",
+    "crashed",
 ];
 /// Why a duplicate is explained when the earlier execution says `processed`
 /// although its process was stopped past the lease while it ran.
 pub const MISREPORTED: &str = "stopped past the lease, yet reported processed";
 /// A `begin` without an outcome older than this is not waited for.
 const STALE_BEGIN: Duration = Duration::from_secs(30);
+
+/// One run's work on an `s<i>` message: (pid, nonce), from, to.
+pub type WorkRun = ((u32, u64), u64, u64);
 
 #[derive(Default)]
 pub struct Execution {
@@ -44,6 +48,10 @@ pub struct Tally {
     pub effects: HashMap<String, Vec<(u32, u64)>>,
     pub effect_lines: u64,
     pub fail_lines: u64,
+    /// Handler runs that aborted their process (`a<i>` messages).
+    pub abort_lines: u64,
+    /// When each run of an `s<i>` message worked: (execution, from, to).
+    pub work: HashMap<String, Vec<WorkRun>>,
     pub outcome_kinds: BTreeMap<String, u64>,
     /// Messages whose fate is known: an effect, or a dead-letter outcome.
     pub accounted: HashSet<String>,
@@ -69,6 +77,8 @@ impl Tally {
             effects: HashMap::new(),
             effect_lines: 0,
             fail_lines: 0,
+            abort_lines: 0,
+            work: HashMap::new(),
             outcome_kinds: BTreeMap::new(),
             accounted: HashSet::new(),
             open: HashMap::new(),
@@ -115,7 +125,16 @@ impl Tally {
         let num = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
         let pid = |i: usize| fields.get(i).and_then(|f| f.parse::<u32>().ok());
         match *fields.first()? {
-            "begin" | "effect" | "fail" | "outcome" => {
+            "work" => {
+                let id = (*fields.get(1)?).to_owned();
+                let key = (pid(2)?, num(3)?);
+                let window = (num(4)?, num(5)?);
+                self.work
+                    .entry(id)
+                    .or_default()
+                    .push((key, window.0, window.1));
+            }
+            "begin" | "effect" | "fail" | "abort" | "outcome" => {
                 let id = (*fields.get(1)?).to_owned();
                 let key = (pid(2)?, num(3)?);
                 let at = num(4)?;
@@ -130,11 +149,12 @@ impl Tally {
                         execution.effect = Some(at);
                         self.effect_lines += 1;
                         self.effects.entry(id.clone()).or_default().push(key);
-                        if id.starts_with('m') {
+                        if id.starts_with('m') || id.starts_with('s') {
                             self.accounted.insert(id);
                         }
                     }
                     "fail" => self.fail_lines += 1,
+                    "abort" => self.abort_lines += 1,
                     _ => {
                         let kind = (*fields.get(5)?).to_owned();
                         self.open.remove(&key);
@@ -168,7 +188,12 @@ impl Tally {
                 let at = num(1)?;
                 self.outages.push((at, at));
             }
-            "amqp-cut" => {}
+            // Redis refused writes for a while (PING still answered).
+            "redis-oom" | "redis-password" | "redis-readonly" => {
+                let window = (num(1)?, num(2)?);
+                self.outages.push(window);
+            }
+            "amqp-cut" | "inject" => {}
             _ => return None,
         }
         Some(())
@@ -207,6 +232,9 @@ impl Tally {
             Some((_, kind)) if kind == "lease_lost" => Some("lease_lost"),
             Some((_, kind)) if kind == "unrecorded" => Some("unrecorded"),
             Some((_, kind)) if kind == "dropped" => Some("dropped"),
+            // A failure after the effect: the handler timed out while the
+            // work it had started went on and took effect.
+            Some((_, kind)) if kind == "retry" => Some("timed out after its work took effect"),
             // Stopped past the lease while it ran: the claim expired, and
             // the handler timeout elapsed too, so whatever came after the
             // effect no longer counted.
@@ -219,6 +247,7 @@ impl Tally {
             }
             Some(_) => None,
             None if self.killed.contains_key(&key.0) => Some("killed"),
+            None if self.exited.contains(&key.0) => Some("its process aborted"),
             None => None,
         }
     }
@@ -247,6 +276,28 @@ impl Tally {
                 _ => false,
             }
         })
+    }
+
+    /// Runs of one `s<i>` message whose work overlapped in time, although
+    /// no pause or kill of the earlier run's process explains it: the layer
+    /// must keep a timed-out run's claim until its lease ends.
+    pub fn overlapping_work(&self) -> Vec<String> {
+        let mut overlaps = Vec::new();
+        for (id, runs) in &self.work {
+            for (i, (a, a0, a1)) in runs.iter().enumerate() {
+                for (b, b0, b1) in &runs[i + 1..] {
+                    let excused = [a, b].iter().any(|(pid, _)| {
+                        self.killed.contains_key(pid)
+                            || self.exited.contains(pid)
+                            || self.pauses.contains_key(pid)
+                    });
+                    if a0 <= b1 && b0 <= a1 && !excused {
+                        overlaps.push(format!("{id}: {a:?} {a0}..{a1} and {b:?} {b0}..{b1}"));
+                    }
+                }
+            }
+        }
+        overlaps
     }
 
     pub fn describe(&self, key: (u32, u64)) -> String {

@@ -119,6 +119,8 @@ pub struct DeadLetters {
     pub ids: HashMap<String, usize>,
     /// `x-idempotency-outcome` of each copy (`x-death only` when absent).
     pub outcomes: BTreeMap<String, usize>,
+    /// The outcome of each message's (last) copy.
+    pub outcome_of: HashMap<String, String>,
 }
 
 pub async fn read_dead_letters(
@@ -132,7 +134,8 @@ pub async fn read_dead_letters(
     {
         let delivery = &message.delivery;
         letters.total += 1;
-        *letters.ids.entry(chaos_id(delivery)).or_default() += 1;
+        let id = chaos_id(delivery);
+        *letters.ids.entry(id.clone()).or_default() += 1;
         let outcome = delivery
             .properties
             .headers()
@@ -150,7 +153,8 @@ pub async fn read_dead_letters(
                     })
             })
             .unwrap_or_else(|| "x-death only".to_owned());
-        *letters.outcomes.entry(outcome).or_default() += 1;
+        *letters.outcomes.entry(outcome.clone()).or_default() += 1;
+        letters.outcome_of.insert(id, outcome);
     }
     Ok(letters)
 }
