@@ -135,12 +135,27 @@ fn chaos_suite_loses_nothing_and_explains_every_duplicate() {
         number(&report, "dead_lettered") >= 30,
         "20 poison and 10 fingerprint-less messages must be dead-lettered: {last}"
     );
+    assert_eq!(
+        number(&report, "overlapping_runs"),
+        0,
+        "a retry ran beside a timed-out run's work: {last}\n{context}"
+    );
+    assert_eq!(
+        number(&report, "plain_dead_lettered"),
+        0,
+        "a plain message was dead-lettered (a store fault must pause, not dead-letter): {last}\n{context}"
+    );
     for kind in [
         "kills",
         "pauses",
         "redis_restarts",
         "redis_cuts",
         "amqp_cuts",
+        "redis_ooms",
+        "redis_password_flips",
+        "redis_readonly",
+        "handler_timeouts",
+        "poison_aborts",
     ] {
         assert!(
             number(&report["faults"], kind) >= 1,
