@@ -43,6 +43,55 @@ pub enum StoreFailurePolicy {
     FailOpen,
 }
 
+/// Where the runner sends a message the middleware dead-letters (attempts
+/// exhausted, permanent failure, no fingerprint, payload mismatch, too
+/// large, crashed).
+///
+/// The default is a parking queue the runner owns: nothing it dead-letters
+/// can vanish, whatever the consumed queue's arguments. A copy is
+/// published (body, properties, headers, plus `x-idempotency-outcome`,
+/// `x-idempotency-reason`, `x-idempotency-attempts` and
+/// `x-idempotency-queue`) on the consumer's channel in confirm mode, and the
+/// original is acked only once the broker confirmed the copy; an
+/// unconfirmed or unroutable copy means the original is requeued.
+///
+/// ```
+/// use amqp_idempotency::{Config, DeadLetterTarget};
+/// let config = Config::from_lookup(|name| {
+///     (name == "IDEMPOTENCY_DEAD_LETTER_QUEUE").then(|| "orders.parked".to_owned())
+/// })?;
+/// assert_eq!(config.dead_letter_target(), &DeadLetterTarget::ParkingQueue(Some("orders.parked".into())));
+/// # Ok::<(), amqp_idempotency::ConfigError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeadLetterTarget {
+    /// A durable queue without arguments that the runner declares and
+    /// publishes to through the default exchange: the given name
+    /// (`IDEMPOTENCY_DEAD_LETTER_QUEUE`), or `None` for `{queue}.dead`
+    /// (the default).
+    ParkingQueue(Option<String>),
+    /// An exchange of yours (`IDEMPOTENCY_DEAD_LETTER_EXCHANGE`), with a
+    /// routing key (`IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY`, or the
+    /// message's own when `None`). It must exist; a copy it cannot route is
+    /// returned and the original requeued.
+    Exchange {
+        /// The exchange.
+        exchange: String,
+        /// The routing key; `None` keeps the message's own.
+        routing_key: Option<String>,
+    },
+    /// The broker's own dead-lettering (`IDEMPOTENCY_DEAD_LETTERS=broker`):
+    /// reject without requeue. Only for a queue with `x-dead-letter-exchange`
+    /// or a DLX policy: on any other queue RabbitMQ drops the message.
+    Broker,
+}
+
+impl Default for DeadLetterTarget {
+    fn default() -> Self {
+        Self::ParkingQueue(None)
+    }
+}
+
 /// Every tunable of the middleware and the runner.
 ///
 /// Build it with the methods below or read it with [`Config::from_env`];
@@ -67,6 +116,7 @@ pub struct Config {
     pub(crate) verify_payload: bool,
     pub(crate) max_body_bytes: Option<usize>,
     pub(crate) consumer_timeout: Duration,
+    pub(crate) dead_letters: DeadLetterTarget,
 }
 
 impl Default for Config {
@@ -89,6 +139,7 @@ impl Default for Config {
             verify_payload: true,
             max_body_bytes: None,
             consumer_timeout: Duration::from_secs(30 * 60),
+            dead_letters: DeadLetterTarget::default(),
         }
     }
 }
@@ -229,6 +280,7 @@ impl Config {
                 }
             };
         }
+        config.dead_letters = dead_letters_from(&get)?;
         config.validate()?;
         Ok(config)
     }
@@ -476,6 +528,18 @@ impl Config {
         self
     }
 
+    /// Where dead letters go (see [`DeadLetterTarget`]; default: the
+    /// parking queue `{queue}.dead`).
+    pub fn dead_letters(mut self, target: DeadLetterTarget) -> Self {
+        self.dead_letters = target;
+        self
+    }
+
+    /// The configured dead-letter target.
+    pub fn dead_letter_target(&self) -> &DeadLetterTarget {
+        &self.dead_letters
+    }
+
     /// The Redis URL.
     pub fn redis(&self) -> &str {
         &self.redis_url
@@ -502,6 +566,84 @@ impl Config {
         self.retry_backoff
             .saturating_mul(factor)
             .min(self.retry_backoff_max)
+    }
+}
+
+/// Reads `IDEMPOTENCY_DEAD_LETTERS`, `IDEMPOTENCY_DEAD_LETTER_QUEUE`,
+/// `IDEMPOTENCY_DEAD_LETTER_EXCHANGE` and `IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY`.
+fn dead_letters_from(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<DeadLetterTarget, ConfigError> {
+    let mode = get("IDEMPOTENCY_DEAD_LETTERS");
+    let queue = get("IDEMPOTENCY_DEAD_LETTER_QUEUE");
+    let exchange = get("IDEMPOTENCY_DEAD_LETTER_EXCHANGE");
+    let routing_key = get("IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY");
+    let name = |variable: &str, value: &str| {
+        if value.trim().is_empty() || value.len() > 255 {
+            Err(ConfigError::invalid(
+                variable,
+                value,
+                "a queue or exchange name of 1 to 255 bytes",
+            ))
+        } else {
+            Ok(value.trim().to_owned())
+        }
+    };
+    match mode.as_deref().map(str::trim) {
+        None | Some("park") => {}
+        Some("broker") => {
+            if let Some(other) = queue.as_ref().or(exchange.as_ref()) {
+                return Err(ConfigError::invalid(
+                    "IDEMPOTENCY_DEAD_LETTERS",
+                    "broker",
+                    format!(
+                        "`park` when IDEMPOTENCY_DEAD_LETTER_QUEUE or IDEMPOTENCY_DEAD_LETTER_EXCHANGE is set (got `{other}`); the broker's own dead-lettering uses the queue's x-dead-letter-exchange"
+                    ),
+                ));
+            }
+            return Ok(DeadLetterTarget::Broker);
+        }
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_DEAD_LETTERS",
+                other,
+                "`park` (a queue or exchange the runner publishes to, the default) or `broker` (reject without requeue, for queues with x-dead-letter-exchange)",
+            ));
+        }
+    }
+    match (queue, exchange) {
+        (Some(queue), Some(_)) => Err(ConfigError::invalid(
+            "IDEMPOTENCY_DEAD_LETTER_QUEUE",
+            queue,
+            "unset when IDEMPOTENCY_DEAD_LETTER_EXCHANGE is set: dead letters go to one place",
+        )),
+        (Some(queue), None) => {
+            if let Some(key) = routing_key {
+                return Err(ConfigError::invalid(
+                    "IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY",
+                    key,
+                    "unset unless IDEMPOTENCY_DEAD_LETTER_EXCHANGE is set (a parking queue is published to by its name)",
+                ));
+            }
+            Ok(DeadLetterTarget::ParkingQueue(Some(name(
+                "IDEMPOTENCY_DEAD_LETTER_QUEUE",
+                &queue,
+            )?)))
+        }
+        (None, Some(exchange)) => Ok(DeadLetterTarget::Exchange {
+            exchange: name("IDEMPOTENCY_DEAD_LETTER_EXCHANGE", &exchange)?,
+            routing_key,
+        }),
+        (None, None) => {
+            if let Some(key) = routing_key {
+                return Err(ConfigError::invalid(
+                    "IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY",
+                    key,
+                    "unset unless IDEMPOTENCY_DEAD_LETTER_EXCHANGE is set",
+                ));
+            }
+            Ok(DeadLetterTarget::ParkingQueue(None))
+        }
     }
 }
 
@@ -673,6 +815,46 @@ mod tests {
             ("IDEMPOTENCY_CONSUMER_TIMEOUT", "2h"),
         ]));
         assert!(config.is_ok(), "{config:?}");
+    }
+
+    #[test]
+    fn dead_letter_targets_are_read_and_contradictions_refused() {
+        let read = |pairs: &'static [(&'static str, &'static str)]| {
+            Config::from_lookup(lookup(pairs)).map(|c| c.dead_letters)
+        };
+        assert_eq!(read(&[]), Ok(DeadLetterTarget::ParkingQueue(None)));
+        assert_eq!(
+            read(&[("IDEMPOTENCY_DEAD_LETTERS", "broker")]),
+            Ok(DeadLetterTarget::Broker)
+        );
+        assert_eq!(
+            read(&[
+                ("IDEMPOTENCY_DEAD_LETTER_EXCHANGE", "errors"),
+                ("IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY", "orders"),
+            ]),
+            Ok(DeadLetterTarget::Exchange {
+                exchange: "errors".into(),
+                routing_key: Some("orders".into())
+            })
+        );
+        for bad in [
+            &[("IDEMPOTENCY_DEAD_LETTERS", "drop")][..],
+            &[
+                ("IDEMPOTENCY_DEAD_LETTERS", "broker"),
+                ("IDEMPOTENCY_DEAD_LETTER_QUEUE", "q.dead"),
+            ],
+            &[
+                ("IDEMPOTENCY_DEAD_LETTER_QUEUE", "q.dead"),
+                ("IDEMPOTENCY_DEAD_LETTER_EXCHANGE", "errors"),
+            ],
+            &[("IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY", "k")],
+        ] {
+            let err = read(bad).expect_err("refused");
+            assert!(
+                err.variable().starts_with("IDEMPOTENCY_DEAD_LETTER"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -20,10 +20,12 @@ mod runner;
 mod settle;
 pub mod store;
 
-pub use config::{Config, NoFingerprintPolicy, StoreFailurePolicy, parse_duration};
+pub use config::{
+    Config, DeadLetterTarget, NoFingerprintPolicy, StoreFailurePolicy, parse_duration,
+};
 pub use error::{BoxError, ConfigError, FailureKind, HandlerError, StoreError, redact_url};
 pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};
 pub use report::ServeReport;
-pub use runner::{ServeError, ServeOptions, Session, serve, serve_reconnecting};
+pub use runner::{DEAD_LETTER_RETRY, ServeError, ServeOptions, Session, serve, serve_reconnecting};

@@ -36,12 +36,16 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
 
-use crate::config::Config;
+use crate::config::{Config, DeadLetterTarget};
 use crate::dead_letter::{DeadLetterCopy, DeadLetters};
 use crate::error::BoxError;
 use crate::outcome::{Disposition, Outcome};
 use crate::report::{ServeReport, Tally};
 use crate::settle::Settler;
+
+/// How long a message whose dead-letter copy was not confirmed is held
+/// before it is requeued.
+pub const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 /// How long closing a channel or connection may take (a dead one may never answer).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,7 +56,7 @@ pub struct ServeOptions {
     shutdown: Option<BoxFuture<'static, ()>>,
     signals: bool,
     shutdown_deadline: Duration,
-    dead_letter_exchange: Option<String>,
+    dead_letters: DeadLetterTarget,
     channel: Option<Channel>,
     close_channel: bool,
 }
@@ -77,7 +81,7 @@ impl Default for ServeOptions {
             // handler timeout (25s), so a handler that keeps to its timeout
             // always finishes before the deadline.
             shutdown_deadline: Duration::from_secs(35),
-            dead_letter_exchange: None,
+            dead_letters: DeadLetterTarget::default(),
             channel: None,
             close_channel: false,
         }
@@ -95,6 +99,7 @@ impl ServeOptions {
     /// handlers that keep to it finish before the deadline.
     pub fn from_config(config: &Config) -> Self {
         Self::default()
+            .dead_letters(config.dead_letters.clone())
             .concurrency(usize::from(config.prefetch))
             .shutdown_deadline(config.lease_ttl.saturating_add(Duration::from_secs(5)))
     }
@@ -143,18 +148,30 @@ impl ServeOptions {
         self
     }
 
-    /// Dead-letters by publishing a copy to `exchange` (with the original
-    /// routing key and properties) plus headers saying why:
-    /// `x-idempotency-outcome`, `x-idempotency-reason` and
-    /// `x-idempotency-attempts`; the original is acked once the broker
-    /// confirmed the copy. Without this (or if the publish fails), dead
-    /// letters are rejected without requeue and the queue's own
-    /// `x-dead-letter-exchange` receives them with RabbitMQ's `x-death`
-    /// header only. Needs the channel given to [`close_channel`](Self::close_channel)
-    /// (it is put in confirm mode); [`serve_reconnecting`] uses each session's channel.
-    pub fn dead_letter_exchange(mut self, exchange: impl Into<String>) -> Self {
-        self.dead_letter_exchange = Some(exchange.into());
+    /// Where dead letters go ([`DeadLetterTarget`]; default: the parking
+    /// queue `{queue}.dead`, declared by the runner). A copy with
+    /// `x-idempotency-outcome`, `x-idempotency-reason`,
+    /// `x-idempotency-attempts` and `x-idempotency-queue` headers is
+    /// published on the consumer's channel in confirm mode; the original is
+    /// acked once the broker confirmed the copy, and requeued (after
+    /// [`DEAD_LETTER_RETRY`]) when it did not, so nothing is dropped. Needs
+    /// the channel given to [`channel`](Self::channel) or
+    /// [`close_channel`](Self::close_channel), except for
+    /// [`DeadLetterTarget::Broker`]; [`serve_reconnecting`] uses each
+    /// session's channel.
+    pub fn dead_letters(mut self, target: DeadLetterTarget) -> Self {
+        self.dead_letters = target;
         self
+    }
+
+    /// Dead-letters to `exchange`, with the message's own routing key:
+    /// short for [`dead_letters`](Self::dead_letters) with
+    /// [`DeadLetterTarget::Exchange`].
+    pub fn dead_letter_exchange(self, exchange: impl Into<String>) -> Self {
+        self.dead_letters(DeadLetterTarget::Exchange {
+            exchange: exchange.into(),
+            routing_key: None,
+        })
     }
 }
 
@@ -166,13 +183,15 @@ pub enum ServeError {
     Consumer(lapin::Error),
     /// The service failed to become ready.
     Service(BoxError),
-    /// The exchange given to [`ServeOptions::dead_letter_exchange`] could
-    /// not be found on the broker (the check closes the channel).
-    DeadLetterExchange {
-        /// The exchange name.
-        exchange: String,
-        /// What the broker answered.
-        error: lapin::Error,
+    /// The dead-letter target cannot be used: the parking queue cannot be
+    /// declared, the exchange does not exist (the check closes the
+    /// channel), or there is no channel to publish on. Checked at start,
+    /// before any delivery is taken.
+    DeadLetters {
+        /// The parking queue or exchange, as shown in the message.
+        target: String,
+        /// What is wrong and what to do.
+        problem: String,
     },
 }
 
@@ -184,10 +203,9 @@ impl std::fmt::Display for ServeError {
                 "the RabbitMQ consumer stopped: {err}; unacked messages return to the queue, reconnect to resume"
             ),
             Self::Service(err) => write!(f, "the handler service failed to become ready: {err}"),
-            Self::DeadLetterExchange { exchange, error } => write!(
-                f,
-                "the dead-letter exchange `{exchange}` cannot be used: {error}; declare it, or fix ServeOptions::dead_letter_exchange"
-            ),
+            Self::DeadLetters { target, problem } => {
+                write!(f, "dead letters cannot go to {target}: {problem}")
+            }
         }
     }
 }
@@ -197,7 +215,7 @@ impl std::error::Error for ServeError {
         match self {
             Self::Consumer(err) => Some(err),
             Self::Service(err) => Some(&**err),
-            Self::DeadLetterExchange { error, .. } => Some(error),
+            Self::DeadLetters { .. } => None,
         }
     }
 }
@@ -250,11 +268,12 @@ where
         shutdown,
         signals,
         shutdown_deadline,
-        dead_letter_exchange,
+        dead_letters,
         channel,
         close_channel,
     } = options;
-    let dead_letters = match DeadLetters::prepare(dead_letter_exchange, channel.as_ref()).await {
+    let queue = consumer.queue().to_string();
+    let dead_letters = match DeadLetters::prepare(&dead_letters, channel.as_ref(), &queue).await {
         Ok(dead_letters) => dead_letters,
         Err(err) => return (Err(err), None),
     };
@@ -401,10 +420,21 @@ where
             let disposition = outcome.disposition();
             if disposition == Disposition::DeadLetter
                 && let Some((dead_letters, copy)) = copy
-                && dead_letters.publish(copy, &outcome).await
             {
-                // The copy is confirmed: the original is finished.
-                settler.settle(tag, acker, Disposition::Ack, disposition, kind);
+                if dead_letters.publish(copy, &outcome).await {
+                    // The copy is confirmed: the original is finished.
+                    settler.settle(tag, acker, Disposition::Ack, disposition, kind);
+                } else {
+                    // Never dropped: the original goes back to its queue.
+                    let requeue = Disposition::Requeue {
+                        after: DEAD_LETTER_RETRY,
+                    };
+                    tokio::select! {
+                        () = tokio::time::sleep(DEAD_LETTER_RETRY) => {}
+                        _ = stopping.wait_for(|stopping| *stopping) => {}
+                    }
+                    settler.settle(tag, acker, requeue, requeue, kind);
+                }
                 drop(slot);
                 return;
             }
@@ -636,7 +666,7 @@ where
         shutdown,
         signals,
         shutdown_deadline,
-        dead_letter_exchange,
+        dead_letters,
         channel: _,
         close_channel: _,
     } = options;
@@ -691,7 +721,7 @@ where
             shutdown: Some(Box::pin(stopped(stop.clone()))),
             signals: false,
             shutdown_deadline,
-            dead_letter_exchange: dead_letter_exchange.clone(),
+            dead_letters: dead_letters.clone(),
             channel: Some(channel),
             close_channel: true,
         };

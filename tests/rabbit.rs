@@ -570,8 +570,9 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_with_reason_header
         .shutdown_on(async move {
             let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
         })
-        .dead_letter_exchange(format!("{}.dlx", queue.name))
         .close_channel(channel);
+    // The queue has no dead-letter exchange (like most existing queues):
+    // the runner parks the message in `{queue}.dead`, which it declares.
     let report = serve(consumer, journal.clone().record(service), options)
         .await
         .expect("serve");
@@ -623,6 +624,7 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_with_reason_header
         other => panic!("expected a string header, got {other:?}"),
     };
     assert_eq!(text(header("x-idempotency-outcome")), "attempts_exhausted");
+    assert_eq!(text(header("x-idempotency-queue")), queue.name);
     assert!(text(header("x-idempotency-reason")).contains("always fails"));
     assert_eq!(
         finish(&connection, &queue).await,
@@ -880,7 +882,7 @@ async fn a_missing_dead_letter_exchange_is_reported_at_start() {
         .expect("serve returns at once")
         .expect_err("the exchange does not exist");
     assert!(
-        matches!(&err, amqp_idempotency::ServeError::DeadLetterExchange { exchange, .. } if *exchange == missing),
+        matches!(&err, amqp_idempotency::ServeError::DeadLetters { target, .. } if target.contains(&missing)),
         "{err}"
     );
     assert!(err.to_string().contains("declare it"), "{err}");
@@ -955,4 +957,185 @@ async fn serve_follows_lapins_automatic_recovery_after_a_cut_connection() {
         "the ack on the old channel was never counted as done: {report:?}"
     );
     assert_eq!(finish(&direct, &queue).await, (0, 0));
+}
+
+#[tokio::test]
+async fn an_unconfirmed_parking_copy_leaves_the_original_in_its_queue() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "unparked").await;
+    let journal = Journal::default();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(|_d: Delivery| async {
+        Err::<(), _>(HandlerError::permanent("never valid"))
+    }));
+    let (channel, consumer) = consumer(&connection, &queue.name, 4).await;
+    let stop = journal.until(|j| j.count("failed") >= 2);
+    let options = ServeOptions::new()
+        .concurrency(4)
+        .shutdown_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+        })
+        .close_channel(channel);
+    let runner = tokio::spawn(serve(consumer, journal.clone().record(service), options));
+    // The runner declared the parking queue at start; it vanishes mid-run.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let setup = setup.clone();
+            let dead = queue.dead.clone();
+            async move {
+                setup
+                    .queue_delete(dead.as_str().into(), Default::default())
+                    .await
+                    .is_ok()
+            }
+        })
+        .await
+    );
+    publish(&setup, &queue.name, b"invalid", Some("invalid-1")).await;
+    let report = runner.await.unwrap().expect("serve");
+    assert_eq!(report.dead_lettered, 0, "no copy was confirmed: {report:?}");
+    assert!(
+        report.requeued >= 1,
+        "the original was requeued: {report:?}"
+    );
+    let channel = connection.create_channel().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let channel = channel.clone();
+            let name = queue.name.clone();
+            async move { ready_count(&channel, &name).await == 1 }
+        })
+        .await,
+        "the message is back in its own queue, not dropped"
+    );
+    queue.delete(&channel).await;
+}
+
+#[tokio::test]
+async fn the_brokers_own_dead_lettering_is_an_explicit_opt_in() {
+    use amqp_idempotency::DeadLetterTarget;
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, LongString};
+
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    // A queue of the user's with its own dead-letter exchange.
+    let name = common::unique("brokerdlx");
+    let dlx = format!("{name}.dlx");
+    let dlq = format!("{name}.dlq");
+    setup
+        .exchange_declare(
+            dlx.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut expires = FieldTable::default();
+    expires.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+    setup
+        .queue_declare(
+            dlq.as_str().into(),
+            QueueDeclareOptions::default(),
+            expires.clone(),
+        )
+        .await
+        .unwrap();
+    setup
+        .queue_bind(
+            dlq.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut args = expires;
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(dlx.as_str())),
+    );
+    setup
+        .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    publish(&setup, &name, b"invalid", Some("invalid-2")).await;
+    let journal = Journal::default();
+    let service = IdempotencyLayer::new(redis_store().await, &name, config(&common::unique("p")))
+        .unwrap()
+        .layer(service_fn(|_d: Delivery| async {
+            Err::<(), _>(HandlerError::permanent("never valid"))
+        }));
+    let (_channel, consumer) = consumer(&connection, &name, 4).await;
+    let stop = journal.until(|j| j.count("failed") >= 1);
+    // No channel given: fine for the broker's dead-lettering, which rejects.
+    let options = ServeOptions::new()
+        .dead_letters(DeadLetterTarget::Broker)
+        .shutdown_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+        });
+    let report = serve(consumer, journal.clone().record(service), options)
+        .await
+        .expect("serve");
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let channel = connection.create_channel().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let channel = channel.clone();
+            let dlq = dlq.clone();
+            async move { ready_count(&channel, &dlq).await == 1 }
+        })
+        .await,
+        "the queue's own dead-letter exchange took it"
+    );
+    for queue in [&name, &dlq] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn without_a_channel_the_parking_queue_is_refused_at_start() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "nochannel").await;
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(|_d: Delivery| async {
+        Ok::<_, HandlerError>(())
+    }));
+    let (_channel, consumer) = consumer(&connection, &queue.name, 1).await;
+    let err = serve(
+        consumer,
+        service,
+        ServeOptions::new().shutdown_on(std::future::pending()),
+    )
+    .await
+    .expect_err("no channel to publish dead letters on");
+    let text = err.to_string();
+    assert!(
+        text.contains(&queue.dead),
+        "names the parking queue: {text}"
+    );
+    assert!(
+        text.contains("ServeOptions::channel"),
+        "says what to do: {text}"
+    );
+    let _ = finish(&connection, &queue).await;
 }

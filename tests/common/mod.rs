@@ -7,12 +7,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use amqp_idempotency::store::RedisStore;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -58,9 +55,12 @@ pub async fn amqp() -> Connection {
     }
 }
 
-/// A queue with a dead-letter queue behind it. Both are auto-deleted
-/// with the connection's exclusive ownership gone... they are not exclusive
-/// so that several connections can consume; tests delete them at the end.
+/// A queue as users already have them: no dead-letter exchange, an
+/// argument of its own (`x-expires`, so that leftovers of a failed test
+/// vanish after 10 unused minutes), never redeclared by the library. `dead`
+/// is the parking queue the runner declares for its dead letters
+/// (`{name}.dead`, durable, no arguments), declared here the same way so
+/// that a test can read it before the runner started.
 pub struct TestQueue {
     pub name: String,
     pub dead: String,
@@ -69,48 +69,22 @@ pub struct TestQueue {
 pub async fn declare_queue(channel: &Channel, label: &str) -> TestQueue {
     let name = unique(label);
     let dead = format!("{name}.dead");
-    let dlx = format!("{name}.dlx");
-    // Leftovers of a failed test vanish by themselves: the queues expire
-    // after 10 unused minutes, the exchange with its last binding.
     let mut expires = FieldTable::default();
     expires.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
     channel
-        .exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                auto_delete: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare the dead-letter exchange");
-    channel
         .queue_declare(
             dead.as_str().into(),
-            QueueDeclareOptions::default(),
-            expires.clone(),
-        )
-        .await
-        .expect("declare the dead-letter queue");
-    channel
-        .queue_bind(
-            dead.as_str().into(),
-            dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
+            QueueDeclareOptions::durable(),
             FieldTable::default(),
         )
         .await
-        .expect("bind the dead-letter queue");
-    let mut args = expires;
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(dlx.as_str())),
-    );
+        .expect("declare the parking queue");
     channel
-        .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), args)
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions::default(),
+            expires,
+        )
         .await
         .expect("declare the test queue");
     TestQueue { name, dead }
@@ -123,12 +97,6 @@ impl TestQueue {
                 .queue_delete(queue.as_str().into(), Default::default())
                 .await;
         }
-        let _ = channel
-            .exchange_delete(
-                format!("{}.dlx", self.name).as_str().into(),
-                Default::default(),
-            )
-            .await;
     }
 }
 
