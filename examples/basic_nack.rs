@@ -1,10 +1,12 @@
 //! The seed's `basic_nack.php` consumer, with the idempotency middleware in front.
 //!
-//! Same topology as the PHP demo: a durable direct exchange `router`, a
-//! durable queue `msgs` bound to it with an empty routing key, and the
-//! consumer tag `consumer`. Unlike the PHP demo, `msgs` has a dead-letter
-//! exchange (`msgs.dlx`, fanout, feeding the queue `msgs.dead`), so a message
-//! that keeps failing ends up somewhere instead of spinning forever.
+//! Exactly the PHP demo's topology: a durable direct exchange `router`, a
+//! durable queue `msgs` without arguments bound to it with an empty routing
+//! key, and the consumer tag `consumer`, declared the way the seed's
+//! `amqp_publisher.php` declares them, so the two start in either order.
+//! An existing `msgs` is used as it is, whatever its arguments. A message
+//! that keeps failing is parked in `msgs.dead`, a queue the runner owns, so
+//! it ends up somewhere instead of spinning forever or being dropped.
 //!
 //! What each body does:
 //!
@@ -17,9 +19,10 @@
 //!   processed separately.
 //! - any other body fails as a retryable error: the claim is released and the
 //!   message requeued after a growing backoff; after `IDEMPOTENCY_MAX_ATTEMPTS`
-//!   attempts (5 by default) it is dead-lettered to `msgs.dead`, with headers
+//!   attempts (5 by default) it is parked in `msgs.dead`, with headers
 //!   saying why (`x-idempotency-reason`; see them in the management UI,
-//!   Queues > msgs.dead > Get messages).
+//!   Queues > msgs.dead > Get messages, and move them back with
+//!   `amqp-idempotency replay --queue msgs` once fixed).
 //! - `quit` is acked as processed, then the consumer is cancelled and the
 //!   process exits cleanly (Ctrl-C does the same).
 //!
@@ -31,8 +34,10 @@
 //! # in another terminal:
 //! cargo run --example publisher -- good
 //! cargo run --example publisher -- good        # duplicate: acked, handler not run
-//! cargo run --example publisher -- bad         # retried, then dead-lettered to msgs.dead
+//! cargo run --example publisher -- bad         # retried, then parked in msgs.dead
 //! cargo run --example publisher -- quit
+//! # or with the seed's own PHP publisher (Debian: php-cli php-amqplib):
+//! php amqp_publisher.php good
 //! ```
 //!
 //! Settings come from the environment (`AMQP_URL`, `REDIS_URL`,
@@ -58,7 +63,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 use tokio::sync::Notify;
 use tower::{Layer, Service, service_fn};
@@ -66,7 +71,7 @@ use tower::{Layer, Service, service_fn};
 const EXCHANGE: &str = "router";
 const QUEUE: &str = "msgs";
 const CONSUMER_TAG: &str = "consumer";
-const DEAD_LETTER_EXCHANGE: &str = "msgs.dlx";
+/// The runner's parking queue for `msgs`: `{queue}.dead`, the default.
 const DEAD_LETTER_QUEUE: &str = "msgs.dead";
 
 #[tokio::main]
@@ -91,7 +96,7 @@ async fn run() -> Result<(), String> {
         .create_channel()
         .await
         .map_err(|err| format!("cannot open a RabbitMQ channel: {err}"))?;
-    declare_topology(&channel).await?;
+    declare_topology(&connection, &channel).await?;
     channel
         .basic_qos(config.prefetch_count(), BasicQosOptions::default())
         .await
@@ -156,14 +161,13 @@ async fn run() -> Result<(), String> {
             _ = tokio::signal::ctrl_c() => println!("Ctrl-C: stopping"),
         }
     };
-    // Dead letters are republished to `msgs.dlx` with headers saying why
-    // (x-idempotency-outcome, x-idempotency-reason, x-idempotency-attempts);
-    // if that publish fails they are rejected and reach `msgs.dlx` anyway
-    // through the queue's x-dead-letter-exchange.
+    // Dead letters are parked in `msgs.dead` (the default, `{queue}.dead`)
+    // with headers saying why (x-idempotency-outcome, x-idempotency-reason,
+    // x-idempotency-attempts); if the broker does not confirm the copy, the
+    // original is requeued, never dropped.
     let options = ServeOptions::from_config(&config)
         .shutdown_on(stop)
-        .close_channel(channel)
-        .dead_letter_exchange(DEAD_LETTER_EXCHANGE);
+        .close_channel(channel);
     let report = serve(consumer, service, options)
         .await
         .map_err(|err| err.to_string())?;
@@ -177,8 +181,11 @@ async fn run() -> Result<(), String> {
     Ok(())
 }
 
-/// The seed's topology, plus a dead-letter exchange and queue for `msgs`.
-async fn declare_topology(channel: &lapin::Channel) -> Result<(), String> {
+/// The seed's topology, declared as `amqp_publisher.php` declares it. An
+/// existing `msgs` is left as it is: it is looked up first (passively, on a
+/// channel of its own, since a miss closes the channel) and only declared
+/// when absent.
+async fn declare_topology(connection: &Connection, channel: &lapin::Channel) -> Result<(), String> {
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -192,56 +199,31 @@ async fn declare_topology(channel: &lapin::Channel) -> Result<(), String> {
         )
         .await
         .map_err(|err| declare_error("exchange", EXCHANGE, &err))?;
-    channel
-        .exchange_declare(
-            DEAD_LETTER_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
+    let probe = connection
+        .create_channel()
         .await
-        .map_err(|err| declare_error("exchange", DEAD_LETTER_EXCHANGE, &err))?;
-    channel
-        .queue_declare(
-            DEAD_LETTER_QUEUE.into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
+        .map_err(|err| format!("cannot open a RabbitMQ channel: {err}"))?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let exists = probe
+        .queue_declare(QUEUE.into(), passive, FieldTable::default())
         .await
-        .map_err(|err| declare_error("queue", DEAD_LETTER_QUEUE, &err))?;
-    channel
-        .queue_bind(
-            DEAD_LETTER_QUEUE.into(),
-            DEAD_LETTER_EXCHANGE.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|err| {
-            format!("cannot bind `{DEAD_LETTER_QUEUE}` to `{DEAD_LETTER_EXCHANGE}`: {err}")
-        })?;
-
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(DEAD_LETTER_EXCHANGE)),
-    );
-    channel
-        .queue_declare(QUEUE.into(), QueueDeclareOptions::durable(), arguments)
-        .await
-        .map_err(|err| {
-            if is_precondition_failed(&err) {
-                format!(
-                    "queue `{QUEUE}` already exists with other settings ({err}).\n       \
-                     This demo declares it durable with x-dead-letter-exchange={DEAD_LETTER_EXCHANGE}; \
-                     delete the old queue and run again:\n       \
-                     rabbitmqadmin delete queue name={QUEUE}    (or: rabbitmqctl delete_queue {QUEUE})"
-                )
-            } else {
-                declare_error("queue", QUEUE, &err)
-            }
-        })?;
+        .is_ok();
+    if probe.status().connected() {
+        let _ = probe.close(200, "OK".into()).await;
+    }
+    if !exists {
+        channel
+            .queue_declare(
+                QUEUE.into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| declare_error("queue", QUEUE, &err))?;
+    }
     channel
         .queue_bind(
             QUEUE.into(),
@@ -266,8 +248,9 @@ fn is_precondition_failed(err: &lapin::Error) -> bool {
 fn declare_error(what: &str, name: &str, err: &lapin::Error) -> String {
     if is_precondition_failed(err) {
         format!(
-            "{what} `{name}` already exists with other settings: {err}; delete it \
-             (rabbitmqadmin delete {what} name={name}) and run again"
+            "{what} `{name}` already exists with other settings: {err}; this demo uses the \
+             seed's (durable, direct): point it at another virtual host in AMQP_URL, or \
+             compare the settings with `rabbitmqctl list_exchanges name type durable`"
         )
     } else {
         format!("cannot declare {what} `{name}`: {err}")
@@ -328,7 +311,7 @@ fn report(body: &str, message_id: Option<&str>, redelivered: bool, outcome: &Out
         Disposition::Ack => "ack".to_string(),
         Disposition::Requeue { after } => format!("requeue in {}", human(after)),
         Disposition::DeadLetter => {
-            format!("dead-letter -> {DEAD_LETTER_EXCHANGE} -> {DEAD_LETTER_QUEUE}")
+            format!("dead-letter -> parked in {DEAD_LETTER_QUEUE}")
         }
     };
     let note = match outcome.kind() {
