@@ -1139,3 +1139,129 @@ async fn without_a_channel_the_parking_queue_is_refused_at_start() {
     );
     let _ = finish(&connection, &queue).await;
 }
+
+#[tokio::test]
+async fn replay_moves_parked_messages_back_after_a_dry_run() {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions};
+    use lapin::types::{AMQPValue, LongString};
+
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "replay").await;
+    for id in ["r1", "r2", "r3"] {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-idempotency-queue".into(),
+            AMQPValue::LongString(LongString::from(queue.name.as_str())),
+        );
+        headers.insert(
+            "x-idempotency-outcome".into(),
+            AMQPValue::LongString(LongString::from("failed")),
+        );
+        setup
+            .basic_publish(
+                "".into(),
+                queue.dead.as_str().into(),
+                BasicPublishOptions::default(),
+                id.as_bytes(),
+                lapin::BasicProperties::default()
+                    .with_message_id(id.into())
+                    .with_headers(headers),
+            )
+            .await
+            .unwrap();
+    }
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_amqp-idempotency"))
+            .arg("replay")
+            .args(args)
+            .env("AMQP_URL", common::amqp_url())
+            .output()
+            .expect("run amqp-idempotency")
+    };
+    let counts = |channel: Channel| {
+        let (name, dead) = (queue.name.clone(), queue.dead.clone());
+        async move {
+            (
+                ready_count(&channel, &name).await,
+                ready_count(&channel, &dead).await,
+            )
+        }
+    };
+    let reader = connection.create_channel().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let reader = reader.clone();
+            let counts = &counts;
+            async move { counts(reader).await == (0, 3) }
+        })
+        .await
+    );
+
+    let dry = cli(&[&queue.dead]);
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    assert_eq!(dry.status.code(), Some(1), "a dry run by default: {stdout}");
+    assert_eq!(stdout.matches("would move").count(), 3, "{stdout}");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let reader = reader.clone();
+            let counts = &counts;
+            async move { counts(reader).await == (0, 3) }
+        })
+        .await,
+        "a dry run moves nothing"
+    );
+
+    let moved = cli(&[&queue.dead, "--count", "2", "--yes"]);
+    let stdout = String::from_utf8_lossy(&moved.stdout);
+    assert_eq!(
+        moved.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert!(stdout.contains("moved 2 message(s)"), "{stdout}");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let reader = reader.clone();
+            let counts = &counts;
+            async move { counts(reader).await == (2, 1) }
+        })
+        .await,
+        "bounded by --count"
+    );
+    let back = reader
+        .basic_get(queue.name.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("a replayed message");
+    let headers = back
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let names: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+    assert!(!names.contains(&"x-idempotency-outcome"), "{names:?}");
+    assert!(names.contains(&"x-idempotency-replayed-from"), "{names:?}");
+
+    // Into a queue that does not exist: refused, and the message stays parked.
+    let missing = common::unique("nowhere");
+    let refused = cli(&[&queue.dead, "--to", &missing, "--yes"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let reader = reader.clone();
+            let counts = &counts;
+            async move { counts(reader).await.1 == 1 }
+        })
+        .await,
+        "the message stays in the parking queue"
+    );
+    queue.delete(&reader).await;
+}

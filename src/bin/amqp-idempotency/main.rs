@@ -6,11 +6,14 @@
 //! - `forget <fingerprint|key> --yes` deletes one record, so the next delivery
 //!   of that message is processed again;
 //! - `stats` counts the records under a prefix (and scope) per state, with
-//!   `SCAN ... MATCH ... COUNT`, never `KEYS`.
+//!   `SCAN ... MATCH ... COUNT`, never `KEYS`;
+//! - `replay <PARKING_QUEUE> --yes` moves dead-lettered messages back to
+//!   the queue they came from, after the fix (a dry run without `--yes`).
 //!
 //! Keys are `{prefix}:{scope}:{fingerprint}`. An argument that starts with
 //! `{prefix}:` is a full key, anything else a fingerprint that needs a scope.
-//! Exit codes: 0 ok, 1 no such key or refused, 2 usage error, 3 Redis error.
+//! Exit codes: 0 ok, 1 no such key or refused, 2 usage error, 3 Redis
+//! error, 4 RabbitMQ error.
 //! Run `amqp-idempotency --help` for the details.
 
 #![forbid(unsafe_code)]
@@ -26,6 +29,8 @@ use amqp_idempotency::fingerprint::{PROBE_NAME, record_key};
 use amqp_idempotency::redact_url;
 use amqp_idempotency::store::{CRASH_MEMORY, Record};
 use redis::{Connection, RedisError};
+
+mod replay;
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 const DEFAULT_PREFIX: &str = "idem";
@@ -47,6 +52,7 @@ USAGE:
     amqp-idempotency [OPTIONS] inspect <FINGERPRINT|KEY>
     amqp-idempotency [OPTIONS] forget <FINGERPRINT|KEY> --yes
     amqp-idempotency [OPTIONS] stats
+    amqp-idempotency [OPTIONS] replay <PARKING_QUEUE> [--to <QUEUE>] [--count <N>] [--yes]
     amqp-idempotency help | --help
 
 COMMANDS:
@@ -72,6 +78,17 @@ COMMANDS:
         busy server; records written or expiring meanwhile may or may not
         be counted.
 
+    replay <PARKING_QUEUE>
+        Moves dead-lettered messages from a parking queue (the runner's
+        `<queue>.dead` by default) back to the queue each came from (its
+        x-idempotency-queue header, or --to <QUEUE>), once the cause is
+        fixed. At most --count messages (default 100). Without --yes it is
+        a dry run: it lists what would move, changes nothing and exits 1.
+        Each message is republished with publisher confirms, without its
+        x-idempotency-* reason headers, and removed from the parking queue
+        only once the broker confirmed the copy. Their records were deleted
+        when they were dead-lettered, so they are processed afresh.
+
     help
         Shows this text.
 
@@ -89,9 +106,13 @@ OPTIONS:
                        [env: REDIS_URL; default: redis://127.0.0.1:6379]
     --prefix <P>       key prefix [env: IDEMPOTENCY_KEY_PREFIX; default: idem]
     --scope <S>        scope (consumer group) [env: IDEMPOTENCY_SCOPE]
+    --amqp-url <URL>   RabbitMQ for replay, amqp://user:password@host:port/vhost
+                       [env: AMQP_URL; default: amqp://guest:guest@127.0.0.1:5672/%2f]
+    --to <QUEUE>       replay into this queue instead of each message's own
+    --count <N>        replay at most N messages [default: 100]
     --key              read the argument as a full key
     --fingerprint      read the argument as a fingerprint
-    -y, --yes          confirm forget
+    -y, --yes          confirm forget or replay
     -h, --help         show this text
     Options may come before or after the command; --name=value also works.
 
@@ -101,6 +122,7 @@ EXIT STATUS:
     2  usage error: unknown command or option, missing argument or scope,
        malformed Redis URL (no arguments at all also exits 2)
     3  Redis error: unreachable, timed out, or refused a command
+    4  RabbitMQ error: unreachable, or refused a request
 
 EXAMPLES:
     amqp-idempotency inspect idem:orders:42
@@ -108,6 +130,8 @@ EXAMPLES:
     amqp-idempotency forget idem:orders:42 --yes
     amqp-idempotency stats --prefix idem --scope orders
     amqp-idempotency --redis-url redis://10.0.0.5:6379/2 stats
+    amqp-idempotency replay orders.dead              # what would move back
+    amqp-idempotency replay orders.dead --count 10 --yes
 ";
 
 /// Reads keys in one atomic step and, with ARGV[1] == 'delete', deletes
@@ -142,6 +166,8 @@ enum Failure {
     Usage(String),
     /// Redis unreachable or refusing a command: exit 3.
     Redis(String),
+    /// RabbitMQ unreachable or refusing a request: exit 4.
+    Amqp(String),
 }
 
 fn main() -> ExitCode {
@@ -160,6 +186,10 @@ fn main() -> ExitCode {
         Err(Failure::Redis(message)) => {
             eprint_text(&format!("error: {message}\n"));
             ExitCode::from(3)
+        }
+        Err(Failure::Amqp(message)) => {
+            eprint_text(&format!("error: {message}\n"));
+            ExitCode::from(4)
         }
     }
 }
@@ -189,6 +219,9 @@ struct Args {
     redis_url: Option<String>,
     prefix: Option<String>,
     scope: Option<String>,
+    amqp_url: Option<String>,
+    to: Option<String>,
+    count: Option<String>,
     yes: bool,
     target_kind: Option<TargetKind>,
     help: bool,
@@ -217,6 +250,9 @@ fn parse_args(raw: Vec<OsString>) -> Result<Args, Failure> {
             "--redis-url" => Some(&mut args.redis_url),
             "--prefix" => Some(&mut args.prefix),
             "--scope" => Some(&mut args.scope),
+            "--amqp-url" => Some(&mut args.amqp_url),
+            "--to" => Some(&mut args.to),
+            "--count" => Some(&mut args.count),
             _ => None,
         };
         if let Some(slot) = slot {
@@ -360,7 +396,7 @@ fn run(raw: Vec<OsString>) -> Result<(), Failure> {
     }
     let Some((command, rest)) = args.positionals.split_first() else {
         return Err(Failure::Usage(
-            "no command given; expected inspect, forget, stats or help".into(),
+            "no command given; expected inspect, forget, stats, replay or help".into(),
         ));
     };
     match command.as_str() {
@@ -409,8 +445,58 @@ fn run(raw: Vec<OsString>) -> Result<(), Failure> {
             let settings = settings(&args)?;
             stats(&settings)
         }
+        "replay" => {
+            let from = match rest {
+                [from] => from.clone(),
+                [] => {
+                    return Err(Failure::Usage(
+                        "replay needs the parking queue, e.g. `amqp-idempotency replay orders.dead`"
+                            .into(),
+                    ));
+                }
+                [_, extra, ..] => {
+                    return Err(Failure::Usage(format!(
+                        "replay takes one parking queue; unexpected `{extra}`"
+                    )));
+                }
+            };
+            let count = match &args.count {
+                None => 100,
+                Some(text) => text
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=100_000).contains(n))
+                    .ok_or_else(|| {
+                        Failure::Usage(format!(
+                            "--count is `{text}`; expected a number of messages from 1 to 100000"
+                        ))
+                    })?,
+            };
+            let amqp_url = match &args.amqp_url {
+                Some(url) => url.clone(),
+                None => env_var("AMQP_URL")?
+                    .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+            };
+            let replay = replay::Replay {
+                amqp_url,
+                from,
+                to: args.to.clone(),
+                count,
+                yes: args.yes,
+            };
+            let done = replay::run(&replay)?;
+            print_text(&done.report);
+            if done.would_move > 0 {
+                return Err(Failure::NotFound(format!(
+                    "dry run: nothing was moved. To move these {} message(s), run again with --yes",
+                    done.would_move
+                )));
+            }
+            Ok(())
+        }
         other => Err(Failure::Usage(format!(
-            "unknown command `{other}`; expected inspect, forget, stats or help"
+            "unknown command `{other}`; expected inspect, forget, stats, replay or help"
         ))),
     }
 }
