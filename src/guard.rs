@@ -485,14 +485,6 @@ impl<St: Store> ClaimGuard<St> {
         self.work_started = true;
     }
 
-    /// A handle that renews this claim from another task.
-    pub(crate) fn renewer(&self) -> Option<Renewer<St>> {
-        Some(Renewer {
-            dedup: Arc::clone(&self.dedup),
-            claim: self.claim.clone()?,
-        })
-    }
-
     /// Extends the lease; false if the claim is no longer ours.
     pub async fn renew(&self) -> Result<bool, StoreError> {
         let Some(claim) = &self.claim else {
@@ -620,36 +612,6 @@ impl<St: Store> Drop for ClaimGuard<St> {
                 }
             }
         });
-    }
-}
-
-/// Renews a claim from a task of its own (see [`ClaimGuard::renewer`]).
-pub(crate) struct Renewer<St> {
-    dedup: Arc<dyn Settle<St>>,
-    claim: Claim,
-}
-
-impl<St: Store> Renewer<St> {
-    /// The lease configured.
-    pub(crate) fn lease(&self) -> Duration {
-        self.dedup.config().lease_ttl
-    }
-
-    /// The key renewed.
-    pub(crate) fn key(&self) -> &str {
-        self.claim.key()
-    }
-
-    /// Extends the lease; false if the claim is no longer ours.
-    pub(crate) async fn renew(&self) -> Result<bool, StoreError> {
-        let started = std::time::Instant::now();
-        let result = self.dedup.store().renew(&self.claim, self.lease()).await;
-        crate::metrics::store_latency("renew", started);
-        match &result {
-            Ok(_) => self.dedup.note_ok(),
-            Err(err) => self.dedup.note_error("renew", err),
-        }
-        result
     }
 }
 

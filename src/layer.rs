@@ -27,7 +27,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -41,7 +40,7 @@ use tracing::Instrument;
 use crate::config::{Config, StoreFailurePolicy};
 use crate::error::{BoxError, ConfigError, FailureKind, HandlerError};
 use crate::fingerprint::{Fingerprint, MessageIdOrBodyHash};
-use crate::guard::{Begin, ClaimGuard, Deduplicator, Renewer, Skip};
+use crate::guard::{Begin, ClaimGuard, Deduplicator, Skip};
 use crate::outcome::{Disposition, Outcome, OutcomeKind};
 use crate::store::Store;
 
@@ -439,11 +438,8 @@ struct Run {
 }
 
 /// Runs the handler under the claim. The handler runs in a task of its
-/// own, and so do the renewals (every third of the lease), so that a
-/// handler that blocks its thread stops neither the renewals nor the
-/// handler timeout (kept here). The renewal task is spawned first: the
-/// handler's spawn then moves it to the stealable run queue and wakes an
-/// idle worker, which keeps the timers running while the handler blocks.
+/// own, so that one that blocks its thread stops neither the renewals
+/// (every third of the lease) nor the handler timeout, both kept here.
 async fn run_claimed<S, St>(
     config: &Config,
     guard: &ClaimGuard<St>,
@@ -457,77 +453,79 @@ where
     S::Future: Send + 'static,
     St: Store,
 {
-    let lease = Arc::new(LeaseState {
-        lost: AtomicBool::new(false),
-        ends: std::sync::Mutex::new(Instant::now() + config.lease_ttl),
-    });
-    // Stopped when this run ends or is dropped (an abandoned run's claim is
-    // kept, unrenewed, until its lease ends).
-    let renewing = guard
-        .renewer()
-        .map(|renewer| AbortOnDrop(tokio::spawn(keep_renewing(renewer, Arc::clone(&lease)))));
-    let mut handler = spawn_handler(inner, delivery);
-    let joined = tokio::time::timeout(config.handler_timeout, &mut handler).await;
-    drop(renewing);
-    let (result, timed_out) = match joined {
-        Ok(joined) => (handler_result(joined), false),
-        Err(_) => {
-            // Cancels at its next await; work it started may go on.
-            handler.abort();
-            (Err(timed_out(config)), true)
+    let lease_lost = AtomicBool::new(false);
+    let lease_ends = std::sync::Mutex::new(Instant::now() + config.lease_ttl);
+    let period = config.lease_ttl / 3;
+    let renewing = async {
+        loop {
+            tokio::time::sleep(period).await;
+            let sent = Instant::now();
+            match guard.renew().await {
+                Ok(true) => {
+                    if let Ok(mut ends) = lease_ends.lock() {
+                        *ends = sent + config.lease_ttl;
+                    }
+                }
+                Ok(false) => {
+                    lease_lost.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        key = guard.key(),
+                        "lease lost while the handler runs: another consumer may take the message over"
+                    );
+                    // Nothing left to renew; the handler runs on.
+                    std::future::pending::<()>().await;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "lease renewal failed; retrying at the next tick");
+                }
+            }
         }
     };
-    let lease_ends = lease
-        .ends
+    let mut handler = spawn_handler(inner, delivery);
+    // The handler sits in this worker's LIFO slot, which no other worker
+    // may steal from: if it blocks the thread while every other worker is
+    // parked, nothing drives the timers. Yielding once puts this task in
+    // the stealable queue and wakes an idle worker, which then keeps the
+    // renewals and the timeout running.
+    YieldOnce(false).await;
+    let (result, timed_out) = tokio::select! {
+        joined = tokio::time::timeout(config.handler_timeout, &mut handler) => match joined {
+            Ok(joined) => (handler_result(joined), false),
+            Err(_) => {
+                // Cancels at its next await; work it started may go on.
+                handler.abort();
+                (Err(timed_out(config)), true)
+            }
+        },
+        () = renewing => (Err(HandlerError::retryable("lease renewal stopped unexpectedly")), false),
+    };
+    let lease_ends = lease_ends
         .lock()
         .map_or_else(|poisoned| *poisoned.into_inner(), |ends| *ends);
     Run {
         result,
-        lease_lost: lease.lost.load(Ordering::Relaxed),
+        lease_lost: lease_lost.load(Ordering::Relaxed),
         timed_out,
         lease_ends,
     }
 }
 
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Returns `Pending` once after waking itself: the task is scheduled again
+/// as a yield, at the back of the worker's queue, and an idle worker is
+/// woken (unlike `tokio::task::yield_now`, which defers the wake until the
+/// worker has nothing else to run).
+struct YieldOnce(bool);
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+impl Future for YieldOnce {
+    type Output = ();
 
-/// What the renewal task tells the run about the lease.
-struct LeaseState {
-    lost: AtomicBool,
-    /// When the lease ends, counted from the last renewal sent.
-    ends: std::sync::Mutex<Instant>,
-}
-
-async fn keep_renewing<St: Store>(renewer: Renewer<St>, lease: Arc<LeaseState>) {
-    let period = renewer.lease() / 3;
-    loop {
-        tokio::time::sleep(period).await;
-        let sent = Instant::now();
-        match renewer.renew().await {
-            Ok(true) => {
-                if let Ok(mut ends) = lease.ends.lock() {
-                    *ends = sent + renewer.lease();
-                }
-            }
-            Ok(false) => {
-                lease.lost.store(true, Ordering::Relaxed);
-                tracing::warn!(
-                    key = renewer.key(),
-                    "lease lost while the handler runs: another consumer may take the message over"
-                );
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "lease renewal failed; retrying at the next tick");
-            }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
         }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
