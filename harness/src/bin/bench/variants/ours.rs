@@ -175,16 +175,22 @@ pub async fn drain_ours<S: Store>(
                 .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(err);
         }
     };
+    let channel = new_channel(&ctx.consume_conn).await?;
+    // The runner parks dead letters (none here) in `{queue}.dead`, which it
+    // declares on this channel: the library's default, measured as is.
     let options = ServeOptions::new()
         .concurrency(usize::from(ctx.options.prefetch))
-        .shutdown_on(shutdown);
-
-    let channel = new_channel(&ctx.consume_conn).await?;
+        .shutdown_on(shutdown)
+        .channel(channel.clone());
     let meter = Meter::start();
     let consumer = consume(&channel, queue, ctx.options.prefetch).await?;
     let _ = ready.send(());
     let served = serve(consumer, service, options).await;
     let measured = meter.stop();
+    let parking = format!("{queue}.dead");
+    let _ = channel
+        .queue_delete(parking.as_str().into(), Default::default())
+        .await;
     let _ = channel.close(200, "OK".into()).await;
     let report = served.map_err(|err| format!("serve failed: {err}"))?;
     // The runner counts the ack/nack/reject frames it sent (consecutive
