@@ -1265,3 +1265,77 @@ async fn replay_moves_parked_messages_back_after_a_dry_run() {
     );
     queue.delete(&reader).await;
 }
+
+#[tokio::test]
+async fn a_full_redis_does_not_burn_a_quorum_queues_delivery_limit() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, LongString};
+
+    // RabbitMQ 4 gives quorum queues a delivery limit by default; here it
+    // is set explicitly, and low: each requeue while Redis refuses writes
+    // would count against it, and the broker would drop the message.
+    let redis = common::PrivateRedis::start();
+    let store = RedisStore::connect(&redis.url())
+        .await
+        .expect("connect to the private redis");
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let name = common::unique("quorum");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(2));
+    setup
+        .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await
+        .expect("declare a quorum queue");
+    common::redis_cli(
+        redis.port,
+        None,
+        &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
+    );
+    common::redis_cli(redis.port, None, &["CONFIG", "SET", "maxmemory", "1"]);
+    publish(&setup, &name, b"charge", Some("charge-q")).await;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let layer = IdempotencyLayer::new(store, &name, config(&common::unique("p"))).unwrap();
+    let dedup = layer.deduplicator().clone();
+    let journal = Journal::default();
+    let service = journal
+        .clone()
+        .record(layer.layer(service_fn(move |_d: Delivery| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, HandlerError>(()) }
+        })));
+    let processed = journal.until(|j| j.count("processed") >= 1);
+    let port = redis.port;
+    let fixer = tokio::spawn(async move {
+        // Paused on the refused write, for longer than several requeues take.
+        while !dedup.store_is_down() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        common::redis_cli(port, None, &["CONFIG", "SET", "maxmemory", "0"]);
+    });
+    let report = run_until(&connection, &name, service, processed).await;
+    fixer.await.expect("the fixer");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "processed once: {:?}",
+        journal.events()
+    );
+    assert_eq!(journal.events(), ["processed"], "held, never requeued");
+    assert_eq!(report.requeued, 0, "{report:?}");
+    assert_eq!(report.acked, 1, "{report:?}");
+    let channel = connection.create_channel().await.unwrap();
+    assert_eq!(ready_count(&channel, &name).await, 0);
+    for queue in [name.clone(), format!("{name}.dead")] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
+}
