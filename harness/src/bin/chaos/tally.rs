@@ -232,9 +232,6 @@ impl Tally {
             Some((_, kind)) if kind == "lease_lost" => Some("lease_lost"),
             Some((_, kind)) if kind == "unrecorded" => Some("unrecorded"),
             Some((_, kind)) if kind == "dropped" => Some("dropped"),
-            // A failure after the effect: the handler timed out while the
-            // work it had started went on and took effect.
-            Some((_, kind)) if kind == "retry" => Some("timed out after its work took effect"),
             // Stopped past the lease while it ran: the claim expired, and
             // the handler timeout elapsed too, so whatever came after the
             // effect no longer counted.
@@ -245,6 +242,9 @@ impl Tally {
                     "stopped past the lease, then timed out after its effect"
                 })
             }
+            // A failure after the effect: the handler timed out while the
+            // work it had started went on and took effect.
+            Some((_, kind)) if kind == "retry" => Some("timed out after its work took effect"),
             Some(_) => None,
             None if self.killed.contains_key(&key.0) => Some("killed"),
             None if self.exited.contains(&key.0) => Some("its process aborted"),
