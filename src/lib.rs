@@ -7,6 +7,7 @@
     unreachable_pub
 )]
 
+pub mod amqp;
 mod config;
 mod dead_letter;
 mod error;
@@ -19,6 +20,7 @@ mod report;
 mod runner;
 mod settle;
 pub mod store;
+pub mod tls;
 
 pub use config::{Config, NoFingerprintPolicy, StoreFailurePolicy, parse_duration};
 pub use error::{BoxError, ConfigError, FailureKind, HandlerError, StoreError, redact_url};
