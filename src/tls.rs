@@ -359,6 +359,14 @@ pub(crate) fn find_rustls_error<'a>(
         if let Some(found) = err.downcast_ref::<rustls::Error>() {
             return Some(found);
         }
+        // redis-rs keeps the error in an `Arc<dyn Error>`, lapin in an
+        // `Arc<io::Error>`; either hides what it holds from `downcast_ref`.
+        if let Some(shared) = err.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+            let inner: &(dyn std::error::Error + 'static) = &**shared;
+            if let Some(found) = find_rustls_error(inner) {
+                return Some(found);
+            }
+        }
         let io = err
             .downcast_ref::<std::io::Error>()
             .or_else(|| err.downcast_ref::<Arc<std::io::Error>>().map(|arc| &**arc));
@@ -401,18 +409,10 @@ pub(crate) fn explain(
                 format!("the server's certificate is not trusted: {ca_hint}")
             }
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                let presented = match cert {
-                    CertificateError::NotValidForNameContext { presented, .. }
-                        if !presented.is_empty() =>
-                    {
-                        format!(" (it names {})", presented.join(", "))
-                    }
-                    _ => String::new(),
-                };
                 format!(
-                    "the server's certificate is not valid for the host `{host}`{presented}: put \
-                     a host name the certificate names in {}, or reissue the certificate with \
-                     `{host}` in its subjectAltName",
+                    "the server's certificate is not valid for the host `{host}`: put a host \
+                     name the certificate names in {}, or reissue the certificate with `{host}` \
+                     in its subjectAltName",
                     side.url_var()
                 )
             }
@@ -529,6 +529,15 @@ mod tests {
         assert!(text.contains("set REDIS_TLS_CA_FILE"), "{text}");
         let arc: Arc<std::io::Error> = Arc::new(io);
         assert!(find_rustls_error(&arc).is_some());
+        let shared: Arc<dyn std::error::Error + Send + Sync> = Arc::new(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+        ));
+        let text = explain(Side::Amqp, &TlsFiles::default(), "h", &shared).unwrap();
+        assert!(
+            text.contains("set AMQP_TLS_CERT_FILE and AMQP_TLS_KEY_FILE"),
+            "{text}"
+        );
         let plain = std::io::Error::other("connection refused");
         assert!(explain(Side::Redis, &TlsFiles::default(), "h", &plain).is_none());
     }
