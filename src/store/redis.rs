@@ -24,42 +24,48 @@ use crate::tls::{self, Side, TlsFiles};
 /// A key that already holds its target also answers 1, so a retried
 /// transition is harmless. Each key is checked and written on its own, and
 /// an error on one key (a key of another type, say) is that key's answer
-/// alone; one call carries the transitions of every request that waited
-/// together, so the script's overhead is paid once per round trip.
+/// alone, naming the command that failed (an ACL user's missing permission
+/// is otherwise reported without it); one call carries the transitions of
+/// every request that waited together, so the script's overhead is paid
+/// once per round trip.
 const TRANSITIONS: &str = r"
+local function failed(reply, command)
+  if type(reply) == 'table' and reply.err then
+    return {err = reply.err .. ' (the transition script\'s \'' .. command .. '\' command)'}
+  end
+  return nil
+end
 local answers = {}
 for i = 1, #KEYS do
   local at = 5 * (i - 1)
   local from, to, ttl, mode, grace = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
   local current = redis.pcall('GET', KEYS[i])
-  if type(current) == 'table' and current.err then
-    answers[i] = current
-  else
+  local answer = failed(current, 'get')
+  if not answer then
     local matches = current == from
     if matches and mode == 'e' then
-      local left = redis.call('PTTL', KEYS[i])
-      matches = left >= 0 and left <= tonumber(grace)
+      local left = redis.pcall('PTTL', KEYS[i])
+      answer = failed(left, 'pttl')
+      matches = not answer and left >= 0 and left <= tonumber(grace)
     elseif not matches and mode == 'a' then
       matches = current == false
     end
-    if matches then
-      local written
+    if answer then
+      -- PTTL failed: that is the answer.
+    elseif matches then
       if to == '' then
-        written = redis.pcall('DEL', KEYS[i])
+        answer = failed(redis.pcall('DEL', KEYS[i]), 'del')
       else
-        written = redis.pcall('SET', KEYS[i], to, 'PX', ttl)
+        answer = failed(redis.pcall('SET', KEYS[i], to, 'PX', ttl), 'set')
       end
-      if type(written) == 'table' and written.err then
-        answers[i] = written
-      else
-        answers[i] = 1
-      end
+      answer = answer or 1
     elseif to ~= '' and current == to then
-      answers[i] = 1
+      answer = 1
     else
-      answers[i] = 0
+      answer = 0
     end
   end
+  answers[i] = answer
 end
 return answers
 ";
@@ -542,7 +548,10 @@ fn remedy(err: &RedisError) -> Option<&'static str> {
     {
         "Redis refused the credentials: put the right user and password in REDIS_URL \
          (redis://user:password@host:port)"
-    } else if code == "NOPERM" || text.contains("NOPERM") {
+    } else if code == "NOPERM"
+        || text.contains("NOPERM")
+        || text.contains("The user executing the script can't")
+    {
         "the Redis ACL user lacks a permission: grant the commands and key pattern listed \
          in the README (Least privilege)"
     } else if matches!(code, "MOVED" | "ASK" | "CLUSTERDOWN" | "CROSSSLOT") {

@@ -667,3 +667,52 @@ impl Drop for Stunnel {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Least privilege: the README's ACL lines, applied to a private redis-server.
+
+/// The words of the README's `ACL SETUSER <user> ...` line, so that the
+/// tests check exactly what the README tells operators to run.
+pub fn readme_acl_line(user: &str) -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let start = format!("ACL SETUSER {user} ");
+    let line = readme
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with(&start))
+        .unwrap_or_else(|| panic!("README.md has no line starting with `{start}`"));
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// The password the README's ACL lines use, to be replaced.
+pub const README_PASSWORD: &str = ">CHANGE-ME";
+
+/// Runs `words` (an `ACL SETUSER` line, its README password replaced by
+/// `password`) on the Redis at `port`.
+pub fn apply_acl(port: u16, words: &[String], password: &str) {
+    let args: Vec<String> = words
+        .iter()
+        .map(|word| {
+            if word == README_PASSWORD {
+                format!(">{password}")
+            } else {
+                word.clone()
+            }
+        })
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let answer = redis_cli(port, None, &args);
+    assert_eq!(answer.trim(), "OK", "{args:?}: {answer}");
+}
+
+/// A private redis-server with the README's consumer user, and a store
+/// connected as that user.
+pub async fn least_privilege_store() -> (PrivateRedis, RedisStore) {
+    let redis = PrivateRedis::start();
+    apply_acl(redis.port, &readme_acl_line("idem-consumer"), "consumer-pw");
+    let url = format!("redis://idem-consumer:consumer-pw@127.0.0.1:{}", redis.port);
+    let store = RedisStore::connect(&url)
+        .await
+        .unwrap_or_else(|err| panic!("connect as the README's idem-consumer user: {err}"));
+    (redis, store)
+}
