@@ -57,6 +57,7 @@ pub async fn connect(
     let fail = |message: String| ConnectError {
         url: shown.clone(),
         message,
+        tls: false,
         source: None,
     };
     let uri = parse(url).map_err(fail)?;
@@ -99,10 +100,11 @@ pub async fn connect(
     )
     .await;
     connected.map_err(|err| {
-        let message = explain(&err, files, &host);
+        let (message, tls) = explain(&err, files, &host);
         ConnectError {
             url: shown.clone(),
             message,
+            tls,
             source: Some(err),
         }
     })
@@ -134,16 +136,20 @@ fn parse(url: &str) -> Result<AMQPUri, String> {
     Ok(uri)
 }
 
-/// What went wrong and what to do about it.
-fn explain(err: &lapin::Error, files: &tls::TlsFiles, host: &str) -> String {
+/// What went wrong and what to do about it, and whether it was TLS.
+fn explain(err: &lapin::Error, files: &tls::TlsFiles, host: &str) -> (String, bool) {
     if let Some(advice) = tls::explain(Side::Amqp, files, host, err) {
-        return advice;
+        return (advice, true);
     }
     if let ErrorKind::IOError(io) = err.kind()
         && let Some(advice) = tls::explain(Side::Amqp, files, host, &**io)
     {
-        return advice;
+        return (advice, true);
     }
+    (advise(err), false)
+}
+
+fn advise(err: &lapin::Error) -> String {
     let text = err.to_string();
     let lower = text.to_ascii_lowercase();
     if lower.contains("access_refused") || lower.contains("access refused") {
@@ -170,6 +176,7 @@ fn explain(err: &lapin::Error, files: &tls::TlsFiles, host: &str) -> String {
 pub struct ConnectError {
     url: String,
     message: String,
+    tls: bool,
     source: Option<lapin::Error>,
 }
 
@@ -177,6 +184,20 @@ impl ConnectError {
     /// The broker URL, with its password replaced by `***`.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// True when the TLS handshake failed (a certificate that is not
+    /// trusted or not valid for the host, a client certificate missing or
+    /// refused): retrying will not help until the settings change.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// True when the broker could not be reached or the connection broke
+    /// (not a TLS failure, not a refused login): worth retrying while a
+    /// broker starts.
+    pub fn is_io(&self) -> bool {
+        !self.tls && self.source.as_ref().is_some_and(lapin::Error::is_io_error)
     }
 
     /// lapin's error, if the failure came from connecting rather than from

@@ -442,10 +442,10 @@ impl Config {
                     var,
                     path.display().to_string(),
                     format!(
-                        "to be set only with a {}:// {} (it is `{}`, without TLS, so the file \
-                         would be ignored): use {}:// or unset {var}",
-                        side.tls_scheme(),
+                        "to be set only when {} starts with {}:// (it is `{}`, without TLS, so \
+                         the file would be ignored): use {}:// or unset {var}",
                         side.url_var(),
+                        side.tls_scheme(),
                         redact_url(url),
                         side.tls_scheme(),
                     ),

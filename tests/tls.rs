@@ -270,6 +270,10 @@ async fn a_broker_certificate_from_an_unrelated_ca_is_refused_naming_what_to_set
         "says what to set: {text}"
     );
     assert_eq!(err.url(), shown);
+    assert!(
+        err.is_tls() && !err.is_io(),
+        "a TLS failure, not worth retrying"
+    );
 }
 
 #[tokio::test]
