@@ -20,7 +20,7 @@
 //!
 //! The broker's certificate is always verified, against `AMQP_TLS_CA_FILE`
 //! when it is set and the platform's trusted roots otherwise (see
-//! [`tls`](crate::tls)). A failed connection says which URL (password
+//! [`crate::tls`]). A failed connection says which URL (password
 //! hidden) and what to fix; a certificate that is not trusted names
 //! `AMQP_TLS_CA_FILE`.
 
@@ -40,7 +40,7 @@ use crate::tls::{self, Side};
 ///
 /// Works like [`lapin::Connection::connect`] otherwise, and supports
 /// lapin's automatic recovery (`properties.enable_auto_recover()`), which
-/// reconnects with the same TLS settings. An IP address in the URL is
+/// reconnects with the same TLS settings. An IPv6 address in the URL is
 /// connected to as written (lapin alone would connect to `localhost`).
 ///
 /// # Errors
@@ -111,7 +111,7 @@ pub async fn connect(
 }
 
 /// Parses `url` without ever echoing it (lapin's parser would, password
-/// included), keeping an IP address host as written.
+/// included), keeping an IPv6 address host as written.
 fn parse(url: &str) -> Result<AMQPUri, String> {
     let shown = redact_url(url);
     let invalid = |detail: String| {
@@ -124,7 +124,8 @@ fn parse(url: &str) -> Result<AMQPUri, String> {
     };
     let mut uri: AMQPUri = url.parse().map_err(invalid)?;
     // amq-protocol takes the host from `Url::domain`, which is `None` for an
-    // IP address: it would connect to its default, `localhost`.
+    // IPv6 address (an IPv4 one is an opaque host in an amqp:// URL): it
+    // would connect to its default, `localhost`.
     match url::Url::parse(url)
         .map_err(|err| invalid(err.to_string()))?
         .host()
