@@ -40,7 +40,7 @@ use crate::tls::{self, Side};
 ///
 /// Works like [`lapin::Connection::connect`] otherwise, and supports
 /// lapin's automatic recovery (`properties.enable_auto_recover()`), which
-/// reconnects with the same TLS settings. An IPv6 address in the URL is
+/// reconnects with the same TLS settings, reading the files again. An IPv6 address in the URL is
 /// connected to as written (lapin alone would connect to `localhost`).
 ///
 /// # Errors
@@ -63,14 +63,7 @@ pub async fn connect(
     let uri = parse(url).map_err(fail)?;
     let files = config.amqp_tls();
     let tls = match uri.scheme {
-        AMQPScheme::AMQPS => {
-            let material = files
-                .load(Side::Amqp)
-                .map_err(|err| fail(err.to_string()))?;
-            let client =
-                tls::client_config(Side::Amqp, material).map_err(|err| fail(err.to_string()))?;
-            Some(RustlsConnector::from(Arc::new(client)))
-        }
+        AMQPScheme::AMQPS => Some(connector(files).map_err(fail)?),
         AMQPScheme::AMQP => {
             if let Some((var, path)) = files.first_set(Side::Amqp) {
                 return Err(fail(format!(
@@ -83,6 +76,10 @@ pub async fn connect(
     };
     let host = uri.authority.host.clone();
     let runtime = lapin::runtime::default_runtime().map_err(|err| fail(err.to_string()))?;
+    // The first connection uses the connector built above; lapin's
+    // recovery reconnects read the files again, for renewed certificates.
+    let first = std::sync::Mutex::new(tls);
+    let reloaded = files.clone();
     let connected = Connection::connector(
         uri,
         runtime,
@@ -91,10 +88,15 @@ pub async fn connect(
             let mut plain = uri.clone();
             plain.scheme = AMQPScheme::AMQP;
             let stream = plain.connect_async(&runtime).await?;
-            match &tls {
-                Some(connector) => Ok(stream.into_rustls(connector, &uri.authority.host).await?),
-                None => Ok(stream),
+            if uri.scheme != AMQPScheme::AMQPS {
+                return Ok(stream);
             }
+            let prepared = first.lock().ok().and_then(|mut first| first.take());
+            let connector = match prepared {
+                Some(connector) => connector,
+                None => connector(&reloaded).map_err(std::io::Error::other)?,
+            };
+            Ok(stream.into_rustls(&connector, &uri.authority.host).await?)
         },
         properties,
     )
@@ -108,6 +110,14 @@ pub async fn connect(
             source: Some(err),
         }
     })
+}
+
+/// The TLS connector for `files`: their CA or the platform roots, their
+/// client certificate if any.
+fn connector(files: &tls::TlsFiles) -> Result<RustlsConnector, String> {
+    let material = files.load(Side::Amqp).map_err(|err| err.to_string())?;
+    let client = tls::client_config(Side::Amqp, material).map_err(|err| err.to_string())?;
+    Ok(RustlsConnector::from(Arc::new(client)))
 }
 
 /// Parses `url` without ever echoing it (lapin's parser would, password

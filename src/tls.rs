@@ -20,8 +20,11 @@
 //! trusted roots are used (the system store, as `SSL_CERT_FILE` or
 //! `SSL_CERT_DIR` may point elsewhere); with one, only the CAs in that file
 //! are trusted for that connection. TLS is rustls with the ring provider:
-//! no OpenSSL is needed to build or run. Files are read when a connection is
-//! made, so a renewed client certificate is used from the next reconnect on.
+//! no OpenSSL is needed to build or run. Files are read again whenever a
+//! connection is made (each reconnect of a `RedisStore`, each call of
+//! [`amqp::connect`](crate::amqp::connect) and each of lapin's recovery
+//! reconnects), so a renewed client certificate is used from the next
+//! reconnect on.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -427,14 +430,19 @@ pub(crate) fn explain(
             other => format!("the server's certificate was refused ({other:?}): {ca_hint}"),
         },
         rustls::Error::AlertReceived(alert) => match (alert, files.cert_file()) {
-            (AlertDescription::CertificateRequired | AlertDescription::HandshakeFailure, None) => {
-                format!(
-                    "the server requires a client certificate: set {} and {} to a certificate \
+            (AlertDescription::CertificateRequired, None) => format!(
+                "the server requires a client certificate: set {} and {} to a certificate \
                  it trusts and its key",
-                    side.cert_var(),
-                    side.key_var()
-                )
-            }
+                side.cert_var(),
+                side.key_var()
+            ),
+            (AlertDescription::HandshakeFailure, None) => format!(
+                "the server refused the handshake: if it requires client certificates, set {} \
+                 and {} to a certificate it trusts and its key; otherwise it offers no TLS \
+                 version or cipher this client accepts (TLS 1.2 or 1.3)",
+                side.cert_var(),
+                side.key_var()
+            ),
             (
                 AlertDescription::BadCertificate
                 | AlertDescription::UnknownCA

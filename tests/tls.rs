@@ -314,3 +314,57 @@ async fn a_broker_that_requires_client_certificates_accepts_ours() {
         "says what to set: {text}"
     );
 }
+
+#[tokio::test]
+async fn lapin_recovery_reconnects_over_tls_reading_the_files_again() {
+    let pki = Pki::new();
+    // The broker requires a client certificate, so the reconnect, which
+    // builds its TLS settings from the files again, must present it too.
+    let tunnel = Stunnel::start(&pki, true);
+    let proxy = common::Proxy::start(tunnel.port).await;
+    let mut url = url::Url::parse(&tunnel.url()).expect("the tunnel's URL");
+    url.set_port(Some(proxy.port)).expect("a port");
+    let (cert, key) = pki.client();
+    let config = config_from(&[
+        ("AMQP_URL", url.to_string()),
+        ("AMQP_TLS_CA_FILE", path(pki.ca())),
+        ("AMQP_TLS_CERT_FILE", path(cert)),
+        ("AMQP_TLS_KEY_FILE", path(key)),
+    ]);
+    let connection = amqp::connect(
+        &config,
+        ConnectionProperties::default().enable_auto_recover(),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("connect through the proxy and stunnel: {err}"));
+    let channel = connection.create_channel().await.expect("open a channel");
+    let queue = common::declare_queue(&channel, "tls-recover").await;
+    assert!(proxy.cut() >= 1, "the connection ran through the proxy");
+    let recovered = common::eventually(Duration::from_secs(20), || {
+        let channel = channel.clone();
+        let name = queue.name.clone();
+        async move {
+            let declare = channel.queue_declare(
+                name.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            );
+            // A call on a channel still recovering may wait: bounded.
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), declare).await,
+                Ok(Ok(_))
+            )
+        }
+    })
+    .await;
+    let status = format!("{:?}", connection.status());
+    let _ = tokio::time::timeout(Duration::from_secs(5), queue.delete(&channel)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "OK".into())).await;
+    assert!(
+        recovered,
+        "lapin recovered the connection over TLS with the client certificate: {status}"
+    );
+}
