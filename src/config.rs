@@ -156,6 +156,8 @@ impl Config {
     /// Reads every setting from the process environment; unset variables
     /// keep their defaults. Fails on the first malformed value, naming the
     /// variable, the value and what is expected, and on inconsistent values.
+    /// The TLS files (`REDIS_TLS_*`, `AMQP_TLS_*`) are read to check them: an
+    /// unreadable or malformed one fails here, naming the variable and path.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| match std::env::var(name) {
             Ok(value) => Some(value),
@@ -304,7 +306,9 @@ impl Config {
     }
 
     /// Checks that the values are usable together:
-    /// handler timeout < lease <= retention, and each within its range.
+    /// handler timeout < lease <= retention, and each within its range; a
+    /// TLS client certificate comes with its key, and TLS files come with a
+    /// `rediss://` or `amqps://` URL. Reads no file.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let secs = |d: Duration| format_duration(d);
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
@@ -433,10 +437,7 @@ impl Config {
             // TLS files with a plain URL: the connection would silently go
             // without TLS.
             if let Some((var, path)) = files.first_set(side)
-                && !url
-                    .trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with(&format!("{}://", side.tls_scheme()))
+                && !side.is_tls_url(url)
             {
                 return Err(ConfigError::invalid(
                     var,

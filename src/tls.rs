@@ -215,6 +215,16 @@ impl Side {
         }
     }
 
+    /// Whether `url` asks for TLS (`valkeys://` is redis-rs's other name
+    /// for `rediss://`).
+    pub(crate) fn is_tls_url(self, url: &str) -> bool {
+        let url = url.trim_start().to_ascii_lowercase();
+        match self {
+            Side::Redis => url.starts_with("rediss://") || url.starts_with("valkeys://"),
+            Side::Amqp => url.starts_with("amqps://"),
+        }
+    }
+
     fn server(self) -> &'static str {
         match self {
             Side::Redis => "Redis (tls-ca-cert-file)",

@@ -280,18 +280,11 @@ impl RedisStore {
         let url = config.redis();
         let shown = redact_url(url);
         let source = match client_for(url, config.redis_tls()) {
-            Ok(_)
-                if url
-                    .trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("rediss://") =>
-            {
-                Source::Config {
-                    url: url.to_owned(),
-                    tls: config.redis_tls().clone(),
-                    host: host_of(url),
-                }
-            }
+            Ok(_) if Side::Redis.is_tls_url(url) => Source::Config {
+                url: url.to_owned(),
+                tls: config.redis_tls().clone(),
+                host: host_of(url),
+            },
             Ok(client) => Source::Fixed(client),
             Err(err) => return Err(StoreError::new("connect", "", false, err)),
         };
@@ -623,11 +616,7 @@ fn client_for(url: &str, files: &TlsFiles) -> Result<redis::Client, String> {
              or rediss://... for TLS; set REDIS_URL"
         )
     };
-    let is_tls = url
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("rediss://");
-    if !is_tls {
+    if !Side::Redis.is_tls_url(url) {
         if let Some((var, path)) = files.first_set(Side::Redis) {
             return Err(format!(
                 "{var}={} is set but REDIS_URL `{shown}` has no TLS: use rediss:// (or unset {var})",
