@@ -70,6 +70,50 @@ async fn the_store_works_over_rediss_with_a_private_ca() {
 }
 
 #[tokio::test]
+async fn the_readme_least_privilege_user_works_over_rediss() {
+    let pki = Pki::new();
+    // The README's line, as a redis-server `--user` directive.
+    let mut user: Vec<String> = common::readme_acl_line("idem-consumer")
+        .into_iter()
+        .skip(2)
+        .map(|word| {
+            if word == common::README_PASSWORD {
+                ">tls-pw".to_owned()
+            } else {
+                word
+            }
+        })
+        .collect();
+    user.insert(0, "--user".to_owned());
+    let redis = TlsRedis::start_with(&pki, pki.server(), false, &user);
+    let config = config_from(&[
+        (
+            "REDIS_URL",
+            format!("rediss://idem-consumer:tls-pw@127.0.0.1:{}", redis.port),
+        ),
+        ("REDIS_TLS_CA_FILE", path(pki.ca())),
+    ]);
+    let store = RedisStore::connect_with(&config)
+        .await
+        .unwrap_or_else(|err| panic!("connect over TLS as idem-consumer: {err}"));
+    claim_complete_duplicate(&store).await;
+    // The user and password come from the URL: a wrong password is refused.
+    let wrong = config_from(&[
+        (
+            "REDIS_URL",
+            format!("rediss://idem-consumer:hunter2@127.0.0.1:{}", redis.port),
+        ),
+        ("REDIS_TLS_CA_FILE", path(pki.ca())),
+    ]);
+    let err = RedisStore::connect_with(&wrong)
+        .await
+        .expect_err("a wrong password is refused");
+    let text = err.to_string();
+    assert!(text.contains("REDIS_URL"), "says what to fix: {text}");
+    assert!(!text.contains("hunter2"), "no password: {text}");
+}
+
+#[tokio::test]
 async fn a_redis_certificate_from_an_unrelated_ca_is_refused_naming_what_to_set() {
     let pki = Pki::new();
     let redis = TlsRedis::start(&pki, pki.server(), false);

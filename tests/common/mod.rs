@@ -549,6 +549,16 @@ impl TlsRedis {
         cert: (std::path::PathBuf, std::path::PathBuf),
         clients_need_certificates: bool,
     ) -> Self {
+        Self::start_with(pki, cert, clients_need_certificates, &[])
+    }
+
+    /// Like `start`, with more `redis-server` arguments (`--user ...`).
+    pub fn start_with(
+        pki: &Pki,
+        cert: (std::path::PathBuf, std::path::PathBuf),
+        clients_need_certificates: bool,
+        extra: &[String],
+    ) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(unique("tls-redis"));
         std::fs::create_dir_all(&dir).expect("create a redis dir");
@@ -575,6 +585,7 @@ impl TlsRedis {
             .arg(&dir)
             .arg("--logfile")
             .arg(&log)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
