@@ -24,15 +24,16 @@
 //!   retry or a double click would.
 //!
 //! The broker URL comes from `AMQP_URL` (default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`); for `amqps://`, the TLS files
+//! from `AMQP_TLS_CA_FILE`, `AMQP_TLS_CERT_FILE` and `AMQP_TLS_KEY_FILE`.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use amqp_idempotency::redact_url;
+use amqp_idempotency::{Config, amqp};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Confirmation, ConnectionProperties, ExchangeKind};
 
 const EXCHANGE: &str = "router";
 
@@ -129,25 +130,28 @@ fn short_string(text: &str, what: &str) -> Result<ShortString, String> {
 }
 
 async fn publish(args: Args) -> Result<(), String> {
-    // Only AMQP_URL matters here: the IDEMPOTENCY_* settings are the consumer's.
-    let url = std::env::var("AMQP_URL")
-        .ok()
-        .filter(|url| !url.trim().is_empty())
-        .unwrap_or_else(|| amqp_idempotency::Config::default().amqp().to_owned());
-    let shown = redact_url(&url);
+    // Only AMQP_URL and AMQP_TLS_* matter here: the IDEMPOTENCY_* settings
+    // are the consumer's.
+    let config = Config::from_lookup(|name| {
+        name.starts_with("AMQP_")
+            .then(|| std::env::var(name).ok())
+            .flatten()
+    })
+    .map_err(|err| format!("{err}\n       fix or unset that variable"))?;
+    let shown = amqp_idempotency::redact_url(config.amqp());
     let connection = match tokio::time::timeout(
         Duration::from_secs(10),
-        Connection::connect(&url, ConnectionProperties::default()),
+        amqp::connect(&config, ConnectionProperties::default()),
     )
     .await
     {
         Ok(Ok(connection)) => connection,
-        Ok(Err(err)) => {
+        Ok(Err(err)) if err.is_io() => {
             return Err(format!(
-                "cannot connect to RabbitMQ at {shown}: {err}\n       start it \
-                 (`rabbitmq-server -detached`, or `docker-compose up -d rabbitmq`) or set AMQP_URL"
+                "{err}\n       (or `docker-compose up -d rabbitmq`)"
             ));
         }
+        Ok(Err(err)) => return Err(err.to_string()),
         Err(_) => {
             return Err(format!(
                 "RabbitMQ at {shown} did not answer within 10s; check AMQP_URL"

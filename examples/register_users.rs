@@ -29,7 +29,8 @@
 //! (default 60: give up if the deliveries are not all settled by then).
 //! Environment: `REGISTER_QUEUE` (default `register_users`), `REGISTER_DB`
 //! (the SQLite file, default `register_users.sqlite` in the temp directory),
-//! plus `AMQP_URL`, `REDIS_URL` and the `IDEMPOTENCY_*` settings of DESIGN.md.
+//! plus `AMQP_URL`, `REDIS_URL`, their TLS files (`AMQP_TLS_*`, `REDIS_TLS_*`)
+//! and the `IDEMPOTENCY_*` settings of the README.
 //! Logs go to stderr (`RUST_LOG`, default `warn`).
 
 use std::collections::BTreeMap;
@@ -40,10 +41,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use amqp_idempotency::redact_url;
 use amqp_idempotency::{
-    Config, Disposition, HandlerError, IdempotencyLayer, Outcome, ServeOptions, serve,
-    store::RedisStore,
+    Config, Disposition, HandlerError, IdempotencyLayer, Outcome, ServeOptions, amqp, serve,
+    store::{RedisStore, redis_client},
 };
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -211,7 +211,7 @@ async fn run(args: Args) -> Result<bool, String> {
     // Clean slate, 1/3: the table. (Blocking, but nothing else runs yet.)
     let db = open_db(&db_path)?;
 
-    let connection = connect_amqp(config.amqp()).await?;
+    let connection = connect_amqp(&config).await?;
     let channel = connection
         .create_channel()
         .await
@@ -264,7 +264,7 @@ async fn run(args: Args) -> Result<bool, String> {
         )
         .await?
     } else {
-        let store = RedisStore::connect(config.redis())
+        let store = RedisStore::connect_with(&config)
             .await
             .map_err(|err| err.to_string())?;
         let layer = IdempotencyLayer::new(store, &queue, config.clone())
@@ -275,7 +275,7 @@ async fn run(args: Args) -> Result<bool, String> {
             .iter()
             .map(|email| layer.deduplicator().key(&message_id(email)))
             .collect();
-        let deleted = delete_keys(config.redis(), &keys).await?;
+        let deleted = delete_keys(&config, &keys).await?;
         println!(
             "deleted {deleted} done marks left by an earlier run (keys like `{}`)",
             keys.first().map(String::as_str).unwrap_or_default()
@@ -612,20 +612,19 @@ fn report(
     }
 }
 
-async fn delete_keys(url: &str, keys: &[String]) -> Result<u64, String> {
+async fn delete_keys(config: &Config, keys: &[String]) -> Result<u64, String> {
+    let shown = amqp_idempotency::redact_url(config.redis());
     let unreachable = |err: redis::RedisError| {
-        format!(
-            "cannot reach Redis at {}: {err}; start it or set REDIS_URL",
-            redact_url(url)
-        )
+        format!("cannot reach Redis at {shown}: {err}; start it or set REDIS_URL")
     };
-    let client = redis::Client::open(url).map_err(unreachable)?;
+    // The library's client: the same URL and TLS files as the store.
+    let client = redis_client(config).map_err(|err| err.to_string())?;
     let mut redis = tokio::time::timeout(
         Duration::from_secs(5),
         client.get_multiplexed_async_connection(),
     )
     .await
-    .map_err(|_| format!("Redis at {} did not answer within 5s", redact_url(url)))?
+    .map_err(|_| format!("Redis at {shown} did not answer within 5s"))?
     .map_err(unreachable)?;
     let mut deleted = 0;
     for chunk in keys.chunks(500) {
@@ -647,25 +646,26 @@ fn is_precondition_failed(err: &lapin::Error) -> bool {
     )
 }
 
-/// Connects, retrying a few times on I/O errors: in docker-compose the
-/// broker's health check can pass a moment before it accepts logins.
-async fn connect_amqp(url: &str) -> Result<Connection, String> {
+/// Connects (TLS for amqps://, as AMQP_TLS_* say), retrying a few times on
+/// I/O errors: in docker-compose the broker's health check can pass a
+/// moment before it accepts logins.
+async fn connect_amqp(config: &Config) -> Result<Connection, String> {
     const TRIES: u32 = 5;
-    let shown = redact_url(url);
+    let shown = amqp_idempotency::redact_url(config.amqp());
     for attempt in 1..=TRIES {
-        let connect = Connection::connect(url, ConnectionProperties::default());
+        let connect = amqp::connect(config, ConnectionProperties::default());
         match tokio::time::timeout(Duration::from_secs(10), connect).await {
             Ok(Ok(connection)) => return Ok(connection),
-            Ok(Err(err)) if err.is_io_error() && attempt < TRIES => {
+            Ok(Err(err)) if err.is_io() && attempt < TRIES => {
                 eprintln!("RabbitMQ at {shown} not ready ({err}); retrying in 2s");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
-            Ok(Err(err)) => {
+            Ok(Err(err)) if err.is_io() => {
                 return Err(format!(
-                    "cannot connect to RabbitMQ at {shown}: {err}\n       start it \
-                     (`rabbitmq-server -detached`, or `docker-compose up -d rabbitmq`) or set AMQP_URL"
+                    "{err}\n       (or `docker-compose up -d rabbitmq`)"
                 ));
             }
+            Ok(Err(err)) => return Err(err.to_string()),
             Err(_) => {
                 return Err(format!(
                     "RabbitMQ at {shown} did not answer within 10s; check AMQP_URL and that the broker is up"

@@ -19,9 +19,11 @@
 //! # Ok::<(), amqp_idempotency::ConfigError>(())
 //! ```
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, redact_url};
+use crate::tls::{Side, TlsFiles};
 
 /// What to do with a message that has no usable fingerprint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,8 +98,9 @@ impl Default for DeadLetterTarget {
 ///
 /// Build it with the methods below or read it with [`Config::from_env`];
 /// [`Config::validate`] refuses inconsistent values, and the layer and the
-/// guard call it when they are built.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// guard call it when they are built. Its `Debug` output hides the
+/// passwords in the URLs.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Config {
     pub(crate) redis_url: String,
     pub(crate) amqp_url: String,
@@ -117,6 +120,8 @@ pub struct Config {
     pub(crate) max_body_bytes: Option<usize>,
     pub(crate) consumer_timeout: Duration,
     pub(crate) dead_letters: DeadLetterTarget,
+    pub(crate) redis_tls: TlsFiles,
+    pub(crate) amqp_tls: TlsFiles,
 }
 
 impl Default for Config {
@@ -140,7 +145,60 @@ impl Default for Config {
             max_body_bytes: None,
             consumer_timeout: Duration::from_secs(30 * 60),
             dead_letters: DeadLetterTarget::default(),
+            redis_tls: TlsFiles::default(),
+            amqp_tls: TlsFiles::default(),
         }
+    }
+}
+
+// Derived by hand so that no password in a URL is ever printed; every field
+// is listed, so a new one cannot be forgotten.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            redis_url,
+            amqp_url,
+            key_prefix,
+            scope,
+            lease_ttl,
+            done_ttl,
+            handler_timeout,
+            prefetch,
+            in_progress_wait,
+            max_attempts,
+            retry_backoff,
+            retry_backoff_max,
+            on_store_error,
+            on_missing_fingerprint,
+            verify_payload,
+            max_body_bytes,
+            consumer_timeout,
+            dead_letters,
+            redis_tls,
+            amqp_tls,
+        } = self;
+        f.debug_struct("Config")
+            .field("redis_url", &redact_url(redis_url))
+            .field("amqp_url", &redact_url(amqp_url))
+            .field("key_prefix", key_prefix)
+            .field("scope", scope)
+            .field("lease_ttl", lease_ttl)
+            .field("done_ttl", done_ttl)
+            .field("handler_timeout", handler_timeout)
+            .field("prefetch", prefetch)
+            .field("in_progress_wait", in_progress_wait)
+            .field("max_attempts", max_attempts)
+            .field("retry_backoff", retry_backoff)
+            .field("retry_backoff_max", retry_backoff_max)
+            .field("on_store_error", on_store_error)
+            .field("on_missing_fingerprint", on_missing_fingerprint)
+            .field("verify_payload", verify_payload)
+            .field("max_body_bytes", max_body_bytes)
+            .field("consumer_timeout", consumer_timeout)
+            .field("dead_letters", dead_letters)
+            .field("redis_tls", redis_tls)
+            .field("amqp_tls", amqp_tls)
+            .finish()
     }
 }
 
@@ -151,6 +209,8 @@ impl Config {
     /// Reads every setting from the process environment; unset variables
     /// keep their defaults. Fails on the first malformed value, naming the
     /// variable, the value and what is expected, and on inconsistent values.
+    /// The TLS files (`REDIS_TLS_*`, `AMQP_TLS_*`) are read to check them: an
+    /// unreadable or malformed one fails here, naming the variable and path.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| match std::env::var(name) {
             Ok(value) => Some(value),
@@ -281,12 +341,28 @@ impl Config {
             };
         }
         config.dead_letters = dead_letters_from(&get)?;
+        let path = |name: &str| get(name).map(|value| PathBuf::from(value.trim()));
+        config.redis_tls = TlsFiles {
+            ca_file: path("REDIS_TLS_CA_FILE"),
+            cert_file: path("REDIS_TLS_CERT_FILE"),
+            key_file: path("REDIS_TLS_KEY_FILE"),
+        };
+        config.amqp_tls = TlsFiles {
+            ca_file: path("AMQP_TLS_CA_FILE"),
+            cert_file: path("AMQP_TLS_CERT_FILE"),
+            key_file: path("AMQP_TLS_KEY_FILE"),
+        };
         config.validate()?;
+        // Unreadable or malformed TLS files fail now, not at the first connection.
+        config.redis_tls.load(Side::Redis)?;
+        config.amqp_tls.load(Side::Amqp)?;
         Ok(config)
     }
 
     /// Checks that the values are usable together:
-    /// handler timeout < lease <= retention, and each within its range.
+    /// handler timeout < lease <= retention, and each within its range; a
+    /// TLS client certificate comes with its key, and TLS files come with a
+    /// `rediss://` or `amqps://` URL. Reads no file.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let secs = |d: Duration| format_duration(d);
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
@@ -407,6 +483,30 @@ impl Config {
                 "an integer from 1 to 1000",
             ));
         }
+        for (side, url, files) in [
+            (Side::Redis, &self.redis_url, &self.redis_tls),
+            (Side::Amqp, &self.amqp_url, &self.amqp_tls),
+        ] {
+            files.check_pairs(side)?;
+            // TLS files with a plain URL: the connection would silently go
+            // without TLS.
+            if let Some((var, path)) = files.first_set(side)
+                && !side.is_tls_url(url)
+            {
+                return Err(ConfigError::invalid(
+                    var,
+                    path.display().to_string(),
+                    format!(
+                        "to be set only when {} starts with {}:// (it is `{}`, without TLS, so \
+                         the file would be ignored): use {}:// or unset {var}",
+                        side.url_var(),
+                        side.tls_scheme(),
+                        redact_url(url),
+                        side.tls_scheme(),
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -419,6 +519,46 @@ impl Config {
     /// Broker URL (`AMQP_URL`).
     pub fn amqp_url(mut self, url: impl Into<String>) -> Self {
         self.amqp_url = url.into();
+        self
+    }
+
+    /// CA certificates (PEM) that Redis's certificate must chain to, instead
+    /// of the platform's trusted roots (`REDIS_TLS_CA_FILE`; `rediss://` only).
+    pub fn redis_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.redis_tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// Client certificate (PEM) presented to a Redis that requires one
+    /// (`REDIS_TLS_CERT_FILE`, with [`redis_tls_key_file`](Self::redis_tls_key_file)).
+    pub fn redis_tls_cert_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.redis_tls.cert_file = Some(path.into());
+        self
+    }
+
+    /// Private key (PEM) of the Redis client certificate (`REDIS_TLS_KEY_FILE`).
+    pub fn redis_tls_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.redis_tls.key_file = Some(path.into());
+        self
+    }
+
+    /// CA certificates (PEM) that the broker's certificate must chain to,
+    /// instead of the platform's trusted roots (`AMQP_TLS_CA_FILE`; `amqps://` only).
+    pub fn amqp_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.amqp_tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// Client certificate (PEM) presented to a broker that requires one
+    /// (`AMQP_TLS_CERT_FILE`, with [`amqp_tls_key_file`](Self::amqp_tls_key_file)).
+    pub fn amqp_tls_cert_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.amqp_tls.cert_file = Some(path.into());
+        self
+    }
+
+    /// Private key (PEM) of the broker client certificate (`AMQP_TLS_KEY_FILE`).
+    pub fn amqp_tls_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.amqp_tls.key_file = Some(path.into());
         self
     }
 
@@ -548,6 +688,16 @@ impl Config {
     /// The broker URL.
     pub fn amqp(&self) -> &str {
         &self.amqp_url
+    }
+
+    /// The TLS files for `rediss://`.
+    pub fn redis_tls(&self) -> &TlsFiles {
+        &self.redis_tls
+    }
+
+    /// The TLS files for `amqps://`.
+    pub fn amqp_tls(&self) -> &TlsFiles {
+        &self.amqp_tls
     }
 
     /// The configured lease.
@@ -855,6 +1005,86 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn debug_output_hides_the_passwords_in_the_urls() {
+        let config = Config::default()
+            .redis_url("rediss://idem:hunter2@redis.internal:6380/0")
+            .amqp_url("amqps://app:s3cr3t@rabbit.internal/%2f");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(
+            shown.contains("rediss://idem:***@redis.internal:6380/0"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("amqps://app:***@rabbit.internal/%2f"),
+            "{shown}"
+        );
+        assert!(shown.contains("lease_ttl: 30s"), "{shown}");
+        let shown = format!("{config:#?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn tls_variables_are_read_and_checked() {
+        let err = Config::from_lookup(lookup(&[
+            ("REDIS_URL", "rediss://r:6380"),
+            ("REDIS_TLS_CERT_FILE", "/etc/idem/client.pem"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable(), "REDIS_TLS_KEY_FILE", "{err}");
+        assert!(err.expected().contains("/etc/idem/client.pem"), "{err}");
+        let err = Config::from_lookup(lookup(&[
+            ("AMQP_URL", "amqps://a/%2f"),
+            ("AMQP_TLS_KEY_FILE", "/etc/idem/client.key"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable(), "AMQP_TLS_CERT_FILE", "{err}");
+        let err = Config::from_lookup(lookup(&[
+            ("AMQP_URL", "amqps://a/%2f"),
+            ("AMQP_TLS_CA_FILE", "/nonexistent/ca.pem"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable(), "AMQP_TLS_CA_FILE");
+        assert_eq!(err.value(), "/nonexistent/ca.pem");
+        assert!(err.to_string().contains("reading it failed"), "{err}");
+        let err = Config::from_lookup(lookup(&[
+            ("REDIS_URL", "redis://u:hunter2@r:6379"),
+            ("REDIS_TLS_CA_FILE", "/etc/idem/ca.pem"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable(), "REDIS_TLS_CA_FILE");
+        assert!(err.expected().contains("rediss://"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_have_builder_methods() {
+        let config = Config::default()
+            .redis_url("rediss://r:6380")
+            .redis_tls_ca_file("/ca.pem")
+            .redis_tls_cert_file("/c.pem")
+            .redis_tls_key_file("/k.pem")
+            .amqp_url("amqps://a/%2f")
+            .amqp_tls_ca_file("/a-ca.pem");
+        assert!(config.validate().is_ok());
+        assert_eq!(
+            config.redis_tls().key_file(),
+            Some(std::path::Path::new("/k.pem"))
+        );
+        assert_eq!(
+            config.amqp_tls().ca_file(),
+            Some(std::path::Path::new("/a-ca.pem"))
+        );
+        assert!(config.amqp_tls().cert_file().is_none());
+        let err = config.amqp_tls_key_file("/a-k.pem").validate().unwrap_err();
+        assert_eq!(err.variable(), "AMQP_TLS_CERT_FILE");
     }
 
     #[test]

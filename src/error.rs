@@ -17,20 +17,30 @@ use std::fmt;
 /// use amqp_idempotency::redact_url;
 /// assert_eq!(redact_url("amqp://guest:guest@rabbit:5672/%2f"), "amqp://guest:***@rabbit:5672/%2f");
 /// assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+/// // Malformed URLs too: a password with a `/` or `@` in it, a missing `//`.
+/// assert_eq!(redact_url("rediss://idem:pa/ss@word@host:6380"), "rediss://idem:***@host:6380");
+/// assert_eq!(redact_url("amqp:guest:secret@host"), "amqp:guest:***@host");
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    // The credentials end at the last `@`, wherever it is: a password that
+    // was not percent-encoded may hold `/`, `?`, `#` or `@`, and hiding too
+    // much of a malformed URL is better than showing a password.
+    let (head, rest, slashes) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest, true),
+        None => match url.split_once(':') {
+            Some((scheme, rest)) => (format!("{scheme}:"), rest, false),
+            None => return url.to_owned(),
+        },
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some((credentials, after)) = rest[..authority_end].rsplit_once('@') else {
+    let Some((credentials, after)) = rest.rsplit_once('@') else {
         return url.to_owned();
     };
     match credentials.split_once(':') {
-        Some((user, _password)) => {
-            format!("{scheme}://{user}:***@{after}{}", &rest[authority_end..])
-        }
-        None => url.to_owned(),
+        Some((user, _password)) => format!("{head}{user}:***@{after}"),
+        // `scheme://user@host` names a user only.
+        None if slashes => url.to_owned(),
+        // `user:password@host`, without a scheme: what follows the `:` is a password.
+        None => format!("{head}***@{after}"),
     }
 }
 
@@ -256,6 +266,23 @@ mod tests {
         let classified = HandlerError::classify(boxed);
         assert_eq!(classified.kind(), FailureKind::Retryable);
         assert!(classified.to_string().contains("connection reset"));
+    }
+
+    #[test]
+    fn redact_url_hides_every_password() {
+        for (url, shown) in [
+            ("redis://u:secret@h:1/0", "redis://u:***@h:1/0"),
+            ("redis://:secret@h", "redis://:***@h"),
+            ("rediss://u:sec@ret@h:6380", "rediss://u:***@h:6380"),
+            ("amqps://u:se/cr?et@h/%2f", "amqps://u:***@h/%2f"),
+            ("amqp:u:secret@h", "amqp:u:***@h"),
+            ("redis://user@h", "redis://user@h"),
+            ("redis://h:6379/0", "redis://h:6379/0"),
+            ("u:secret@h:6379", "u:***@h:6379"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 
     #[test]

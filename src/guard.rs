@@ -8,7 +8,7 @@
 //! # async fn work(_: &lapin::message::Delivery, _token: &str) -> Result<(), Box<dyn std::error::Error>> { Ok(()) }
 //! # async fn run(mut consumer: lapin::Consumer) -> Result<(), Box<dyn std::error::Error>> {
 //! let config = Config::from_env()?;
-//! let store = RedisStore::connect(config.redis()).await?;
+//! let store = RedisStore::connect_with(&config).await?; // REDIS_URL, REDIS_TLS_*
 //! let dedup = Deduplicator::new(store, "orders", config)?;
 //! let requeue = BasicNackOptions { requeue: true, ..Default::default() };
 //! while let Some(delivery) = consumer.next().await {

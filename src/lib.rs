@@ -7,6 +7,7 @@
     unreachable_pub
 )]
 
+pub mod amqp;
 mod config;
 mod dead_letter;
 mod error;
@@ -19,6 +20,7 @@ mod report;
 mod runner;
 mod settle;
 pub mod store;
+pub mod tls;
 
 pub use config::{
     Config, DeadLetterTarget, NoFingerprintPolicy, StoreFailurePolicy, parse_duration,

@@ -1,5 +1,7 @@
-//! One contract, two stores: every test runs against `MemoryStore` and
-//! against `RedisStore` on the real Redis at REDIS_URL.
+//! One contract, two stores: every test runs against `MemoryStore`,
+//! against `RedisStore` on the real Redis at REDIS_URL, and against
+//! `RedisStore` connected as the README's least-privilege ACL user to a
+//! private redis-server.
 
 mod common;
 
@@ -10,8 +12,10 @@ use amqp_idempotency::store::{ClaimOutcome, Expect, MemoryStore, Record, Store, 
 const LEASE: Duration = Duration::from_millis(300);
 const RETENTION: Duration = Duration::from_secs(60);
 
+/// Under the default prefix `idem`, which the README's least-privilege
+/// ACL line grants (`~idem:*`).
 fn key() -> String {
-    format!("{}:scope:fp", common::unique("contract"))
+    format!("idem:{}:fp", common::unique("contract"))
 }
 
 async fn acquire<S: Store>(store: &S, key: &str, token: &Token) -> amqp_idempotency::store::Claim {
@@ -279,6 +283,16 @@ macro_rules! contract {
                 #[tokio::test]
                 async fn $name() {
                     super::$name(super::common::redis_store().await).await;
+                }
+            )*
+        }
+        /// As the README's least-privilege Redis user, on a private Redis.
+        mod redis_least_privilege {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (_redis, store) = super::common::least_privilege_store().await;
+                    super::$name(store).await;
                 }
             )*
         }

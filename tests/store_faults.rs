@@ -231,3 +231,77 @@ async fn a_password_flip_holds_the_delivery_until_the_password_is_right() {
     assert_eq!(outcome.kind(), OutcomeKind::Processed);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// Runs every kind of request the consumer makes (claim, a transition
+/// whose script is loaded on NOSCRIPT, a read, a take-over check, a
+/// discard, the pause probe) and returns the first error.
+async fn every_request(store: &RedisStore) -> Result<(), amqp_idempotency::StoreError> {
+    use amqp_idempotency::store::Expect;
+    let key = format!("idem:q:{}", common::unique("acl"));
+    let ClaimOutcome::Acquired(claim) = store.claim(&key, &Token::new(), "h", LEASE).await? else {
+        panic!("a fresh key is ours");
+    };
+    store.renew(&claim, LEASE).await?;
+    store.get(&key).await?;
+    store
+        .transition(
+            &key,
+            Expect::Expired {
+                value: claim.value(),
+                grace: Duration::from_millis(1),
+            },
+            Some("taken"),
+            LEASE,
+        )
+        .await?;
+    store.discard(&claim).await?;
+    store.probe("idem:q:\0probe").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_readme_acl_grants_every_command_and_each_one_is_needed_and_named() {
+    let line = common::readme_acl_line("idem-consumer");
+    let commands: Vec<String> = line
+        .iter()
+        .filter_map(|word| word.strip_prefix('+'))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        commands.len() >= 6,
+        "the README's line grants the commands: {line:?}"
+    );
+    // The whole line is enough.
+    let (_redis, store) = common::least_privilege_store().await;
+    if let Err(err) = every_request(&store).await {
+        panic!("the README's ACL line does not grant enough: {err}");
+    }
+    // Each command is needed, and its absence is named.
+    for command in &commands {
+        let redis = PrivateRedis::start();
+        let without: Vec<String> = line
+            .iter()
+            .filter(|word| word.strip_prefix('+') != Some(command.as_str()))
+            .cloned()
+            .collect();
+        common::apply_acl(redis.port, &without, "pw");
+        let url = format!("redis://idem-consumer:pw@127.0.0.1:{}", redis.port);
+        let store = RedisStore::connect(&url)
+            .await
+            .unwrap_or_else(|err| panic!("connect without +{command}: {err}"));
+        let err = every_request(&store)
+            .await
+            .expect_err(&format!("+{command} is needed"));
+        let text = err.to_string();
+        assert!(err.is_unavailable(), "NOPERM pauses: {text}");
+        assert!(
+            text.contains(&format!("'{command}'")),
+            "without +{command} the error names it: {text}"
+        );
+        assert!(
+            text.contains("Least privilege"),
+            "and says where the grant is: {text}"
+        );
+        assert!(!text.contains(":pw@"), "the password never appears: {text}");
+    }
+}

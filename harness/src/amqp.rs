@@ -49,11 +49,12 @@ pub fn check_confirm(confirm: Result<lapin::Confirmation, lapin::Error>) -> Resu
 /// (`amqp://user:pass@`) and what follows (`/vhost?query`), so that the URL
 /// can be pointed at a proxy.
 pub fn split_amqp_url(url: &str) -> Result<(String, String, String), String> {
-    let bad = || format!("AMQP_URL `{url}` is not an amqp://user:pass@host:port/vhost URL");
+    let shown = amqp_idempotency::redact_url(url);
+    let bad = || format!("AMQP_URL `{shown}` is not an amqp://user:pass@host:port/vhost URL");
     let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
     if scheme != "amqp" {
         return Err(format!(
-            "AMQP_URL `{url}`: only amqp:// is supported by the suite's TCP proxy"
+            "AMQP_URL `{shown}`: only amqp:// is supported by the suite's TCP proxy"
         ));
     }
     let end = rest.find(['/', '?']).unwrap_or(rest.len());

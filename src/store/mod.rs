@@ -60,7 +60,7 @@ mod memory;
 mod redis;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisStore, redis_client};
 
 /// How often an unanswered insert is retried with the same token.
 const AMBIGUOUS_RETRIES: usize = 2;

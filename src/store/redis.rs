@@ -12,7 +12,9 @@ use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, Script, Value};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Expect, Store};
+use crate::config::Config;
 use crate::error::{StoreError, redact_url};
+use crate::tls::{self, Side, TlsFiles};
 
 /// Compare-and-set on each key. For KEYS[i], ARGV holds five values:
 /// `from`, `to`, `ttl` (PX), `mode` and `grace`. The key is written (set to
@@ -22,42 +24,48 @@ use crate::error::{StoreError, redact_url};
 /// A key that already holds its target also answers 1, so a retried
 /// transition is harmless. Each key is checked and written on its own, and
 /// an error on one key (a key of another type, say) is that key's answer
-/// alone; one call carries the transitions of every request that waited
-/// together, so the script's overhead is paid once per round trip.
+/// alone, naming the command that failed (an ACL user's missing permission
+/// is otherwise reported without it); one call carries the transitions of
+/// every request that waited together, so the script's overhead is paid
+/// once per round trip.
 const TRANSITIONS: &str = r"
+local function failed(reply, command)
+  if type(reply) == 'table' and reply.err then
+    return {err = reply.err .. ' (the transition script\'s \'' .. command .. '\' command)'}
+  end
+  return nil
+end
 local answers = {}
 for i = 1, #KEYS do
   local at = 5 * (i - 1)
   local from, to, ttl, mode, grace = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
   local current = redis.pcall('GET', KEYS[i])
-  if type(current) == 'table' and current.err then
-    answers[i] = current
-  else
+  local answer = failed(current, 'get')
+  if not answer then
     local matches = current == from
     if matches and mode == 'e' then
-      local left = redis.call('PTTL', KEYS[i])
-      matches = left >= 0 and left <= tonumber(grace)
+      local left = redis.pcall('PTTL', KEYS[i])
+      answer = failed(left, 'pttl')
+      matches = not answer and left >= 0 and left <= tonumber(grace)
     elseif not matches and mode == 'a' then
       matches = current == false
     end
-    if matches then
-      local written
+    if answer then
+      -- PTTL failed: that is the answer.
+    elseif matches then
       if to == '' then
-        written = redis.pcall('DEL', KEYS[i])
+        answer = failed(redis.pcall('DEL', KEYS[i]), 'del')
       else
-        written = redis.pcall('SET', KEYS[i], to, 'PX', ttl)
+        answer = failed(redis.pcall('SET', KEYS[i], to, 'PX', ttl), 'set')
       end
-      if type(written) == 'table' and written.err then
-        answers[i] = written
-      else
-        answers[i] = 1
-      end
+      answer = answer or 1
     elseif to ~= '' and current == to then
-      answers[i] = 1
+      answer = 1
     else
-      answers[i] = 0
+      answer = 0
     end
   end
+  answers[i] = answer
 end
 return answers
 ";
@@ -84,10 +92,13 @@ const MAX_IN_FLIGHT: usize = 4;
 /// a standalone Redis (or a primary with replicas), not Redis Cluster.
 ///
 /// ```no_run
-/// use amqp_idempotency::store::RedisStore;
+/// use amqp_idempotency::{Config, store::RedisStore};
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), amqp_idempotency::StoreError> {
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// // With TLS and an ACL user: REDIS_URL=rediss://idem:secret@redis.internal:6380,
+/// // REDIS_TLS_CA_FILE=/etc/idem/redis-ca.pem
+/// let store = RedisStore::connect_with(&Config::from_env()?).await?;
 /// # Ok(())
 /// # }
 /// ```
@@ -102,15 +113,28 @@ pub struct RedisStore {
 /// Each connection carries a generation number, so that a pipeline that
 /// failed on an old connection does not throw away the new one.
 struct Link {
-    client: redis::Client,
+    client: Source,
     config: AsyncConnectionConfig,
     shown: String,
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     generations: AtomicU64,
 }
 
+/// Where the client of each new connection comes from.
+enum Source {
+    /// A client given as it is.
+    Fixed(redis::Client),
+    /// Built from the URL and TLS files for every connection, so that a
+    /// renewed client certificate is used from the next reconnect on.
+    Config {
+        url: String,
+        tls: TlsFiles,
+        host: String,
+    },
+}
+
 impl Link {
-    fn new(client: redis::Client, shown: String) -> Self {
+    fn new(client: Source, shown: String) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(RedisStore::RESPONSE_TIMEOUT))
             .set_response_timeout(Some(RedisStore::RESPONSE_TIMEOUT));
@@ -129,12 +153,42 @@ impl Link {
         if let Some((generation, connection)) = &*current {
             return Ok((*generation, connection.clone()));
         }
-        let connection = self
-            .client
+        let built;
+        let (client, tls_files, host) = match &self.client {
+            Source::Fixed(client) => (client, None, ""),
+            Source::Config { url, tls, host } => {
+                built = client_for(url, tls).map_err(|err| Failure {
+                    unavailable: true,
+                    message: format!("cannot connect to Redis at {}: {err}", self.shown),
+                })?;
+                (&built, Some(tls), host.as_str())
+            }
+        };
+        let connection = client
             .get_multiplexed_async_connection_with_config(&self.config)
             .await
             .map_err(|err| {
+                let tls_advice = tls_files.and_then(|files| {
+                    let err: &(dyn std::error::Error + 'static) = &err;
+                    tls::explain(Side::Redis, files, host, err)
+                });
+                let unreachable = tls_advice.is_none()
+                    && remedy(&err).is_none()
+                    && (err.is_connection_refusal()
+                        || err.is_io_error()
+                        || err.is_timeout()
+                        || err.is_connection_dropped());
                 let mut failure = failure(err);
+                if let Some(advice) = tls_advice {
+                    failure.message = advice;
+                } else if unreachable {
+                    failure.message.push_str(
+                        "; is it running? Start it (for example `redis-server --port 6379`) \
+                         or fix REDIS_URL",
+                    );
+                } else if !failure.message.contains("REDIS_URL") {
+                    failure.message.push_str("; check REDIS_URL");
+                }
                 failure.message = format!(
                     "cannot connect to Redis at {}: {}",
                     self.shown, failure.message
@@ -202,36 +256,42 @@ impl RedisStore {
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
     /// Connects to Redis at `url` (`redis://host:port/db`, with
-    /// `redis://user:password@host:port/db` for an ACL user).
+    /// `redis://user:password@host:port/db` for an ACL user, `rediss://`
+    /// for TLS verified against the platform's trusted roots).
     ///
     /// Fails when the URL is malformed, Redis does not answer or refuses the
     /// credentials; the error names the URL (password hidden) and what to
     /// fix. Once connected, a failed connection is replaced on the next
-    /// request, and requests in between fail as unavailable.
+    /// request, and requests in between fail as unavailable. For a CA file
+    /// or a client certificate, use [`connect_with`](Self::connect_with).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(&Config::default().redis_url(url)).await
+    }
+
+    /// Connects to Redis as `config` says: its URL ([`Config::redis`]) and,
+    /// for `rediss://`, its TLS files ([`Config::redis_tls`]:
+    /// `REDIS_TLS_CA_FILE`, `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE`).
+    ///
+    /// Fails like [`connect`](Self::connect), and also when a TLS file is
+    /// unreadable or the server's certificate is not trusted or not valid
+    /// for its host name; the error names the URL (password hidden) and the
+    /// variable to set. The files are read again for each new connection.
+    pub async fn connect_with(config: &Config) -> Result<Self, StoreError> {
+        let url = config.redis();
         let shown = redact_url(url);
-        let client = redis::Client::open(url).map_err(|err| {
-            StoreError::new(
-                "connect",
-                "",
-                false,
-                format!(
-                    "`{shown}` is not a valid Redis URL (expected redis://host:port/db): {err}"
-                ),
-            )
-        })?;
-        let link = Link::new(client, shown.clone());
-        link.get().await.map_err(|failure| {
-            StoreError::new(
-                "connect",
-                "",
-                true,
-                format!(
-                    "{}; start it (for example `redis-server --port 6379`) or set REDIS_URL",
-                    failure.message
-                ),
-            )
-        })?;
+        let source = match client_for(url, config.redis_tls()) {
+            Ok(_) if Side::Redis.is_tls_url(url) => Source::Config {
+                url: url.to_owned(),
+                tls: config.redis_tls().clone(),
+                host: host_of(url),
+            },
+            Ok(client) => Source::Fixed(client),
+            Err(err) => return Err(StoreError::new("connect", "", false, err)),
+        };
+        let link = Link::new(source, shown.clone());
+        link.get()
+            .await
+            .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
         Ok(Self::start(link))
     }
 
@@ -239,7 +299,7 @@ impl RedisStore {
     /// called within a Tokio runtime: it starts the writer task.
     pub fn from_client(client: redis::Client) -> Self {
         let shown = format!("redis at {}", client.get_connection_info().addr());
-        Self::start(Link::new(client, shown))
+        Self::start(Link::new(Source::Fixed(client), shown))
     }
 
     fn start(link: Link) -> Self {
@@ -481,7 +541,10 @@ fn remedy(err: &RedisError) -> Option<&'static str> {
     {
         "Redis refused the credentials: put the right user and password in REDIS_URL \
          (redis://user:password@host:port)"
-    } else if code == "NOPERM" || text.contains("NOPERM") {
+    } else if code == "NOPERM"
+        || text.contains("NOPERM")
+        || text.contains("The user executing the script can't")
+    {
         "the Redis ACL user lacks a permission: grant the commands and key pattern listed \
          in the README (Least privilege)"
     } else if matches!(code, "MOVED" | "ASK" | "CLUSTERDOWN" | "CROSSSLOT") {
@@ -519,6 +582,70 @@ fn failure(err: RedisError) -> Failure {
         unavailable: !is_about_the_key(&err),
         message,
     }
+}
+
+/// A client for `config`'s Redis URL, with TLS for `rediss://` as
+/// [`Config::redis_tls`] says: for code of your own that talks to the same
+/// Redis (the operator CLI, a maintenance job).
+///
+/// ```no_run
+/// use amqp_idempotency::{Config, store::redis_client};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = redis_client(&Config::from_env()?)?;
+/// let mut connection = client.get_connection()?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// A malformed URL, TLS files with a `redis://` URL, or an unreadable or
+/// malformed TLS file; the message names the URL (password hidden) or the
+/// variable and path.
+pub fn redis_client(config: &Config) -> Result<redis::Client, StoreError> {
+    client_for(config.redis(), config.redis_tls())
+        .map_err(|message| StoreError::new("connect", "", false, message))
+}
+
+/// The client for `url` with `files`, or a message saying what is wrong.
+fn client_for(url: &str, files: &TlsFiles) -> Result<redis::Client, String> {
+    let shown = redact_url(url);
+    let invalid = |err: RedisError| {
+        format!(
+            "`{shown}` is not a valid Redis URL ({err}); expected redis://[user:password@]host:port/db, \
+             or rediss://... for TLS; set REDIS_URL"
+        )
+    };
+    if !Side::Redis.is_tls_url(url) {
+        if let Some((var, path)) = files.first_set(Side::Redis) {
+            return Err(format!(
+                "{var}={} is set but REDIS_URL `{shown}` has no TLS: use rediss:// (or unset {var})",
+                path.display()
+            ));
+        }
+        return redis::Client::open(url).map_err(invalid);
+    }
+    tls::ensure_process_provider();
+    if files.is_empty() {
+        return redis::Client::open(url).map_err(invalid);
+    }
+    let material = files.load(Side::Redis).map_err(|err| err.to_string())?;
+    let certificates = redis::TlsCertificates {
+        client_tls: material.identity.map(|identity| redis::ClientTlsConfig {
+            client_cert: identity.cert_pem,
+            client_key: identity.key_pem,
+        }),
+        root_cert: material.ca_pem,
+    };
+    redis::Client::build_with_tls(url, certificates).map_err(invalid)
+}
+
+/// The host of `url`, for error messages about its certificate.
+fn host_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn millis(ttl: Duration) -> u64 {

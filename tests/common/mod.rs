@@ -318,3 +318,380 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("find a free port")
 }
+
+// ---------------------------------------------------------------------------
+// TLS: certificates made with the openssl CLI, a private redis-server with a
+// TLS port, and stunnel in front of the shared RabbitMQ.
+
+/// Runs `openssl` with `args` in `dir`; panics with its output when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("cannot run openssl (apt-get install openssl, or bash .ci/tls-deps.sh): {err}")
+        });
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Test certificates in a temporary directory, removed on drop: a CA, a
+/// server certificate it signed for `localhost` and `127.0.0.1`, one it
+/// signed for another host only, a client certificate it signed, and an
+/// unrelated CA. All keys are P-256, all files PEM.
+pub struct Pki {
+    pub dir: std::path::PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("pki"));
+        std::fs::create_dir_all(&dir).expect("create a directory for the test certificates");
+        let config = "\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = replaced by -subj
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost,IP:127.0.0.1
+[elsewhere]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:elsewhere.example
+[client]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+";
+        std::fs::write(dir.join("openssl.cnf"), config).expect("write openssl.cnf");
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for (ca, name) in [
+            ("ca", "/CN=amqp-idempotency test CA"),
+            ("other-ca", "/CN=unrelated test CA"),
+        ] {
+            let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+            let mut args = vec!["req", "-x509", "-new", "-days", "3", "-subj", name];
+            args.extend(ec);
+            args.extend([
+                "-config",
+                "openssl.cnf",
+                "-extensions",
+                "ca",
+                "-keyout",
+                &key,
+                "-out",
+                &pem,
+            ]);
+            openssl(&dir, &args);
+        }
+        for (serial, leaf) in [(2, "server"), (3, "elsewhere"), (4, "client")] {
+            let (key, csr, pem) = (
+                format!("{leaf}.key"),
+                format!("{leaf}.csr"),
+                format!("{leaf}.pem"),
+            );
+            let name = format!("/CN={leaf}");
+            let mut args = vec!["req", "-new", "-config", "openssl.cnf", "-subj", &name];
+            args.extend(ec);
+            args.extend(["-keyout", &key, "-out", &csr]);
+            openssl(&dir, &args);
+            let serial = serial.to_string();
+            openssl(
+                &dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-set_serial",
+                    &serial,
+                    "-days",
+                    "3",
+                    "-extfile",
+                    "openssl.cnf",
+                    "-extensions",
+                    leaf,
+                    "-out",
+                    &pem,
+                ],
+            );
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The CA that signed every certificate below.
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.path("ca.pem")
+    }
+
+    /// A CA that signed nothing here.
+    pub fn other_ca(&self) -> std::path::PathBuf {
+        self.path("other-ca.pem")
+    }
+
+    /// Certificate and key for `localhost` and `127.0.0.1`.
+    pub fn server(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+        (self.path("server.pem"), self.path("server.key"))
+    }
+
+    /// Certificate and key for `elsewhere.example` only.
+    pub fn elsewhere(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+        (self.path("elsewhere.pem"), self.path("elsewhere.key"))
+    }
+
+    /// Client certificate and key.
+    pub fn client(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+        (self.path("client.pem"), self.path("client.key"))
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until something listens on `port`, or panics with `log`'s
+/// contents after 10s.
+fn wait_for_port(port: u16, what: &str, child: &mut Child, log: &std::path::Path) {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited ({status}) before listening on port {port}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    panic!(
+        "{what} did not listen on port {port} within 10s: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// A private redis-server that only speaks TLS (`--port 0 --tls-port`),
+/// with `cert` as its certificate, trusting `Pki::ca` for client
+/// certificates, which it requires when `clients_need_certificates`.
+/// Killed on drop.
+pub struct TlsRedis {
+    pub port: u16,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl TlsRedis {
+    pub fn start(
+        pki: &Pki,
+        cert: (std::path::PathBuf, std::path::PathBuf),
+        clients_need_certificates: bool,
+    ) -> Self {
+        Self::start_with(pki, cert, clients_need_certificates, &[])
+    }
+
+    /// Like `start`, with more `redis-server` arguments (`--user ...`).
+    pub fn start_with(
+        pki: &Pki,
+        cert: (std::path::PathBuf, std::path::PathBuf),
+        clients_need_certificates: bool,
+        extra: &[String],
+    ) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("tls-redis"));
+        std::fs::create_dir_all(&dir).expect("create a redis dir");
+        let log = dir.join("redis.log");
+        let mut child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", "0"])
+            .args(["--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&cert.0)
+            .arg("--tls-key-file")
+            .arg(&cert.1)
+            .arg("--tls-ca-cert-file")
+            .arg(pki.ca())
+            .args([
+                "--tls-auth-clients",
+                if clients_need_certificates {
+                    "yes"
+                } else {
+                    "no"
+                },
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--logfile")
+            .arg(&log)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!("cannot start redis-server (apt-get install redis-server): {err}")
+            });
+        wait_for_port(port, "redis-server with TLS", &mut child, &log);
+        Self { port, child, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// stunnel in the foreground on a free port: TLS with `Pki::server`'s
+/// certificate in front of the RabbitMQ at AMQP_URL, requiring a client
+/// certificate signed by `Pki::ca` when `clients_need_certificates`.
+/// Killed on drop.
+pub struct Stunnel {
+    pub port: u16,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Stunnel {
+    pub fn start(pki: &Pki, clients_need_certificates: bool) -> Self {
+        let broker = url::Url::parse(&amqp_url()).expect("AMQP_URL is a URL");
+        let target = format!(
+            "{}:{}",
+            broker.host_str().unwrap_or("127.0.0.1"),
+            broker.port().unwrap_or(5672)
+        );
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("stunnel"));
+        std::fs::create_dir_all(&dir).expect("create a stunnel dir");
+        let (cert, key) = pki.server();
+        let log = dir.join("stunnel.log");
+        let mut config = format!(
+            "foreground = yes\npid =\noutput = {}\ndebug = notice\n\n[amqps]\n\
+             accept = 127.0.0.1:{port}\nconnect = {target}\ncert = {}\nkey = {}\n",
+            log.display(),
+            cert.display(),
+            key.display()
+        );
+        if clients_need_certificates {
+            config.push_str(&format!(
+                "CAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+                pki.ca().display()
+            ));
+        }
+        let config_file = dir.join("stunnel.conf");
+        std::fs::write(&config_file, config).expect("write stunnel.conf");
+        let mut child = Command::new("stunnel")
+            .arg(&config_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot start stunnel (apt-get install stunnel4, or bash .ci/tls-deps.sh): {err}"
+                )
+            });
+        wait_for_port(port, "stunnel", &mut child, &log);
+        Self { port, child, dir }
+    }
+
+    /// AMQP_URL with `amqps://` and this tunnel's address.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&amqp_url()).expect("AMQP_URL is a URL");
+        url.set_scheme("amqps").expect("amqps scheme");
+        url.set_host(Some("127.0.0.1")).expect("a host");
+        url.set_port(Some(self.port)).expect("a port");
+        url.to_string()
+    }
+}
+
+impl Drop for Stunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Least privilege: the README's ACL lines, applied to a private redis-server.
+
+/// The words of the README's `ACL SETUSER <user> ...` line, so that the
+/// tests check exactly what the README tells operators to run.
+pub fn readme_acl_line(user: &str) -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let start = format!("ACL SETUSER {user} ");
+    let line = readme
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with(&start))
+        .unwrap_or_else(|| panic!("README.md has no line starting with `{start}`"));
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// The password the README's ACL lines use, to be replaced.
+pub const README_PASSWORD: &str = ">CHANGE-ME";
+
+/// Runs `words` (an `ACL SETUSER` line, its README password replaced by
+/// `password`) on the Redis at `port`.
+pub fn apply_acl(port: u16, words: &[String], password: &str) {
+    let args: Vec<String> = words
+        .iter()
+        .map(|word| {
+            if word == README_PASSWORD {
+                format!(">{password}")
+            } else {
+                word.clone()
+            }
+        })
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let answer = redis_cli(port, None, &args);
+    assert_eq!(answer.trim(), "OK", "{args:?}: {answer}");
+}
+
+/// A private redis-server with the README's consumer user, and a store
+/// connected as that user.
+pub async fn least_privilege_store() -> (PrivateRedis, RedisStore) {
+    let redis = PrivateRedis::start();
+    apply_acl(redis.port, &readme_acl_line("idem-consumer"), "consumer-pw");
+    let url = format!("redis://idem-consumer:consumer-pw@127.0.0.1:{}", redis.port);
+    let store = RedisStore::connect(&url)
+        .await
+        .unwrap_or_else(|err| panic!("connect as the README's idem-consumer user: {err}"));
+    (redis, store)
+}

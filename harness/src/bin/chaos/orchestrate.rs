@@ -42,8 +42,9 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         .await
         .map_err(|err| {
             format!(
-                "cannot reach RabbitMQ at {amqp_url}: {err}\n\
-                 start it with `rabbitmq-server -detached` (or set AMQP_URL to a running broker)"
+                "cannot reach RabbitMQ at {}: {err}\n\
+                 start it with `rabbitmq-server -detached` (or set AMQP_URL to a running broker)",
+                amqp_idempotency::redact_url(&amqp_url)
             )
         })?;
     let admin = connection
