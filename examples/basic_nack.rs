@@ -40,8 +40,9 @@
 //! php amqp_publisher.php good
 //! ```
 //!
-//! Settings come from the environment (`AMQP_URL`, `REDIS_URL`,
-//! `IDEMPOTENCY_*`, see DESIGN.md); `RUST_LOG` tunes the logs, which go to
+//! Settings come from the environment (`AMQP_URL`, `REDIS_URL`, with
+//! `AMQP_TLS_*` and `REDIS_TLS_*` for `amqps://` and `rediss://`,
+//! `IDEMPOTENCY_*`, see the README); `RUST_LOG` tunes the logs, which go to
 //! stderr (default `warn,amqp_idempotency=info`).
 
 use std::future::Future;
@@ -91,7 +92,7 @@ async fn run() -> Result<(), String> {
         format!("{err}\n       fix or unset that variable (see DESIGN.md for the settings)")
     })?;
 
-    let connection = connect_amqp(config.amqp()).await?;
+    let connection = connect_amqp(&config).await?;
     let channel = connection
         .create_channel()
         .await
@@ -102,7 +103,7 @@ async fn run() -> Result<(), String> {
         .await
         .map_err(|err| format!("cannot set the prefetch (basic.qos): {err}"))?;
 
-    let store = RedisStore::connect(config.redis())
+    let store = RedisStore::connect_with(&config)
         .await
         .map_err(|err| err.to_string())?;
 
@@ -346,15 +347,17 @@ fn human(duration: Duration) -> String {
     }
 }
 
-async fn connect_amqp(url: &str) -> Result<Connection, String> {
-    let shown = redact_url(url);
-    let connect = Connection::connect(url, ConnectionProperties::default());
+/// Connects as `AMQP_URL` says, with `AMQP_TLS_*` for `amqps://`.
+async fn connect_amqp(config: &Config) -> Result<Connection, String> {
+    let shown = redact_url(config.amqp());
+    let connect = amqp_idempotency::amqp::connect(config, ConnectionProperties::default());
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(err)) => Err(format!(
-            "cannot connect to RabbitMQ at {shown}: {err}\n       start it (`rabbitmq-server -detached`, or \
+        Ok(Err(err)) if err.is_io() => Err(format!(
+            "{err}\n       start it (`rabbitmq-server -detached`, or \
              `docker-compose up -d rabbitmq`) or set AMQP_URL"
         )),
+        Ok(Err(err)) => Err(err.to_string()),
         Err(_) => Err(format!(
             "RabbitMQ at {shown} did not answer within 10s; check AMQP_URL and that the broker is up"
         )),

@@ -3,18 +3,19 @@
 //! ```no_run
 //! use std::convert::Infallible;
 //! use amqp_idempotency::{serve, Config, IdempotencyLayer, ServeOptions, store::RedisStore};
-//! use lapin::{options::{BasicConsumeOptions, BasicQosOptions}, types::FieldTable, Connection, ConnectionProperties};
+//! use lapin::{options::{BasicConsumeOptions, BasicQosOptions}, types::FieldTable, ConnectionProperties};
 //! use tower::{Layer, service_fn};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = Config::from_env()?;
-//! let connection = Connection::connect(config.amqp(), ConnectionProperties::default()).await?;
+//! // amqps:// with AMQP_TLS_* works too.
+//! let connection = amqp_idempotency::amqp::connect(&config, ConnectionProperties::default()).await?;
 //! let channel = connection.create_channel().await?;
 //! channel.basic_qos(config.prefetch_count(), BasicQosOptions::default()).await?;
 //! let consumer = channel
 //!     .basic_consume("orders".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
 //!     .await?;
-//! let store = RedisStore::connect(config.redis()).await?;
+//! let store = RedisStore::connect_with(&config).await?;
 //! let service = IdempotencyLayer::new(store, "orders", config.clone())?
 //!     .layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
 //! let report = serve(consumer, service, ServeOptions::from_config(&config).close_channel(channel)).await?;
@@ -606,8 +607,8 @@ pub struct Session {
 
 /// Like [`serve`], but survives the loss of the broker connection.
 ///
-/// `connect` opens a connection and a channel, declares the topology
-/// (exchanges, queues, bindings, QoS) and starts the consumer; it is called
+/// `connect` opens a connection and a channel, sets QoS and starts the
+/// consumer (the queue is yours: it need not be declared here); it is called
 /// again, with a growing delay (100ms doubling up to 10s), whenever the
 /// connection or channel fails. Handlers still running when their channel
 /// died get the shutdown deadline to finish and write their Redis state,
@@ -623,7 +624,7 @@ pub struct Session {
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let config = Config::from_env()?;
-/// let store = RedisStore::connect(config.redis()).await?;
+/// let store = RedisStore::connect_with(&config).await?;
 /// let service = IdempotencyLayer::new(store, "orders", config.clone())?
 ///     .layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
 /// let url = config.amqp().to_owned();
@@ -635,7 +636,6 @@ pub struct Session {
 ///             let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
 ///             let channel = connection.create_channel().await?;
 ///             channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-///             channel.queue_declare("orders".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await?;
 ///             let consumer = channel.basic_consume("orders".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
 ///             Ok(Session { connection, channel, consumer })
 ///         }

@@ -564,7 +564,7 @@ fn redis_failure(shown_url: &str, err: &RedisError) -> Failure {
     } else {
         Failure::Redis(format!(
             "Redis at {shown_url} answered with an error: {err}. Check the user, password and \
-             database in the URL, and that this user may run SCAN, EVAL, TYPE, GETRANGE and DEL."
+             database in the URL, and that this user may run the commands the README lists under \"Least privilege\" (SCAN, EVALSHA, SCRIPT LOAD, TYPE, STRLEN, GETRANGE, PTTL, DEL)."
         ))
     }
 }
