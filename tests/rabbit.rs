@@ -971,8 +971,12 @@ async fn an_unconfirmed_parking_copy_leaves_the_original_in_its_queue() {
         config(&common::unique("p")),
     )
     .unwrap()
-    .layer(service_fn(|_d: Delivery| async {
-        Err::<(), _>(HandlerError::permanent("never valid"))
+    .layer(service_fn(|d: Delivery| async move {
+        if d.data == b"ok" {
+            Ok(())
+        } else {
+            Err(HandlerError::permanent("never valid"))
+        }
     }));
     let (channel, consumer) = consumer(&connection, &queue.name, 4).await;
     let stop = journal.until(|j| j.count("failed") >= 2);
@@ -983,7 +987,13 @@ async fn an_unconfirmed_parking_copy_leaves_the_original_in_its_queue() {
         })
         .close_channel(channel);
     let runner = tokio::spawn(serve(consumer, journal.clone().record(service), options));
-    // The runner declared the parking queue at start; it vanishes mid-run.
+    // Once the runner runs (it declared the parking queue at start), the
+    // parking queue vanishes.
+    publish(&setup, &queue.name, b"ok", Some("ok-1")).await;
+    let started = journal.until(|j| j.count("processed") >= 1);
+    tokio::time::timeout(Duration::from_secs(10), started)
+        .await
+        .expect("the runner processed the first message");
     assert!(
         eventually(Duration::from_secs(5), || {
             let setup = setup.clone();
