@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use tokio::time::Instant;
@@ -481,16 +482,18 @@ where
             }
         }
     };
-    let mut handler = spawn_handler(inner, delivery);
-    // The handler sits in this worker's LIFO slot, which no other worker
-    // may steal from: if it blocks the thread while every other worker is
-    // parked, nothing drives the timers. Yielding once puts this task in
-    // the stealable queue and wakes an idle worker, which then keeps the
-    // renewals and the timeout running.
-    YieldOnce(false).await;
+    let mut handler = HandlerRun::start(inner, delivery);
+    if matches!(handler, HandlerRun::Spawned(_)) {
+        // The handler sits in this worker's LIFO slot, which no other
+        // worker may steal from: if it blocks the thread while every other
+        // worker is parked, nothing drives the timers. Yielding once puts
+        // this task in the stealable queue and wakes an idle worker, which
+        // then keeps the renewals and the timeout running.
+        YieldOnce(false).await;
+    }
     let (result, timed_out) = tokio::select! {
         joined = tokio::time::timeout(config.handler_timeout, &mut handler) => match joined {
-            Ok(joined) => (handler_result(joined), false),
+            Ok(result) => (result, false),
             Err(_) => {
                 // Cancels at its next await; work it started may go on.
                 handler.abort();
@@ -529,19 +532,71 @@ impl Future for YieldOnce {
     }
 }
 
-type HandlerTask = tokio::task::JoinHandle<Result<(), BoxError>>;
+/// One run of the handler. On a multi-thread runtime it runs in a task of
+/// its own, so that a handler that blocks its thread stops neither the
+/// renewals nor the timeout; on a current-thread runtime, where one
+/// blocked thread stops everything anyway, it runs inline and saves the
+/// spawn.
+enum HandlerRun {
+    Spawned(tokio::task::JoinHandle<Result<(), BoxError>>),
+    Inline(BoxFuture<'static, Result<(), HandlerError>>),
+}
 
-fn spawn_handler<S>(inner: S, delivery: Delivery) -> HandlerTask
-where
-    S: Service<Delivery> + Send + 'static,
-    S::Error: Into<BoxError> + Send,
-    S::Response: Send + 'static,
-    S::Future: Send + 'static,
-{
-    // The delivery's span goes along; task-locals set around the layer's
-    // call do not (the handler runs in a task of its own).
-    let work = async move { inner.oneshot(delivery).await.map(drop).map_err(Into::into) };
-    tokio::spawn(work.instrument(tracing::Span::current()))
+impl HandlerRun {
+    fn start<S>(inner: S, delivery: Delivery) -> Self
+    where
+        S: Service<Delivery> + Send + 'static,
+        S::Error: Into<BoxError> + Send,
+        S::Response: Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let work = async move { inner.oneshot(delivery).await.map(drop).map_err(Into::into) };
+        let one_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+            runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+        });
+        if one_thread {
+            let caught = std::panic::AssertUnwindSafe(work).catch_unwind();
+            return Self::Inline(Box::pin(async move {
+                match caught.await {
+                    Ok(result) => result.map_err(HandlerError::classify),
+                    Err(panic) => Err(panicked(panic.as_ref())),
+                }
+            }));
+        }
+        // The delivery's span goes along; task-locals set around the
+        // layer's call do not.
+        Self::Spawned(tokio::spawn(work.instrument(tracing::Span::current())))
+    }
+
+    /// Stops the handler at its next await; work it started may go on.
+    fn abort(&self) {
+        if let Self::Spawned(task) = self {
+            task.abort();
+        }
+    }
+}
+
+impl Future for HandlerRun {
+    type Output = Result<(), HandlerError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            Self::Spawned(task) => Pin::new(task).poll(cx).map(handler_result),
+            Self::Inline(run) => run.as_mut().poll(cx),
+        }
+    }
+}
+
+/// A panic, as a retryable failure (so it backs off and is dead-lettered
+/// after the last attempt instead of looping).
+fn panicked(panic: &(dyn std::any::Any + Send)) -> HandlerError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned());
+    tracing::error!(panic = %message, "handler panicked");
+    HandlerError::retryable(format!("handler panicked: {message}"))
 }
 
 /// A handler task's end as a handler result: a panic counts as a retryable
@@ -553,18 +608,7 @@ fn handler_result(
     match joined {
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(HandlerError::classify(err)),
-        Err(err) if err.is_panic() => {
-            let panic = err.into_panic();
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string panic payload".to_owned());
-            tracing::error!(panic = %message, "handler panicked");
-            Err(HandlerError::retryable(format!(
-                "handler panicked: {message}"
-            )))
-        }
+        Err(err) if err.is_panic() => Err(panicked(err.into_panic().as_ref())),
         Err(_) => Err(HandlerError::retryable(
             "the handler task was cancelled (is the runtime shutting down?)",
         )),
@@ -586,9 +630,9 @@ where
     S::Future: Send + 'static,
 {
     let attempt = crate::guard::broker_attempt(&delivery);
-    let mut handler = spawn_handler(inner, delivery);
+    let mut handler = HandlerRun::start(inner, delivery);
     let result = match tokio::time::timeout(config.handler_timeout, &mut handler).await {
-        Ok(joined) => handler_result(joined),
+        Ok(result) => result,
         Err(_) => {
             handler.abort();
             Err(timed_out(config))
