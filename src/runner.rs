@@ -335,10 +335,9 @@ where
                         tracing::info!(
                             "channel recovered: consuming again; deliveries from before the failure are never acked on the new channel, the broker redelivers them"
                         );
-                        let (fresh, settling) = Settler::start(Arc::clone(&tally));
-                        settler = fresh;
-                        settlings.push(settling);
-                        tally.add(|r| r.reconnects += 1);
+                        settler = next_epoch(&tally, &mut settlings);
+                        // Tags restart at 1 on the recovered channel.
+                        last_tag = 0;
                         continue;
                     }
                     Err(err) => {
@@ -355,10 +354,7 @@ where
             tracing::info!(
                 "the channel was recovered: consuming again; deliveries from before are never acked on the new channel, the broker redelivers them"
             );
-            let (fresh, settling) = Settler::start(Arc::clone(&tally));
-            settler = fresh;
-            settlings.push(settling);
-            tally.add(|r| r.reconnects += 1);
+            settler = next_epoch(&tally, &mut settlings);
         }
         last_tag = delivery.delivery_tag;
         settler.open(delivery.delivery_tag);
@@ -515,6 +511,16 @@ where
     }
     tracing::info!(report = ?tally.snapshot(), "runner stopped");
     (result, finishing)
+}
+
+/// Starts the settler of a recovered channel (its delivery tags start
+/// again at 1, so they must never be coalesced with the old ones) and
+/// counts the recovery.
+fn next_epoch(tally: &Arc<Tally>, settlings: &mut Vec<tokio::task::JoinHandle<()>>) -> Settler {
+    let (settler, settling) = Settler::start(Arc::clone(tally));
+    settlings.push(settling);
+    tally.add(|r| r.reconnects += 1);
+    settler
 }
 
 tokio::task_local! {
