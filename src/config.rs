@@ -103,6 +103,7 @@ impl Default for DeadLetterTarget {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Config {
     pub(crate) redis_url: String,
+    pub(crate) redis_cluster_nodes: Vec<String>,
     pub(crate) amqp_url: String,
     pub(crate) key_prefix: String,
     pub(crate) scope: Option<String>,
@@ -128,6 +129,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             redis_url: "redis://127.0.0.1:6379".into(),
+            redis_cluster_nodes: Vec::new(),
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             key_prefix: "idem".into(),
             scope: None,
@@ -157,6 +159,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let Self {
             redis_url,
+            redis_cluster_nodes,
             amqp_url,
             key_prefix,
             scope,
@@ -179,6 +182,10 @@ impl std::fmt::Debug for Config {
         } = self;
         f.debug_struct("Config")
             .field("redis_url", &redact_url(redis_url))
+            .field(
+                "redis_cluster_nodes",
+                &redact_nodes(&redis_cluster_nodes.join(",")),
+            )
             .field("amqp_url", &redact_url(amqp_url))
             .field("key_prefix", key_prefix)
             .field("scope", scope)
@@ -224,7 +231,27 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut config = Self::default();
         let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
-        if let Some(url) = get("REDIS_URL") {
+        let url = get("REDIS_URL");
+        if let Some(nodes) = get("REDIS_CLUSTER_NODES") {
+            if let Some(url) = &url {
+                return Err(ConfigError::invalid(
+                    "REDIS_CLUSTER_NODES",
+                    redact_nodes(&nodes),
+                    format!(
+                        "either REDIS_URL (a standalone Redis) or REDIS_CLUSTER_NODES (a Redis \
+                         Cluster), not both: REDIS_URL is `{}`; unset one of them",
+                        redact_url(url)
+                    ),
+                ));
+            }
+            config.redis_cluster_nodes = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|node| !node.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if let Some(url) = url {
             config.redis_url = url;
         }
         if let Some(url) = get("AMQP_URL") {
@@ -483,8 +510,19 @@ impl Config {
                 "an integer from 1 to 1000",
             ));
         }
+        for node in &self.redis_cluster_nodes {
+            if !node.starts_with("redis://") && !node.starts_with("rediss://") {
+                return Err(ConfigError::invalid(
+                    "REDIS_CLUSTER_NODES",
+                    redact_nodes(&self.redis_cluster_nodes.join(",")),
+                    "comma-separated redis:// or rediss:// URLs of the cluster's nodes, such as \
+                     `redis://10.0.0.1:7000,redis://10.0.0.2:7000`",
+                ));
+            }
+        }
+        let redis_url = self.redis_cluster_nodes.first().unwrap_or(&self.redis_url);
         for (side, url, files) in [
-            (Side::Redis, &self.redis_url, &self.redis_tls),
+            (Side::Redis, redis_url, &self.redis_tls),
             (Side::Amqp, &self.amqp_url, &self.amqp_tls),
         ] {
             files.check_pairs(side)?;
@@ -510,9 +548,23 @@ impl Config {
         Ok(())
     }
 
-    /// Redis URL (`REDIS_URL`).
+    /// Redis URL (`REDIS_URL`): a standalone Redis or Valkey, or a
+    /// primary. Clears the cluster nodes.
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
         self.redis_url = url.into();
+        self.redis_cluster_nodes.clear();
+        self
+    }
+
+    /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_NODES`, comma-separated
+    /// `redis://` or `rediss://` URLs): the store then runs in cluster mode
+    /// and [`redis`](Self::redis) is not used.
+    pub fn redis_cluster<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.redis_cluster_nodes = nodes.into_iter().map(Into::into).collect();
         self
     }
 
@@ -680,9 +732,14 @@ impl Config {
         &self.dead_letters
     }
 
-    /// The Redis URL.
+    /// The Redis URL (standalone mode).
     pub fn redis(&self) -> &str {
         &self.redis_url
+    }
+
+    /// The Redis Cluster seed nodes; empty in standalone mode.
+    pub fn redis_cluster_nodes(&self) -> &[String] {
+        &self.redis_cluster_nodes
     }
 
     /// The broker URL.
@@ -824,6 +881,15 @@ pub(crate) fn format_duration(d: Duration) -> String {
     } else {
         format!("{ms}ms")
     }
+}
+
+/// Comma-separated URLs with their passwords hidden.
+fn redact_nodes(nodes: &str) -> String {
+    nodes
+        .split(',')
+        .map(|node| redact_url(node.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]

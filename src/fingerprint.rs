@@ -150,10 +150,17 @@ fn escape_colons(part: &str) -> std::borrow::Cow<'_, str> {
 
 /// The Redis key of a fingerprint: `{prefix}:{scope}:{fingerprint}`, with
 /// `:` in the scope escaped as `%3A` (a queue named `a:b` cannot collide
-/// with scope `a`), and the fingerprint normalised as the layer does (over
-/// 200 bytes, or with control characters, it is replaced by
-/// `hashed-<128-bit hash>`). Tools
-/// that look records up, like the operator CLI, use this to find the same key.
+/// with scope `a`; `{` and `}` become `%7B` and `%7D`), and the fingerprint
+/// normalised as the layer does (over 200 bytes, or with control
+/// characters, it is replaced by `hashed-<128-bit hash>`). Tools that look
+/// records up, like the operator CLI, use this to find the same key.
+///
+/// The record key carries no hash tag of its own, so on Redis Cluster
+/// the whole key picks its slot and messages spread over every master;
+/// a companion key ([`companion_key`]) names the whole record key as its
+/// tag and lands in the same slot. A fingerprint that would leave a `}`
+/// in the key without a complete tag (which would defeat that) is hashed
+/// too.
 ///
 /// ```
 /// use amqp_idempotency::fingerprint::record_key;
@@ -161,14 +168,57 @@ fn escape_colons(part: &str) -> std::borrow::Cow<'_, str> {
 /// assert!(record_key("idem", "orders", "a\nb").starts_with("idem:orders:hashed-"));
 /// ```
 pub fn record_key(prefix: &str, scope: &str, fingerprint: &str) -> String {
-    let scope = escape_colons(scope);
+    let scope = escape_scope(scope);
     if is_key_safe(fingerprint) {
-        format!("{prefix}:{scope}:{fingerprint}")
+        let key = format!("{prefix}:{scope}:{fingerprint}");
+        if hash_tag(&key).is_some() || !key.contains('}') {
+            return key;
+        }
+    }
+    format!(
+        "{prefix}:{scope}:hashed-{}",
+        hash128(fingerprint.as_bytes())
+    )
+}
+
+/// The key of a record that belongs with `record_key` (a later feature's
+/// outbox, say): `{<record key>}:<suffix>`, whose hash tag is the record
+/// key itself, so Redis Cluster keeps both in one slot and one script can
+/// write both. When the record key has a hash tag of its own (a
+/// fingerprint like `{user-7}:register`), `<record key>:<suffix>` keeps
+/// that tag.
+///
+/// ```
+/// use amqp_idempotency::fingerprint::{companion_key, record_key};
+/// let key = record_key("idem", "orders", "order-42");
+/// assert_eq!(companion_key(&key, "outbox"), "{idem:orders:order-42}:outbox");
+/// ```
+pub fn companion_key(record_key: &str, suffix: &str) -> String {
+    if hash_tag(record_key).is_some() {
+        format!("{record_key}:{suffix}")
     } else {
-        format!(
-            "{prefix}:{scope}:hashed-{}",
-            hash128(fingerprint.as_bytes())
-        )
+        format!("{{{record_key}}}:{suffix}")
+    }
+}
+
+/// The part of `key` that Redis Cluster hashes when it is not the whole
+/// key: between the first `{` and the first `}` after it, when not empty.
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = &key[open + 1..];
+    let close = rest.find('}')?;
+    (close > 0).then(|| &rest[..close])
+}
+
+/// A scope as it appears in a key: `%`, `:`, `{` and `}` escaped.
+fn escape_scope(scope: &str) -> std::borrow::Cow<'_, str> {
+    if scope.contains(['{', '}']) {
+        escape_colons(scope)
+            .replace('{', "%7B")
+            .replace('}', "%7D")
+            .into()
+    } else {
+        escape_colons(scope)
     }
 }
 
@@ -177,7 +227,7 @@ pub fn record_key(prefix: &str, scope: &str, fingerprint: &str) -> String {
 /// covers it, and ending in [`PROBE_NAME`], which no normalised
 /// fingerprint can take (they never hold control characters).
 pub(crate) fn probe_key(prefix: &str, scope: &str) -> String {
-    format!("{prefix}:{}:{PROBE_NAME}", escape_colons(scope))
+    format!("{prefix}:{}:{PROBE_NAME}", escape_scope(scope))
 }
 
 /// The last segment of the key a paused consumer writes to learn that
@@ -202,9 +252,20 @@ fn is_key_safe(fingerprint: &str) -> bool {
 
 /// Hex of the first 128 bits of SHA-256.
 pub(crate) fn hash128(bytes: &[u8]) -> String {
+    hash_hex(bytes, 16)
+}
+
+/// The payload hash kept in records: the first 48 bits of the body's
+/// SHA-256, in hexadecimal. It tells a reused message id with another body
+/// from a redelivery; 48 bits keep done marks small.
+pub(crate) fn payload_hash(bytes: &[u8]) -> String {
+    hash_hex(bytes, 6)
+}
+
+fn hash_hex(bytes: &[u8], len: usize) -> String {
     let digest = Sha256::digest(bytes);
-    let mut hex = String::with_capacity(32);
-    for byte in &digest[..16] {
+    let mut hex = String::with_capacity(2 * len);
+    for byte in &digest[..len] {
         hex.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
         hex.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
     }
@@ -304,6 +365,46 @@ mod tests {
         assert_ne!(left, right);
         assert_eq!(left.as_deref(), Some("x%3Ay:z"));
         assert_eq!(record_key("idem", "q:1", "f"), "idem:q%3A1:f");
+    }
+
+    #[test]
+    fn companion_keys_share_the_record_slot() {
+        for fingerprint in [
+            "order-42",
+            "{user-7}:register",
+            "a{b",
+            "x{}y",
+            "}z",
+            "a}{b}",
+        ] {
+            let key = record_key("idem", "orders", fingerprint);
+            let companion = companion_key(&key, "outbox");
+            assert_eq!(
+                slot_of(&key),
+                slot_of(&companion),
+                "{fingerprint:?}: {key} and {companion}"
+            );
+        }
+        assert_eq!(record_key("idem", "q{1}", "f"), "idem:q%7B1%7D:f");
+        assert!(record_key("idem", "orders", "}z").starts_with("idem:orders:hashed-"));
+    }
+
+    /// Redis Cluster's slot of a key: CRC16 (XMODEM) of its hash tag or of
+    /// the whole key, modulo 16384.
+    fn slot_of(key: &str) -> u16 {
+        let bytes = hash_tag(key).unwrap_or(key).as_bytes();
+        let mut crc: u16 = 0;
+        for byte in bytes {
+            crc ^= u16::from(*byte) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc % 16384
     }
 
     #[test]

@@ -212,7 +212,7 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
         };
         let key = self.key(&fingerprint);
         let payload_hash = if self.shared.config.verify_payload {
-            fingerprint::hash128(&delivery.data)
+            fingerprint::payload_hash(&delivery.data)
         } else {
             String::new()
         };

@@ -91,7 +91,7 @@ async fn a_consumer_paused_past_its_lease_loses_the_claim_and_says_so() {
         .expect("done record");
     assert!(
         matches!(Record::parse(&value), Some(Record::Done { .. })),
-        "B's done mark stands: {value}"
+        "B's done mark stands: {value:?}"
     );
 }
 

@@ -528,7 +528,7 @@ async fn shutdown_abandons_a_hung_handler_keeps_its_claim_and_the_message() {
                 ..
             })
         ),
-        "the abandoned claim is kept until its lease ends (its work may still run), not released: {value}"
+        "the abandoned claim is kept until its lease ends (its work may still run), not released: {value:?}"
     );
     let channel = connection.create_channel().await.unwrap();
     assert!(

@@ -250,7 +250,7 @@ async fn every_request(store: &RedisStore) -> Result<(), amqp_idempotency::Store
                 value: claim.value(),
                 grace: Duration::from_millis(1),
             },
-            Some("taken"),
+            Some(&b"taken"[..]),
             LEASE,
         )
         .await?;

@@ -19,7 +19,7 @@ use crate::error::StoreError;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), amqp_idempotency::StoreError> {
 /// let store = MemoryStore::new();
-/// assert_eq!(store.insert_or_get("k", "v", std::time::Duration::from_secs(1)).await?, None);
+/// assert_eq!(store.insert_or_get("k", b"v", std::time::Duration::from_secs(1)).await?, None);
 /// assert_eq!(store.len(), 1);
 /// # Ok(())
 /// # }
@@ -39,7 +39,7 @@ struct Entries {
 
 #[derive(Debug)]
 struct Entry {
-    value: String,
+    value: Vec<u8>,
     expires_at: Instant,
 }
 
@@ -95,9 +95,9 @@ impl Store for MemoryStore {
     async fn insert_or_get(
         &self,
         key: &str,
-        value: &str,
+        value: &[u8],
         ttl: Duration,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut guard = self.lock();
         let Entries { map, sweep_at } = &mut *guard;
         if let Some(entry) = Self::live(map, key) {
@@ -111,7 +111,7 @@ impl Store for MemoryStore {
         map.insert(
             key.to_owned(),
             Entry {
-                value: value.to_owned(),
+                value: value.to_vec(),
                 expires_at: expiry(ttl),
             },
         );
@@ -122,7 +122,7 @@ impl Store for MemoryStore {
         &self,
         key: &str,
         from: Expect<'_>,
-        to: Option<&str>,
+        to: Option<&[u8]>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let mut guard = self.lock();
@@ -132,15 +132,15 @@ impl Store for MemoryStore {
             (None, Expect::ValueOrAbsent(_)) => true,
             (None, _) => false,
             (Some(entry), Expect::Value(value) | Expect::ValueOrAbsent(value)) => {
-                entry.value == value
+                entry.value[..] == *value
             }
             (Some(entry), Expect::Expired { value, grace }) => {
-                entry.value == value && entry.expires_at - now <= grace
+                entry.value[..] == *value && entry.expires_at - now <= grace
             }
         };
         if !matches {
             return Ok(to.is_some_and(|to| {
-                Self::live(entries, key).is_some_and(|entry| entry.value == to)
+                Self::live(entries, key).is_some_and(|entry| entry.value[..] == *to)
             }));
         }
         match to {
@@ -148,7 +148,7 @@ impl Store for MemoryStore {
                 entries.insert(
                     key.to_owned(),
                     Entry {
-                        value: to.to_owned(),
+                        value: to.to_vec(),
                         expires_at: expiry(ttl),
                     },
                 );
@@ -160,7 +160,7 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Duration>)>, StoreError> {
         let mut guard = self.lock();
         let now = Instant::now();
         Ok(Self::live(&mut guard.map, key)

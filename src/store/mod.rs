@@ -24,26 +24,37 @@
 //!
 //! # Records
 //!
-//! One key per message, holding one of:
+//! One key per message, `<prefix>:<scope>:<fingerprint>` (see
+//! [`record_key`](crate::fingerprint::record_key)), holding one of these
+//! values. Since 0.3 they are written in a compact binary encoding
+//! (version 2, first byte at or above 0x80); the text values of 0.1 and
+//! 0.2 (version 1) are still read and honoured.
 //!
-//! | value | state | expiry |
-//! |---|---|---|
-//! | `p:<token>+:<attempt>:<payload hash>` | in progress, owned by `token` | the lease, then [`CRASH_MEMORY`] more |
-//! | `p:<token>:<attempt>:<payload hash>` | in progress (written by 0.1.0) | the lease |
-//! | `d:<payload hash>:<token>` | done, by the claim `token` | the retention |
-//! | `f:<attempts>:<payload hash>:<token>` | released by `token` after `attempts` failed attempts | the retention |
+//! | state | version 2 (bytes) | version 1 (text) | expiry |
+//! |---|---|---|---|
+//! | in progress | `0x81`, token (8), attempt (varint), payload hash (0 or 6) | `p:<token>+:<attempt>:<payload hash>` | the lease, then [`CRASH_MEMORY`] more |
+//! | in progress (0.1.0) | | `p:<token>:<attempt>:<payload hash>` | the lease |
+//! | done | `0x82`, token (first 5 bytes), payload hash (0 or 6) | `d:<payload hash>:<token>` | the retention |
+//! | released | `0x83`, token (8), failed attempts (varint), payload hash (0 or 6) | `f:<attempts>:<payload hash>:<token>` | the retention |
+//!
+//! A done mark with a checked payload is 12 bytes, which Redis stores in
+//! its smallest string allocation: about 148 bytes of memory per message
+//! with a 28-byte key (see the README's Performance section). The payload
+//! hash is the first 48 bits of the body's SHA-256 (0.2 kept 128 bits;
+//! the two compare over their common length).
 //!
 //! The done and released values name the token that wrote them, so a
 //! retried transition can tell its own earlier write from another
-//! consumer's.
+//! consumer's. Every write after a claim compares the whole stored value
+//! with the claim's ([`Claim::value`]), which is what `SET ... IFEQ`
+//! does natively on Valkey 8.1 and Redis 8.4.
 //!
 //! An in-progress record outlives its lease by [`CRASH_MEMORY`]: when its
 //! owner dies mid-handler (kill -9, OOM kill, an abort), the next claim
 //! finds the record with its lease over, takes it over (atomically, only if
 //! the lease is still over) and counts the dead attempt, so a message that
 //! kills its consumer is dead-lettered after the configured attempts
-//! instead of looping. The `+` after the token marks such records; an
-//! in-progress record without it (written by 0.1.0) expires with its lease.
+//! instead of looping.
 //!
 //! A store implements four primitives (insert-if-absent returning the old
 //! value, a compare-and-set transition, a read, a ping); the state machine
@@ -73,7 +84,10 @@ const TAKEOVER_RETRIES: usize = 3;
 /// left is the record's time to live minus this.
 pub const CRASH_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
-/// A unique claim token: 64 random bits per process plus a counter.
+/// A unique claim token: 64 bits, from a per-process random seed and a
+/// counter through a bijective mix, so that no two claims of a process
+/// share one and claims of different processes collide with probability
+/// 2^-64.
 ///
 /// The token identifies the owner of an in-progress record. Every write
 /// after the claim checks it, and a handler can use it as a fencing value.
@@ -97,10 +111,16 @@ impl Token {
             })
         });
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self(format!("{seed:016x}{n:016x}"))
+        // SplitMix64: distinct counters give distinct inputs (the gamma is
+        // odd) and the finaliser is a bijection, so tokens never repeat
+        // within a process.
+        let mut z = seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Self(format!("{:016x}", z ^ (z >> 31)))
     }
 
-    /// The token as text.
+    /// The token as text: 16 hexadecimal digits.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -118,6 +138,19 @@ impl std::fmt::Display for Token {
     }
 }
 
+/// Tags of the compact (version 2) encoding: the first byte of the value.
+/// Version 1 values are text and start with `p`, `d` or `f`, so the two
+/// never meet; a later version takes other bytes above 0x80.
+const TAG_IN_PROGRESS: u8 = 0x81;
+const TAG_DONE: u8 = 0x82;
+const TAG_RELEASED: u8 = 0x83;
+/// Bytes of a payload hash in a compact record (48 bits).
+const HASH_BYTES: usize = 6;
+/// Bytes of an owner token in a compact in-progress or released record.
+const TOKEN_BYTES: usize = 8;
+/// Bytes of the completing token kept in a compact done mark (40 bits).
+const DONE_TOKEN_BYTES: usize = 5;
+
 /// A parsed record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -129,16 +162,16 @@ pub enum Record {
         attempt: u32,
         /// Hash of the payload being processed ("" when not checked).
         payload_hash: String,
-        /// True when the record is kept [`CRASH_MEMORY`] past its lease
-        /// (the `+` after the token); false for 0.1.0's records, which
-        /// expire with their lease.
+        /// True when the record is kept [`CRASH_MEMORY`] past its lease;
+        /// false for 0.1.0's records, which expire with their lease.
         lingers: bool,
     },
     /// Processed.
     Done {
         /// Hash of the payload that was processed ("" when not checked).
         payload_hash: String,
-        /// The token of the claim that completed it ("" if unknown).
+        /// The token of the claim that completed it ("" if unknown); a
+        /// compact done mark keeps its first 10 hexadecimal digits.
         token: String,
     },
     /// Released after failed attempts; the next claim takes it over.
@@ -153,8 +186,56 @@ pub enum Record {
 }
 
 impl Record {
-    /// Parses a stored value; `None` if this library did not write it.
-    pub fn parse(value: &str) -> Option<Self> {
+    /// Parses a stored value, in either encoding; `None` if this library
+    /// did not write it.
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        match value.first() {
+            Some(&tag) if tag >= 0x80 => Self::parse_compact(value),
+            _ => Self::parse_text(std::str::from_utf8(value).ok()?),
+        }
+    }
+
+    /// Version 2: `tag, token, [attempt varint], [payload hash]`.
+    fn parse_compact(value: &[u8]) -> Option<Self> {
+        let (&tag, rest) = value.split_first()?;
+        let hash = |bytes: &[u8]| match bytes.len() {
+            0 => Some(String::new()),
+            HASH_BYTES => Some(hex(bytes)),
+            _ => None,
+        };
+        match tag {
+            TAG_DONE => {
+                let (token, rest) = rest.split_at_checked(DONE_TOKEN_BYTES)?;
+                Some(Self::Done {
+                    payload_hash: hash(rest)?,
+                    token: hex(token),
+                })
+            }
+            TAG_IN_PROGRESS | TAG_RELEASED => {
+                let (token, rest) = rest.split_at_checked(TOKEN_BYTES)?;
+                let (count, rest) = read_varint(rest)?;
+                let (token, payload_hash) = (hex(token), hash(rest)?);
+                Some(if tag == TAG_IN_PROGRESS {
+                    Self::InProgress {
+                        token,
+                        attempt: count,
+                        payload_hash,
+                        lingers: true,
+                    }
+                } else {
+                    Self::Released {
+                        attempts: count,
+                        payload_hash,
+                        token,
+                    }
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Version 1 (0.1 and 0.2): colon-separated text.
+    fn parse_text(value: &str) -> Option<Self> {
         let mut parts = value.splitn(4, ':');
         let kind = parts.next()?;
         let mut field = || parts.next();
@@ -199,8 +280,58 @@ impl Record {
         }
     }
 
-    /// The stored value for this record.
-    pub fn encode(&self) -> String {
+    /// The stored value for this record: the compact encoding when its
+    /// fields fit it (tokens and hashes as this version makes them), the
+    /// text encoding of 0.1 and 0.2 otherwise.
+    pub fn encode(&self) -> Vec<u8> {
+        self.encode_compact()
+            .unwrap_or_else(|| self.encode_text().into_bytes())
+    }
+
+    fn encode_compact(&self) -> Option<Vec<u8>> {
+        let hash = |text: &str| match text.len() {
+            0 => Some(Vec::new()),
+            n if n == 2 * HASH_BYTES => unhex(text),
+            _ => None,
+        };
+        let token = |text: &str, bytes: usize| (text.len() == 2 * bytes).then(|| unhex(text))?;
+        let mut out = Vec::with_capacity(1 + TOKEN_BYTES + 5 + HASH_BYTES);
+        match self {
+            Self::InProgress {
+                token: owner,
+                attempt,
+                payload_hash,
+                lingers: true,
+            } => {
+                out.push(TAG_IN_PROGRESS);
+                out.extend(token(owner, TOKEN_BYTES)?);
+                write_varint(&mut out, *attempt);
+                out.extend(hash(payload_hash)?);
+            }
+            Self::InProgress { lingers: false, .. } => return None,
+            Self::Done {
+                payload_hash,
+                token: owner,
+            } => {
+                out.push(TAG_DONE);
+                out.extend(token(owner, DONE_TOKEN_BYTES)?);
+                out.extend(hash(payload_hash)?);
+            }
+            Self::Released {
+                attempts,
+                payload_hash,
+                token: owner,
+            } => {
+                out.push(TAG_RELEASED);
+                out.extend(token(owner, TOKEN_BYTES)?);
+                write_varint(&mut out, *attempts);
+                out.extend(hash(payload_hash)?);
+            }
+        }
+        Some(out)
+    }
+
+    fn encode_text(&self) -> String {
         match self {
             Self::InProgress {
                 token,
@@ -233,6 +364,59 @@ impl Record {
     }
 }
 
+/// True when two payload hashes (hexadecimal, of the same digest) may
+/// belong to the same payload: equal over their common length, so the
+/// 128-bit hashes of 0.1 and 0.2 compare with today's 48-bit ones.
+fn same_payload(a: &str, b: &str) -> bool {
+    a.is_empty() || b.is_empty() || a.starts_with(b) || b.starts_with(a)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    out
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| match pair {
+            [high, low] => Some(digit(*high)? << 4 | digit(*low)?),
+            _ => None,
+        })
+        .collect()
+}
+
+fn write_varint(out: &mut Vec<u8>, mut n: u32) {
+    while n >= 0x80 {
+        out.push((n & 0x7f) as u8 | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn read_varint(bytes: &[u8]) -> Option<(u32, &[u8])> {
+    let mut n: u64 = 0;
+    for (i, byte) in bytes.iter().enumerate().take(5) {
+        n |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            // One encoding per number: no trailing zero groups.
+            let canonical = i == 0 || *byte != 0;
+            return canonical.then_some((u32::try_from(n).ok()?, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
 /// An in-progress record we own. Pass it back to renew, complete or release.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
@@ -240,7 +424,7 @@ pub struct Claim {
     token: String,
     attempt: u32,
     payload_hash: String,
-    value: String,
+    value: Vec<u8>,
     after_crash: bool,
 }
 
@@ -285,20 +469,28 @@ impl Claim {
         self.attempt
     }
 
-    /// The stored in-progress value, which every later write compares against.
-    pub fn value(&self) -> &str {
+    /// The stored in-progress value, which every later write compares
+    /// against (whole, as `SET ... IFEQ` does).
+    pub fn value(&self) -> &[u8] {
         &self.value
     }
 
-    fn done_value(&self) -> String {
+    fn done_value(&self) -> Vec<u8> {
+        // A done mark stays for the whole retention: it keeps 40 bits of
+        // the token, enough to tell a retried completion of ours from
+        // another consumer's.
+        let token = self
+            .token
+            .get(..2 * DONE_TOKEN_BYTES)
+            .unwrap_or(&self.token);
         Record::Done {
             payload_hash: self.payload_hash.clone(),
-            token: self.token.clone(),
+            token: token.to_owned(),
         }
         .encode()
     }
 
-    fn released_value(&self) -> String {
+    fn released_value(&self) -> Vec<u8> {
         Record::Released {
             attempts: self.attempt,
             payload_hash: self.payload_hash.clone(),
@@ -328,7 +520,7 @@ pub enum ClaimOutcome {
     },
     /// The key holds a value this library did not write.
     Unrecognized {
-        /// The value found.
+        /// The value found (bytes that are not UTF-8 shown as U+FFFD).
         value: String,
     },
 }
@@ -337,16 +529,16 @@ pub enum ClaimOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expect<'a> {
     /// Exactly this value.
-    Value(&'a str),
+    Value(&'a [u8]),
     /// This value, or no key at all: a done mark may be written where our
     /// lease expired with nobody taking the key over.
-    ValueOrAbsent(&'a str),
+    ValueOrAbsent(&'a [u8]),
     /// This value with at most `grace` left to live: an in-progress record
     /// whose lease is over (see [`CRASH_MEMORY`]). Checked in the same
     /// atomic step as the write, so a renewal that lands first wins.
     Expired {
         /// The in-progress value.
-        value: &'a str,
+        value: &'a [u8],
         /// The time to live at or below which the lease is over.
         grace: Duration,
     },
@@ -354,12 +546,15 @@ pub enum Expect<'a> {
 
 impl Expect<'_> {
     /// The value expected at the key.
-    pub fn value(&self) -> &str {
+    pub fn value(&self) -> &[u8] {
         match self {
             Self::Value(value) | Self::ValueOrAbsent(value) | Self::Expired { value, .. } => value,
         }
     }
 }
+
+/// A stored value and its remaining time to live (`None`: no expiry).
+pub type Stored = (Vec<u8>, Option<Duration>);
 
 /// A key/value store with expiry that can hold idempotency records.
 ///
@@ -381,9 +576,9 @@ pub trait Store: Send + Sync + 'static {
     fn insert_or_get(
         &self,
         key: &str,
-        value: &str,
+        value: &[u8],
         ttl: Duration,
-    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
 
     /// If `key` holds what `from` expects, replaces it with `to` (with a
     /// `ttl`), or deletes it when `to` is `None`, and returns true. Also
@@ -393,15 +588,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &str,
         from: Expect<'_>,
-        to: Option<&str>,
+        to: Option<&[u8]>,
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// The value of `key` and its remaining time to live.
-    fn get(
-        &self,
-        key: &str,
-    ) -> impl Future<Output = Result<Option<(String, Option<Duration>)>, StoreError>> + Send;
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Stored>, StoreError>> + Send;
 
     /// Proves that the store accepts a write, by writing a short-lived
     /// `key` that no record uses. A `PING` is not enough: a Redis that is
@@ -434,10 +626,11 @@ pub trait Store: Send + Sync + 'static {
                     return Ok(ClaimOutcome::Acquired(fresh));
                 };
                 let Some(record) = Record::parse(&previous) else {
-                    return Ok(ClaimOutcome::Unrecognized { value: previous });
+                    let value = String::from_utf8_lossy(&previous).into_owned();
+                    return Ok(ClaimOutcome::Unrecognized { value });
                 };
                 let stored = record.payload_hash();
-                if !payload_hash.is_empty() && !stored.is_empty() && stored != payload_hash {
+                if !same_payload(stored, payload_hash) {
                     return Ok(ClaimOutcome::PayloadMismatch {
                         stored: stored.to_owned(),
                     });
@@ -534,7 +727,7 @@ pub trait Store: Send + Sync + 'static {
         async move {
             let done = claim.done_value();
             let from = Expect::ValueOrAbsent(claim.value());
-            retry_ambiguous(|| self.transition(claim.key(), from, Some(&done), retention)).await
+            retry_ambiguous(|| self.transition(claim.key(), from, Some(&done[..]), retention)).await
         }
     }
 
@@ -550,7 +743,8 @@ pub trait Store: Send + Sync + 'static {
         async move {
             let released = claim.released_value();
             let from = Expect::Value(claim.value());
-            retry_ambiguous(|| self.transition(claim.key(), from, Some(&released), retention)).await
+            retry_ambiguous(|| self.transition(claim.key(), from, Some(&released[..]), retention))
+                .await
         }
     }
 
@@ -630,7 +824,7 @@ mod tests {
             "d:a:b:c",
             "x:1",
         ] {
-            assert_eq!(Record::parse(value), None, "{value}");
+            assert_eq!(Record::parse(value.as_bytes()), None, "{value}");
         }
     }
 
@@ -639,6 +833,96 @@ mod tests {
         let a = Token::new();
         let b = Token::new();
         assert_ne!(a, b);
-        assert_eq!(a.as_str().len(), 32);
+        assert_eq!(a.as_str().len(), 16);
+    }
+
+    #[test]
+    fn compact_records_round_trip_and_stay_small() {
+        let token = Token::new();
+        let fresh = Claim::new("k", token.as_str(), 1, "0123456789ab");
+        let record = Record::parse(fresh.value()).unwrap();
+        assert_eq!(
+            record,
+            Record::InProgress {
+                token: token.as_str().to_owned(),
+                attempt: 1,
+                payload_hash: "0123456789ab".into(),
+                lingers: true,
+            }
+        );
+        assert_eq!(fresh.value()[0], TAG_IN_PROGRESS);
+        let done = fresh.done_value();
+        assert_eq!(done.len(), 12, "a done mark fits a 32-byte allocation");
+        assert_eq!(
+            Record::parse(&done),
+            Some(Record::Done {
+                payload_hash: "0123456789ab".into(),
+                token: token.as_str()[..10].to_owned(),
+            })
+        );
+        let unchecked = Claim::new("k", token.as_str(), 300, "");
+        assert_eq!(unchecked.done_value().len(), 6);
+        assert_eq!(
+            Record::parse(&unchecked.released_value()),
+            Some(Record::Released {
+                attempts: 300,
+                payload_hash: String::new(),
+                token: token.as_str().to_owned(),
+            })
+        );
+    }
+
+    #[test]
+    fn text_records_of_earlier_versions_still_parse() {
+        let hash = "00112233445566778899aabbccddeeff";
+        let token = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            Record::parse(format!("d:{hash}:{token}").as_bytes()),
+            Some(Record::Done {
+                payload_hash: hash.into(),
+                token: token.into(),
+            })
+        );
+        assert_eq!(
+            Record::parse(format!("p:{token}+:2:{hash}").as_bytes()),
+            Some(Record::InProgress {
+                token: token.into(),
+                attempt: 2,
+                payload_hash: hash.into(),
+                lingers: true,
+            })
+        );
+        // An old 128-bit hash and today's 48-bit one of the same payload agree.
+        assert!(same_payload(hash, &hash[..12]));
+        assert!(!same_payload(hash, "ffffffffffff"));
+    }
+
+    #[test]
+    fn malformed_compact_values_do_not_parse() {
+        for value in [
+            &[TAG_DONE][..],
+            &[TAG_DONE, 1, 2, 3, 4, 5, 6][..],
+            &[TAG_IN_PROGRESS, 0, 0, 0, 0, 0, 0, 0, 0][..],
+            &[TAG_IN_PROGRESS, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0][..],
+            &[
+                TAG_RELEASED,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0xff,
+                0xff,
+                0xff,
+                0xff,
+                0x7f,
+            ][..],
+            &[0x90, 1][..],
+        ] {
+            assert_eq!(Record::parse(value), None, "{value:?}");
+        }
     }
 }

@@ -1,13 +1,17 @@
-//! The Redis store: one key per message, token-checked scripts, and every
-//! request that is waiting sent together as one pipeline.
+//! The Redis store: one key per message, compare-and-set on that key alone
+//! (natively with `SET ... IFEQ` where the server has it, by a token-checked
+//! script elsewhere), and, on a standalone server, every request that is
+//! waiting sent together as one pipeline. On Redis Cluster each request
+//! goes to its key's master through redis-rs's cluster client.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, Script, Value};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -16,58 +20,45 @@ use crate::config::Config;
 use crate::error::{StoreError, redact_url};
 use crate::tls::{self, Side, TlsFiles};
 
-/// Compare-and-set on each key. For KEYS[i], ARGV holds five values:
-/// `from`, `to`, `ttl` (PX), `mode` and `grace`. The key is written (set to
-/// `to` with the ttl, or deleted when `to` is empty) when it holds `from`;
-/// with mode `a` also when it is absent; with mode `e` only when, besides,
-/// its PTTL is at most `grace` (an in-progress record whose lease is over).
-/// A key that already holds its target also answers 1, so a retried
-/// transition is harmless. Each key is checked and written on its own, and
-/// an error on one key (a key of another type, say) is that key's answer
-/// alone, naming the command that failed (an ACL user's missing permission
-/// is otherwise reported without it); one call carries the transitions of
-/// every request that waited together, so the script's overhead is paid
-/// once per round trip.
-const TRANSITIONS: &str = r"
+/// Compare-and-set on one key. ARGV: `from`, `to`, `ttl` (PX), `mode` and
+/// `grace`. The key is written (set to `to` with the ttl, or deleted when
+/// `to` is empty) when it holds `from`; with mode `a` also when it is
+/// absent; with mode `e` only when, besides, its PTTL is at most `grace`
+/// (an in-progress record whose lease is over). A key that already holds
+/// its target also answers 1, so a retried transition is harmless. An
+/// error names the command that failed (an ACL user's missing permission
+/// is otherwise reported without it).
+const TRANSITION: &str = r"
 local function failed(reply, command)
   if type(reply) == 'table' and reply.err then
     return {err = reply.err .. ' (the transition script\'s \'' .. command .. '\' command)'}
   end
   return nil
 end
-local answers = {}
-for i = 1, #KEYS do
-  local at = 5 * (i - 1)
-  local from, to, ttl, mode, grace = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
-  local current = redis.pcall('GET', KEYS[i])
-  local answer = failed(current, 'get')
-  if not answer then
-    local matches = current == from
-    if matches and mode == 'e' then
-      local left = redis.pcall('PTTL', KEYS[i])
-      answer = failed(left, 'pttl')
-      matches = not answer and left >= 0 and left <= tonumber(grace)
-    elseif not matches and mode == 'a' then
-      matches = current == false
-    end
-    if answer then
-      -- PTTL failed: that is the answer.
-    elseif matches then
-      if to == '' then
-        answer = failed(redis.pcall('DEL', KEYS[i]), 'del')
-      else
-        answer = failed(redis.pcall('SET', KEYS[i], to, 'PX', ttl), 'set')
-      end
-      answer = answer or 1
-    elseif to ~= '' and current == to then
-      answer = 1
-    else
-      answer = 0
-    end
-  end
-  answers[i] = answer
+local from, to, ttl, mode, grace = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local current = redis.pcall('GET', KEYS[1])
+local answer = failed(current, 'get')
+if answer then return answer end
+local matches = current == from
+if matches and mode == 'e' then
+  local left = redis.pcall('PTTL', KEYS[1])
+  answer = failed(left, 'pttl')
+  if answer then return answer end
+  matches = left >= 0 and left <= tonumber(grace)
+elseif not matches and mode == 'a' then
+  matches = current == false
 end
-return answers
+if matches then
+  if to == '' then
+    answer = failed(redis.pcall('DEL', KEYS[1]), 'del')
+  else
+    answer = failed(redis.pcall('SET', KEYS[1], to, 'PX', ttl), 'set')
+  end
+  return answer or 1
+elseif to ~= '' and current == to then
+  return 1
+end
+return 0
 ";
 
 /// Most requests sent in one pipeline.
@@ -76,20 +67,32 @@ const MAX_BATCH: usize = 512;
 /// Most pipelines awaiting their replies at once.
 const MAX_IN_FLIGHT: usize = 4;
 
-/// A [`Store`] on Redis 7 or newer (it uses `SET ... NX PX GET`).
+/// A [`Store`] on Redis 7 or newer, Valkey, or Redis Cluster.
 ///
-/// All clones share one multiplexed connection and one writer task. A
-/// connection that failed (dropped, timed out, refused our credentials) is
-/// replaced by a new one on the next request, whatever the error was, so
-/// the store recovers by itself once Redis is reachable and the
-/// credentials are right again. The writer task: requests issued while a pipeline is in flight are
-/// sent together as the next pipeline, so under load the claims of many
-/// deliveries and the done marks of earlier ones share a round trip. No
-/// timer is involved: a lone request is sent at once. The token-checked
-/// transitions of one pipeline run in a single script call (called by SHA,
-/// loaded again after a Redis restart); each key is still checked and
-/// written on its own. That call names several keys, so this store is for
-/// a standalone Redis (or a primary with replicas), not Redis Cluster.
+/// **Standalone** ([`connect`](Self::connect), `REDIS_URL`): all clones
+/// share one multiplexed connection and one writer task. A connection that
+/// failed (dropped, timed out, refused our credentials) is replaced by a
+/// new one on the next request, whatever the error was, so the store
+/// recovers by itself once Redis is reachable and the credentials are
+/// right again. The writer task: requests issued while a pipeline is in
+/// flight are sent together as the next pipeline, so under load the claims
+/// of many deliveries and the done marks of earlier ones share a round
+/// trip. No timer is involved: a lone request is sent at once.
+///
+/// **Cluster** ([`connect_cluster`](Self::connect_cluster),
+/// `REDIS_CLUSTER_NODES`): each request goes to its key's master through
+/// redis-rs's cluster client, which follows MOVED and ASK redirections,
+/// a failed-over master and a resharded slot; requests to one node travel
+/// together on its multiplexed connection. A request that fails during a
+/// reshard or failover counts as unanswered and is retried like any other.
+///
+/// Every request touches one key. The transitions after a claim compare
+/// the whole stored value first: natively (`SET key new IFEQ old`) on
+/// Valkey 8.1 or newer and Redis 8.4 or newer, detected from `HELLO` on
+/// each new connection, or from the first transition's answer where
+/// `HELLO` is not granted ([`native_compare_and_set`](Self::native_compare_and_set)),
+/// and by a token-checked script (called by SHA, loaded again after a
+/// restart) elsewhere, or always with [`scripts_only`](Self::scripts_only).
 ///
 /// ```no_run
 /// use amqp_idempotency::{Config, store::RedisStore};
@@ -97,15 +100,103 @@ const MAX_IN_FLIGHT: usize = 4;
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
 /// // With TLS and an ACL user: REDIS_URL=rediss://idem:secret@redis.internal:6380,
-/// // REDIS_TLS_CA_FILE=/etc/idem/redis-ca.pem
+/// // REDIS_TLS_CA_FILE=/etc/idem/redis-ca.pem; or a cluster:
+/// // REDIS_CLUSTER_NODES=redis://10.0.0.1:7000,redis://10.0.0.2:7000
 /// let store = RedisStore::connect_with(&Config::from_env()?).await?;
 /// # Ok(())
 /// # }
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    requests: mpsc::UnboundedSender<Request>,
+    route: Route,
     stats: Arc<Stats>,
+    cas: Arc<Cas>,
+}
+
+/// How requests reach the server.
+#[derive(Clone)]
+enum Route {
+    /// Through the writer task, in pipelines.
+    Pipelined(mpsc::UnboundedSender<Request>),
+    /// One by one through the cluster client.
+    Cluster(Arc<ClusterLink>),
+}
+
+/// Whether transitions use `SET ... IFEQ`.
+struct Cas {
+    /// What the server offers: [`UNKNOWN`] until `HELLO` answered (a user
+    /// without `+hello` never learns it: the first transition tries IFEQ
+    /// and falls back on a syntax error), then [`NATIVE`] or [`SCRIPTS`].
+    server: AtomicU8,
+    /// The user did not ask for scripts only.
+    allowed: AtomicBool,
+}
+
+const UNKNOWN: u8 = 0;
+const NATIVE: u8 = 1;
+const SCRIPTS: u8 = 2;
+
+impl Cas {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            server: AtomicU8::new(UNKNOWN),
+            allowed: AtomicBool::new(true),
+        })
+    }
+
+    /// True when the next transition should try `SET ... IFEQ`.
+    fn try_native(&self) -> bool {
+        self.server.load(Ordering::Relaxed) != SCRIPTS && self.allowed.load(Ordering::Relaxed)
+    }
+
+    /// Records what `HELLO` said about the server (`None`: it refused).
+    fn detect(&self, hello: Option<&Value>) {
+        let Some(hello) = hello else {
+            self.server.store(UNKNOWN, Ordering::Relaxed);
+            return;
+        };
+        let native = server_of(hello).is_some_and(|(name, version)| {
+            let mut parts = version
+                .split('.')
+                .map(|part| part.parse::<u32>().unwrap_or(0));
+            let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+            match name.as_str() {
+                "valkey" => (major, minor) >= (8, 1),
+                "redis" => (major, minor) >= (8, 4),
+                _ => false,
+            }
+        });
+        let server = if native { NATIVE } else { SCRIPTS };
+        self.server.store(server, Ordering::Relaxed);
+    }
+}
+
+/// `server` and `version` from a `HELLO` reply (a map, or a flat array of
+/// names and values in RESP2).
+fn server_of(hello: &Value) -> Option<(String, String)> {
+    let text = |value: &Value| match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    };
+    let pairs: Vec<(&Value, &Value)> = match hello {
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [k, v] => Some((k, v)),
+                _ => None,
+            })
+            .collect(),
+        _ => return None,
+    };
+    let field = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| text(k).as_deref() == Some(name))
+            .and_then(|(_, v)| text(v))
+    };
+    Some((field("server")?.to_ascii_lowercase(), field("version")?))
 }
 
 /// The one connection all pipelines share, made again after it failed.
@@ -118,6 +209,84 @@ struct Link {
     shown: String,
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     generations: AtomicU64,
+    cas: Arc<Cas>,
+}
+
+/// The cluster client's connection, made again after it failed.
+struct ClusterLink {
+    client: redis::cluster::ClusterClient,
+    shown: String,
+    current: Mutex<Option<ClusterConnection>>,
+    cas: Arc<Cas>,
+}
+
+impl ClusterLink {
+    async fn get(&self) -> Result<ClusterConnection, Failure> {
+        let mut current = self.current.lock().await;
+        if let Some(connection) = &*current {
+            return Ok(connection.clone());
+        }
+        let connecting = async {
+            let mut connection = self.client.get_async_connection().await?;
+            let hello = redis::cmd("HELLO")
+                .query_async::<Value>(&mut connection)
+                .await
+                .ok();
+            Ok::<_, RedisError>((connection, hello))
+        };
+        let (connection, hello) =
+            match tokio::time::timeout(2 * RedisStore::RESPONSE_TIMEOUT, connecting).await {
+                Ok(Ok(connected)) => connected,
+                Ok(Err(err)) => {
+                    let mut failure = failure(err);
+                    failure.message = format!(
+                        "cannot connect to the Redis Cluster at {}: {}; are the nodes up and \
+                         the cluster created (CLUSTER INFO says cluster_state:ok)? Check \
+                         REDIS_CLUSTER_NODES",
+                        self.shown, failure.message
+                    );
+                    return Err(failure);
+                }
+                Err(_) => {
+                    return Err(Failure::unavailable(format!(
+                        "cannot connect to the Redis Cluster at {}: no answer within {:?}; \
+                         are the nodes up? Check REDIS_CLUSTER_NODES",
+                        self.shown,
+                        2 * RedisStore::RESPONSE_TIMEOUT
+                    )));
+                }
+            };
+        self.cas.detect(hello.as_ref());
+        *current = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn discard(&self) {
+        *self.current.lock().await = None;
+    }
+
+    async fn query(&self, cmd: &Cmd) -> Result<Value, Failure> {
+        let mut connection = self.get().await?;
+        let sent = tokio::time::timeout(
+            2 * RedisStore::RESPONSE_TIMEOUT,
+            cmd.query_async::<Value>(&mut connection),
+        )
+        .await;
+        match sent {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                if breaks_connection(&err) && !err.is_timeout() {
+                    self.discard().await;
+                }
+                Err(failure(err))
+            }
+            Err(_) => Err(Failure::unavailable(format!(
+                "the Redis Cluster at {} did not answer within {:?}",
+                self.shown,
+                2 * RedisStore::RESPONSE_TIMEOUT
+            ))),
+        }
+    }
 }
 
 /// Where the client of each new connection comes from.
@@ -134,7 +303,7 @@ enum Source {
 }
 
 impl Link {
-    fn new(client: Source, shown: String) -> Self {
+    fn new(client: Source, shown: String, cas: Arc<Cas>) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(RedisStore::RESPONSE_TIMEOUT))
             .set_response_timeout(Some(RedisStore::RESPONSE_TIMEOUT));
@@ -144,6 +313,7 @@ impl Link {
             shown,
             current: Mutex::new(None),
             generations: AtomicU64::new(0),
+            cas,
         }
     }
 
@@ -157,9 +327,11 @@ impl Link {
         let (client, tls_files, host) = match &self.client {
             Source::Fixed(client) => (client, None, ""),
             Source::Config { url, tls, host } => {
-                built = client_for(url, tls).map_err(|err| Failure {
-                    unavailable: true,
-                    message: format!("cannot connect to Redis at {}: {err}", self.shown),
+                built = client_for(url, tls).map_err(|err| {
+                    Failure::unavailable(format!(
+                        "cannot connect to Redis at {}: {err}",
+                        self.shown
+                    ))
                 })?;
                 (&built, Some(tls), host.as_str())
             }
@@ -195,6 +367,14 @@ impl Link {
                 );
                 failure
             })?;
+        // Which compare-and-set this server offers: a server that does not
+        // know HELLO (or refuses it) gets the scripts.
+        let mut probe = connection.clone();
+        let hello = redis::cmd("HELLO")
+            .query_async::<Value>(&mut probe)
+            .await
+            .ok();
+        self.cas.detect(hello.as_ref());
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         *current = Some((generation, connection.clone()));
         Ok((generation, connection))
@@ -217,35 +397,42 @@ struct Stats {
 }
 
 struct Request {
-    op: Op,
+    cmd: Cmd,
     reply: oneshot::Sender<Result<Value, Failure>>,
-}
-
-enum Op {
-    /// Sent as it is.
-    Command(Cmd),
-    /// Merged with the other transitions of its batch into one script call.
-    Transition(Transition),
-}
-
-struct Transition {
-    key: String,
-    from: String,
-    to: String,
-    ttl_ms: u64,
-    mode: &'static str,
-    grace_ms: u64,
 }
 
 /// A request's failure, before it is named after its operation and key.
 struct Failure {
     unavailable: bool,
+    /// The server did not understand the command (`ERR syntax error`).
+    syntax: bool,
+    /// The server does not know the script (`NOSCRIPT`).
+    noscript: bool,
     message: String,
+}
+
+impl Failure {
+    fn unavailable(message: String) -> Self {
+        Self {
+            unavailable: true,
+            syntax: false,
+            noscript: false,
+            message,
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
+            .field(
+                "deployment",
+                &match self.route {
+                    Route::Pipelined(_) => "standalone",
+                    Route::Cluster(_) => "cluster",
+                },
+            )
+            .field("native_compare_and_set", &self.native_compare_and_set())
             .field("round_trips", &self.round_trips())
             .finish_non_exhaustive()
     }
@@ -268,8 +455,10 @@ impl RedisStore {
         Self::connect_with(&Config::default().redis_url(url)).await
     }
 
-    /// Connects to Redis as `config` says: its URL ([`Config::redis`]) and,
-    /// for `rediss://`, its TLS files ([`Config::redis_tls`]:
+    /// Connects to Redis as `config` says: a Redis Cluster when it names
+    /// seed nodes ([`Config::redis_cluster`], `REDIS_CLUSTER_NODES`), its
+    /// URL otherwise ([`Config::redis`], `REDIS_URL`); and, for
+    /// `rediss://`, its TLS files ([`Config::redis_tls`]:
     /// `REDIS_TLS_CA_FILE`, `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE`).
     ///
     /// Fails like [`connect`](Self::connect), and also when a TLS file is
@@ -277,6 +466,9 @@ impl RedisStore {
     /// for its host name; the error names the URL (password hidden) and the
     /// variable to set. The files are read again for each new connection.
     pub async fn connect_with(config: &Config) -> Result<Self, StoreError> {
+        if !config.redis_cluster_nodes().is_empty() {
+            return Self::connect_cluster(config.redis_cluster_nodes(), config.redis_tls()).await;
+        }
         let url = config.redis();
         let shown = redact_url(url);
         let source = match client_for(url, config.redis_tls()) {
@@ -288,28 +480,84 @@ impl RedisStore {
             Ok(client) => Source::Fixed(client),
             Err(err) => return Err(StoreError::new("connect", "", false, err)),
         };
-        let link = Link::new(source, shown.clone());
+        let cas = Cas::new();
+        let link = Link::new(source, shown.clone(), Arc::clone(&cas));
         link.get()
             .await
             .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
-        Ok(Self::start(link))
+        Ok(Self::start(link, cas))
+    }
+
+    /// Connects to the Redis Cluster (or cluster-mode Valkey) that `nodes`
+    /// belong to: `redis://` or `rediss://` URLs of some of its nodes, from
+    /// which the client learns the rest; credentials in the first URL apply
+    /// to every node, and `tls` as for [`connect_with`](Self::connect_with).
+    ///
+    /// Fails when a URL is malformed, no node answers, or the cluster is
+    /// not ready; the error names the nodes (passwords hidden).
+    pub async fn connect_cluster(nodes: &[String], tls: &TlsFiles) -> Result<Self, StoreError> {
+        let client = cluster_client(nodes, tls)
+            .map_err(|message| StoreError::new("connect", "", false, message))?;
+        let cas = Cas::new();
+        let link = ClusterLink {
+            client,
+            shown: nodes
+                .iter()
+                .map(|node| redact_url(node))
+                .collect::<Vec<_>>()
+                .join(","),
+            current: Mutex::new(None),
+            cas: Arc::clone(&cas),
+        };
+        link.get()
+            .await
+            .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
+        Ok(Self {
+            route: Route::Cluster(Arc::new(link)),
+            stats: Arc::new(Stats::default()),
+            cas,
+        })
     }
 
     /// A store on `client` that connects on its first request. Must be
     /// called within a Tokio runtime: it starts the writer task.
     pub fn from_client(client: redis::Client) -> Self {
         let shown = format!("redis at {}", client.get_connection_info().addr());
-        Self::start(Link::new(Source::Fixed(client), shown))
+        let cas = Cas::new();
+        Self::start(
+            Link::new(Source::Fixed(client), shown, Arc::clone(&cas)),
+            cas,
+        )
     }
 
-    fn start(link: Link) -> Self {
+    fn start(link: Link, cas: Arc<Cas>) -> Self {
         let stats = Arc::new(Stats::default());
         let (requests, queue) = mpsc::unbounded_channel();
         tokio::spawn(write_batches(Arc::new(link), queue, Arc::clone(&stats)));
-        Self { requests, stats }
+        Self {
+            route: Route::Pipelined(requests),
+            stats,
+            cas,
+        }
     }
 
-    /// Pipelines sent to Redis so far (each is one round trip), by all clones.
+    /// This store (and its clones) compare-and-set with the token-checked
+    /// scripts only, even on a server with `SET ... IFEQ`: for servers that
+    /// announce a version they do not fully implement, and for tests.
+    pub fn scripts_only(self) -> Self {
+        self.cas.allowed.store(false, Ordering::Relaxed);
+        self
+    }
+
+    /// True when transitions use `SET ... IFEQ` (Valkey 8.1+, Redis 8.4+,
+    /// unless [`scripts_only`](Self::scripts_only)); known once connected.
+    pub fn native_compare_and_set(&self) -> bool {
+        self.cas.server.load(Ordering::Relaxed) == NATIVE
+            && self.cas.allowed.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to Redis so far, by all clones: pipelines on a
+    /// standalone server (each is one round trip), commands on a cluster.
     pub fn round_trips(&self) -> u64 {
         self.stats.round_trips.load(Ordering::Relaxed)
     }
@@ -319,27 +567,99 @@ impl RedisStore {
         self.stats.commands.load(Ordering::Relaxed)
     }
 
-    async fn send(&self, operation: &'static str, key: &str, op: Op) -> Result<Value, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let gone = || {
-            StoreError::new(
-                operation,
-                key,
-                true,
-                "the Redis writer task stopped (was the runtime shut down?)",
-            )
-        };
-        self.requests
-            .send(Request { op, reply })
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?.map_err(|failure| {
+    async fn request(&self, cmd: Cmd) -> Result<Value, Failure> {
+        match &self.route {
+            Route::Pipelined(requests) => {
+                let (reply, answer) = oneshot::channel();
+                let gone = || {
+                    Failure::unavailable(
+                        "the Redis writer task stopped (was the runtime shut down?)".into(),
+                    )
+                };
+                requests.send(Request { cmd, reply }).map_err(|_| gone())?;
+                answer.await.map_err(|_| gone())?
+            }
+            Route::Cluster(link) => {
+                self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
+                self.stats.commands.fetch_add(1, Ordering::Relaxed);
+                match link.query(&cmd).await {
+                    Err(failure) if failure.noscript => {
+                        // A node restarted, or a new master after a
+                        // failover: load the script everywhere and retry.
+                        let mut load = redis::cmd("SCRIPT");
+                        load.arg("LOAD").arg(TRANSITION);
+                        link.query(&load).await?;
+                        link.query(&cmd).await
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        operation: &'static str,
+        key: &str,
+        cmd: Cmd,
+    ) -> Result<Value, StoreError> {
+        self.request(cmd).await.map_err(|failure| {
             StoreError::new(operation, key, failure.unavailable, failure.message)
         })
     }
+
+    /// `transition` with `SET ... IFEQ`: one command when the key holds
+    /// `from`, a second one only when it does not (to tell "absent", "ours
+    /// already" and "someone else's" apart). `Err(None)`: the server
+    /// refused the syntax, use the script.
+    async fn transition_natively(
+        &self,
+        key: &str,
+        from: &[u8],
+        or_absent: bool,
+        to: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, Option<StoreError>> {
+        let named = |failure: Failure| {
+            (!failure.syntax)
+                .then(|| StoreError::new("transition", key, failure.unavailable, failure.message))
+        };
+        let mut set = redis::cmd("SET");
+        set.arg(key)
+            .arg(to)
+            .arg("IFEQ")
+            .arg(from)
+            .arg("PX")
+            .arg(millis(ttl));
+        if self.request(set).await.map_err(named)? != Value::Nil {
+            return Ok(true);
+        }
+        let current: Option<Vec<u8>> = if or_absent {
+            // Absent: write it; present: this returns what is there.
+            let mut create = redis::cmd("SET");
+            create
+                .arg(key)
+                .arg(to)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(ttl))
+                .arg("GET");
+            let reply = self.request(create).await.map_err(named)?;
+            match parse::<Option<Vec<u8>>>("transition", key, reply).map_err(Some)? {
+                None => return Ok(true),
+                found => found,
+            }
+        } else {
+            let mut get = redis::cmd("GET");
+            get.arg(key);
+            let reply = self.request(get).await.map_err(named)?;
+            parse("transition", key, reply).map_err(Some)?
+        };
+        Ok(current.as_deref() == Some(to))
+    }
 }
 
-/// Sends every waiting request as one pipeline: commands as they are,
-/// transitions merged into one script call. Up to [`MAX_IN_FLIGHT`]
+/// Sends every waiting request as one pipeline. Up to [`MAX_IN_FLIGHT`]
 /// pipelines travel at once on the multiplexed connection, so a request
 /// never waits for an unrelated pipeline's replies before it is sent.
 async fn write_batches(
@@ -347,7 +667,6 @@ async fn write_batches(
     mut queue: mpsc::UnboundedReceiver<Request>,
     stats: Arc<Stats>,
 ) {
-    let script = Arc::new(Script::new(TRANSITIONS));
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -361,12 +680,7 @@ async fn write_batches(
                         Err(_) => break,
                     }
                 }
-                in_flight.push(send_batch(
-                    Arc::clone(&link),
-                    batch,
-                    Arc::clone(&script),
-                    Arc::clone(&stats),
-                ));
+                in_flight.push(send_batch(Arc::clone(&link), batch, Arc::clone(&stats)));
             }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
         }
@@ -375,135 +689,111 @@ async fn write_batches(
 }
 
 /// Sends one batch as one pipeline and answers each request.
-async fn send_batch(link: Arc<Link>, batch: Vec<Request>, script: Arc<Script>, stats: Arc<Stats>) {
+async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    let mut command_replies = Vec::with_capacity(batch.len());
-    let mut transition_replies = Vec::new();
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut commands = Vec::with_capacity(batch.len());
     for request in batch {
-        match request.op {
-            Op::Command(cmd) => {
-                pipe.add_command(cmd);
-                command_replies.push(request.reply);
-            }
-            Op::Transition(transition) => transition_replies.push((transition, request.reply)),
-        }
-    }
-    let mut transitions = redis::cmd("EVALSHA");
-    if !transition_replies.is_empty() {
-        transitions
-            .arg(script.get_hash())
-            .arg(transition_replies.len());
-        for (t, _) in &transition_replies {
-            transitions.arg(&t.key);
-        }
-        for (t, _) in &transition_replies {
-            transitions
-                .arg(&t.from)
-                .arg(&t.to)
-                .arg(t.ttl_ms)
-                .arg(t.mode)
-                .arg(t.grace_ms);
-        }
-        pipe.add_command(transitions.clone());
+        pipe.add_command(request.cmd.clone());
+        commands.push(request.cmd);
+        replies.push(request.reply);
     }
     let (generation, mut connection) = match link.get().await {
         Ok(connection) => connection,
-        Err(failure) => {
-            answer_all(command_replies, transition_replies, &failure);
-            return;
-        }
+        Err(failure) => return answer_all(replies, &failure),
     };
     stats.round_trips.fetch_add(1, Ordering::Relaxed);
     stats
         .commands
         .fetch_add(pipe.len() as u64, Ordering::Relaxed);
-    let replies: Result<Vec<redis::RedisResult<Value>>, RedisError> =
+    let answers: Result<Vec<redis::RedisResult<Value>>, RedisError> =
         pipe.query_async(&mut connection).await;
-    let mut replies = match replies {
-        Ok(replies) if replies.len() == pipe.len() => replies,
-        Ok(replies) => {
-            let failure = Failure {
-                unavailable: true,
-                message: format!(
-                    "Redis answered {} replies to a pipeline of {} commands",
-                    replies.len(),
-                    pipe.len()
-                ),
-            };
+    let mut answers = match answers {
+        Ok(answers) if answers.len() == replies.len() => answers,
+        Ok(answers) => {
+            let failure = Failure::unavailable(format!(
+                "Redis answered {} replies to a pipeline of {} commands",
+                answers.len(),
+                replies.len()
+            ));
             link.discard(generation).await;
-            answer_all(command_replies, transition_replies, &failure);
-            return;
+            return answer_all(replies, &failure);
         }
         Err(err) => {
             if breaks_connection(&err) {
                 link.discard(generation).await;
             }
-            answer_all(command_replies, transition_replies, &failure(err));
-            return;
+            return answer_all(replies, &failure(err));
         }
     };
-    if replies
+    if answers
         .iter()
-        .any(|reply| reply.as_ref().is_err_and(breaks_connection))
+        .any(|answer| answer.as_ref().is_err_and(breaks_connection))
     {
         // NOAUTH and the like: this connection is no longer usable as it is.
         link.discard(generation).await;
     }
-    let script_reply = (!transition_replies.is_empty()).then(|| replies.pop());
-    for (reply, answer) in command_replies.into_iter().zip(replies) {
-        let _ = reply.send(answer.map_err(failure));
-    }
-    let Some(script_reply) = script_reply.flatten() else {
-        return;
-    };
-    let script_reply = match script_reply {
-        Err(err) if err.code() == Some("NOSCRIPT") => {
-            // Redis restarted or flushed its scripts: load it and send
-            // the transitions again (safe: none of them ran).
-            stats.round_trips.fetch_add(1, Ordering::Relaxed);
-            let mut retry = redis::pipe();
-            retry.cmd("SCRIPT").arg("LOAD").arg(TRANSITIONS).ignore();
-            retry.add_command(transitions);
-            retry
-                .query_async::<(Value,)>(&mut connection)
-                .await
-                .map(|(value,)| value)
+    let unknown_script: Vec<usize> = answers
+        .iter()
+        .enumerate()
+        .filter(|(_, answer)| {
+            answer
+                .as_ref()
+                .is_err_and(|err| err.code() == Some("NOSCRIPT"))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if !unknown_script.is_empty() {
+        // Redis restarted or flushed its scripts: load it and send those
+        // calls again (safe: none of them ran).
+        let mut retry = redis::pipe();
+        retry.ignore_errors();
+        retry.cmd("SCRIPT").arg("LOAD").arg(TRANSITION);
+        for &i in &unknown_script {
+            retry.add_command(commands[i].clone());
         }
-        other => other,
-    };
-    match script_reply.map_err(failure) {
-        Ok(Value::Array(answers)) if answers.len() == transition_replies.len() => {
-            for ((_, reply), answer) in transition_replies.into_iter().zip(answers) {
-                let answer = match answer {
-                    Value::ServerError(err) => Err(failure(RedisError::from(err))),
-                    answer => Ok(answer),
-                };
-                let _ = reply.send(answer);
+        stats.round_trips.fetch_add(1, Ordering::Relaxed);
+        let again: Result<Vec<redis::RedisResult<Value>>, RedisError> =
+            retry.query_async(&mut connection).await;
+        match again {
+            Ok(again) if again.len() == unknown_script.len() + 1 => {
+                let mut again = again.into_iter();
+                let loaded = again.next();
+                for (&i, answer) in unknown_script.iter().zip(again) {
+                    // A refused load (an ACL without `script|load`) is the
+                    // answer: it says what to grant.
+                    answers[i] = match &loaded {
+                        Some(Err(err)) => Err(err.clone()),
+                        _ => answer,
+                    };
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                for &i in &unknown_script {
+                    answers[i] = Err(RedisError::from((
+                        ErrorKind::Io,
+                        "reloading the transition script failed",
+                        err.to_string(),
+                    )));
+                }
             }
         }
-        Ok(other) => {
-            let failure = Failure {
-                unavailable: true,
-                message: format!(
-                    "unexpected reply to the transition script: {other:?}; is REDIS_URL a Redis 7 (or newer) server?"
-                ),
-            };
-            answer_all(Vec::new(), transition_replies, &failure);
-        }
-        Err(failure) => answer_all(Vec::new(), transition_replies, &failure),
+    }
+    for (reply, answer) in replies.into_iter().zip(answers) {
+        let _ = reply.send(answer.map_err(failure));
     }
 }
 
 type Reply = oneshot::Sender<Result<Value, Failure>>;
 
-fn answer_all(commands: Vec<Reply>, transitions: Vec<(Transition, Reply)>, failure: &Failure) {
-    let replies = commands
-        .into_iter()
-        .chain(transitions.into_iter().map(|(_, reply)| reply));
+fn answer_all(replies: Vec<Reply>, failure: &Failure) {
     for reply in replies {
         let _ = reply.send(Err(Failure {
             unavailable: failure.unavailable,
+            syntax: failure.syntax,
+            noscript: failure.noscript,
             message: failure.message.clone(),
         }));
     }
@@ -547,9 +837,12 @@ fn remedy(err: &RedisError) -> Option<&'static str> {
     {
         "the Redis ACL user lacks a permission: grant the commands and key pattern listed \
          in the README (Least privilege)"
-    } else if matches!(code, "MOVED" | "ASK" | "CLUSTERDOWN" | "CROSSSLOT") {
-        "REDIS_URL points at a Redis Cluster node, which this standalone client cannot use: \
-         give it a standalone Redis (or primary) instead"
+    } else if matches!(code, "MOVED" | "ASK" | "CROSSSLOT") {
+        "REDIS_URL points at a Redis Cluster node: give the cluster's nodes in \
+         REDIS_CLUSTER_NODES (and unset REDIS_URL) instead"
+    } else if matches!(code, "CLUSTERDOWN" | "TRYAGAIN") {
+        "the Redis Cluster is down or resharding: consumption resumes once it serves \
+         the slot again"
     } else if code == "OOM" {
         "Redis is out of memory (maxmemory with noeviction): raise maxmemory or lower \
          IDEMPOTENCY_DONE_TTL; consumption resumes once a write succeeds"
@@ -580,6 +873,8 @@ fn failure(err: RedisError) -> Failure {
     };
     Failure {
         unavailable: !is_about_the_key(&err),
+        syntax: err.code() == Some("ERR") && err.to_string().contains("syntax error"),
+        noscript: err.code() == Some("NOSCRIPT"),
         message,
     }
 }
@@ -640,6 +935,78 @@ fn client_for(url: &str, files: &TlsFiles) -> Result<redis::Client, String> {
     redis::Client::build_with_tls(url, certificates).map_err(invalid)
 }
 
+/// The cluster client for seed `nodes`, with TLS for `rediss://` as
+/// `files` say, or a message saying what is wrong.
+fn cluster_client(
+    nodes: &[String],
+    files: &TlsFiles,
+) -> Result<redis::cluster::ClusterClient, String> {
+    let shown = || {
+        nodes
+            .iter()
+            .map(|node| redact_url(node))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if nodes.is_empty() {
+        return Err(
+            "REDIS_CLUSTER_NODES names no node: give redis://host:port URLs, comma-separated"
+                .into(),
+        );
+    }
+    let tls_urls = nodes
+        .iter()
+        .filter(|node| Side::Redis.is_tls_url(node))
+        .count();
+    if tls_urls != 0 && tls_urls != nodes.len() {
+        return Err(format!(
+            "REDIS_CLUSTER_NODES `{}` mixes redis:// and rediss:// URLs: use one scheme for every node",
+            shown()
+        ));
+    }
+    if tls_urls == 0
+        && let Some((var, path)) = files.first_set(Side::Redis)
+    {
+        return Err(format!(
+            "{var}={} is set but REDIS_CLUSTER_NODES `{}` has no TLS: use rediss:// (or unset {var})",
+            path.display(),
+            shown()
+        ));
+    }
+    let mut infos = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(node.as_str()).map_err(|err| {
+                format!(
+                    "`{}` in REDIS_CLUSTER_NODES is not a valid Redis URL ({err}); expected \
+                 redis://[user:password@]host:port, or rediss://... for TLS",
+                    redact_url(node)
+                )
+            })?;
+        infos.push(info);
+    }
+    let mut builder = redis::cluster::ClusterClientBuilder::new(infos)
+        .connection_timeout(RedisStore::RESPONSE_TIMEOUT)
+        .response_timeout(RedisStore::RESPONSE_TIMEOUT)
+        .retries(4);
+    if tls_urls != 0 {
+        tls::ensure_process_provider();
+        if !files.is_empty() {
+            let material = files.load(Side::Redis).map_err(|err| err.to_string())?;
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: material.identity.map(|identity| redis::ClientTlsConfig {
+                    client_cert: identity.cert_pem,
+                    client_key: identity.key_pem,
+                }),
+                root_cert: material.ca_pem,
+            });
+        }
+    }
+    builder
+        .build()
+        .map_err(|err| format!("cannot use REDIS_CLUSTER_NODES `{}`: {err}", shown()))
+}
+
 /// The host of `url`, for error messages about its certificate.
 fn host_of(url: &str) -> String {
     url::Url::parse(url)
@@ -673,9 +1040,9 @@ impl Store for RedisStore {
     async fn insert_or_get(
         &self,
         key: &str,
-        value: &str,
+        value: &[u8],
         ttl: Duration,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(key)
             .arg(value)
@@ -683,7 +1050,7 @@ impl Store for RedisStore {
             .arg("PX")
             .arg(millis(ttl))
             .arg("GET");
-        let reply = self.send("claim", key, Op::Command(cmd)).await?;
+        let reply = self.send("claim", key, cmd).await?;
         parse("claim", key, reply)
     }
 
@@ -691,37 +1058,62 @@ impl Store for RedisStore {
         &self,
         key: &str,
         from: Expect<'_>,
-        to: Option<&str>,
+        to: Option<&[u8]>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        if let (Some(to), Expect::Value(value) | Expect::ValueOrAbsent(value)) = (to, from)
+            && self.cas.try_native()
+        {
+            let or_absent = matches!(from, Expect::ValueOrAbsent(_));
+            match self
+                .transition_natively(key, value, or_absent, to, ttl)
+                .await
+            {
+                Err(None) => {
+                    // A server without IFEQ (one that would not say which it
+                    // is, or a mixed-version cluster mid-upgrade): scripts
+                    // from now on.
+                    tracing::debug!(%key, "the server refused SET ... IFEQ; using the transition script");
+                    self.cas.server.store(SCRIPTS, Ordering::Relaxed);
+                }
+                Err(Some(err)) => return Err(err),
+                Ok(done) => {
+                    let _ = self.cas.server.compare_exchange(
+                        UNKNOWN,
+                        NATIVE,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    return Ok(done);
+                }
+            }
+        }
         let (mode, grace_ms) = match from {
             Expect::Value(_) => ("", 0),
             Expect::ValueOrAbsent(_) => ("a", 0),
             Expect::Expired { grace, .. } => ("e", millis(grace)),
         };
-        let op = Op::Transition(Transition {
-            key: key.to_owned(),
-            from: from.value().to_owned(),
-            to: to.unwrap_or("").to_owned(),
-            ttl_ms: millis(ttl),
-            mode,
-            grace_ms,
-        });
-        let reply = self.send("transition", key, op).await?;
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(transition_sha())
+            .arg(1)
+            .arg(key)
+            .arg(from.value())
+            .arg(to.unwrap_or(b""))
+            .arg(millis(ttl))
+            .arg(mode)
+            .arg(grace_ms);
+        let reply = self.send("transition", key, cmd).await?;
         Ok(parse::<i64>("transition", key, reply)? == 1)
     }
 
-    async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Duration>)>, StoreError> {
         // Two requests queued together travel in the same pipeline.
         let mut get = redis::cmd("GET");
         get.arg(key);
         let mut pttl = redis::cmd("PTTL");
         pttl.arg(key);
-        let (value, ttl) = tokio::join!(
-            self.send("get", key, Op::Command(get)),
-            self.send("get", key, Op::Command(pttl))
-        );
-        let value: Option<String> = parse("get", key, value?)?;
+        let (value, ttl) = tokio::join!(self.send("get", key, get), self.send("get", key, pttl));
+        let value: Option<Vec<u8>> = parse("get", key, value?)?;
         let ttl: i64 = parse("get", key, ttl?)?;
         let ttl = u64::try_from(ttl).ok().map(Duration::from_millis);
         Ok(value.map(|value| (value, ttl)))
@@ -730,7 +1122,13 @@ impl Store for RedisStore {
     async fn probe(&self, key: &str) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg("probe").arg("PX").arg(10_000);
-        let reply = self.send("probe", key, Op::Command(cmd)).await?;
+        let reply = self.send("probe", key, cmd).await?;
         parse::<String>("probe", key, reply).map(drop)
     }
+}
+
+/// The SHA1 of [`TRANSITION`], computed once.
+fn transition_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| Script::new(TRANSITION).get_hash().to_owned())
 }

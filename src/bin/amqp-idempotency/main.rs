@@ -619,7 +619,7 @@ fn classify(kind: String, value: Vec<u8>, len: i64) -> State {
         "none" => State::Absent,
         "string" => {
             let record = (len == value.len())
-                .then(|| std::str::from_utf8(&value).ok().and_then(Record::parse))
+                .then(|| Record::parse(&value))
                 .flatten();
             match record {
                 Some(record) => State::Record(record),

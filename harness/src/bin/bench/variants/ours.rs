@@ -48,9 +48,9 @@ impl<S: Store> Store for CountingStore<S> {
     async fn insert_or_get(
         &self,
         key: &str,
-        value: &str,
+        value: &[u8],
         ttl: Duration,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         self.tick();
         self.inner.insert_or_get(key, value, ttl).await
     }
@@ -59,14 +59,14 @@ impl<S: Store> Store for CountingStore<S> {
         &self,
         key: &str,
         from: Expect<'_>,
-        to: Option<&str>,
+        to: Option<&[u8]>,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         self.tick();
         self.inner.transition(key, from, to, ttl).await
     }
 
-    async fn get(&self, key: &str) -> Result<Option<(String, Option<Duration>)>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Duration>)>, StoreError> {
         self.tick();
         self.inner.get(key).await
     }
