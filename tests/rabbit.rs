@@ -171,8 +171,40 @@ async fn finish(connection: &Connection, queue: &TestQueue) -> (u32, u32) {
     counts
 }
 
-#[tokio::test]
-async fn first_delivery_is_processed_and_a_duplicate_is_acked_without_running() {
+/// Runs an end-to-end test against each Redis deployment: the standalone
+/// Redis 7 at REDIS_URL, the 3-master Redis Cluster and Valkey 8.1 (on its
+/// native compare-and-set) that `.ci/servers.sh` starts.
+macro_rules! on_every_deployment {
+    ($($name:ident),* $(,)?) => {
+        mod deployments {
+            $(
+                pub mod $name {
+                    #[tokio::test]
+                    async fn standalone_redis() {
+                        super::super::$name(super::super::redis_store().await).await;
+                    }
+                    #[tokio::test]
+                    async fn redis_cluster() {
+                        super::super::$name(super::super::common::cluster_store().await).await;
+                    }
+                    #[tokio::test]
+                    async fn valkey_native() {
+                        let store = super::super::common::valkey_store().await;
+                        assert!(store.native_compare_and_set(), "Valkey 8.1 has SET ... IFEQ");
+                        super::super::$name(store).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_every_deployment!(
+    first_delivery_is_processed_and_a_duplicate_is_acked_without_running,
+    a_retryable_failure_is_released_and_the_requeued_copy_takes_effect_once,
+);
+
+async fn first_delivery_is_processed_and_a_duplicate_is_acked_without_running(store: RedisStore) {
     let connection = amqp().await;
     let setup = connection.create_channel().await.unwrap();
     let queue = declare_queue(&setup, "dup").await;
@@ -183,7 +215,7 @@ async fn first_delivery_is_processed_and_a_duplicate_is_acked_without_running() 
     let journal = Journal::default();
     let r = runs.clone();
     let service = IdempotencyLayer::new(
-        redis_store().await,
+        store,
         &queue.name,
         config(&common::unique("p")),
     )
@@ -210,8 +242,9 @@ async fn first_delivery_is_processed_and_a_duplicate_is_acked_without_running() 
     );
 }
 
-#[tokio::test]
-async fn a_retryable_failure_is_released_and_the_requeued_copy_takes_effect_once() {
+async fn a_retryable_failure_is_released_and_the_requeued_copy_takes_effect_once(
+    store: RedisStore,
+) {
     let connection = amqp().await;
     let setup = connection.create_channel().await.unwrap();
     let queue = declare_queue(&setup, "retry").await;
@@ -222,7 +255,7 @@ async fn a_retryable_failure_is_released_and_the_requeued_copy_takes_effect_once
     let journal = Journal::default();
     let (a, e) = (attempts.clone(), effects.clone());
     let service = IdempotencyLayer::new(
-        redis_store().await,
+        store,
         &queue.name,
         config(&common::unique("p")),
     )
@@ -1348,4 +1381,120 @@ async fn a_full_redis_does_not_burn_a_quorum_queues_delivery_limit() {
             .queue_delete(queue.as_str().into(), Default::default())
             .await;
     }
+}
+
+/// Moves `slots` hash slots from one cluster master to another with
+/// `redis-cli --cluster reshard` (keys move with MIGRATE, clients meet ASK
+/// and MOVED redirections meanwhile).
+fn reshard(nodes: &[String], from: &str, to: &str, slots: u32) {
+    let seed = nodes[0].trim_start_matches("redis://");
+    let output = std::process::Command::new("redis-cli")
+        .args(["--cluster", "reshard", seed, "--cluster-from", from])
+        .args(["--cluster-to", to, "--cluster-slots", &slots.to_string()])
+        .args(["--cluster-yes", "--cluster-pipeline", "10"])
+        .output()
+        .expect("run redis-cli --cluster reshard");
+    assert!(
+        output.status.success(),
+        "reshard {slots} slots from {from} to {to}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn node_id(node: &str) -> String {
+    common::redis_cli_at(node, &["CLUSTER", "MYID"])
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_cluster_reshard_while_messages_flow_loses_nothing_and_runs_nothing_twice() {
+    let nodes = common::cluster_nodes();
+    let (a, b) = (node_id(&nodes[0]), node_id(&nodes[1]));
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "reshard").await;
+    let effects: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+    let journal = Journal::default();
+    let seen = effects.clone();
+    let service = IdempotencyLayer::new(
+        common::cluster_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(move |d: Delivery| {
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        *seen.lock().unwrap().entry(id).or_default() += 1;
+        async { Ok::<_, HandlerError>(()) }
+    }));
+    // Messages keep arriving while 200 slots move from the first master to
+    // the second, and back.
+    let published = Arc::new(AtomicUsize::new(0));
+    let resharding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let publisher = {
+        let channel = connection.create_channel().await.unwrap();
+        let (name, published, resharding) =
+            (queue.name.clone(), published.clone(), resharding.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while resharding.load(Ordering::SeqCst) || n < 200 {
+                let id = format!("reshard-{n}");
+                publish(&channel, &name, id.as_bytes(), Some(&id)).await;
+                n += 1;
+                published.store(n, Ordering::SeqCst);
+            }
+            // A redelivered copy of every tenth message: a duplicate.
+            for n in (0..n).step_by(10) {
+                let id = format!("reshard-{n}");
+                publish(&channel, &name, id.as_bytes(), Some(&id)).await;
+            }
+            n
+        })
+    };
+    let mover = {
+        let (nodes, resharding) = (nodes.clone(), resharding.clone());
+        tokio::task::spawn_blocking(move || {
+            reshard(&nodes, &a, &b, 200);
+            reshard(&nodes, &b, &a, 200);
+            resharding.store(false, Ordering::SeqCst);
+        })
+    };
+    let stop = {
+        let journal = journal.clone();
+        let published = published.clone();
+        let resharding = resharding.clone();
+        async move {
+            loop {
+                journal.until(|j| !j.events().is_empty()).await;
+                let total = published.load(Ordering::SeqCst);
+                let expected = total + total.div_ceil(10);
+                if !resharding.load(Ordering::SeqCst) && journal.events().len() >= expected {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let (report, moved, sent) = tokio::join!(
+        run_until(&connection, &queue.name, journal.clone().record(service), stop),
+        mover,
+        publisher
+    );
+    moved.expect("the reshard ran");
+    let sent = sent.expect("the publisher ran");
+    let effects = effects.lock().unwrap().clone();
+    assert_eq!(effects.len(), sent, "every message ran: none lost");
+    let twice: Vec<_> = effects.iter().filter(|(_, runs)| **runs != 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    assert_eq!(journal.count("processed"), sent);
+    assert_eq!(journal.count("duplicate"), sent.div_ceil(10));
+    assert_eq!(report.dead_lettered, 0);
+    assert_eq!(finish(&connection, &queue).await, (0, 0));
 }

@@ -297,6 +297,37 @@ macro_rules! contract {
                 }
             )*
         }
+        /// On the 3-master Redis Cluster (scripts: Redis 7 has no IFEQ).
+        mod redis_cluster {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::common::cluster_store().await).await;
+                }
+            )*
+        }
+        /// On Valkey 8.1 with its native `SET ... IFEQ`.
+        mod valkey_native {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let store = super::common::valkey_store().await;
+                    assert!(store.native_compare_and_set());
+                    super::$name(store).await;
+                }
+            )*
+        }
+        /// On Valkey 8.1 with the token-checked scripts.
+        mod valkey_scripts {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let store = super::common::valkey_store().await.scripts_only();
+                    assert!(!store.native_compare_and_set());
+                    super::$name(store).await;
+                }
+            )*
+        }
         /// As the README's least-privilege Redis user, on a private Redis.
         mod redis_least_privilege {
             $(
@@ -510,4 +541,62 @@ async fn redis_store_treats_a_full_redis_as_unavailable() {
         err.is_unavailable(),
         "OOM pauses consumption like an outage: {err}"
     );
+}
+
+#[tokio::test]
+async fn redis_7_uses_the_scripts_and_valkey_8_1_compares_natively() {
+    assert!(!common::redis_store().await.native_compare_and_set());
+    assert!(!common::cluster_store().await.native_compare_and_set());
+    let valkey = common::valkey_store().await;
+    assert!(valkey.native_compare_and_set());
+    // The native path runs no script: Valkey's EVALSHA count stays put
+    // through a claim, a renewal, a completion and a release.
+    let evalsha_calls = || {
+        let info = common::redis_cli_at(&common::valkey_url(), &["INFO", "commandstats"]);
+        info.lines()
+            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = evalsha_calls();
+    let claim = acquire(&valkey, &key(), &Token::new()).await;
+    assert!(valkey.renew(&claim, LEASE).await.unwrap());
+    assert!(valkey.complete(&claim, RETENTION).await.unwrap());
+    let other = acquire(&valkey, &key(), &Token::new()).await;
+    assert!(valkey.release(&other, RETENTION).await.unwrap());
+    assert_eq!(evalsha_calls(), before, "no script ran on the native path");
+}
+
+#[tokio::test]
+async fn a_done_mark_takes_at_most_150_bytes_of_redis_memory() {
+    // The yardstick: the default prefix, a 6-character scope and
+    // 16-character message ids, INFO memory's delta over 50,000 records.
+    let redis = common::PrivateRedis::start();
+    let store = amqp_idempotency::store::RedisStore::connect(&redis.url())
+        .await
+        .expect("connect to the private redis");
+    let used = || {
+        let info = common::redis_cli_at(&redis.url(), &["INFO", "memory"]);
+        info.lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .and_then(|value| value.trim().parse::<i64>().ok())
+            .expect("INFO memory has used_memory")
+    };
+    const RECORDS: usize = 50_000;
+    let before = used();
+    for chunk in (0..RECORDS).collect::<Vec<_>>().chunks(1000) {
+        futures_util::future::join_all(chunk.iter().map(|n| {
+            let store = store.clone();
+            async move {
+                let key =
+                    amqp_idempotency::fingerprint::record_key("idem", "orders", &format!("{n:016x}"));
+                let claim = acquire(&store, &key, &Token::new()).await;
+                assert!(store.complete(&claim, Duration::from_secs(86_400)).await.unwrap());
+            }
+        }))
+        .await;
+    }
+    let per_record = (used() - before) / RECORDS as i64;
+    assert!(per_record <= 150, "{per_record} bytes per done mark");
 }
