@@ -695,3 +695,96 @@ pub async fn least_privilege_store() -> (PrivateRedis, RedisStore) {
         .unwrap_or_else(|err| panic!("connect as the README's idem-consumer user: {err}"));
     (redis, store)
 }
+
+// ---------------------------------------------------------------------------
+// A Redis Cluster and a Valkey server: started by `.ci/servers.sh up`, which
+// writes their addresses to the env file that `.ci/servers.sh env` prints.
+
+const START_SERVERS: &str =
+    "start them with `.ci/servers.sh up` and `eval \"$(.ci/servers.sh env)\"`";
+
+/// Connects to `url` with the sync client and sends `PING`; the error says
+/// what failed.
+fn ping(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|err| format!("bad URL: {err}"))?;
+    let mut connection = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .map_err(|err| format!("cannot connect: {err}"))?;
+    connection
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|err| format!("cannot set a read timeout: {err}"))?;
+    let answer: String = redis::cmd("PING")
+        .query(&mut connection)
+        .map_err(|err| format!("PING failed: {err}"))?;
+    if answer == "PONG" {
+        Ok(())
+    } else {
+        Err(format!("PING answered {answer:?}"))
+    }
+}
+
+/// The URLs (`redis://127.0.0.1:P`) of the 3-master Redis Cluster's nodes,
+/// from `TEST_REDIS_CLUSTER_NODES` (comma-separated); panics, saying how to
+/// start them, when it is unset or a node does not answer `PING`.
+pub fn cluster_nodes() -> Vec<String> {
+    const VAR: &str = "TEST_REDIS_CLUSTER_NODES";
+    let value = std::env::var(VAR).unwrap_or_else(|_| {
+        panic!("these tests need a Redis Cluster, but {VAR} is not set: {START_SERVERS}")
+    });
+    let nodes: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        !nodes.is_empty(),
+        "{VAR} is set but names no node ({value:?}): {START_SERVERS}"
+    );
+    for node in &nodes {
+        if let Err(err) = ping(node) {
+            panic!(
+                "the Redis Cluster node {node} (from {VAR}) does not answer: {err}\n{START_SERVERS}"
+            );
+        }
+    }
+    nodes
+}
+
+/// The URL of the Valkey 8.1 server, from `TEST_VALKEY_URL`; panics, saying
+/// how to start it, when it is unset or the server does not answer `PING`.
+pub fn valkey_url() -> String {
+    const VAR: &str = "TEST_VALKEY_URL";
+    let url = std::env::var(VAR).unwrap_or_else(|_| {
+        panic!("these tests need Valkey 8.1, but {VAR} is not set: {START_SERVERS}")
+    });
+    if let Err(err) = ping(&url) {
+        panic!("the Valkey server {url} (from {VAR}) does not answer: {err}\n{START_SERVERS}");
+    }
+    url
+}
+
+/// Runs `redis-cli -c -h H -p P <args>` against the first of `nodes` (as
+/// `cluster_nodes` returns them) and returns what it printed; panics with
+/// its stderr when it fails. For tests that reshard (`--cluster reshard
+/// H:P ...`, `CLUSTER SETSLOT ...`).
+pub fn cluster_cli(nodes: &[String], args: &[&str]) -> String {
+    let first = nodes.first().expect("cluster_cli needs at least one node");
+    let url = url::Url::parse(first)
+        .unwrap_or_else(|err| panic!("cluster node {first:?} is not a URL: {err}"));
+    let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
+    let port = url.port().unwrap_or(6379).to_string();
+    let output = Command::new("redis-cli")
+        .args(["-c", "-h", &host, "-p", &port])
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run redis-cli (apt-get install redis-tools): {err}"));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && !text.starts_with("ERR"),
+        "redis-cli -c -h {host} -p {port} {args:?} failed ({}): {text}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
