@@ -214,16 +214,12 @@ async fn first_delivery_is_processed_and_a_duplicate_is_acked_without_running(st
     let runs = Arc::new(AtomicUsize::new(0));
     let journal = Journal::default();
     let r = runs.clone();
-    let service = IdempotencyLayer::new(
-        store,
-        &queue.name,
-        config(&common::unique("p")),
-    )
-    .unwrap()
-    .layer(service_fn(move |_d: Delivery| {
-        r.fetch_add(1, Ordering::SeqCst);
-        async { Ok::<_, HandlerError>(()) }
-    }));
+    let service = IdempotencyLayer::new(store, &queue.name, config(&common::unique("p")))
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, HandlerError>(()) }
+        }));
     let report = run_until(
         &connection,
         &queue.name,
@@ -254,23 +250,19 @@ async fn a_retryable_failure_is_released_and_the_requeued_copy_takes_effect_once
     let effects = Arc::new(AtomicUsize::new(0));
     let journal = Journal::default();
     let (a, e) = (attempts.clone(), effects.clone());
-    let service = IdempotencyLayer::new(
-        store,
-        &queue.name,
-        config(&common::unique("p")),
-    )
-    .unwrap()
-    .layer(service_fn(move |_d: Delivery| {
-        let attempt = a.fetch_add(1, Ordering::SeqCst) + 1;
-        let e = e.clone();
-        async move {
-            if attempt == 1 {
-                return Err(HandlerError::retryable("payment gateway timeout"));
+    let service = IdempotencyLayer::new(store, &queue.name, config(&common::unique("p")))
+        .unwrap()
+        .layer(service_fn(move |_d: Delivery| {
+            let attempt = a.fetch_add(1, Ordering::SeqCst) + 1;
+            let e = e.clone();
+            async move {
+                if attempt == 1 {
+                    return Err(HandlerError::retryable("payment gateway timeout"));
+                }
+                e.fetch_add(1, Ordering::SeqCst);
+                Ok(())
             }
-            e.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }));
+        }));
     // A producer retry of the same payment arrives too.
     publish(&setup, &queue.name, b"pay 10", Some("payment-1")).await;
     let report = run_until(
@@ -1434,7 +1426,7 @@ async fn a_cluster_reshard_while_messages_flow_loses_nothing_and_runs_nothing_tw
         *seen.lock().unwrap().entry(id).or_default() += 1;
         async { Ok::<_, HandlerError>(()) }
     }));
-    // Messages keep arriving while 200 slots move from the first master to
+    // Messages keep arriving while 1000 slots move from the first master to
     // the second, and back.
     let published = Arc::new(AtomicUsize::new(0));
     let resharding = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -1461,8 +1453,8 @@ async fn a_cluster_reshard_while_messages_flow_loses_nothing_and_runs_nothing_tw
     let mover = {
         let (nodes, resharding) = (nodes.clone(), resharding.clone());
         tokio::task::spawn_blocking(move || {
-            reshard(&nodes, &a, &b, 200);
-            reshard(&nodes, &b, &a, 200);
+            reshard(&nodes, &a, &b, 1000);
+            reshard(&nodes, &b, &a, 1000);
             resharding.store(false, Ordering::SeqCst);
         })
     };
@@ -1483,7 +1475,12 @@ async fn a_cluster_reshard_while_messages_flow_loses_nothing_and_runs_nothing_tw
         }
     };
     let (report, moved, sent) = tokio::join!(
-        run_until(&connection, &queue.name, journal.clone().record(service), stop),
+        run_until(
+            &connection,
+            &queue.name,
+            journal.clone().record(service),
+            stop
+        ),
         mover,
         publisher
     );

@@ -57,11 +57,11 @@ async fn complete_makes_duplicates_done<S: Store>(store: S) {
     assert_eq!(
         Record::parse(&value),
         Some(Record::Done {
-            payload_hash: H1.into(),
-            token: claim.token()[..10].into(),
+            payload_hash: H1[..8].into(),
+            token: claim.token()[..4].into(),
         })
     );
-    assert_eq!(value.len(), 12, "a compact done mark: {value:?}");
+    assert!(value.starts_with(b"-"), "a compact done mark: {value:?}");
     assert!(
         ttl.expect("retention set") > LEASE,
         "retention replaces the lease"
@@ -589,14 +589,25 @@ async fn a_done_mark_takes_at_most_150_bytes_of_redis_memory() {
         futures_util::future::join_all(chunk.iter().map(|n| {
             let store = store.clone();
             async move {
-                let key =
-                    amqp_idempotency::fingerprint::record_key("idem", "orders", &format!("{n:016x}"));
+                let key = amqp_idempotency::fingerprint::record_key(
+                    "idem",
+                    "orders",
+                    &format!("{n:016x}"),
+                );
                 let claim = acquire(&store, &key, &Token::new()).await;
-                assert!(store.complete(&claim, Duration::from_secs(86_400)).await.unwrap());
+                assert!(
+                    store
+                        .complete(&claim, Duration::from_secs(86_400))
+                        .await
+                        .unwrap()
+                );
             }
         }))
         .await;
     }
+    // Let Redis's cron shrink the query buffers the pipelines grew.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let per_record = (used() - before) / RECORDS as i64;
+    eprintln!("{per_record} bytes of Redis memory per done mark");
     assert!(per_record <= 150, "{per_record} bytes per done mark");
 }

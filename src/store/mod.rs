@@ -142,14 +142,23 @@ impl std::fmt::Display for Token {
 /// Version 1 values are text and start with `p`, `d` or `f`, so the two
 /// never meet; a later version takes other bytes above 0x80.
 const TAG_IN_PROGRESS: u8 = 0x81;
-const TAG_DONE: u8 = 0x82;
 const TAG_RELEASED: u8 = 0x83;
 /// Bytes of a payload hash in a compact record (48 bits).
 const HASH_BYTES: usize = 6;
 /// Bytes of an owner token in a compact in-progress or released record.
 const TOKEN_BYTES: usize = 8;
-/// Bytes of the completing token kept in a compact done mark (40 bits).
-const DONE_TOKEN_BYTES: usize = 5;
+/// A compact done mark is a negative decimal integer, which Redis stores
+/// in the value object itself (no string allocation): `-n`, where the top
+/// 15 of n's 63 bits are one of these marks and the low 48 bits hold a
+/// 16-bit token prefix and a 32-bit payload hash, or, for an unchecked
+/// payload, a 48-bit token prefix.
+const DONE_CHECKED: u64 = 0x6d0c;
+const DONE_UNCHECKED: u64 = 0x6d0e;
+/// Hexadecimal digits of the token and the hash in a checked done mark.
+const DONE_TOKEN_DIGITS: usize = 4;
+const DONE_HASH_DIGITS: usize = 8;
+/// Hexadecimal digits of the token in an unchecked done mark.
+const DONE_UNCHECKED_TOKEN_DIGITS: usize = 12;
 
 /// A parsed record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,7 +200,30 @@ impl Record {
     pub fn parse(value: &[u8]) -> Option<Self> {
         match value.first() {
             Some(&tag) if tag >= 0x80 => Self::parse_compact(value),
+            Some(b'-') => Self::parse_done_mark(value),
             _ => Self::parse_text(std::str::from_utf8(value).ok()?),
+        }
+    }
+
+    /// A compact done mark: `-n` in canonical decimal (see [`DONE_CHECKED`]).
+    fn parse_done_mark(value: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(value).ok()?;
+        let number: i64 = text.parse().ok()?;
+        if number >= 0 || number.to_string() != text {
+            return None;
+        }
+        let n = number.unsigned_abs();
+        let payload = n & ((1 << 48) - 1);
+        match n >> 48 {
+            DONE_CHECKED => Some(Self::Done {
+                token: format!("{:04x}", payload >> 32),
+                payload_hash: format!("{:08x}", payload & 0xffff_ffff),
+            }),
+            DONE_UNCHECKED => Some(Self::Done {
+                token: format!("{payload:012x}"),
+                payload_hash: String::new(),
+            }),
+            _ => None,
         }
     }
 
@@ -204,13 +236,6 @@ impl Record {
             _ => None,
         };
         match tag {
-            TAG_DONE => {
-                let (token, rest) = rest.split_at_checked(DONE_TOKEN_BYTES)?;
-                Some(Self::Done {
-                    payload_hash: hash(rest)?,
-                    token: hex(token),
-                })
-            }
             TAG_IN_PROGRESS | TAG_RELEASED => {
                 let (token, rest) = rest.split_at_checked(TOKEN_BYTES)?;
                 let (count, rest) = read_varint(rest)?;
@@ -313,9 +338,19 @@ impl Record {
                 payload_hash,
                 token: owner,
             } => {
-                out.push(TAG_DONE);
-                out.extend(token(owner, DONE_TOKEN_BYTES)?);
-                out.extend(hash(payload_hash)?);
+                let number = |text: &str, digits: usize| {
+                    (text.len() == digits)
+                        .then(|| u64::from_str_radix(text, 16).ok())
+                        .flatten()
+                };
+                let n = if payload_hash.is_empty() {
+                    DONE_UNCHECKED << 48 | number(owner, DONE_UNCHECKED_TOKEN_DIGITS)?
+                } else {
+                    DONE_CHECKED << 48
+                        | number(owner, DONE_TOKEN_DIGITS)? << 32
+                        | number(payload_hash, DONE_HASH_DIGITS)?
+                };
+                return Some(format!("-{n}").into_bytes());
             }
             Self::Released {
                 attempts,
@@ -476,16 +511,25 @@ impl Claim {
     }
 
     fn done_value(&self) -> Vec<u8> {
-        // A done mark stays for the whole retention: it keeps 40 bits of
-        // the token, enough to tell a retried completion of ours from
-        // another consumer's.
-        let token = self
-            .token
-            .get(..2 * DONE_TOKEN_BYTES)
-            .unwrap_or(&self.token);
+        // A done mark stays for the whole retention, so it is one integer:
+        // 32 bits of the payload hash, and of the token what is left (16
+        // bits, or 48 unchecked), enough to tell a retried completion of
+        // ours from another consumer's.
+        let prefix = |text: &str, digits: usize| text.get(..digits).unwrap_or(text).to_owned();
+        let (payload_hash, token) = if self.payload_hash.is_empty() {
+            (
+                String::new(),
+                prefix(&self.token, DONE_UNCHECKED_TOKEN_DIGITS),
+            )
+        } else {
+            (
+                prefix(&self.payload_hash, DONE_HASH_DIGITS),
+                prefix(&self.token, DONE_TOKEN_DIGITS),
+            )
+        };
         Record::Done {
-            payload_hash: self.payload_hash.clone(),
-            token: token.to_owned(),
+            payload_hash,
+            token,
         }
         .encode()
     }
@@ -852,16 +896,28 @@ mod tests {
         );
         assert_eq!(fresh.value()[0], TAG_IN_PROGRESS);
         let done = fresh.done_value();
-        assert_eq!(done.len(), 12, "a done mark fits a 32-byte allocation");
+        let number: i64 = std::str::from_utf8(&done).unwrap().parse().unwrap();
+        assert!(
+            number < 0,
+            "a done mark is an integer, stored without a string"
+        );
         assert_eq!(
             Record::parse(&done),
             Some(Record::Done {
-                payload_hash: "0123456789ab".into(),
-                token: token.as_str()[..10].to_owned(),
+                payload_hash: "01234567".into(),
+                token: token.as_str()[..4].to_owned(),
             })
         );
         let unchecked = Claim::new("k", token.as_str(), 300, "");
-        assert_eq!(unchecked.done_value().len(), 6);
+        assert_eq!(
+            Record::parse(&unchecked.done_value()),
+            Some(Record::Done {
+                payload_hash: String::new(),
+                token: token.as_str()[..12].to_owned(),
+            })
+        );
+        // A foreign integer is not a done mark.
+        assert_eq!(Record::parse(b"-42"), None);
         assert_eq!(
             Record::parse(&unchecked.released_value()),
             Some(Record::Released {
@@ -900,8 +956,11 @@ mod tests {
     #[test]
     fn malformed_compact_values_do_not_parse() {
         for value in [
-            &[TAG_DONE][..],
-            &[TAG_DONE, 1, 2, 3, 4, 5, 6][..],
+            &b"-"[..],
+            &b"-0"[..],
+            &b"-0123"[..],
+            &b"-123"[..],
+            &b"-9223372036854775808"[..],
             &[TAG_IN_PROGRESS, 0, 0, 0, 0, 0, 0, 0, 0][..],
             &[TAG_IN_PROGRESS, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0][..],
             &[

@@ -788,3 +788,44 @@ pub fn cluster_cli(nodes: &[String], args: &[&str]) -> String {
     );
     text
 }
+
+/// Runs `redis-cli -h H -p P <args>` against the server at `url` and returns
+/// what it printed; panics with its stderr when it fails.
+#[allow(dead_code)]
+pub fn redis_cli_at(url: &str, args: &[&str]) -> String {
+    let parsed =
+        url::Url::parse(url).unwrap_or_else(|err| panic!("{url:?} is not a Redis URL: {err}"));
+    let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
+    let port = parsed.port().unwrap_or(6379).to_string();
+    let output = Command::new("redis-cli")
+        .args(["-h", &host, "-p", &port])
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run redis-cli (apt-get install redis-tools): {err}"));
+    assert!(
+        output.status.success(),
+        "redis-cli -h {host} -p {port} {args:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A store on the 3-master Redis Cluster (see [`cluster_nodes`]).
+#[allow(dead_code)]
+pub async fn cluster_store() -> RedisStore {
+    let nodes = cluster_nodes();
+    let config = amqp_idempotency::Config::default().redis_cluster(nodes.clone());
+    RedisStore::connect_with(&config)
+        .await
+        .unwrap_or_else(|err| panic!("connect to the Redis Cluster at {nodes:?}: {err}"))
+}
+
+/// A store on Valkey 8.1 (see [`valkey_url`]).
+#[allow(dead_code)]
+pub async fn valkey_store() -> RedisStore {
+    let url = valkey_url();
+    RedisStore::connect(&url)
+        .await
+        .unwrap_or_else(|err| panic!("connect to Valkey at {url}: {err}"))
+}
