@@ -141,8 +141,9 @@ pub async fn measure(
             }
         }
     }
-    // The `INFO` that took the first snapshot is counted in the second.
-    let redis_cmds = commands_after.saturating_sub(commands_before + 1);
+    // The two `INFO`s (commandstats, cpu) that took the first snapshots
+    // are counted in the second.
+    let redis_cmds = commands_after.saturating_sub(commands_before + 2);
     Ok((stats, drained?, redis_cmds, server_cpu))
 }
 
