@@ -66,6 +66,34 @@ fn check(lines: &[Value], published: u64, unique: u64) -> (Vec<String>, Value) {
     ] {
         assert!(summary.get(key).is_some(), "`{key}` missing in {summary}");
     }
+    // Added with --pin-redis and bytes_per_done_record: present in every run
+    // (null when a figure cannot be had), `pinned` false without the flag.
+    for key in [
+        "store",
+        "pinned",
+        "consumer_overhead_us_per_msg",
+        "redis_cpu_us_per_msg",
+        "broker_cpu_us_per_msg",
+        "bytes_per_done_record",
+    ] {
+        assert!(summary.get(key).is_some(), "`{key}` missing in {summary}");
+    }
+    assert_eq!(summary["pinned"], Value::Bool(false), "{summary}");
+    let store = if std::env::var("REDIS_CLUSTER_NODES").is_ok_and(|v| !v.trim().is_empty()) {
+        "cluster"
+    } else {
+        "standalone"
+    };
+    assert_eq!(summary["store"], Value::String(store.into()), "{summary}");
+    for line in variants {
+        for key in [
+            "consumer_cpu_us_per_msg",
+            "redis_server_cpu_us_per_msg",
+            "broker_cpu_us_per_msg",
+        ] {
+            assert!(line.get(key).is_some(), "`{key}` missing in {line}");
+        }
+    }
     assert_eq!(summary["ok"], Value::Bool(true), "{summary}");
     let names = variants
         .iter()

@@ -47,10 +47,11 @@
 //! - `consumer_cpu_us_per_msg`: utime + stime of this process
 //!   (`/proc/self/stat`, converted with `getconf CLK_TCK`, 100 if unknown)
 //!   during the drain, per message. In open-loop mode it includes the publisher;
-//! - `redis_server_cpu_us_per_msg` (`INFO cpu`) and `broker_cpu_us_per_msg`
-//!   (the local `beam.smp`'s `/proc/<pid>/stat`): server-side CPU during
-//!   the drain, per message, `null` when unavailable. Both servers are
-//!   shared, so other load on the machine shows up here;
+//! - `redis_server_cpu_us_per_msg` (`INFO cpu`, summed over the nodes of a
+//!   cluster) and `broker_cpu_us_per_msg` (the local `beam.smp`'s
+//!   `/proc/<pid>/stat`): server-side CPU during the drain, per message,
+//!   `null` when unavailable. Both servers are shared, so other load on the
+//!   machine shows up here;
 //! - `processed` (distinct ids executed), `duplicates` (deliveries suppressed
 //!   as duplicates; for raw, executions beyond the first), plus `published`,
 //!   `unique`, `executions`, `ok`.
@@ -59,6 +60,30 @@
 //! `{"raw_msgs_per_s":..,"ours_msgs_per_s":..,"naive_msgs_per_s":..,"ratio":ours/raw,"redis_roundtrips_per_msg":..,"p99_ms":..}`
 //! (round trips and p99 are `ours`'; extra keys follow). In open-loop mode
 //! every variant runs at the publish rate, so look at the latencies, not the ratio.
+//! Among the extra keys:
+//!
+//! - `store`: `standalone` (`REDIS_URL`) or `cluster` (`REDIS_CLUSTER_NODES`);
+//! - `pinned`: whether `--pin-redis` pinned the processes;
+//! - `consumer_overhead_us_per_msg`: median `consumer_cpu_us_per_msg` of
+//!   `ours` minus that of `raw_multi`, in the same run (`null` unless both ran);
+//! - `redis_cpu_us_per_msg`, `broker_cpu_us_per_msg`: `ours`' medians of
+//!   `redis_server_cpu_us_per_msg` and `broker_cpu_us_per_msg`;
+//! - `bytes_per_done_record`: `INFO memory` `used_memory` growth (summed
+//!   over the masters of a cluster) over 50,000 done records written
+//!   through `RedisStore` (`Store::claim` then `Store::complete`, default
+//!   lease and retention, keys `idem:bench1:<16 hex digits>`, deleted
+//!   afterwards), measured once per run before the rounds; `null`, with the
+//!   reason on stderr, when it cannot be measured. Other clients of the
+//!   same Redis make it noisy;
+//! - `skipped`: variants asked for but not run (`naive` on a cluster).
+//!
+//! `--pin-redis` puts the Redis server(s) of the store on CPU 1 and the
+//! local RabbitMQ node (`beam.smp`) and the benchmark itself (every
+//! thread) on CPU 0 with `taskset`, as if Redis had a host of its own, and
+//! restores every saved affinity when the run ends, fails or is
+//! interrupted (Ctrl-C, SIGTERM). It needs `taskset` (util-linux), CPUs 0
+//! and 1, and a Redis on this machine (`INFO server` `process_id` naming a
+//! local `redis-server` or `valkey-server` whose `tcp_port` is the URL's).
 //!
 //! The process exits non-zero when a variant lost a message or ran one twice
 //! (`processed != unique`, or, for naive and ours, `executions != unique`).
@@ -67,6 +92,7 @@
 //! ```text
 //! cargo run --release -p harness --bin bench -- --messages 100000 --prefetch 256 --payload 64 --rounds 3
 //! cargo run --release -p harness --bin bench -- --open-loop-rate 10000 --variants raw,ours
+//! cargo run --release -p harness --bin bench -- --pin-redis   # Redis on a CPU of its own
 //! cargo run -p harness --bin bench -- --quick          # 2000 messages, 1 round: for CI
 //! ```
 //!
@@ -77,13 +103,18 @@
 //! `raw_multi` select one raw sub-variant; `ours_mem`, never run by default,
 //! is ours over a plain in-process map instead of Redis: what the runner and
 //! layer cost by themselves), `--open-loop-rate MSGS_PER_S`
-//! (publish concurrently at that rate instead of pre-filling), `--quick`
+//! (publish concurrently at that rate instead of pre-filling), `--pin-redis`
+//! (see above), `--quick`
 //! (2000 messages and 1 round unless given explicitly).
 //!
 //! Services: `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`)
 //! and `REDIS_URL` (default `redis://127.0.0.1:6379`). Queues are
 //! non-durable and messages transient, so the numbers measure the consumer
-//! side rather than the broker's disk.
+//! side rather than the broker's disk. With `REDIS_CLUSTER_NODES`
+//! (comma-separated `redis://` URLs of the cluster's nodes) set, `ours`'
+//! store is built from `Config::from_env()` and must write to that cluster
+//! (checked with one record first), the `INFO` counters are read on those
+//! nodes, and `naive`, which sends plain `SET`s to one server, is skipped.
 //!
 //! # Where things are
 //!
@@ -93,32 +124,43 @@
 //! - [`variants`]: the consumers under test (`raw`, `naive`, `ours`);
 //! - [`stats`]: what a drain counts, and when it is done;
 //! - [`meter`]: wall clock and CPU (this process, Redis, the broker);
+//! - [`servers`]: the Redis server(s) of the store: `INFO`, their processes, clean-up;
+//! - [`footprint`]: the memory a done record takes (`bytes_per_done_record`);
+//! - [`pin`]: the CPU pinning of `--pin-redis`, and its undoing;
 //! - [`run`](mod@run): the rounds, one fresh queue per variant and round;
 //! - [`report`]: the JSON lines.
 //!
 //! Connecting to the services and the Redis `INFO` counters come from the
 //! `harness` library.
 
+mod footprint;
 mod meter;
 mod options;
+mod pin;
 mod plan;
 mod publish;
 mod report;
 mod run;
+mod servers;
 mod stats;
 mod variants;
 
 use std::process::ExitCode;
 
+use tokio::sync::watch;
+
 use crate::options::parse_args;
-use crate::run::run;
+use crate::run::{INTERRUPTED, run};
 
 const USAGE: &str = "usage: bench [--messages N] [--payload BYTES] [--prefetch P] [--duplicates F]
              [--handler-delay-ms D] [--rounds R] [--variants raw,naive,ours]
-             [--open-loop-rate MSGS_PER_S] [--runtime current|multi] [--quick]
+             [--open-loop-rate MSGS_PER_S] [--runtime current|multi] [--pin-redis] [--quick]
 --runtime: the tokio runtime every variant runs on (default current: one thread,
            fewer wakeups, the faster choice on a small machine)
-env: AMQP_URL (amqp://guest:guest@127.0.0.1:5672/%2f), REDIS_URL (redis://127.0.0.1:6379)";
+--pin-redis: Redis on CPU 1, the RabbitMQ node and the benchmark on CPU 0 (taskset;
+           needs 2 CPUs and a local Redis; the affinities are restored at the end)
+env: AMQP_URL (amqp://guest:guest@127.0.0.1:5672/%2f), REDIS_URL (redis://127.0.0.1:6379),
+     REDIS_CLUSTER_NODES (redis://host:port,...: the store is that cluster; naive is skipped)";
 
 fn main() -> ExitCode {
     let options = match parse_args(std::env::args().skip(1)) {
@@ -148,12 +190,58 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(options)) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(message) => {
+    // The first Ctrl-C (or SIGTERM) stops the run, which deletes its queue
+    // and keys and restores `--pin-redis`'s CPU affinities; a second one
+    // drops the run at once (its pinning guard still restores them).
+    let result = runtime.block_on(async {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let run = run(options, stop_rx);
+        tokio::pin!(run);
+        tokio::select! {
+            result = &mut run => return Some(result),
+            () = interrupted() => {}
+        }
+        eprintln!("bench: interrupted; cleaning up (Ctrl-C again to stop at once)");
+        let _ = stop_tx.send(true);
+        tokio::select! {
+            result = &mut run => Some(result),
+            () = interrupted() => None,
+        }
+    });
+    match result {
+        Some(Ok(true)) => ExitCode::SUCCESS,
+        Some(Ok(false)) => ExitCode::FAILURE,
+        Some(Err(message)) if message == INTERRUPTED => ExitCode::from(130),
+        Some(Err(message)) => {
             eprintln!("bench: error: {message}");
             ExitCode::FAILURE
+        }
+        None => {
+            eprintln!("bench: stopped; the run's queue and Redis keys may be left behind");
+            ExitCode::from(130)
+        }
+    }
+}
+
+/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM; never, if neither
+/// handler can be installed.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        (Err(err), _) | (_, Err(err)) => {
+            eprintln!(
+                "bench: cannot watch for Ctrl-C ({err}); an interrupted run leaves its state behind"
+            );
+            std::future::pending::<()>().await;
         }
     }
 }

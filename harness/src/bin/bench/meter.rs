@@ -84,19 +84,29 @@ pub struct ServerCpu {
     pub broker_us: Option<f64>,
 }
 
+/// The local RabbitMQ node's processes (`beam.smp`).
+pub fn broker_pids() -> Vec<u32> {
+    let Ok(proc_dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = proc_dir
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim() == "beam.smp").then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// utime + stime of the local RabbitMQ node (`beam.smp` processes), in
 /// clock ticks; `None` when it is not on this machine or not readable.
 pub fn broker_cpu_ticks() -> Option<u64> {
     let mut total = None;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let path = entry.path();
-        let is_beam = std::fs::read_to_string(path.join("comm"))
-            .map(|comm| comm.trim() == "beam.smp")
-            .unwrap_or(false);
-        if !is_beam {
-            continue;
-        }
-        if let Some(ticks) = std::fs::read_to_string(path.join("stat"))
+    for pid in broker_pids() {
+        if let Some(ticks) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|stat| stat_ticks(&stat))
         {

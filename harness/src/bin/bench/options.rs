@@ -20,6 +20,10 @@ pub struct Options {
     pub multi_thread: bool,
     pub amqp_url: String,
     pub redis_url: String,
+    /// `REDIS_CLUSTER_NODES`: when set, the store is this cluster.
+    pub cluster_nodes: Option<Vec<String>>,
+    /// `--pin-redis`: Redis on CPU 1, the broker and the bench on CPU 0.
+    pub pin_redis: bool,
 }
 
 /// `Ok(None)`: `--help`.
@@ -39,6 +43,7 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
     let mut open_loop_rate = None;
     let mut quick = false;
     let mut multi_thread = false;
+    let mut pin_redis = false;
     while let Some(arg) = argv.next() {
         let (name, inline) = match arg.split_once('=') {
             Some((name, value)) if name.starts_with("--") => (name.to_owned(), Some(value.into())),
@@ -53,6 +58,7 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
         match name.as_str() {
             "-h" | "--help" => return Ok(None),
             "--quick" => quick = true,
+            "--pin-redis" => pin_redis = true,
             "--runtime" => {
                 let value = argv.next().ok_or("--runtime needs `current` or `multi`")?;
                 multi_thread = match value.as_str() {
@@ -139,7 +145,30 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
         multi_thread,
         amqp_url: env_or("AMQP_URL", DEFAULT_AMQP_URL)?,
         redis_url: env_or("REDIS_URL", DEFAULT_REDIS_URL)?,
+        cluster_nodes: cluster_nodes(&env_or("REDIS_CLUSTER_NODES", "")?)?,
+        pin_redis,
     }))
+}
+
+/// `REDIS_CLUSTER_NODES`: comma-separated `redis://` (or `rediss://`) URLs
+/// of cluster nodes; `None` when unset or blank.
+pub fn cluster_nodes(raw: &str) -> Result<Option<Vec<String>>, String> {
+    let nodes: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if let Some(bad) = nodes
+        .iter()
+        .find(|node| !node.starts_with("redis://") && !node.starts_with("rediss://"))
+    {
+        return Err(format!(
+            "REDIS_CLUSTER_NODES: `{}` is not a redis:// or rediss:// URL (expected a comma-separated list such as redis://127.0.0.1:7000,redis://127.0.0.1:7001)",
+            amqp_idempotency::redact_url(bad)
+        ));
+    }
+    Ok((!nodes.is_empty()).then_some(nodes))
 }
 
 pub fn parse_num<T>(name: &str, raw: &str, range: std::ops::RangeInclusive<T>) -> Result<T, String>

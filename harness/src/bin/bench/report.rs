@@ -18,7 +18,22 @@ pub struct Row {
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub roundtrips_per_msg: f64,
+    /// CPU per message: this process, the Redis server(s), the broker.
+    pub consumer_cpu_us_per_msg: Option<f64>,
+    pub redis_cpu_us_per_msg: Option<f64>,
+    pub broker_cpu_us_per_msg: Option<f64>,
     pub ok: bool,
+}
+
+/// What the summary says about the run as a whole.
+pub struct RunFacts {
+    /// `standalone` or `cluster`.
+    pub store: &'static str,
+    /// Whether `--pin-redis` pinned the processes.
+    pub pinned: bool,
+    pub bytes_per_done_record: Option<f64>,
+    /// Variants asked for but not run (naive on a cluster), comma-separated.
+    pub skipped: String,
 }
 
 pub fn percentile(sorted: &[u32], q: f64) -> Option<f64> {
@@ -101,6 +116,9 @@ pub fn report(
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         roundtrips_per_msg: per_msg(stats.redis_roundtrips.load(Ordering::Relaxed) as f64),
+        consumer_cpu_us_per_msg: measured.cpu_us.map(per_msg),
+        redis_cpu_us_per_msg: server_cpu.redis_us.map(per_msg),
+        broker_cpu_us_per_msg: server_cpu.broker_us.map(per_msg),
         ok: problems.is_empty(),
     };
     let line = json_object(&[
@@ -123,15 +141,15 @@ pub fn report(
         ),
         (
             "consumer_cpu_us_per_msg",
-            Json::opt(measured.cpu_us.map(per_msg), 2),
+            Json::opt(row.consumer_cpu_us_per_msg, 2),
         ),
         (
             "redis_server_cpu_us_per_msg",
-            Json::opt(server_cpu.redis_us.map(per_msg), 2),
+            Json::opt(row.redis_cpu_us_per_msg, 2),
         ),
         (
             "broker_cpu_us_per_msg",
-            Json::opt(server_cpu.broker_us.map(per_msg), 2),
+            Json::opt(row.broker_cpu_us_per_msg, 2),
         ),
         ("processed", Json::Int(processed)),
         ("duplicates", Json::Int(duplicates)),
@@ -163,7 +181,7 @@ pub fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
-pub fn summary(options: &Options, rows: &[Row]) -> String {
+pub fn summary(options: &Options, rows: &[Row], facts: &RunFacts) -> String {
     let med = |variant: Variant, field: fn(&Row) -> Option<f64>| {
         median(
             rows.iter()
@@ -184,6 +202,16 @@ pub fn summary(options: &Options, rows: &[Row]) -> String {
     let ours = med(Variant::Ours, rate);
     let ratio = match (ours, raw) {
         (Some(o), Some(r)) if r > 0.0 => Some(o / r),
+        _ => None,
+    };
+    // What the middleware adds in the consumer: ours against the raw
+    // consumer with `multiple=true` acks, in the same run.
+    let consumer_cpu = |r: &Row| r.consumer_cpu_us_per_msg;
+    let overhead = match (
+        med(Variant::Ours, consumer_cpu),
+        med(Variant::RawMulti, consumer_cpu),
+    ) {
+        (Some(o), Some(r)) => Some(o - r),
         _ => None,
     };
     json_object(&[
@@ -233,6 +261,22 @@ pub fn summary(options: &Options, rows: &[Row]) -> String {
                 .into(),
             ),
         ),
+        ("store", Json::Str(facts.store.into())),
+        ("pinned", Json::Bool(facts.pinned)),
+        ("consumer_overhead_us_per_msg", Json::opt(overhead, 2)),
+        (
+            "redis_cpu_us_per_msg",
+            Json::opt(med(Variant::Ours, |r| r.redis_cpu_us_per_msg), 2),
+        ),
+        (
+            "broker_cpu_us_per_msg",
+            Json::opt(med(Variant::Ours, |r| r.broker_cpu_us_per_msg), 2),
+        ),
+        (
+            "bytes_per_done_record",
+            Json::opt(facts.bytes_per_done_record, 1),
+        ),
+        ("skipped", Json::Str(facts.skipped.clone())),
         ("ok", Json::Bool(rows.iter().all(|r| r.ok))),
     ])
 }

@@ -5,22 +5,23 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use amqp_idempotency::redact_url;
-use amqp_idempotency::store::RedisStore;
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::{Config, redact_url};
 use harness::CONNECT_TIMEOUT;
 use harness::amqp::{connect as connect_amqp, new_channel};
-use harness::redis_admin::{redis_commands, redis_cpu_s, unlink_prefix};
 use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use redis::aio::MultiplexedConnection;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
-use crate::meter::{Measured, ServerCpu, broker_cpu_ticks, clock_ticks_per_s, epoch};
+use crate::footprint::bytes_per_done_record;
+use crate::meter::{Measured, ServerCpu, broker_cpu_ticks, broker_pids, clock_ticks_per_s, epoch};
 use crate::options::Options;
+use crate::pin::{CONSUMER_CPU, Pinned, REDIS_CPU, Target};
 use crate::plan::Plan;
 use crate::publish::{prefill, publish_open_loop};
-use crate::report::{Row, report, summary};
+use crate::report::{Row, RunFacts, report, summary};
+use crate::servers::Servers;
 use crate::stats::RunStats;
 use crate::variants::Variant;
 use crate::variants::drain_plain;
@@ -32,11 +33,16 @@ pub struct Ctx {
     pub plan: Arc<Plan>,
     pub consume_conn: Connection,
     pub publish_channel: Channel,
-    pub admin: MultiplexedConnection,
+    /// The Redis server(s) of the store, for `INFO` and clean-up.
+    pub redis: Servers,
     pub store: RedisStore,
-    pub pool: deadpool_redis::Pool,
+    /// The naive variant's pool (standalone only).
+    pub pool: Option<deadpool_redis::Pool>,
     /// Prefix of every queue and Redis key of this harness run.
     pub base: String,
+    /// Becomes true on the first Ctrl-C: the drain stops, and the run
+    /// cleans up and ends.
+    pub stop: watch::Receiver<bool>,
 }
 
 pub async fn run_one(ctx: &mut Ctx, variant: Variant, round: u32) -> Result<(Row, String), String> {
@@ -51,7 +57,11 @@ pub async fn run_one(ctx: &mut Ctx, variant: Variant, round: u32) -> Result<(Row
         )
         .await
         .map_err(|err| format!("cannot declare the queue `{queue}`: {err}"))?;
-    let result = measure(ctx, variant, &queue, &key_prefix).await;
+    let mut stop = ctx.stop.clone();
+    let result = tokio::select! {
+        result = measure(ctx, variant, &queue, &key_prefix) => result,
+        _ = stop.wait_for(|stop| *stop) => Err(INTERRUPTED.into()),
+    };
     // Clean up whether or not the drain worked.
     if let Err(err) = ctx
         .publish_channel
@@ -60,7 +70,7 @@ pub async fn run_one(ctx: &mut Ctx, variant: Variant, round: u32) -> Result<(Row
     {
         eprintln!("bench: cannot delete the queue `{queue}`: {err}");
     }
-    if let Err(err) = unlink_prefix(&mut ctx.admin, &key_prefix).await {
+    if let Err(err) = ctx.redis.unlink_prefix(&key_prefix).await {
         eprintln!("bench: cannot delete the Redis keys {key_prefix}*: {err}");
     }
     let (stats, measured, redis_cmds, server_cpu) = result?;
@@ -96,8 +106,8 @@ pub async fn measure(
             ready_rx,
         ))
     });
-    let commands_before = redis_commands(&mut ctx.admin).await?;
-    let redis_cpu_before = redis_cpu_s(&mut ctx.admin).await;
+    let commands_before = ctx.redis.commands().await?;
+    let redis_cpu_before = ctx.redis.cpu_s().await;
     let broker_cpu_before = broker_cpu_ticks();
     let drained = match variant {
         Variant::Ours => {
@@ -117,9 +127,9 @@ pub async fn measure(
         }
         _ => drain_plain(ctx, variant, queue, key_prefix, &stats, ready_tx).await,
     };
-    let commands_after = redis_commands(&mut ctx.admin).await?;
+    let commands_after = ctx.redis.commands().await?;
     let server_cpu = ServerCpu {
-        redis_us: match (redis_cpu_before, redis_cpu_s(&mut ctx.admin).await) {
+        redis_us: match (redis_cpu_before, ctx.redis.cpu_s().await) {
             (Some(before), Some(after)) => Some((after - before).max(0.0) * 1e6),
             _ => None,
         },
@@ -141,28 +151,39 @@ pub async fn measure(
             }
         }
     }
-    // The `INFO` that took the first snapshot is counted in the second.
-    let redis_cmds = commands_after.saturating_sub(commands_before + 1);
+    // The two `INFO`s (commandstats, cpu) that took the first snapshots
+    // are counted in the second, on every master.
+    let redis_cmds = commands_after.saturating_sub(commands_before + 2 * ctx.redis.masters());
     Ok((stats, drained?, redis_cmds, server_cpu))
 }
 
 pub const REDIS_HINT: &str = "start it with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no` or set REDIS_URL";
 
-pub async fn connect_redis(
-    url: &str,
-) -> Result<(MultiplexedConnection, RedisStore, deadpool_redis::Pool), String> {
+/// The store `ours` uses: `REDIS_URL`, or with `REDIS_CLUSTER_NODES` set,
+/// what [`Config::from_env`] says (which names the cluster once the library
+/// reads that variable).
+pub async fn connect_store(options: &Options) -> Result<RedisStore, String> {
+    let config = if options.cluster_nodes.is_some() {
+        Config::from_env().map_err(|err| format!("the store's configuration: {err}"))?
+    } else {
+        Config::default().redis_url(&options.redis_url)
+    };
+    let shown = if options.cluster_nodes.is_some() {
+        "the cluster of REDIS_CLUSTER_NODES".to_owned()
+    } else {
+        format!("Redis at {}", redact_url(&options.redis_url))
+    };
+    let fail = |err: String| format!("cannot connect the store to {shown}: {REDIS_HINT} ({err})");
+    tokio::time::timeout(CONNECT_TIMEOUT, RedisStore::connect_with(&config))
+        .await
+        .map_err(|_| fail(format!("no answer within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|err| fail(err.to_string()))
+}
+
+/// The naive variant's deadpool-redis pool on `url`, checked with a `PING`.
+pub async fn connect_pool(url: &str) -> Result<deadpool_redis::Pool, String> {
     let shown = redact_url(url);
     let fail = |err: String| format!("cannot reach Redis at {shown}: {REDIS_HINT} ({err})");
-    let client = redis::Client::open(url)
-        .map_err(|err| format!("REDIS_URL `{shown}` is not a valid Redis URL: {err}"))?;
-    let admin = tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
-        .await
-        .map_err(|_| fail(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|err| fail(err.to_string()))?;
-    let store = tokio::time::timeout(CONNECT_TIMEOUT, RedisStore::connect(url))
-        .await
-        .map_err(|_| fail(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|err| fail(err.to_string()))?;
     let pool = deadpool_redis::Config::from_url(url)
         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
         .map_err(|err| format!("cannot create the deadpool-redis pool for {shown}: {err}"))?;
@@ -174,13 +195,102 @@ pub async fn connect_redis(
         .query_async::<String>(&mut conn)
         .await
         .map_err(|err| fail(err.to_string()))?;
-    Ok((admin, store, pool))
+    Ok(pool)
 }
 
-pub async fn run(options: Options) -> Result<bool, String> {
+/// With `REDIS_CLUSTER_NODES`: proves that the store writes to the cluster
+/// (one record, then looked for on the masters and deleted), rather than
+/// measuring a server the run does not report on.
+pub async fn check_store_on_cluster(
+    store: &RedisStore,
+    redis: &mut Servers,
+    base: &str,
+) -> Result<(), String> {
+    let key = format!("{base}-cluster-check");
+    let lease = Config::default().lease();
+    match store.claim(&key, &Token::new(), "", lease).await {
+        Ok(ClaimOutcome::Acquired(_)) => {}
+        Ok(other) => {
+            return Err(format!(
+                "the store's check record {key} was not fresh: {other:?}"
+            ));
+        }
+        Err(err) => return Err(format!("the store cannot write: {err}")),
+    }
+    if redis.unlink_keys(std::slice::from_ref(&key), &key).await? == 1 {
+        return Ok(());
+    }
+    // Written elsewhere: most likely to REDIS_URL. Delete it there.
+    if let Ok(config) = Config::from_env()
+        && let Ok(client) = redis::Client::open(config.redis())
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        let _ = redis::cmd("UNLINK")
+            .arg(&key)
+            .query_async::<u64>(&mut conn)
+            .await;
+    }
+    Err("REDIS_CLUSTER_NODES is set, but RedisStore::connect_with(&Config::from_env()) wrote its record to another server (REDIS_URL?): this amqp-idempotency does not connect to a Redis Cluster".into())
+}
+
+/// `--pin-redis`: every Redis server of the store on CPU 1, the local
+/// RabbitMQ node and this process on CPU 0.
+pub async fn pin(redis: &mut Servers) -> Result<Pinned, String> {
+    let mut targets = Vec::new();
+    for node in &mut redis.nodes {
+        let pid = Servers::local_pid(node).await?;
+        targets.push(Target {
+            label: format!("Redis {}", node.shown),
+            pid,
+            cpu: REDIS_CPU,
+        });
+    }
+    let brokers = broker_pids();
+    if brokers.is_empty() {
+        eprintln!(
+            "bench: --pin-redis: no RabbitMQ node (beam.smp) runs on this machine; pinning Redis and the benchmark only"
+        );
+    }
+    for pid in brokers {
+        targets.push(Target {
+            label: "RabbitMQ beam.smp".into(),
+            pid,
+            cpu: CONSUMER_CPU,
+        });
+    }
+    targets.push(Target {
+        label: "bench".into(),
+        pid: std::process::id(),
+        cpu: CONSUMER_CPU,
+    });
+    Pinned::pin(&targets)
+}
+
+pub const INTERRUPTED: &str = "interrupted";
+
+/// The whole run; `stop` turning true (Ctrl-C) ends it early, after
+/// cleaning up.
+pub async fn run(options: Options, stop: watch::Receiver<bool>) -> Result<bool, String> {
     epoch();
     let plan = Arc::new(Plan::new(options.messages, options.duplicates)?);
-    let (admin, store, pool) = connect_redis(&options.redis_url).await?;
+    let mut redis = Servers::connect(&options.redis_url, options.cluster_nodes.as_deref()).await?;
+    let store = connect_store(&options).await?;
+    let mut variants = options.variants.clone();
+    let mut skipped = Vec::new();
+    let pool = if redis.cluster {
+        if variants.contains(&Variant::Naive) {
+            eprintln!(
+                "bench: naive skipped: it sends plain SETs to one server, and REDIS_CLUSTER_NODES is set (its fields are null)"
+            );
+            variants.retain(|v| *v != Variant::Naive);
+            skipped.push(Variant::Naive.name());
+        }
+        None
+    } else if variants.contains(&Variant::Naive) {
+        Some(connect_pool(&options.redis_url).await?)
+    } else {
+        None
+    };
     let consume_conn = connect_amqp(&options.amqp_url).await?;
     let publish_conn = connect_amqp(&options.amqp_url).await?;
     let publish_channel = new_channel(&publish_conn).await?;
@@ -196,8 +306,18 @@ pub async fn run(options: Options) -> Result<bool, String> {
             .map(|d| d.as_millis())
             .unwrap_or(0)
     );
+    if redis.cluster {
+        check_store_on_cluster(&store, &mut redis, &base).await?;
+    }
+    // Restores the affinities when dropped: at the end, on an error, and
+    // when `main` drops this future on Ctrl-C.
+    let mut pinned = if options.pin_redis {
+        Some(pin(&mut redis).await?)
+    } else {
+        None
+    };
     eprintln!(
-        "bench: {} messages ({} unique), payload {} B, prefetch {}, handler delay {:?}, {} round(s), {}; run prefix {base}",
+        "bench: {} messages ({} unique), payload {} B, prefetch {}, handler delay {:?}, {} round(s), {}; {} Redis{}; run prefix {base}",
         plan.published(),
         plan.unique,
         options.payload,
@@ -207,27 +327,49 @@ pub async fn run(options: Options) -> Result<bool, String> {
         match options.open_loop_rate {
             Some(rate) => format!("open loop at {rate} msgs/s"),
             None => "pre-filled queue".into(),
-        }
+        },
+        redis.kind(),
+        if pinned.is_some() { ", pinned" } else { "" },
     );
+    eprintln!(
+        "bench: bytes per done record: writing {} records",
+        crate::footprint::RECORDS
+    );
+    let bytes_per_record = match bytes_per_done_record(&store, &mut redis).await {
+        Ok(bytes) => Some(bytes),
+        Err(err) => {
+            eprintln!("bench: bytes_per_done_record unavailable: {err}");
+            None
+        }
+    };
     let mut ctx = Ctx {
         options: options.clone(),
         plan,
         consume_conn,
         publish_channel,
-        admin,
+        redis,
         store,
         pool,
         base,
+        stop,
     };
     let mut rows = Vec::new();
     let mut failure = None;
     'rounds: for round in 1..=options.rounds {
-        for &variant in &options.variants {
+        for &variant in &variants {
+            if *ctx.stop.borrow() {
+                failure = Some(INTERRUPTED.to_owned());
+                break 'rounds;
+            }
             eprintln!("bench: round {round}: {}", variant.name());
             match run_one(&mut ctx, variant, round).await {
                 Ok((row, line)) => {
                     println!("{line}");
                     rows.push(row);
+                }
+                Err(err) if err == INTERRUPTED => {
+                    failure = Some(err);
+                    break 'rounds;
                 }
                 Err(err) => {
                     failure = Some(format!("{} round {round}: {err}", variant.name()));
@@ -236,7 +378,10 @@ pub async fn run(options: Options) -> Result<bool, String> {
             }
         }
     }
-    match unlink_prefix(&mut ctx.admin, &ctx.base).await {
+    if let Some(pinned) = &mut pinned {
+        pinned.restore();
+    }
+    match ctx.redis.unlink_prefix(&ctx.base).await {
         Ok(0) => {}
         Ok(n) => eprintln!("bench: removed {n} leftover Redis keys"),
         Err(err) => eprintln!("bench: final cleanup of {}* failed: {err}", ctx.base),
@@ -247,7 +392,13 @@ pub async fn run(options: Options) -> Result<bool, String> {
     if let Some(err) = failure {
         return Err(err);
     }
-    println!("{}", summary(&options, &rows));
+    let facts = RunFacts {
+        store: ctx.redis.kind(),
+        pinned: pinned.is_some(),
+        bytes_per_done_record: bytes_per_record,
+        skipped: skipped.join(","),
+    };
+    println!("{}", summary(&options, &rows, &facts));
     let ok = rows.iter().all(|r| r.ok);
     if !ok {
         eprintln!("bench: FAILED: a variant lost or double-processed messages (see `problems`)");

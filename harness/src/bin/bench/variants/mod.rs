@@ -85,6 +85,12 @@ pub async fn drain_plain(
     stats: &Arc<RunStats>,
     ready: oneshot::Sender<()>,
 ) -> Result<Measured, String> {
+    let pool = match (variant, &ctx.pool) {
+        (Variant::Naive, None) => {
+            return Err("naive needs a standalone Redis (REDIS_URL)".into());
+        }
+        (_, pool) => pool.clone(),
+    };
     let channel = new_channel(&ctx.consume_conn).await?;
     let meter = Meter::start();
     let mut consumer = consume(&channel, queue, ctx.options.prefetch).await?;
@@ -129,7 +135,9 @@ pub async fn drain_plain(
                     });
                 }
                 Variant::Naive => {
-                    let pool = ctx.pool.clone();
+                    let Some(pool) = pool.clone() else {
+                        return "naive has no pool".to_owned();
+                    };
                     let key_prefix = Arc::clone(&key_prefix);
                     tokio::spawn(async move {
                         let start = latency_start(&delivery);
