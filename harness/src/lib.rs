@@ -16,6 +16,8 @@
 //!   URL somewhere else;
 //! - [`redis_server`]: a private `redis-server` on a free port, which can be
 //!   killed and restarted;
+//! - [`sentinel`]: a master, its replica and three sentinels on free ports,
+//!   and failovers of them;
 //! - [`redis_admin`]: `INFO` counters and key clean-up on a Redis in use;
 //! - [`proxy`]: a TCP proxy whose connections can all be cut at once.
 #![forbid(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod env;
 pub mod proxy;
 pub mod redis_admin;
 pub mod redis_server;
+pub mod sentinel;
 
 use std::time::Duration;
 

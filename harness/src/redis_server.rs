@@ -1,7 +1,9 @@
 //! A private `redis-server` on a free port of 127.0.0.1: AOF with
 //! `appendfsync always` in a directory of the caller's, so that a restart
-//! keeps the keys. The suites that kill Redis use it and never touch the
-//! shared one.
+//! keeps the keys; or, for a replicated pair under Redis Sentinel
+//! ([`crate::sentinel`]), without any persistence, so that a killed master
+//! really loses what it had not replicated. The suites that kill Redis use
+//! it and never touch the shared one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,25 +12,52 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The harness's own redis-server (AOF, `appendfsync always`), killed when dropped.
+/// The harness's own redis-server (AOF, `appendfsync always`, or no
+/// persistence at all), killed when dropped.
 #[derive(Debug)]
 pub struct RedisServer {
     port: u16,
     dir: PathBuf,
+    persistent: bool,
+    replica_of: Option<u16>,
     child: Option<Child>,
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked: the caller binds it soon after).
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|err| format!("cannot find a free port: {err}"))
 }
 
 impl RedisServer {
     /// Starts `redis-server` on a free port with its files (AOF, `redis.log`)
     /// in `dir`, and waits until it answers.
     pub async fn start(dir: &Path) -> Result<Self, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|addr| addr.port())
-            .map_err(|err| format!("cannot find a free port: {err}"))?;
         let mut server = Self {
-            port,
+            port: free_port()?,
             dir: dir.to_owned(),
+            persistent: true,
+            replica_of: None,
+            child: None,
+        };
+        server.spawn()?;
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    /// Starts `redis-server` on a free port without persistence (no AOF, no
+    /// RDB snapshots: a restart comes back empty), a replica of the server
+    /// on 127.0.0.1:`replica_of` if given, with its log (`redis.log`) and
+    /// replication files in `dir`; waits until it answers. Full syncs go
+    /// over the socket at once (diskless, no delay).
+    pub async fn start_volatile(dir: &Path, replica_of: Option<u16>) -> Result<Self, String> {
+        let mut server = Self {
+            port: free_port()?,
+            dir: dir.to_owned(),
+            persistent: false,
+            replica_of,
             child: None,
         };
         server.spawn()?;
@@ -41,12 +70,43 @@ impl RedisServer {
         self.port
     }
 
+    /// Its directory (log, AOF or replication files).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether its process was started and not killed since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Whom the next [`spawn`](Self::spawn) replicates: the server on
+    /// 127.0.0.1:`port`, or nobody (a plain server, a master until someone
+    /// says otherwise).
+    pub fn set_replica_of(&mut self, port: Option<u16>) {
+        self.replica_of = port;
+    }
+
     /// Starts the process (again, after [`kill`](Self::kill)) on the same
     /// port and directory; does not wait for it to answer.
     pub fn spawn(&mut self) -> Result<(), String> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"]);
+        if self.persistent {
+            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+            command.args([
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+            ]);
+        }
+        if let Some(master) = self.replica_of {
+            command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
+        let child = command
             .args(["--save", "", "--daemonize", "no"])
             .arg("--dir")
             .arg(&self.dir)
