@@ -1,6 +1,6 @@
 //! The ledger, read back: the orchestrator tails it while the run goes on
 //! (what is accounted for, what is in flight) and keeps every execution,
-//! kill, pause and Redis outage for [`crate::classify`].
+//! kill, pause, Redis outage and failover for [`crate::classify`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -62,6 +62,8 @@ pub struct Tally {
     pub pauses: HashMap<u32, Vec<(u64, u64)>>,
     /// Redis restarts (down, up) and cuts (at, at).
     pub outages: Vec<(u64, u64)>,
+    /// Failovers: (master killed, replica promoted, killed server an online replica again).
+    pub failovers: Vec<(u64, u64, u64)>,
     pub processes: u64,
 }
 
@@ -86,6 +88,7 @@ impl Tally {
             exited: HashSet::new(),
             pauses: HashMap::new(),
             outages: Vec::new(),
+            failovers: Vec::new(),
             processes: 0,
         }
     }
@@ -193,6 +196,11 @@ impl Tally {
                 let window = (num(1)?, num(2)?);
                 self.outages.push(window);
             }
+            // `failover <killed> <promoted> <rejoined> <old port> <new port>`
+            "failover" => {
+                let window = (num(1)?, num(2)?, num(3)?);
+                self.failovers.push(window);
+            }
             "amqp-cut" | "inject" => {}
             _ => return None,
         }
@@ -253,7 +261,9 @@ impl Tally {
     }
 
     /// Whether the process of an execution was paused, or Redis was
-    /// restarted or cut, while it ran (give or take half a second).
+    /// restarted, cut or failed over, while it ran (give or take half a
+    /// second). This only tells whether a lost lease or an unwritten done
+    /// mark has a fault to go with it; it explains no duplicate.
     pub fn faulted_during(&self, key: (u32, u64)) -> bool {
         let Some(execution) = self.executions.get(&key) else {
             return false;
@@ -265,6 +275,33 @@ impl Tally {
         let (from, to) = (begin.saturating_sub(500_000), end.saturating_add(500_000));
         self.paused_between(key.0, from, to)
             || self.outages.iter().any(|(t0, t1)| *t0 <= to && *t1 >= from)
+            || self
+                .failovers
+                .iter()
+                .any(|(t0, _, t2)| *t0 <= to && *t2 >= from)
+    }
+
+    /// When an execution's layer returned `processed`: its done mark was
+    /// written (and, with `IDEMPOTENCY_MIN_REPLICAS`, replicated) and the
+    /// delivery acknowledged.
+    pub fn processed_at(&self, key: (u32, u64)) -> Option<u64> {
+        match &self.executions.get(&key)?.outcome {
+            Some((at, kind)) if kind == "processed" => Some(*at),
+            _ => None,
+        }
+    }
+
+    /// When an execution began (its `begin` line, else its effect).
+    pub fn began_at(&self, key: (u32, u64)) -> Option<u64> {
+        let execution = self.executions.get(&key)?;
+        execution.begin.or(execution.effect)
+    }
+
+    /// Whether a master was killed between `from` and `to`.
+    pub fn failover_between(&self, from: u64, to: u64) -> bool {
+        self.failovers
+            .iter()
+            .any(|(killed, _, _)| *killed >= from && *killed <= to)
     }
 
     /// Whether an execution was stopped past the lease after it began and
