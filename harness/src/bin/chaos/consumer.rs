@@ -104,7 +104,7 @@ async fn run_consumer(queue: &str, ledger_path: &Path) -> Result<(), String> {
         Ledger::open(ledger_path)
             .map_err(|err| format!("cannot open the ledger {}: {err}", ledger_path.display()))?,
     );
-    let store = connect_store(config.redis()).await?;
+    let store = connect_store(&config).await?;
     let handler = {
         let ledger = Arc::clone(&ledger);
         let dir = Arc::new(
@@ -161,11 +161,13 @@ fn exit_with_parent() {
     });
 }
 
-/// Connects to Redis, retrying while it restarts.
-async fn connect_store(url: &str) -> Result<RedisStore, String> {
+/// Connects to Redis as the environment says (`REDIS_URL`, a
+/// `redis-sentinel://` one with `--failover`; `IDEMPOTENCY_MIN_REPLICAS`),
+/// retrying while it restarts or fails over.
+async fn connect_store(config: &Config) -> Result<RedisStore, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match RedisStore::connect(url).await {
+        match RedisStore::connect_with(config).await {
             Ok(store) => return Ok(store),
             Err(err) if Instant::now() < deadline => {
                 tracing::warn!(error = %err, "cannot connect to Redis yet; retrying");

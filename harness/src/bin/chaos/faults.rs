@@ -2,15 +2,17 @@
 //! kill and restart of the suite's redis-server, cuts of every connection
 //! through the Redis or the RabbitMQ proxy, Redis refusing writes for a
 //! while (out of memory, a password set under the consumers, read-only),
-//! and two messages that hurt their handler: one that times out while the
-//! work it spawned goes on, one that aborts its consumer process. The
-//! orchestrator chooses which fault and when; each injection is written to
-//! the ledger.
+//! two messages that hurt their handler: one that times out while the
+//! work it spawned goes on, one that aborts its consumer process; and, in
+//! `--failover` mode, a failover of the replicated Redis under Sentinel.
+//! The orchestrator chooses which fault and when; each injection is written
+//! to the ledger.
 
 use std::time::Duration;
 
 use harness::proxy::Proxy;
 use harness::redis_server::RedisServer;
+use harness::sentinel::{Failover, FailoverStep, ReplicatedRedis};
 
 use crate::ledger::{Ledger, now_us};
 use crate::messages::Injected;
@@ -20,6 +22,13 @@ use crate::supervisor::{Consumers, signal};
 
 /// A pause lasts this much longer than the lease.
 pub const PAUSE_BEYOND_LEASE: Duration = Duration::from_secs(1);
+
+/// About how long a failover takes, from the kill of the master until the
+/// restarted server is an online replica again (for pacing the messages):
+/// measured on Redis 7.0, the sentinels promote the replica about 2.3s
+/// after the kill, and turn the restarted server into a replica 10-11s
+/// later; the full sync takes well under a second.
+pub const FAILOVER_ESTIMATE: Duration = Duration::from_secs(14);
 
 /// A kind of fault (`--faults`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,10 +43,11 @@ pub enum Fault {
     RedisReadonly,
     HandlerTimeout,
     PoisonAbort,
+    Failover,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Fault::Kill,
         Fault::Pause,
         Fault::RedisRestart,
@@ -46,6 +56,33 @@ impl Fault {
         Fault::RedisOom,
         Fault::RedisPassword,
         Fault::RedisReadonly,
+        Fault::HandlerTimeout,
+        Fault::PoisonAbort,
+        Fault::Failover,
+    ];
+
+    /// The faults of a run on the single redis-server (the default).
+    pub const SINGLE: [Fault; 10] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::RedisRestart,
+        Fault::RedisCut,
+        Fault::AmqpCut,
+        Fault::RedisOom,
+        Fault::RedisPassword,
+        Fault::RedisReadonly,
+        Fault::HandlerTimeout,
+        Fault::PoisonAbort,
+    ];
+
+    /// The faults that make sense with `--failover`: the failover itself,
+    /// and those that hit the consumers and the broker. The others act on
+    /// the single redis-server (and its proxy), which that mode does not run.
+    pub const WITH_FAILOVER: [Fault; 6] = [
+        Fault::Failover,
+        Fault::Kill,
+        Fault::Pause,
+        Fault::AmqpCut,
         Fault::HandlerTimeout,
         Fault::PoisonAbort,
     ];
@@ -62,6 +99,7 @@ impl Fault {
             Fault::RedisReadonly => "redis-readonly",
             Fault::HandlerTimeout => "handler-timeout",
             Fault::PoisonAbort => "poison-abort",
+            Fault::Failover => "failover",
         }
     }
 
@@ -78,6 +116,7 @@ impl Fault {
             Fault::RedisReadonly => "redis_readonly",
             Fault::HandlerTimeout => "handler_timeouts",
             Fault::PoisonAbort => "poison_aborts",
+            Fault::Failover => "failovers",
         }
     }
 
@@ -86,11 +125,96 @@ impl Fault {
     }
 }
 
+/// The Redis the consumers use, which the Redis faults act on.
+pub enum RedisSide {
+    /// The suite's own redis-server, which the consumers reach through the
+    /// proxy (the default).
+    Single { server: RedisServer, proxy: Proxy },
+    /// A master, its replica and three sentinels (`--failover`): the
+    /// consumers ask the sentinels for the master and reach it directly.
+    Replicated {
+        pair: ReplicatedRedis,
+        failover: Option<FailoverRun>,
+    },
+}
+
+/// A failover under way, with the times for its ledger line.
+pub struct FailoverRun {
+    pub state: Failover,
+    pub killed_us: u64,
+    pub promoted_us: Option<u64>,
+}
+
+impl RedisSide {
+    /// Whether a failover was started and its killed server is not back as
+    /// an online replica yet.
+    pub fn failing_over(&self) -> bool {
+        matches!(
+            self,
+            RedisSide::Replicated {
+                failover: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// Advances the failover under way, if any: restarts the killed server
+    /// once the sentinels promoted the replica, and writes the ledger line
+    /// `failover <killed> <promoted> <rejoined> <old port> <new port>` once
+    /// it is an online replica again. Returns true when a failover ended
+    /// now. Fails when the sentinels or the restarted server take too long.
+    pub async fn poll(&mut self, ledger: &Ledger, clock: &Clock) -> Result<bool, String> {
+        let RedisSide::Replicated { pair, failover } = self else {
+            return Ok(false);
+        };
+        let Some(run) = failover else {
+            return Ok(false);
+        };
+        match pair.advance(&mut run.state).await? {
+            FailoverStep::Waiting => Ok(false),
+            FailoverStep::Promoted(new) => {
+                run.promoted_us = Some(now_us());
+                clock.say(format!(
+                    "failover: the sentinels promoted 127.0.0.1:{new} {:.1}s after the kill; \
+                     127.0.0.1:{} restarted empty, as a plain server",
+                    run.state.killed.elapsed().as_secs_f64(),
+                    run.state.old
+                ));
+                Ok(false)
+            }
+            FailoverStep::Rejoined => {
+                let rejoined = now_us();
+                let new = run.state.new.unwrap_or_default();
+                ledger.append(&format!(
+                    "failover {} {} {rejoined} {} {new}",
+                    run.killed_us,
+                    run.promoted_us.unwrap_or(rejoined),
+                    run.state.old
+                ));
+                clock.say(format!(
+                    "failover: 127.0.0.1:{} is an online replica of 127.0.0.1:{new} ({:.1}s after the kill)",
+                    run.state.old,
+                    run.state.killed.elapsed().as_secs_f64()
+                ));
+                *failover = None;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Kills every Redis process.
+    pub fn kill(&mut self) {
+        match self {
+            RedisSide::Single { server, .. } => server.kill(),
+            RedisSide::Replicated { pair, .. } => pair.kill(),
+        }
+    }
+}
+
 /// What the injectors act on, for one injection.
 pub struct Injector<'a> {
     pub consumers: &'a mut Consumers,
-    pub redis: &'a mut RedisServer,
-    pub redis_proxy: &'a Proxy,
+    pub redis: &'a mut RedisSide,
     pub amqp_proxy: &'a Proxy,
     /// Publishes the messages of `handler-timeout` and `poison-abort`.
     pub injected: &'a mut Injected,
@@ -103,8 +227,11 @@ pub struct Injector<'a> {
 
 impl Injector<'_> {
     /// Injects `fault`; `kill` and `pause` hit the consumer `pid` in `slot`.
-    /// `busy` describes the deliveries in flight, for the progress line.
-    /// Returns whether the fault happened (a signal can fail to be sent).
+    /// `failover` only kills the master: [`RedisSide::poll`] carries the
+    /// failover on while the orchestrator goes on. `busy` describes the
+    /// deliveries in flight, for the progress line. Returns whether the
+    /// fault happened (a signal can fail to be sent; a failover does not
+    /// start while another is under way).
     pub async fn inject(
         self,
         fault: Fault,
@@ -115,7 +242,6 @@ impl Injector<'_> {
         let Injector {
             consumers,
             redis,
-            redis_proxy,
             amqp_proxy,
             injected: messages,
             ledger,
@@ -149,6 +275,7 @@ impl Injector<'_> {
                 }
             }
             Fault::RedisRestart => {
+                let (redis, _) = single(redis, fault)?;
                 let from = now_us();
                 redis.kill();
                 let outage = Duration::from_millis(200 + fault_rng.below(600));
@@ -164,6 +291,7 @@ impl Injector<'_> {
                 ));
             }
             Fault::RedisCut => {
+                let (_, redis_proxy) = single(redis, fault)?;
                 let cut = redis_proxy.cut();
                 ledger.append(&format!("redis-cut {} {cut}", now_us()));
                 injected = true;
@@ -182,6 +310,7 @@ impl Injector<'_> {
                 ));
             }
             Fault::RedisOom | Fault::RedisPassword | Fault::RedisReadonly => {
+                let (redis, _) = single(redis, fault)?;
                 let outage = Duration::from_millis(300 + fault_rng.below(700));
                 let from = now_us();
                 let what = refuse_writes(redis.port(), fault, outage).await?;
@@ -208,8 +337,40 @@ impl Injector<'_> {
                 injected_message(ledger, clock, &id, "aborts the consumer that handles it");
                 injected = true;
             }
+            Fault::Failover => {
+                let RedisSide::Replicated { pair, failover } = redis else {
+                    return Err("the failover fault needs --failover".into());
+                };
+                // One at a time: the orchestrator waits for the last one to end.
+                if failover.is_none() {
+                    let killed_us = now_us();
+                    let state = pair.kill_master().await?;
+                    clock.say(format!(
+                        "fault: failover: kill -9 of the master 127.0.0.1:{} ({})",
+                        state.old,
+                        busy.split(',').next().unwrap_or_default()
+                    ));
+                    *failover = Some(FailoverRun {
+                        state,
+                        killed_us,
+                        promoted_us: None,
+                    });
+                    injected = true;
+                }
+            }
         }
         Ok(injected)
+    }
+}
+
+/// The single redis-server and its proxy, which `fault` acts on.
+fn single(redis: &mut RedisSide, fault: Fault) -> Result<(&mut RedisServer, &Proxy), String> {
+    match redis {
+        RedisSide::Single { server, proxy } => Ok((server, proxy)),
+        RedisSide::Replicated { .. } => Err(format!(
+            "the `{}` fault acts on the single redis-server: not with --failover",
+            fault.name()
+        )),
     }
 }
 

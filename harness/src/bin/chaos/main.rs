@@ -53,17 +53,55 @@
 //!
 //!    The three Redis faults leave `PING` answering: consumers must pause
 //!    until a write succeeds, and dead-letter nothing.
+//!
+//!    With `--failover`, a different Redis and one more fault (see below).
 //! 5. Stops injecting once everything is published, every enabled fault
 //!    happened at least once and every message is accounted for; waits for
 //!    the queue to drain (no ready message, no handler in flight, nothing
 //!    written to the ledger for a few seconds); stops the consumers with
 //!    SIGTERM; reads the dead-letter queue; deletes the queues.
 //!
+//! # `--failover`: a master, a replica and three sentinels
+//!
+//! Instead of the single redis-server and its proxy, the suite starts on
+//! free ports a master and its replica (`--replicaof`), both without
+//! persistence (`--save "" --appendonly no`: a killed master loses what it
+//! had not replicated), and three sentinels (`redis-sentinel`, else
+//! `redis-server --sentinel`; `sentinel monitor chaos 127.0.0.1 <master> 2`,
+//! `down-after-milliseconds 1000`, `failover-timeout 5000`,
+//! `parallel-syncs 1`), each in a directory of its own under the run
+//! directory, and waits until every sentinel names the master, sees the
+//! replica and knows the other sentinels. The consumers get
+//! `REDIS_URL=redis-sentinel://127.0.0.1:S1,127.0.0.1:S2,127.0.0.1:S3#chaos`
+//! and `IDEMPOTENCY_MIN_REPLICAS` (`--min-replicas N`, else that variable
+//! of the caller's environment, else 0; at most 1, the pair has one
+//! replica).
+//!
+//! The fault `failover`: `kill -9` of the master the sentinels name; once
+//! every sentinel names the other server (30s at most, else the run fails),
+//! the killed one is restarted on its old port, empty, as a plain server,
+//! and the sentinels turn it into a replica of the new master (60s at
+//! most); the next failover waits until it is online and every sentinel
+//! sees it, then a jittered `--fault-interval-ms`. Each takes about 12.5s
+//! on Redis 7.0, mostly the sentinels' 10s before they reconfigure a
+//! returning master. The run goes on until `--min-failovers N` \[3\]
+//! happened, and the messages are spread over that many. The default
+//! `--faults` is then `failover`; `kill`, `pause`, `amqp-cut`,
+//! `handler-timeout` and `poison-abort` may be mixed in (e.g.
+//! `--faults failover,kill,pause`); the other Redis faults act on the
+//! single redis-server and are refused.
+//!
+//! A duplicate effect whose earlier execution returned `processed` (done
+//! mark written, delivery acked) and whose mark was lost with the killed
+//! master is *not* explained (see [`classify`]): without
+//! `IDEMPOTENCY_MIN_REPLICAS` a few may show up, with it there must be none.
+//!
 //! # Running it
 //!
 //! ```text
 //! cargo run --release -p harness --bin chaos -- --messages 20000 --duplicates 0.2 --consumers 4 --seed 1
 //! cargo run --release -p harness --bin chaos -- --faults kill,pause --fault-interval-ms 800
+//! cargo run --release -p harness --bin chaos -- --failover --messages 20000 --min-replicas 1
 //! ```
 //!
 //! Options (defaults in brackets): `--messages N` \[2000\], `--duplicates R`
@@ -73,13 +111,16 @@
 //! poison-abort; `none` for no faults\], `--fault-interval-ms MS`
 //! \[1500\], `--rate R` \[800 messages/s at most on average; 0 publishes
 //! everything at once\], `--timeout-secs S` \[600, the whole run\], `--keep`
-//! (keep the run directory even when the run passes).
+//! (keep the run directory even when the run passes), `--failover`,
+//! `--min-replicas N` \[0\], `--min-failovers N` \[3\].
 //! `chaos --analyse <run dir>/ledger.log` classifies a kept ledger again.
 //! Environment: `AMQP_URL` (default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; start the broker with
 //! `rabbitmq-server -detached`), `CHAOS_CONSUMER_LOG` (the consumers'
-//! `RUST_LOG`, default `warn`). Needs `redis-server` 7+ and `kill` on the
-//! PATH: Linux and other Unixes only.
+//! `RUST_LOG`, default `warn`), `IDEMPOTENCY_MIN_REPLICAS` (see
+//! `--failover`), `IDEMPOTENCY_REPLICA_TIMEOUT` (passed on to the
+//! consumers as is). Needs `redis-server` 7+ and `kill` on the PATH: Linux
+//! and other Unixes only.
 //!
 //! # Reading the output
 //!
@@ -90,8 +131,8 @@
 //!  "explained_duplicates":X,"unexplained_duplicates":Y,"dead_lettered":Q,
 //!  "faults":{"kills":..,"pauses":..,"redis_restarts":..,"redis_cuts":..,"amqp_cuts":..,
 //!            "redis_ooms":..,"redis_password_flips":..,"redis_readonly":..,
-//!            "handler_timeouts":..,"poison_aborts":..},
-//!  "overlapping_runs":O,"plain_dead_lettered":P}
+//!            "handler_timeouts":..,"poison_aborts":..,"failovers":..},
+//!  "overlapping_runs":O,"plain_dead_lettered":P,"min_replicas":M}
 //! ```
 //!
 //! - `messages`: `--messages`; `unique`: distinct messages published (plain,
@@ -113,11 +154,14 @@
 //!   start and its effect (its claim expired under it); also when the
 //!   earlier execution's process aborted (a `poison-abort` message beside
 //!   it), or its outcome was `retry` after its effect (a handler that timed
-//!   out while its work went on and took effect). Anything else is
-//!   `unexplained` and must be 0. Progress lists the explanations found.
+//!   out while its work went on and took effect). The pause of the later
+//!   execution explains nothing once an earlier one returned `processed`
+//!   before the later one began (a done mark lost in a failover). Anything
+//!   else is `unexplained` and must be 0. Progress lists the explanations
+//!   found, and how many unexplained ones followed a failover.
 //! - `dead_lettered`: messages found in the dead-letter queue at the end
 //!   (poison and fingerprint-less ones, plus any re-dead-lettered copy).
-//! - `faults`: how many of each were injected.
+//! - `faults`: how many of each were injected (`failovers`: masters killed).
 //! - `overlapping_runs`: pairs of runs of one `handler-timeout` message
 //!   whose work overlapped in time (no kill or pause of their processes
 //!   explaining it). Must be 0.
@@ -125,6 +169,7 @@
 //!   Must be 0, except for `crashed` ones when a `poison-abort` message was
 //!   published (a message in flight beside it can run out of attempts with
 //!   it); a store fault must never dead-letter one.
+//! - `min_replicas`: the consumers' `IDEMPOTENCY_MIN_REPLICAS`.
 //!
 //! Exit status: 0 when `lost`, `unexplained_duplicates`, `overlapping_runs`
 //! and unexplained plain dead letters are 0, 1 when
@@ -150,6 +195,7 @@
 //! start <pid> <t> | kill <pid> <t> | pause <pid> <t0> <t1> | exit <pid> <t>
 //! redis-restart <t0> <t1> | redis-cut <t> <n> | amqp-cut <t> <n>
 //! redis-oom <t0> <t1> | redis-password <t0> <t1> | redis-readonly <t0> <t1>
+//! failover <killed> <promoted> <rejoined> <old port> <new port>
 //! inject <id> <t>                         a fault published `s<i>` or `a<i>`
 //! ```
 //!
@@ -171,8 +217,9 @@
 //! - [`report`]: progress lines, the numbers and the JSON line;
 //! - [`rng`]: the seeded PRNG.
 //!
-//! The redis-server on a free port, the TCP proxies and the AMQP URL
-//! helpers come from the `harness` library.
+//! The redis-server on a free port, the master, replica and sentinels of
+//! `--failover`, the TCP proxies and the AMQP URL helpers come from the
+//! `harness` library.
 
 mod classify;
 mod consumer;
@@ -199,6 +246,8 @@ const USAGE: &str = "usage: chaos [--messages N] [--duplicates R] [--consumers C
              [--faults kill,pause,redis-restart,redis-cut,amqp-cut,redis-oom,redis-password,
                        redis-readonly,handler-timeout,poison-abort|none]
              [--fault-interval-ms MS] [--rate R] [--timeout-secs S] [--keep]
+       chaos --failover [--min-replicas 0|1] [--min-failovers N]
+             [--faults failover,kill,pause,amqp-cut,handler-timeout,poison-abort] [...]
        chaos --analyse <run dir>/ledger.log
 fault-injection suite: see the doc comment of harness/src/bin/chaos/main.rs";
 

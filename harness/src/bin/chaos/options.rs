@@ -1,5 +1,5 @@
 //! The command line of the orchestrator: `--messages`, `--faults`,
-//! `--fault-interval-ms` and the rest, with their defaults.
+//! `--fault-interval-ms`, `--failover` and the rest, with their defaults.
 
 use std::time::Duration;
 
@@ -18,6 +18,15 @@ pub struct Options {
     pub rate: usize,
     pub timeout: Duration,
     pub keep: bool,
+    /// Redis as a master, a replica and three sentinels, failed over by the
+    /// `failover` fault, instead of the single redis-server.
+    pub failover: bool,
+    /// `IDEMPOTENCY_MIN_REPLICAS` for the consumers (0 or, with
+    /// `--failover`, 1: the pair has one replica).
+    pub min_replicas: usize,
+    /// With the `failover` fault: the run goes on until this many happened,
+    /// and the messages flow over about this many.
+    pub min_failovers: usize,
 }
 
 impl Default for Options {
@@ -29,18 +38,24 @@ impl Default for Options {
             seed: 1,
             poison: 0.01,
             no_fingerprint: 0.005,
-            faults: Fault::ALL.to_vec(),
+            faults: Fault::SINGLE.to_vec(),
             fault_interval: Duration::from_millis(1500),
             rate: 800,
             timeout: Duration::from_secs(600),
             keep: false,
+            failover: false,
+            min_replicas: 0,
+            min_failovers: 3,
         }
     }
 }
 
-/// `Ok(None)` means `--help`.
+/// `Ok(None)` means `--help`. Without `--min-replicas`, the minimum comes
+/// from `IDEMPOTENCY_MIN_REPLICAS` in this process's environment (else 0).
 pub fn parse_options(argv: &[String]) -> Result<Option<Options>, String> {
     let mut options = Options::default();
+    let mut faults = None;
+    let mut min_replicas = None;
     let mut args = argv.iter();
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -67,7 +82,7 @@ pub fn parse_options(argv: &[String]) -> Result<Option<Options>, String> {
             "--duplicates" => options.duplicates = parse_fraction(name, &value()?)?,
             "--poison" => options.poison = parse_fraction(name, &value()?)?,
             "--no-fingerprint" => options.no_fingerprint = parse_fraction(name, &value()?)?,
-            "--faults" => options.faults = parse_faults(&value()?)?,
+            "--faults" => faults = Some(parse_faults(&value()?)?),
             "--fault-interval-ms" => {
                 let ms = parse_int(name, &value()?, 10)?;
                 options.fault_interval = Duration::from_millis(ms as u64);
@@ -78,7 +93,49 @@ pub fn parse_options(argv: &[String]) -> Result<Option<Options>, String> {
                 options.timeout = Duration::from_secs(secs as u64);
             }
             "--keep" => options.keep = true,
+            "--failover" => options.failover = true,
+            "--min-replicas" => min_replicas = Some(parse_int(name, &value()?, 0)?),
+            "--min-failovers" => options.min_failovers = parse_int(name, &value()?, 1)?,
             other => return Err(format!("unknown option `{other}`")),
+        }
+    }
+    let min_replicas = match min_replicas {
+        Some(n) => n,
+        None => match std::env::var("IDEMPOTENCY_MIN_REPLICAS") {
+            Ok(text) if !text.trim().is_empty() => parse_int("IDEMPOTENCY_MIN_REPLICAS", &text, 0)?,
+            _ => 0,
+        },
+    };
+    options.min_replicas = min_replicas;
+    if options.failover {
+        options.faults = faults.unwrap_or_else(|| vec![Fault::Failover]);
+        if let Some(fault) = options
+            .faults
+            .iter()
+            .find(|f| !Fault::WITH_FAILOVER.contains(f))
+        {
+            return Err(format!(
+                "--faults: `{}` acts on the single redis-server, which --failover does not run \
+                 (with --failover: {})",
+                fault.name(),
+                Fault::WITH_FAILOVER.map(Fault::name).join(", ")
+            ));
+        }
+        if min_replicas > 1 {
+            return Err(format!(
+                "--min-replicas {min_replicas}: the --failover pair has one replica, so at most 1"
+            ));
+        }
+    } else {
+        options.faults = faults.unwrap_or_else(|| Fault::SINGLE.to_vec());
+        if options.faults.contains(&Fault::Failover) {
+            return Err("--faults: `failover` needs --failover".into());
+        }
+        if min_replicas > 0 {
+            return Err(format!(
+                "--min-replicas {min_replicas} (or IDEMPOTENCY_MIN_REPLICAS) needs --failover: \
+                 the single redis-server has no replica"
+            ));
         }
     }
     Ok(Some(options))

@@ -1,7 +1,8 @@
-//! The run, from the orchestrator's side: sets up the suite's redis-server,
-//! the proxies and the queues, starts the consumers, publishes while it
-//! injects faults until every message is accounted for, waits for the queue
-//! to drain, stops everything and hands the ledger to the report.
+//! The run, from the orchestrator's side: sets up the suite's redis-server
+//! (or, with `--failover`, a master, its replica and three sentinels), the
+//! proxies and the queues, starts the consumers, publishes while it injects
+//! faults until every message is accounted for, waits for the queue to
+//! drain, stops everything and hands the ledger to the report.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,10 +13,11 @@ use harness::amqp::split_amqp_url;
 use harness::env::{DEFAULT_AMQP_URL, env_or};
 use harness::proxy::Proxy;
 use harness::redis_server::RedisServer;
+use harness::sentinel::ReplicatedRedis;
 use lapin::{Connection, ConnectionProperties};
 use tokio::sync::watch;
 
-use crate::faults::{Fault, Injector, PAUSE_BEYOND_LEASE};
+use crate::faults::{FAILOVER_ESTIMATE, Fault, Injector, PAUSE_BEYOND_LEASE, RedisSide};
 use crate::ledger::{Ledger, now_us};
 use crate::messages::{Injected, Pacer, Plan, publish_all};
 use crate::options::Options;
@@ -65,15 +67,36 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
     let ledger = Ledger::open(&ledger_path)
         .map_err(|err| format!("cannot create the ledger {}: {err}", ledger_path.display()))?;
 
-    let mut redis = RedisServer::start(&dir).await?;
-    let redis_proxy = Proxy::start(format!("127.0.0.1:{}", redis.port())).await?;
+    // The consumers reach the single redis-server through a proxy, and
+    // the replicated one through its sentinels, which name the master.
+    let (mut redis, redis_url) = if options.failover {
+        let pair = ReplicatedRedis::start(&dir, "chaos").await?;
+        let url = pair.url();
+        let ports = pair.server_ports();
+        clock.say(format!(
+            "redis-server master on port {} and replica on port {}, sentinels on ports {:?} (quorum 2): {url}",
+            ports[0],
+            ports[1],
+            pair.sentinel_ports()
+        ));
+        let side = RedisSide::Replicated {
+            pair,
+            failover: None,
+        };
+        (side, url)
+    } else {
+        let server = RedisServer::start(&dir).await?;
+        let proxy = Proxy::start(format!("127.0.0.1:{}", server.port())).await?;
+        clock.say(format!(
+            "redis-server on port {} (proxy {})",
+            server.port(),
+            proxy.addr()
+        ));
+        let url = format!("redis://{}", proxy.addr());
+        (RedisSide::Single { server, proxy }, url)
+    };
     let amqp_proxy = Proxy::start(upstream.clone()).await?;
-    clock.say(format!(
-        "redis-server on port {} (proxy {}), RabbitMQ {upstream} (proxy {})",
-        redis.port(),
-        redis_proxy.addr(),
-        amqp_proxy.addr()
-    ));
+    clock.say(format!("RabbitMQ {upstream} (proxy {})", amqp_proxy.addr()));
 
     let topology = Topology::new(&run_name);
     topology
@@ -85,9 +108,10 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
+    env.push(("REDIS_URL".into(), redis_url));
     env.push((
-        "REDIS_URL".into(),
-        format!("redis://{}", redis_proxy.addr()),
+        "IDEMPOTENCY_MIN_REPLICAS".into(),
+        options.min_replicas.to_string(),
     ));
     env.push((
         "AMQP_URL".into(),
@@ -152,21 +176,33 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
 
     // Publishing lasts about one round of faults (and no less than
     // `--rate` allows), so that each fault hits traffic.
-    let mut spread = options
-        .fault_interval
-        .mul_f64(options.faults.len() as f64 + 1.0);
+    // With failovers, over about `--min-failovers` rounds: each takes
+    // FAILOVER_ESTIMATE, and the next starts only once the last one ended.
+    let mut round = options.fault_interval.mul_f64(options.faults.len() as f64);
     if options.faults.contains(&Fault::Pause) {
-        spread += pause;
+        round += pause;
     }
     if options.faults.contains(&Fault::RedisRestart) {
-        spread += Duration::from_secs(1);
+        round += Duration::from_secs(1);
     }
+    let rounds = if options.faults.contains(&Fault::Failover) {
+        round += FAILOVER_ESTIMATE;
+        options.min_failovers
+    } else {
+        1
+    };
+    let mut spread = round * rounds as u32 + options.fault_interval;
     if options.rate > 0 {
         spread = spread.max(Duration::from_secs_f64(total as f64 / options.rate as f64));
     } else {
         spread = Duration::ZERO;
     }
-    let expected_faults = (spread.as_secs_f64() / options.fault_interval.as_secs_f64()).max(1.0);
+    let expected_faults = if options.faults.contains(&Fault::Failover) {
+        (options.faults.len() * rounds) as f64
+    } else {
+        spread.as_secs_f64() / options.fault_interval.as_secs_f64()
+    }
+    .max(1.0);
     let prefetch = usize::from(config.prefetch_count());
     let (allowance, allowance_rx) = watch::channel(0usize);
     let mut pacer = Pacer {
@@ -221,6 +257,10 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             return Err(message);
         }
         pacer.tick();
+        if redis.poll(&ledger, &clock).await? {
+            // The next fault comes a while after the failover ended.
+            next_fault = next_fault.max(Instant::now() + jitter(&mut fault_rng));
+        }
         tally.tail()?;
         for (slot, pid, status) in consumers.reap() {
             crashes += 1;
@@ -247,8 +287,13 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
                 Err(err) => return Err(format!("the publisher task failed: {err}")),
             }
         }
-        let every_fault = options.faults.iter().all(|f| counts[f.index()] > 0);
-        if publisher.is_none() && every_fault && tally.accounted.len() >= unique + injected.count()
+        let every_fault = options.faults.iter().all(|f| counts[f.index()] > 0)
+            && (!options.faults.contains(&Fault::Failover)
+                || counts[Fault::Failover.index()] >= options.min_failovers as u64);
+        if publisher.is_none()
+            && every_fault
+            && !redis.failing_over()
+            && tally.accounted.len() >= unique + injected.count()
         {
             clock.say("every message accounted for: no more faults");
             break;
@@ -280,6 +325,10 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             schedule = options.faults.clone();
             fault_rng.shuffle(&mut schedule);
         }
+        if schedule.last() == Some(&Fault::Failover) && redis.failing_over() {
+            // One failover at a time: the next waits for the last to end.
+            continue;
+        }
         let Some(fault) = schedule.pop() else {
             continue;
         };
@@ -301,7 +350,6 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         let injector = Injector {
             consumers: &mut consumers,
             redis: &mut redis,
-            redis_proxy: &redis_proxy,
             amqp_proxy: &amqp_proxy,
             injected: &mut injected,
             ledger: &ledger,
@@ -330,6 +378,8 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         if let Some(message) = orphaned() {
             return Err(message);
         }
+        // A failover cut short by the timeout: its server must rejoin.
+        redis.poll(&ledger, &clock).await?;
         tally.tail()?;
         for (slot, pid, status) in consumers.reap() {
             ledger.append(&format!("exit {pid} {}", now_us()));
@@ -340,6 +390,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         }
         let ready = ready_count(&admin, &topology.queue).await.ok();
         let settled = ready == Some(0)
+            && !redis.failing_over()
             && tally.in_flight() == 0
             && tally.accounted.len() >= unique + injected.count()
             && publisher.is_none();
@@ -389,7 +440,6 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         .map_err(|err| format!("cannot read the dead-letter queue: {err}"))?;
     topology.delete(&admin).await;
     let _ = connection.close(200, "OK".into()).await;
-    drop(redis_proxy);
     drop(amqp_proxy);
     redis.kill();
 

@@ -181,6 +181,15 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         "duplicate effects: {} ({} explained: {:?}; {} unexplained)",
         duplicates.total, duplicates.explained, duplicates.reasons, duplicates.unexplained
     ));
+    if options.failover {
+        clock.say(format!(
+            "failovers: {} ({} completed); min_replicas {}; unexplained duplicates after a done mark lost in a failover: {}",
+            counts[Fault::Failover.index()],
+            tally.failovers.len(),
+            options.min_replicas,
+            duplicates.lost_in_failover
+        ));
+    }
     if duplicates.misreported > 0 {
         clock.say(format!(
             "note: {} executions were reported `processed` although their process was stopped past the lease between effect and done mark",
@@ -223,7 +232,7 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         .collect::<Vec<_>>()
         .join(",");
     println!(
-        "{{\"messages\":{},\"unique\":{unique},\"executions\":{executions},\"lost\":{},\"duplicate_effects\":{},\"explained_duplicates\":{},\"unexplained_duplicates\":{},\"dead_lettered\":{},\"faults\":{{{faults}}},\"overlapping_runs\":{},\"plain_dead_lettered\":{}}}",
+        "{{\"messages\":{},\"unique\":{unique},\"executions\":{executions},\"lost\":{},\"duplicate_effects\":{},\"explained_duplicates\":{},\"unexplained_duplicates\":{},\"dead_lettered\":{},\"faults\":{{{faults}}},\"overlapping_runs\":{},\"plain_dead_lettered\":{},\"min_replicas\":{}}}",
         options.messages,
         lost_ids.len(),
         duplicates.total,
@@ -232,6 +241,7 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         dead.total,
         overlaps.len(),
         plain_dead.len(),
+        options.min_replicas,
     );
     passed
 }
