@@ -120,7 +120,8 @@
 //! `RUST_LOG`, default `warn`), `IDEMPOTENCY_MIN_REPLICAS` (see
 //! `--failover`), `IDEMPOTENCY_REPLICA_TIMEOUT` (passed on to the
 //! consumers as is). Needs `redis-server` 7+ and `kill` on the PATH: Linux
-//! and other Unixes only.
+//! and other Unixes only. SIGINT or SIGTERM stops the run and every process
+//! it started.
 //!
 //! # Reading the output
 //!
@@ -271,12 +272,35 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match orchestrate(options).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(message) => {
-            eprintln!("chaos: error: {message}");
+    // On SIGINT or SIGTERM the run is dropped where it is: the consumers,
+    // the redis-servers and the sentinels are killed as their handles go.
+    tokio::select! {
+        result = orchestrate(options) => match result {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(message) => {
+                eprintln!("chaos: error: {message}");
+                ExitCode::from(2)
+            }
+        },
+        signal = interrupted() => {
+            eprintln!("chaos: {signal}: stopped, with every process it started");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, with the signal's name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
