@@ -205,6 +205,7 @@ fn server_of(hello: &Value) -> Option<(String, String)> {
 /// failed on an old connection does not throw away the new one.
 struct Link {
     client: Source,
+    replication: Replication,
     config: AsyncConnectionConfig,
     shown: String,
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
@@ -215,6 +216,7 @@ struct Link {
 /// The cluster client's connection, made again after it failed.
 struct ClusterLink {
     client: redis::cluster::ClusterClient,
+    replication: Replication,
     shown: String,
     current: Mutex<Option<ClusterConnection>>,
     cas: Arc<Cas>,
@@ -265,15 +267,34 @@ impl ClusterLink {
         *self.current.lock().await = None;
     }
 
-    async fn query(&self, cmd: &Cmd) -> Result<Value, Failure> {
+    async fn query(&self, cmd: &Cmd, write: bool) -> Result<Value, Failure> {
         let mut connection = self.get().await?;
+        let wait = self.replication.wait().filter(|_| write);
         let sent = tokio::time::timeout(
-            2 * RedisStore::RESPONSE_TIMEOUT,
-            cmd.query_async::<Value>(&mut connection),
+            2 * RedisStore::RESPONSE_TIMEOUT + self.replication.timeout,
+            async {
+                let Some(wait) = wait else {
+                    return cmd.query_async::<Value>(&mut connection).await.map(Ok);
+                };
+                // WAIT goes to the node of the write, as the pipeline's route.
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors()
+                    .add_command(cmd.clone())
+                    .add_command(wait);
+                let mut replies: Vec<redis::RedisResult<Value>> =
+                    pipe.query_async(&mut connection).await?;
+                let waited = replies.pop().unwrap_or(Ok(Value::Nil));
+                let reply = replies.pop().unwrap_or(Ok(Value::Nil))?;
+                Ok(match self.replication.shortfall(&waited) {
+                    Some(failure) => Err(failure),
+                    None => Ok(reply),
+                })
+            },
         )
         .await;
         match sent {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(failure))) => Err(failure),
             Ok(Err(err)) => {
                 if breaks_connection(&err) && !err.is_timeout() {
                     self.discard().await;
@@ -300,15 +321,143 @@ enum Source {
         tls: TlsFiles,
         host: String,
     },
+    /// The master that Redis Sentinel names, asked again for every
+    /// connection, so that a failover is followed.
+    Sentinel(SentinelUrl),
+}
+
+/// A `redis-sentinel://` URL, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SentinelUrl {
+    /// `redis://host:port` (or `rediss://`) of each sentinel.
+    pub(crate) sentinels: Vec<String>,
+    /// The monitored master's name.
+    pub(crate) master: String,
+    /// `user:password@` for the master, or "".
+    userinfo: String,
+    /// `/db`, or "".
+    db: String,
+    tls: bool,
+    tls_files: TlsFiles,
+}
+
+impl SentinelUrl {
+    /// Parses `redis-sentinel://[user:password@]host:port[,host:port...][/db]#master`
+    /// (`rediss-sentinel://` for TLS); the message says what is wrong.
+    pub(crate) fn parse(url: &str) -> Result<Self, String> {
+        let shown = redact_url(url);
+        let expected = "expected redis-sentinel://[user:password@]host:port[,host:port...][/db]#master-name \
+                        (rediss-sentinel:// for TLS); set REDIS_URL";
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("redis-sentinel://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("rediss-sentinel://") {
+            (true, rest)
+        } else {
+            return Err(format!("`{shown}` is not a Sentinel URL; {expected}"));
+        };
+        let (rest, master) = rest
+            .rsplit_once('#')
+            .filter(|(_, master)| !master.is_empty())
+            .ok_or_else(|| format!("`{shown}` names no master after `#`; {expected}"))?;
+        let (userinfo, hosts) = match rest.rsplit_once('@') {
+            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let (hosts, db) = match hosts.split_once('/') {
+            Some((hosts, "")) => (hosts, String::new()),
+            Some((hosts, db)) if db.parse::<u16>().is_ok() => (hosts, format!("/{db}")),
+            Some(_) => {
+                return Err(format!(
+                    "`{shown}` has a database that is not a number; {expected}"
+                ));
+            }
+            None => (hosts, String::new()),
+        };
+        let scheme = if tls { "rediss" } else { "redis" };
+        let mut sentinels = Vec::new();
+        for host in hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|host| !host.is_empty())
+        {
+            let has_port = host
+                .rsplit_once(':')
+                .is_some_and(|(name, port)| !name.ends_with(':') && port.parse::<u16>().is_ok())
+                && !host.ends_with(']');
+            let sentinel = if has_port {
+                format!("{scheme}://{host}")
+            } else {
+                format!("{scheme}://{host}:26379")
+            };
+            redis::IntoConnectionInfo::into_connection_info(sentinel.as_str()).map_err(|err| {
+                format!("`{host}` in `{shown}` is not a host:port ({err}); {expected}")
+            })?;
+            sentinels.push(sentinel);
+        }
+        if sentinels.is_empty() {
+            return Err(format!("`{shown}` names no sentinel; {expected}"));
+        }
+        Ok(Self {
+            sentinels,
+            master: master.to_owned(),
+            userinfo,
+            db,
+            tls,
+            tls_files: TlsFiles::default(),
+        })
+    }
+
+    /// The URL of the master at `host:port`, with the credentials and database.
+    fn master_url(&self, host: &str, port: u16) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        format!("{scheme}://{}{host}:{port}{}", self.userinfo, self.db)
+    }
+
+    /// Asks each sentinel in turn where the master is; the first answer wins.
+    async fn master(&self, config: &AsyncConnectionConfig) -> Result<String, String> {
+        let mut problems = Vec::new();
+        for sentinel in &self.sentinels {
+            let asked = async {
+                let client = client_for(sentinel, &self.tls_files)?;
+                let mut connection = client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+                    .map_err(|err| err.to_string())?;
+                let reply: Option<(String, u16)> = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.master)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|err| err.to_string())?;
+                reply.ok_or_else(|| format!("it monitors no master named `{}`", self.master))
+            };
+            match asked.await {
+                Ok((host, port)) => return Ok(self.master_url(&host, port)),
+                Err(problem) => problems.push(format!("{}: {problem}", redact_url(sentinel))),
+            }
+        }
+        Err(format!(
+            "no sentinel named the master `{}` ({}); are the sentinels up, and is the name \
+             after `#` in REDIS_URL the one in their `sentinel monitor` line?",
+            self.master,
+            problems.join("; ")
+        ))
+    }
 }
 
 impl Link {
-    fn new(client: Source, shown: String, cas: Arc<Cas>) -> Self {
+    fn new(client: Source, shown: String, cas: Arc<Cas>, replication: Replication) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(RedisStore::RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(RedisStore::RESPONSE_TIMEOUT));
+            .set_response_timeout(Some(RedisStore::RESPONSE_TIMEOUT + replication.timeout));
         Self {
             client,
+            replication,
             config,
             shown,
             current: Mutex::new(None),
@@ -324,8 +473,25 @@ impl Link {
             return Ok((*generation, connection.clone()));
         }
         let built;
+        let sentinel_master;
         let (client, tls_files, host) = match &self.client {
             Source::Fixed(client) => (client, None, ""),
+            Source::Sentinel(sentinel) => {
+                let url = sentinel.master(&self.config).await.map_err(|err| {
+                    Failure::unavailable(format!(
+                        "cannot connect to Redis at {}: {err}",
+                        self.shown
+                    ))
+                })?;
+                built = client_for(&url, &sentinel.tls_files).map_err(|err| {
+                    Failure::unavailable(format!(
+                        "cannot connect to Redis at {}: {err}",
+                        self.shown
+                    ))
+                })?;
+                sentinel_master = host_of(&url);
+                (&built, Some(&sentinel.tls_files), sentinel_master.as_str())
+            }
             Source::Config { url, tls, host } => {
                 built = client_for(url, tls).map_err(|err| {
                     Failure::unavailable(format!(
@@ -367,9 +533,24 @@ impl Link {
                 );
                 failure
             })?;
+        let mut probe = connection.clone();
+        if matches!(self.client, Source::Sentinel(_)) {
+            // Right after a failover a sentinel may still name the old
+            // master, now a replica: writing there would fail, so look again.
+            let role: Vec<Value> = redis::cmd("ROLE")
+                .query_async(&mut probe)
+                .await
+                .map_err(failure)?;
+            if !matches!(role.first(), Some(Value::BulkString(role)) if role == b"master") {
+                return Err(Failure::unavailable(format!(
+                    "the server the sentinels named for {} is not a master (a failover is under \
+                     way); trying again",
+                    self.shown
+                )));
+            }
+        }
         // Which compare-and-set this server offers: a server that does not
         // know HELLO (or refuses it) gets the scripts.
-        let mut probe = connection.clone();
         let hello = redis::cmd("HELLO")
             .query_async::<Value>(&mut probe)
             .await
@@ -398,7 +579,62 @@ struct Stats {
 
 struct Request {
     cmd: Cmd,
+    /// A write, which `WAIT` must see replicated (when asked to).
+    write: bool,
     reply: oneshot::Sender<Result<Value, Failure>>,
+}
+
+/// How many replicas must acknowledge each write (`WAIT`), and for how long
+/// to wait for them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Replication {
+    replicas: u32,
+    timeout: Duration,
+}
+
+impl Replication {
+    fn of(config: &Config) -> Self {
+        let (replicas, timeout) = config.replication();
+        Self { replicas, timeout }
+    }
+
+    /// `WAIT replicas timeout`, or nothing when no replica is asked for.
+    fn wait(&self) -> Option<Cmd> {
+        (self.replicas > 0).then(|| {
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(self.replicas).arg(millis(self.timeout));
+            wait
+        })
+    }
+
+    /// The answer of a write that `WAIT` answered with `reply`: `None` when
+    /// enough replicas have it.
+    fn shortfall(&self, reply: &redis::RedisResult<Value>) -> Option<Failure> {
+        let confirmed = match reply {
+            Ok(Value::Int(n)) => *n,
+            Ok(_) | Err(_) => -1,
+        };
+        if confirmed >= i64::from(self.replicas) {
+            return None;
+        }
+        crate::metrics::unreplicated();
+        let found = match reply {
+            Err(err) => format!("WAIT failed: {err}"),
+            _ => format!("{} confirmed", confirmed.max(0)),
+        };
+        tracing::warn!(
+            replicas = self.replicas,
+            confirmed,
+            "a write was not confirmed by enough replicas; it is retried and its message held"
+        );
+        Some(Failure::unavailable(format!(
+            "the write reached fewer replicas than IDEMPOTENCY_MIN_REPLICAS={} within \
+             IDEMPOTENCY_REPLICA_TIMEOUT ({:?}; {found}): a failover could lose it, so the \
+             message is held and the write retried until they confirm; bring the replicas back \
+             or lower IDEMPOTENCY_MIN_REPLICAS",
+            self.replicas, self.timeout
+        )))
+    }
 }
 
 /// A request's failure, before it is named after its operation and key.
@@ -467,10 +703,32 @@ impl RedisStore {
     /// variable to set. The files are read again for each new connection.
     pub async fn connect_with(config: &Config) -> Result<Self, StoreError> {
         if !config.redis_cluster_nodes().is_empty() {
-            return Self::connect_cluster(config.redis_cluster_nodes(), config.redis_tls()).await;
+            return Self::cluster(
+                config.redis_cluster_nodes(),
+                config.redis_tls(),
+                Replication::of(config),
+            )
+            .await;
         }
         let url = config.redis();
         let shown = redact_url(url);
+        let replication = Replication::of(config);
+        if url.starts_with("redis-sentinel://") || url.starts_with("rediss-sentinel://") {
+            let mut sentinel = SentinelUrl::parse(url)
+                .map_err(|message| StoreError::new("connect", "", false, message))?;
+            sentinel.tls_files = config.redis_tls().clone();
+            let cas = Cas::new();
+            let link = Link::new(
+                Source::Sentinel(sentinel),
+                shown,
+                Arc::clone(&cas),
+                replication,
+            );
+            link.get()
+                .await
+                .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
+            return Ok(Self::start(link, cas));
+        }
         let source = match client_for(url, config.redis_tls()) {
             Ok(_) if Side::Redis.is_tls_url(url) => Source::Config {
                 url: url.to_owned(),
@@ -481,7 +739,7 @@ impl RedisStore {
             Err(err) => return Err(StoreError::new("connect", "", false, err)),
         };
         let cas = Cas::new();
-        let link = Link::new(source, shown.clone(), Arc::clone(&cas));
+        let link = Link::new(source, shown.clone(), Arc::clone(&cas), replication);
         link.get()
             .await
             .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
@@ -496,11 +754,20 @@ impl RedisStore {
     /// Fails when a URL is malformed, no node answers, or the cluster is
     /// not ready; the error names the nodes (passwords hidden).
     pub async fn connect_cluster(nodes: &[String], tls: &TlsFiles) -> Result<Self, StoreError> {
+        Self::cluster(nodes, tls, Replication::default()).await
+    }
+
+    async fn cluster(
+        nodes: &[String],
+        tls: &TlsFiles,
+        replication: Replication,
+    ) -> Result<Self, StoreError> {
         let client = cluster_client(nodes, tls)
             .map_err(|message| StoreError::new("connect", "", false, message))?;
         let cas = Cas::new();
         let link = ClusterLink {
             client,
+            replication,
             shown: nodes
                 .iter()
                 .map(|node| redact_url(node))
@@ -525,7 +792,12 @@ impl RedisStore {
         let shown = format!("redis at {}", client.get_connection_info().addr());
         let cas = Cas::new();
         Self::start(
-            Link::new(Source::Fixed(client), shown, Arc::clone(&cas)),
+            Link::new(
+                Source::Fixed(client),
+                shown,
+                Arc::clone(&cas),
+                Replication::default(),
+            ),
             cas,
         )
     }
@@ -567,7 +839,7 @@ impl RedisStore {
         self.stats.commands.load(Ordering::Relaxed)
     }
 
-    async fn request(&self, cmd: Cmd) -> Result<Value, Failure> {
+    async fn request(&self, cmd: Cmd, write: bool) -> Result<Value, Failure> {
         match &self.route {
             Route::Pipelined(requests) => {
                 let (reply, answer) = oneshot::channel();
@@ -576,20 +848,22 @@ impl RedisStore {
                         "the Redis writer task stopped (was the runtime shut down?)".into(),
                     )
                 };
-                requests.send(Request { cmd, reply }).map_err(|_| gone())?;
+                requests
+                    .send(Request { cmd, write, reply })
+                    .map_err(|_| gone())?;
                 answer.await.map_err(|_| gone())?
             }
             Route::Cluster(link) => {
                 self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
                 self.stats.commands.fetch_add(1, Ordering::Relaxed);
-                match link.query(&cmd).await {
+                match link.query(&cmd, write).await {
                     Err(failure) if failure.noscript => {
                         // A node restarted, or a new master after a
                         // failover: load the script everywhere and retry.
                         let mut load = redis::cmd("SCRIPT");
                         load.arg("LOAD").arg(TRANSITION);
-                        link.query(&load).await?;
-                        link.query(&cmd).await
+                        link.query(&load, false).await?;
+                        link.query(&cmd, write).await
                     }
                     other => other,
                 }
@@ -603,7 +877,8 @@ impl RedisStore {
         key: &str,
         cmd: Cmd,
     ) -> Result<Value, StoreError> {
-        self.request(cmd).await.map_err(|failure| {
+        let write = !matches!(operation, "get");
+        self.request(cmd, write).await.map_err(|failure| {
             StoreError::new(operation, key, failure.unavailable, failure.message)
         })
     }
@@ -631,7 +906,7 @@ impl RedisStore {
             .arg(from)
             .arg("PX")
             .arg(millis(ttl));
-        if self.request(set).await.map_err(named)? != Value::Nil {
+        if self.request(set, true).await.map_err(named)? != Value::Nil {
             return Ok(true);
         }
         let current: Option<Vec<u8>> = if or_absent {
@@ -644,7 +919,7 @@ impl RedisStore {
                 .arg("PX")
                 .arg(millis(ttl))
                 .arg("GET");
-            let reply = self.request(create).await.map_err(named)?;
+            let reply = self.request(create, true).await.map_err(named)?;
             match parse::<Option<Vec<u8>>>("transition", key, reply).map_err(Some)? {
                 None => return Ok(true),
                 found => found,
@@ -652,7 +927,7 @@ impl RedisStore {
         } else {
             let mut get = redis::cmd("GET");
             get.arg(key);
-            let reply = self.request(get).await.map_err(named)?;
+            let reply = self.request(get, false).await.map_err(named)?;
             parse("transition", key, reply).map_err(Some)?
         };
         Ok(current.as_deref() == Some(to))
@@ -694,10 +969,20 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
     pipe.ignore_errors();
     let mut replies = Vec::with_capacity(batch.len());
     let mut commands = Vec::with_capacity(batch.len());
+    let mut writes = Vec::with_capacity(batch.len());
     for request in batch {
         pipe.add_command(request.cmd.clone());
         commands.push(request.cmd);
+        writes.push(request.write);
         replies.push(request.reply);
+    }
+    // One WAIT after the writes of the pipeline covers them all.
+    let wait = link
+        .replication
+        .wait()
+        .filter(|_| writes.iter().any(|write| *write));
+    if let Some(wait) = &wait {
+        pipe.add_command(wait.clone());
     }
     let (generation, mut connection) = match link.get().await {
         Ok(connection) => connection,
@@ -709,13 +994,14 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
         .fetch_add(pipe.len() as u64, Ordering::Relaxed);
     let answers: Result<Vec<redis::RedisResult<Value>>, RedisError> =
         pipe.query_async(&mut connection).await;
+    let expected = replies.len() + usize::from(wait.is_some());
     let mut answers = match answers {
-        Ok(answers) if answers.len() == replies.len() => answers,
+        Ok(answers) if answers.len() == expected => answers,
         Ok(answers) => {
             let failure = Failure::unavailable(format!(
                 "Redis answered {} replies to a pipeline of {} commands",
                 answers.len(),
-                replies.len()
+                expected
             ));
             link.discard(generation).await;
             return answer_all(replies, &failure);
@@ -753,11 +1039,32 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
         for &i in &unknown_script {
             retry.add_command(commands[i].clone());
         }
+        if let Some(wait) = &wait {
+            retry.add_command(wait.clone());
+        }
         stats.round_trips.fetch_add(1, Ordering::Relaxed);
         let again: Result<Vec<redis::RedisResult<Value>>, RedisError> =
             retry.query_async(&mut connection).await;
+        let expected_again = unknown_script.len() + 1 + usize::from(wait.is_some());
         match again {
-            Ok(again) if again.len() == unknown_script.len() + 1 => {
+            Ok(mut again) if again.len() == expected_again => {
+                let short = match wait {
+                    Some(_) => again
+                        .pop()
+                        .and_then(|waited| link.replication.shortfall(&waited)),
+                    None => None,
+                };
+                if let Some(short) = short {
+                    for answer in again.iter_mut().skip(1) {
+                        if answer.is_ok() {
+                            *answer = Err(RedisError::from((
+                                ErrorKind::Io,
+                                "not confirmed by enough replicas",
+                                short.message.clone(),
+                            )));
+                        }
+                    }
+                }
                 let mut again = again.into_iter();
                 let loaded = again.next();
                 for (&i, answer) in unknown_script.iter().zip(again) {
@@ -781,8 +1088,23 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
             }
         }
     }
-    for (reply, answer) in replies.into_iter().zip(answers) {
-        let _ = reply.send(answer.map_err(failure));
+    let shortfall = match wait {
+        Some(_) => answers
+            .pop()
+            .and_then(|waited| link.replication.shortfall(&waited)),
+        None => None,
+    };
+    for ((reply, answer), write) in replies.into_iter().zip(answers).zip(writes) {
+        let answer = match (answer, &shortfall) {
+            (Ok(_), Some(short)) if write => Err(Failure {
+                unavailable: true,
+                syntax: false,
+                noscript: false,
+                message: short.message.clone(),
+            }),
+            (answer, _) => answer.map_err(failure),
+        };
+        let _ = reply.send(answer);
     }
 }
 
@@ -817,7 +1139,7 @@ fn breaks_connection(err: &RedisError) -> bool {
         || err.is_io_error()
         || err.is_unrecoverable_error()
         || err.kind() == ErrorKind::AuthenticationFailed
-        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS"))
+        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "READONLY"))
 }
 
 /// What an operator should do about a systemic error, if we can tell.
@@ -1131,4 +1453,67 @@ impl Store for RedisStore {
 fn transition_sha() -> &'static str {
     static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SHA.get_or_init(|| Script::new(TRANSITION).get_hash().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_urls_parse() {
+        let url = SentinelUrl::parse("redis-sentinel://u:p@a:26380,b,[::1]:5/2#orders").unwrap();
+        assert_eq!(
+            url.sentinels,
+            ["redis://a:26380", "redis://b:26379", "redis://[::1]:5"]
+        );
+        assert_eq!(url.master, "orders");
+        assert_eq!(
+            url.master_url("10.0.0.9", 6380),
+            "redis://u:p@10.0.0.9:6380/2"
+        );
+        let tls = SentinelUrl::parse("rediss-sentinel://s1:26379#m").unwrap();
+        assert_eq!(tls.sentinels, ["rediss://s1:26379"]);
+        assert_eq!(tls.master_url("::1", 1), "rediss://[::1]:1");
+        for bad in [
+            "redis://a:1#m",
+            "redis-sentinel://a:1",
+            "redis-sentinel://a:1#",
+            "redis-sentinel://#m",
+            "redis-sentinel://a:1/x#m",
+        ] {
+            assert!(SentinelUrl::parse(bad).is_err(), "{bad}");
+        }
+        let err = SentinelUrl::parse("redis-sentinel://u:secret@a:1").unwrap_err();
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn hello_tells_native_compare_and_set() {
+        let hello = |server: &str, version: &str| {
+            Value::Array(vec![
+                Value::BulkString(b"server".to_vec()),
+                Value::BulkString(server.as_bytes().to_vec()),
+                Value::BulkString(b"version".to_vec()),
+                Value::BulkString(version.as_bytes().to_vec()),
+            ])
+        };
+        for (server, version, native) in [
+            ("valkey", "8.1.8", true),
+            ("valkey", "8.0.2", false),
+            ("redis", "7.0.15", false),
+            ("redis", "8.4.0", true),
+            ("keydb", "9.0.0", false),
+        ] {
+            let cas = Cas::new();
+            cas.detect(Some(&hello(server, version)));
+            assert_eq!(
+                cas.server.load(Ordering::Relaxed) == NATIVE,
+                native,
+                "{server} {version}"
+            );
+        }
+        let cas = Cas::new();
+        cas.detect(None);
+        assert!(cas.try_native(), "unknown: the first transition tries IFEQ");
+    }
 }
