@@ -263,3 +263,170 @@ async fn consumption_resumes_by_itself_after_sentinel_fails_the_master_over() {
     );
     queue.delete(&channel).await;
 }
+
+/// A cluster node on a free port, with its cluster bus on another.
+fn cluster_node(extra: &[&str]) -> RedisProcess {
+    let bus = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free port");
+    let mut args: Vec<String> = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-node-timeout",
+        "2000",
+        "--repl-diskless-sync-delay",
+        "0",
+        "--cluster-port",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(bus.to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    RedisProcess::server(&args)
+}
+
+fn cli(args: &[&str]) -> String {
+    let output = std::process::Command::new("redis-cli")
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "redis-cli {args:?}: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+#[tokio::test]
+async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
+    // Three masters, and a replica for the first one.
+    let mut nodes: Vec<RedisProcess> = (0..4).map(|_| cluster_node(&[])).collect();
+    let addr = |node: &RedisProcess| format!("127.0.0.1:{}", node.port);
+    let masters: Vec<String> = nodes[..3].iter().map(addr).collect();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(masters.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+    cli(&create);
+    let first_id = common::redis_cli_at(&nodes[0].url(), &["CLUSTER", "MYID"])
+        .trim()
+        .to_owned();
+    cli(&[
+        "--cluster",
+        "add-node",
+        &addr(&nodes[3]),
+        &masters[0],
+        "--cluster-slave",
+        "--cluster-master-id",
+        &first_id,
+    ]);
+    let ready = common::eventually(Duration::from_secs(30), || {
+        let (first, replica) = (nodes[0].url(), nodes[3].url());
+        async move {
+            // Synced, not only connected: a replica killed mid-sync is
+            // never promoted.
+            common::redis_cli_at(&first, &["INFO", "replication"]).contains("state=online")
+                && common::redis_cli_at(&replica, &["INFO", "replication"])
+                    .contains("master_link_status:up")
+                && common::redis_cli_at(&replica, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+        }
+    })
+    .await;
+    assert!(ready, "the cluster and its replica came up");
+
+    let connection = common::amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = common::declare_queue(&setup, "cluster-failover").await;
+    let config = Config::default()
+        .redis_cluster(nodes.iter().map(RedisProcess::url))
+        .key_prefix(common::unique("p"))
+        .retry_backoff(Duration::from_millis(20));
+    let store = RedisStore::connect_with(&config)
+        .await
+        .expect("connect to the cluster");
+    let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let seen = runs.clone();
+    let service = IdempotencyLayer::new(store, &queue.name, config)
+        .unwrap()
+        .layer(service_fn(move |d: Delivery| {
+            let id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            *seen.lock().unwrap().entry(id).or_default() += 1;
+            async { Ok::<_, HandlerError>(()) }
+        }));
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(16, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let consumer = channel
+        .basic_consume(
+            queue.name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let options = ServeOptions::new()
+        .concurrency(16)
+        .shutdown_on(async move {
+            while !stopped.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .close_channel(channel);
+    let consumer = tokio::spawn(serve(consumer, service, options));
+    const MESSAGES: usize = 600;
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let channel = connection.create_channel().await.unwrap();
+        let (name, published) = (queue.name.clone(), published.clone());
+        tokio::spawn(async move {
+            for n in 0..MESSAGES {
+                let id = format!("c-{n}");
+                common::publish(&channel, &name, id.as_bytes(), Some(&id)).await;
+                published.store(n + 1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    while published.load(Ordering::SeqCst) < MESSAGES / 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first master dies; the cluster promotes its replica.
+    nodes[0].kill();
+    let promoted = common::eventually(Duration::from_secs(30), || {
+        let replica = nodes[3].url();
+        async move { common::redis_cli_at(&replica, &["ROLE"]).starts_with("master") }
+    })
+    .await;
+    assert!(promoted, "the replica was promoted");
+    publisher.await.unwrap();
+    let all_ran = common::eventually(Duration::from_secs(60), || {
+        let runs = runs.clone();
+        async move { runs.lock().unwrap().len() == MESSAGES }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    consumer.await.unwrap().expect("serve");
+    let runs = runs.lock().unwrap().clone();
+    assert!(all_ran, "every message ran: {} of {MESSAGES}", runs.len());
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        twice.is_empty(),
+        "no copy was published twice, so none runs twice: {twice:?}"
+    );
+    let channel = connection.create_channel().await.unwrap();
+    assert_eq!(common::ready_count(&channel, &queue.name).await, 0);
+    assert_eq!(common::ready_count(&channel, &queue.dead).await, 0);
+    queue.delete(&channel).await;
+}

@@ -853,7 +853,18 @@ impl RedisProcess {
             .map(|s| s.to_string())
             .collect();
         args.push(port.to_string());
-        args.extend(["--save", "", "--appendonly", "no", "--dir"].map(String::from));
+        args.extend(
+            [
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--dir",
+            ]
+            .map(String::from),
+        );
         args.push(dir.display().to_string());
         args.extend_from_slice(extra);
         let mut this = Self {
