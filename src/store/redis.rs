@@ -899,7 +899,7 @@ impl RedisStore {
             (!failure.syntax)
                 .then(|| StoreError::new("transition", key, failure.unavailable, failure.message))
         };
-        let mut set = redis::cmd("SET");
+        let mut set = command("SET", 7, key.len() + to.len() + from.len());
         set.arg(key)
             .arg(to)
             .arg("IFEQ")
@@ -965,14 +965,12 @@ async fn write_batches(
 
 /// Sends one batch as one pipeline and answers each request.
 async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
-    let mut pipe = redis::pipe();
+    let mut pipe = redis::Pipeline::with_capacity(batch.len() + 1);
     pipe.ignore_errors();
     let mut replies = Vec::with_capacity(batch.len());
-    let mut commands = Vec::with_capacity(batch.len());
     let mut writes = Vec::with_capacity(batch.len());
     for request in batch {
-        pipe.add_command(request.cmd.clone());
-        commands.push(request.cmd);
+        pipe.add_command(request.cmd);
         writes.push(request.write);
         replies.push(request.reply);
     }
@@ -1036,8 +1034,13 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
         let mut retry = redis::pipe();
         retry.ignore_errors();
         retry.cmd("SCRIPT").arg("LOAD").arg(TRANSITION);
-        for &i in &unknown_script {
-            retry.add_command(commands[i].clone());
+        for command in pipe
+            .cmd_iter()
+            .enumerate()
+            .filter(|(i, _)| unknown_script.contains(i))
+            .map(|(_, command)| command.clone())
+        {
+            retry.add_command(command);
         }
         if let Some(wait) = &wait {
             retry.add_command(wait.clone());
@@ -1365,7 +1368,7 @@ impl Store for RedisStore {
         value: &[u8],
         ttl: Duration,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut cmd = redis::cmd("SET");
+        let mut cmd = command("SET", 7, key.len() + value.len());
         cmd.arg(key)
             .arg(value)
             .arg("NX")
@@ -1415,7 +1418,11 @@ impl Store for RedisStore {
             Expect::ValueOrAbsent(_) => ("a", 0),
             Expect::Expired { grace, .. } => ("e", millis(grace)),
         };
-        let mut cmd = redis::cmd("EVALSHA");
+        let mut cmd = command(
+            "EVALSHA",
+            9,
+            key.len() + from.value().len() + to.map_or(0, <[u8]>::len),
+        );
         cmd.arg(transition_sha())
             .arg(1)
             .arg(key)
@@ -1447,6 +1454,15 @@ impl Store for RedisStore {
         let reply = self.send("probe", key, cmd).await?;
         parse::<String>("probe", key, reply).map(drop)
     }
+}
+
+/// A command named `name` with room for `args` arguments and `bytes` of
+/// keys and values besides the short ones: one allocation each instead of
+/// one per argument.
+fn command(name: &str, args: usize, bytes: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(args, bytes + 64);
+    cmd.arg(name);
+    cmd
 }
 
 /// The SHA1 of [`TRANSITION`], computed once.
