@@ -118,8 +118,8 @@ pub struct RedisStore {
 enum Route {
     /// Through the writer task, in pipelines.
     Pipelined(mpsc::UnboundedSender<Request>),
-    /// One by one through the cluster client.
-    Cluster(Arc<ClusterLink>),
+    /// Through the cluster writer task, in one pipeline per master.
+    Cluster(mpsc::UnboundedSender<Request>),
 }
 
 /// Whether transitions use `SET ... IFEQ`.
@@ -217,6 +217,9 @@ struct Link {
 struct ClusterLink {
     client: redis::cluster::ClusterClient,
     replication: Replication,
+    /// Which master serves which slots (`CLUSTER SLOTS`), learnt again
+    /// after a redirection or a failed pipeline.
+    slots: std::sync::Mutex<Option<Arc<SlotMap>>>,
     shown: String,
     current: Mutex<Option<ClusterConnection>>,
     cas: Arc<Cas>,
@@ -579,6 +582,8 @@ struct Stats {
 
 struct Request {
     cmd: Cmd,
+    /// The cluster slot of its key (unused on a standalone server).
+    slot: u16,
     /// A write, which `WAIT` must see replicated (when asked to).
     write: bool,
     reply: oneshot::Sender<Result<Value, Failure>>,
@@ -665,7 +670,7 @@ impl std::fmt::Debug for RedisStore {
                 "deployment",
                 &match self.route {
                     Route::Pipelined(_) => "standalone",
-                    Route::Cluster(_) => "cluster",
+                    Route::Cluster(..) => "cluster",
                 },
             )
             .field("native_compare_and_set", &self.native_compare_and_set())
@@ -775,13 +780,21 @@ impl RedisStore {
                 .join(","),
             current: Mutex::new(None),
             cas: Arc::clone(&cas),
+            slots: std::sync::Mutex::new(None),
         };
         link.get()
             .await
             .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
+        let link = Arc::new(link);
+        let stats = Arc::new(Stats::default());
+        let (requests, queue) = mpsc::unbounded_channel();
+        let (writer, counted) = (Arc::clone(&link), Arc::clone(&stats));
+        tokio::spawn(write_batches(queue, move |batch| {
+            send_cluster_batch(Arc::clone(&writer), batch, Arc::clone(&counted))
+        }));
         Ok(Self {
-            route: Route::Cluster(Arc::new(link)),
-            stats: Arc::new(Stats::default()),
+            route: Route::Cluster(requests),
+            stats,
             cas,
         })
     }
@@ -805,7 +818,10 @@ impl RedisStore {
     fn start(link: Link, cas: Arc<Cas>) -> Self {
         let stats = Arc::new(Stats::default());
         let (requests, queue) = mpsc::unbounded_channel();
-        tokio::spawn(write_batches(Arc::new(link), queue, Arc::clone(&stats)));
+        let (writer, counted) = (Arc::new(link), Arc::clone(&stats));
+        tokio::spawn(write_batches(queue, move |batch| {
+            send_batch(Arc::clone(&writer), batch, Arc::clone(&counted))
+        }));
         Self {
             route: Route::Pipelined(requests),
             stats,
@@ -839,9 +855,13 @@ impl RedisStore {
         self.stats.commands.load(Ordering::Relaxed)
     }
 
-    async fn request(&self, cmd: Cmd, write: bool) -> Result<Value, Failure> {
+    async fn request(&self, key: &str, cmd: Cmd, write: bool) -> Result<Value, Failure> {
         match &self.route {
-            Route::Pipelined(requests) => {
+            Route::Pipelined(requests) | Route::Cluster(requests) => {
+                let slot = match self.route {
+                    Route::Cluster(_) => crate::fingerprint::cluster_slot(key),
+                    Route::Pipelined(_) => 0,
+                };
                 let (reply, answer) = oneshot::channel();
                 let gone = || {
                     Failure::unavailable(
@@ -849,24 +869,14 @@ impl RedisStore {
                     )
                 };
                 requests
-                    .send(Request { cmd, write, reply })
+                    .send(Request {
+                        cmd,
+                        slot,
+                        write,
+                        reply,
+                    })
                     .map_err(|_| gone())?;
                 answer.await.map_err(|_| gone())?
-            }
-            Route::Cluster(link) => {
-                self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
-                self.stats.commands.fetch_add(1, Ordering::Relaxed);
-                match link.query(&cmd, write).await {
-                    Err(failure) if failure.noscript => {
-                        // A node restarted, or a new master after a
-                        // failover: load the script everywhere and retry.
-                        let mut load = redis::cmd("SCRIPT");
-                        load.arg("LOAD").arg(TRANSITION);
-                        link.query(&load, false).await?;
-                        link.query(&cmd, write).await
-                    }
-                    other => other,
-                }
             }
         }
     }
@@ -878,7 +888,7 @@ impl RedisStore {
         cmd: Cmd,
     ) -> Result<Value, StoreError> {
         let write = !matches!(operation, "get");
-        self.request(cmd, write).await.map_err(|failure| {
+        self.request(key, cmd, write).await.map_err(|failure| {
             StoreError::new(operation, key, failure.unavailable, failure.message)
         })
     }
@@ -906,7 +916,7 @@ impl RedisStore {
             .arg(from)
             .arg("PX")
             .arg(millis(ttl));
-        if self.request(set, true).await.map_err(named)? != Value::Nil {
+        if self.request(key, set, true).await.map_err(named)? != Value::Nil {
             return Ok(true);
         }
         let current: Option<Vec<u8>> = if or_absent {
@@ -919,7 +929,7 @@ impl RedisStore {
                 .arg("PX")
                 .arg(millis(ttl))
                 .arg("GET");
-            let reply = self.request(create, true).await.map_err(named)?;
+            let reply = self.request(key, create, true).await.map_err(named)?;
             match parse::<Option<Vec<u8>>>("transition", key, reply).map_err(Some)? {
                 None => return Ok(true),
                 found => found,
@@ -927,7 +937,7 @@ impl RedisStore {
         } else {
             let mut get = redis::cmd("GET");
             get.arg(key);
-            let reply = self.request(get, false).await.map_err(named)?;
+            let reply = self.request(key, get, false).await.map_err(named)?;
             parse("transition", key, reply).map_err(Some)?
         };
         Ok(current.as_deref() == Some(to))
@@ -937,11 +947,11 @@ impl RedisStore {
 /// Sends every waiting request as one pipeline. Up to [`MAX_IN_FLIGHT`]
 /// pipelines travel at once on the multiplexed connection, so a request
 /// never waits for an unrelated pipeline's replies before it is sent.
-async fn write_batches(
-    link: Arc<Link>,
-    mut queue: mpsc::UnboundedReceiver<Request>,
-    stats: Arc<Stats>,
-) {
+async fn write_batches<F, Fut>(mut queue: mpsc::UnboundedReceiver<Request>, send: F)
+where
+    F: Fn(Vec<Request>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -955,7 +965,7 @@ async fn write_batches(
                         Err(_) => break,
                     }
                 }
-                in_flight.push(send_batch(Arc::clone(&link), batch, Arc::clone(&stats)));
+                in_flight.push(send(batch));
             }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
         }
@@ -1108,6 +1118,229 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
             (answer, _) => answer.map_err(failure),
         };
         let _ = reply.send(answer);
+    }
+}
+
+/// The masters of a cluster by slot range: `(first, last, host, port)`.
+struct SlotMap(Vec<(u16, u16, String, u16)>);
+
+impl SlotMap {
+    /// Parses a `CLUSTER SLOTS` reply (masters only; a range whose master
+    /// has no usable address is left out: its requests travel alone).
+    fn parse(reply: &Value) -> Option<Self> {
+        let Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut map = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let Value::Array(fields) = range else {
+                continue;
+            };
+            let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                continue;
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
+                Some(Value::SimpleString(host)) => host.clone(),
+                _ => continue,
+            };
+            let (Ok(first), Ok(last), Some(Value::Int(port))) =
+                (u16::try_from(*first), u16::try_from(*last), master.get(1))
+            else {
+                continue;
+            };
+            if host.is_empty() || host == "?" {
+                continue;
+            }
+            if let Ok(port) = u16::try_from(*port) {
+                map.push((first, last, host, port));
+            }
+        }
+        Some(Self(map))
+    }
+
+    fn node(&self, slot: u16) -> Option<(&str, u16)> {
+        self.0
+            .iter()
+            .find(|(first, last, ..)| (*first..=*last).contains(&slot))
+            .map(|(_, _, host, port)| (host.as_str(), *port))
+    }
+}
+
+impl ClusterLink {
+    /// The slot map, asked for when unknown; `None` when the cluster does
+    /// not answer (requests then travel alone, routed by the client).
+    async fn slot_map(&self) -> Option<Arc<SlotMap>> {
+        if let Some(map) = self.slots.lock().ok()?.as_ref() {
+            return Some(Arc::clone(map));
+        }
+        let mut slots = redis::cmd("CLUSTER");
+        slots.arg("SLOTS");
+        let map = Arc::new(SlotMap::parse(&self.query(&slots, false).await.ok()?)?);
+        *self.slots.lock().ok()? = Some(Arc::clone(&map));
+        Some(map)
+    }
+
+    /// Forgets the slot map after a redirection or a failed node.
+    fn forget_slots(&self) {
+        if let Ok(mut slots) = self.slots.lock() {
+            *slots = None;
+        }
+    }
+}
+
+/// Sends a cluster batch: one pipeline per master (its writes followed by
+/// one `WAIT` when replicas are asked for), requests whose master is not
+/// known alone. A request redirected meanwhile (MOVED, ASK: a reshard or a
+/// failover) is sent again alone, which follows the redirection, and the
+/// slot map is learnt again.
+async fn send_cluster_batch(link: Arc<ClusterLink>, batch: Vec<Request>, stats: Arc<Stats>) {
+    let map = link.slot_map().await;
+    let mut groups: Vec<((String, u16), Vec<Request>)> = Vec::new();
+    let mut alone = Vec::new();
+    for request in batch {
+        match map.as_ref().and_then(|map| map.node(request.slot)) {
+            Some((host, port)) => match groups
+                .iter_mut()
+                .find(|((h, p), _)| h == host && *p == port)
+            {
+                Some((_, group)) => group.push(request),
+                None => groups.push(((host.to_owned(), port), vec![request])),
+            },
+            None => alone.push(request),
+        }
+    }
+    let mut sends: FuturesUnordered<
+        std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    > = FuturesUnordered::new();
+    for ((host, port), requests) in groups {
+        sends.push(Box::pin(send_to_node(
+            Arc::clone(&link),
+            host,
+            port,
+            requests,
+            Arc::clone(&stats),
+        )));
+    }
+    for request in alone {
+        let (link, stats) = (Arc::clone(&link), Arc::clone(&stats));
+        sends.push(Box::pin(async move {
+            let answer = send_alone(&link, &request, &stats).await;
+            let _ = request.reply.send(answer);
+        }));
+    }
+    while sends.next().await.is_some() {}
+}
+
+/// One request through the cluster client's own routing.
+async fn send_alone(
+    link: &ClusterLink,
+    request: &Request,
+    stats: &Stats,
+) -> Result<Value, Failure> {
+    stats.round_trips.fetch_add(1, Ordering::Relaxed);
+    stats.commands.fetch_add(1, Ordering::Relaxed);
+    match link.query(&request.cmd, request.write).await {
+        Err(failure) if failure.noscript => {
+            // A node restarted, or a new master after a failover: load the
+            // script everywhere and try again.
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(TRANSITION);
+            link.query(&load, false).await?;
+            link.query(&request.cmd, request.write).await
+        }
+        other => other,
+    }
+}
+
+/// The requests whose keys `host:port` serves, as one pipeline.
+async fn send_to_node(
+    link: Arc<ClusterLink>,
+    host: String,
+    port: u16,
+    requests: Vec<Request>,
+    stats: Arc<Stats>,
+) {
+    let mut pipe = redis::Pipeline::with_capacity(requests.len() + 1);
+    for request in &requests {
+        pipe.add_command(request.cmd.clone());
+    }
+    let wait = link
+        .replication
+        .wait()
+        .filter(|_| requests.iter().any(|request| request.write));
+    if let Some(wait) = &wait {
+        pipe.add_command(wait.clone());
+    }
+    let expected = pipe.len();
+    stats.round_trips.fetch_add(1, Ordering::Relaxed);
+    stats.commands.fetch_add(expected as u64, Ordering::Relaxed);
+    let sent = async {
+        let mut connection = link.get().await?;
+        let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+            host: host.clone(),
+            port,
+        };
+        tokio::time::timeout(
+            2 * RedisStore::RESPONSE_TIMEOUT + link.replication.timeout,
+            connection.route_pipeline(pipe, 0, expected, route),
+        )
+        .await
+        .map_err(|_| {
+            Failure::unavailable(format!(
+                "the Redis Cluster node {host}:{port} did not answer within {:?}",
+                2 * RedisStore::RESPONSE_TIMEOUT + link.replication.timeout
+            ))
+        })?
+        .map_err(failure)
+    };
+    let mut answers = match sent.await {
+        Ok(answers) if answers.len() == expected => answers,
+        Ok(_) | Err(_) => {
+            // The node failed, or answered oddly (a failover under way?):
+            // learn the map again and let the client route each request.
+            link.forget_slots();
+            for request in requests {
+                let answer = send_alone(&link, &request, &stats).await;
+                let _ = request.reply.send(answer);
+            }
+            return;
+        }
+    };
+    let shortfall = match wait {
+        Some(_) => answers
+            .pop()
+            .and_then(|waited| link.replication.shortfall(&Ok(waited))),
+        None => None,
+    };
+    for (request, answer) in requests.into_iter().zip(answers) {
+        let answer = match answer {
+            Value::ServerError(err) => {
+                let err = RedisError::from(err);
+                if matches!(err.code(), Some("MOVED" | "ASK" | "NOSCRIPT" | "TRYAGAIN")) {
+                    // Not run here: the slot moved, or the node lost the
+                    // script. Alone, the client follows the redirection.
+                    if err.code() != Some("NOSCRIPT") {
+                        link.forget_slots();
+                    }
+                    send_alone(&link, &request, &stats).await
+                } else {
+                    Err(failure(err))
+                }
+            }
+            answer => match &shortfall {
+                Some(short) if request.write => Err(Failure {
+                    unavailable: true,
+                    syntax: false,
+                    noscript: false,
+                    message: short.message.clone(),
+                }),
+                _ => Ok(answer),
+            },
+        };
+        let _ = request.reply.send(answer);
     }
 }
 
