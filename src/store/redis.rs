@@ -1,8 +1,8 @@
 //! The Redis store: one key per message, compare-and-set on that key alone
 //! (natively with `SET ... IFEQ` where the server has it, by a token-checked
-//! script elsewhere), and, on a standalone server, every request that is
-//! waiting sent together as one pipeline. On Redis Cluster each request
-//! goes to its key's master through redis-rs's cluster client.
+//! script elsewhere), and every request that is waiting sent together as
+//! one pipeline: to the server, or on Redis Cluster one pipeline to each
+//! master, with redis-rs's cluster client following redirections.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -80,11 +80,13 @@ const MAX_IN_FLIGHT: usize = 4;
 /// trip. No timer is involved: a lone request is sent at once.
 ///
 /// **Cluster** ([`connect_cluster`](Self::connect_cluster),
-/// `REDIS_CLUSTER_NODES`): each request goes to its key's master through
-/// redis-rs's cluster client, which follows MOVED and ASK redirections,
-/// a failed-over master and a resharded slot; requests to one node travel
-/// together on its multiplexed connection. A request that fails during a
-/// reshard or failover counts as unanswered and is retried like any other.
+/// `REDIS_CLUSTER_NODES`): the requests that wait together travel as one
+/// pipeline per master, found from the `CLUSTER SLOTS` map. A request
+/// redirected meanwhile (MOVED, ASK: a resharded slot, a failed-over
+/// master) is sent again alone through redis-rs's cluster client, which
+/// follows the redirection, and the map is learnt again. A request that
+/// fails during a reshard or failover counts as unanswered and is retried
+/// like any other.
 ///
 /// Every request touches one key. The transitions after a claim compare
 /// the whole stored value first: natively (`SET key new IFEQ old`) on
