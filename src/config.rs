@@ -120,6 +120,8 @@ pub struct Config {
     pub(crate) verify_payload: bool,
     pub(crate) max_body_bytes: Option<usize>,
     pub(crate) consumer_timeout: Duration,
+    pub(crate) min_replicas: u32,
+    pub(crate) replica_timeout: Duration,
     pub(crate) dead_letters: DeadLetterTarget,
     pub(crate) redis_tls: TlsFiles,
     pub(crate) amqp_tls: TlsFiles,
@@ -146,6 +148,8 @@ impl Default for Config {
             verify_payload: true,
             max_body_bytes: None,
             consumer_timeout: Duration::from_secs(30 * 60),
+            min_replicas: 0,
+            replica_timeout: Duration::from_secs(1),
             dead_letters: DeadLetterTarget::default(),
             redis_tls: TlsFiles::default(),
             amqp_tls: TlsFiles::default(),
@@ -176,6 +180,8 @@ impl std::fmt::Debug for Config {
             verify_payload,
             max_body_bytes,
             consumer_timeout,
+            min_replicas,
+            replica_timeout,
             dead_letters,
             redis_tls,
             amqp_tls,
@@ -202,6 +208,8 @@ impl std::fmt::Debug for Config {
             .field("verify_payload", verify_payload)
             .field("max_body_bytes", max_body_bytes)
             .field("consumer_timeout", consumer_timeout)
+            .field("min_replicas", min_replicas)
+            .field("replica_timeout", replica_timeout)
             .field("dead_letters", dead_letters)
             .field("redis_tls", redis_tls)
             .field("amqp_tls", amqp_tls)
@@ -285,6 +293,22 @@ impl Config {
         }
         duration("IDEMPOTENCY_RETRY_BACKOFF", &mut config.retry_backoff)?;
         duration("IDEMPOTENCY_CONSUMER_TIMEOUT", &mut config.consumer_timeout)?;
+        duration("IDEMPOTENCY_REPLICA_TIMEOUT", &mut config.replica_timeout)?;
+        if let Some(value) = get("IDEMPOTENCY_MIN_REPLICAS") {
+            config.min_replicas =
+                value
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= 100)
+                    .ok_or_else(|| {
+                        ConfigError::invalid(
+                            "IDEMPOTENCY_MIN_REPLICAS",
+                            &value,
+                            "an integer from 0 (do not wait for replicas) to 100",
+                        )
+                    })?;
+        }
         duration(
             "IDEMPOTENCY_RETRY_BACKOFF_MAX",
             &mut config.retry_backoff_max,
@@ -496,6 +520,20 @@ impl Config {
                 bound("a delay (a failed delivery is held during its backoff)"),
             ));
         }
+        if self.min_replicas > 100 {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_MIN_REPLICAS",
+                self.min_replicas.to_string(),
+                "an integer from 0 (do not wait for replicas) to 100",
+            ));
+        }
+        if self.replica_timeout.is_zero() || self.replica_timeout > Duration::from_secs(10) {
+            return Err(ConfigError::invalid(
+                "IDEMPOTENCY_REPLICA_TIMEOUT",
+                secs(self.replica_timeout),
+                "a duration from 1ms to 10s (how long WAIT waits for the replicas)",
+            ));
+        }
         if self.prefetch == 0 {
             return Err(ConfigError::invalid(
                 "IDEMPOTENCY_PREFETCH",
@@ -519,6 +557,13 @@ impl Config {
                      `redis://10.0.0.1:7000,redis://10.0.0.2:7000`",
                 ));
             }
+        }
+        if self.redis_url.starts_with("redis-sentinel://")
+            || self.redis_url.starts_with("rediss-sentinel://")
+        {
+            crate::store::SentinelUrl::parse(&self.redis_url).map_err(|problem| {
+                ConfigError::invalid("REDIS_URL", redact_url(&self.redis_url), problem)
+            })?;
         }
         let redis_url = self.redis_cluster_nodes.first().unwrap_or(&self.redis_url);
         for (side, url, files) in [
@@ -566,6 +611,29 @@ impl Config {
     {
         self.redis_cluster_nodes = nodes.into_iter().map(Into::into).collect();
         self
+    }
+
+    /// Replicas that must hold each write before the store answers
+    /// (`IDEMPOTENCY_MIN_REPLICAS`, default 0: do not wait). With N > 0 the
+    /// store sends `WAIT N` after its writes; a claim or done mark that
+    /// fewer replicas confirm within [`replica_timeout`](Self::replica_timeout)
+    /// counts as unanswered: the message is held and the write retried,
+    /// never acked on a mark a failover could lose.
+    pub fn min_replicas(mut self, replicas: u32) -> Self {
+        self.min_replicas = replicas;
+        self
+    }
+
+    /// How long `WAIT` waits for the replicas (`IDEMPOTENCY_REPLICA_TIMEOUT`,
+    /// default `1s`, at most `10s`).
+    pub fn replica_timeout(mut self, timeout: Duration) -> Self {
+        self.replica_timeout = timeout;
+        self
+    }
+
+    /// The replicas each write must reach, and how long to wait for them.
+    pub fn replication(&self) -> (u32, Duration) {
+        (self.min_replicas, self.replica_timeout)
     }
 
     /// Broker URL (`AMQP_URL`).
@@ -1162,5 +1230,42 @@ mod tests {
         assert_eq!(config.backoff(2), Duration::from_millis(200));
         assert_eq!(config.backoff(3), Duration::from_millis(350));
         assert_eq!(config.backoff(60), Duration::from_millis(350));
+    }
+
+    #[test]
+    fn cluster_sentinel_and_replica_settings_are_read_and_checked() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let both = Config::from_lookup(env(&[
+            ("REDIS_URL", "redis://a:1"),
+            ("REDIS_CLUSTER_NODES", "redis://b:2"),
+        ]))
+        .unwrap_err();
+        assert_eq!(both.variable(), "REDIS_CLUSTER_NODES");
+        let cluster =
+            Config::from_lookup(env(&[("REDIS_CLUSTER_NODES", "redis://b:2, redis://c:3")]))
+                .unwrap();
+        assert_eq!(
+            cluster.redis_cluster_nodes(),
+            ["redis://b:2", "redis://c:3"]
+        );
+        let sentinel = Config::from_lookup(env(&[
+            ("REDIS_URL", "redis-sentinel://s1:26379,s2:26379#orders"),
+            ("IDEMPOTENCY_MIN_REPLICAS", "1"),
+            ("IDEMPOTENCY_REPLICA_TIMEOUT", "250ms"),
+        ]))
+        .unwrap();
+        assert_eq!(sentinel.replication(), (1, Duration::from_millis(250)));
+        let no_master =
+            Config::from_lookup(env(&[("REDIS_URL", "redis-sentinel://s1:26379")])).unwrap_err();
+        assert_eq!(no_master.variable(), "REDIS_URL");
+        let bad = Config::from_lookup(env(&[("IDEMPOTENCY_MIN_REPLICAS", "two")])).unwrap_err();
+        assert_eq!(bad.variable(), "IDEMPOTENCY_MIN_REPLICAS");
     }
 }

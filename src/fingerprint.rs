@@ -210,6 +210,24 @@ pub fn hash_tag(key: &str) -> Option<&str> {
     (close > 0).then(|| &rest[..close])
 }
 
+/// Redis Cluster's slot of `key`: CRC16 (XMODEM) of its hash tag, or of
+/// the whole key, modulo 16384.
+pub(crate) fn cluster_slot(key: &str) -> u16 {
+    let bytes = hash_tag(key).unwrap_or(key).as_bytes();
+    let mut crc: u16 = 0;
+    for byte in bytes {
+        crc ^= u16::from(*byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
 /// A scope as it appears in a key: `%`, `:`, `{` and `}` escaped.
 fn escape_scope(scope: &str) -> std::borrow::Cow<'_, str> {
     if scope.contains(['{', '}']) {
@@ -387,24 +405,16 @@ mod tests {
         }
         assert_eq!(record_key("idem", "q{1}", "f"), "idem:q%7B1%7D:f");
         assert!(record_key("idem", "orders", "}z").starts_with("idem:orders:hashed-"));
+        // The slots Redis documents.
+        assert_eq!(cluster_slot("foo"), 12182);
+        assert_eq!(
+            cluster_slot("{user1000}.following"),
+            cluster_slot("user1000")
+        );
     }
 
-    /// Redis Cluster's slot of a key: CRC16 (XMODEM) of its hash tag or of
-    /// the whole key, modulo 16384.
     fn slot_of(key: &str) -> u16 {
-        let bytes = hash_tag(key).unwrap_or(key).as_bytes();
-        let mut crc: u16 = 0;
-        for byte in bytes {
-            crc ^= u16::from(*byte) << 8;
-            for _ in 0..8 {
-                crc = if crc & 0x8000 != 0 {
-                    (crc << 1) ^ 0x1021
-                } else {
-                    crc << 1
-                };
-            }
-        }
-        crc % 16384
+        cluster_slot(key)
     }
 
     #[test]

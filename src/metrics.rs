@@ -52,6 +52,9 @@ pub const STORE_REFUSED: &str = "idempotency_store_refused_total";
 pub const HANDLER_SETTLED: &str = "idempotency_handler_settled_total";
 /// Store latency in seconds, labelled by `operation`.
 pub const STORE_SECONDS: &str = "idempotency_store_seconds";
+/// Writes that fewer replicas confirmed than `IDEMPOTENCY_MIN_REPLICAS`
+/// asks for (each is retried; its message is held meanwhile).
+pub const UNREPLICATED: &str = "idempotency_unreplicated_writes_total";
 
 /// Counts the layer's outcome.
 pub(crate) fn outcome(kind: OutcomeKind) {
@@ -92,4 +95,9 @@ pub(crate) fn store_error(operation: &'static str) {
 pub(crate) fn store_latency(operation: &'static str, started: Instant) {
     metrics::histogram!(STORE_SECONDS, "operation" => operation)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// A write that fewer replicas confirmed than asked for.
+pub(crate) fn unreplicated() {
+    metrics::counter!(UNREPLICATED).increment(1);
 }

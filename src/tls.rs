@@ -220,7 +220,11 @@ impl Side {
     pub(crate) fn is_tls_url(self, url: &str) -> bool {
         let url = url.trim_start().to_ascii_lowercase();
         match self {
-            Side::Redis => url.starts_with("rediss://") || url.starts_with("valkeys://"),
+            Side::Redis => {
+                url.starts_with("rediss://")
+                    || url.starts_with("valkeys://")
+                    || url.starts_with("rediss-sentinel://")
+            }
             Side::Amqp => url.starts_with("amqps://"),
         }
     }

@@ -71,6 +71,7 @@ mod memory;
 mod redis;
 
 pub use self::memory::MemoryStore;
+pub(crate) use self::redis::SentinelUrl;
 pub use self::redis::{RedisStore, redis_client};
 
 /// How often an unanswered insert is retried with the same token.

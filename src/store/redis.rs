@@ -1,8 +1,8 @@
 //! The Redis store: one key per message, compare-and-set on that key alone
 //! (natively with `SET ... IFEQ` where the server has it, by a token-checked
-//! script elsewhere), and, on a standalone server, every request that is
-//! waiting sent together as one pipeline. On Redis Cluster each request
-//! goes to its key's master through redis-rs's cluster client.
+//! script elsewhere), and every request that is waiting sent together as
+//! one pipeline: to the server, or on Redis Cluster one pipeline to each
+//! master, with redis-rs's cluster client following redirections.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -80,11 +80,13 @@ const MAX_IN_FLIGHT: usize = 4;
 /// trip. No timer is involved: a lone request is sent at once.
 ///
 /// **Cluster** ([`connect_cluster`](Self::connect_cluster),
-/// `REDIS_CLUSTER_NODES`): each request goes to its key's master through
-/// redis-rs's cluster client, which follows MOVED and ASK redirections,
-/// a failed-over master and a resharded slot; requests to one node travel
-/// together on its multiplexed connection. A request that fails during a
-/// reshard or failover counts as unanswered and is retried like any other.
+/// `REDIS_CLUSTER_NODES`): the requests that wait together travel as one
+/// pipeline per master, found from the `CLUSTER SLOTS` map. A request
+/// redirected meanwhile (MOVED, ASK: a resharded slot, a failed-over
+/// master) is sent again alone through redis-rs's cluster client, which
+/// follows the redirection, and the map is learnt again. A request that
+/// fails during a reshard or failover counts as unanswered and is retried
+/// like any other.
 ///
 /// Every request touches one key. The transitions after a claim compare
 /// the whole stored value first: natively (`SET key new IFEQ old`) on
@@ -118,8 +120,8 @@ pub struct RedisStore {
 enum Route {
     /// Through the writer task, in pipelines.
     Pipelined(mpsc::UnboundedSender<Request>),
-    /// One by one through the cluster client.
-    Cluster(Arc<ClusterLink>),
+    /// Through the cluster writer task, in one pipeline per master.
+    Cluster(mpsc::UnboundedSender<Request>),
 }
 
 /// Whether transitions use `SET ... IFEQ`.
@@ -205,6 +207,7 @@ fn server_of(hello: &Value) -> Option<(String, String)> {
 /// failed on an old connection does not throw away the new one.
 struct Link {
     client: Source,
+    replication: Replication,
     config: AsyncConnectionConfig,
     shown: String,
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
@@ -215,6 +218,10 @@ struct Link {
 /// The cluster client's connection, made again after it failed.
 struct ClusterLink {
     client: redis::cluster::ClusterClient,
+    replication: Replication,
+    /// Which master serves which slots (`CLUSTER SLOTS`), learnt again
+    /// after a redirection or a failed pipeline.
+    slots: std::sync::Mutex<Option<Arc<SlotMap>>>,
     shown: String,
     current: Mutex<Option<ClusterConnection>>,
     cas: Arc<Cas>,
@@ -265,15 +272,34 @@ impl ClusterLink {
         *self.current.lock().await = None;
     }
 
-    async fn query(&self, cmd: &Cmd) -> Result<Value, Failure> {
+    async fn query(&self, cmd: &Cmd, write: bool) -> Result<Value, Failure> {
         let mut connection = self.get().await?;
+        let wait = self.replication.wait().filter(|_| write);
         let sent = tokio::time::timeout(
-            2 * RedisStore::RESPONSE_TIMEOUT,
-            cmd.query_async::<Value>(&mut connection),
+            2 * RedisStore::RESPONSE_TIMEOUT + self.replication.timeout,
+            async {
+                let Some(wait) = wait else {
+                    return cmd.query_async::<Value>(&mut connection).await.map(Ok);
+                };
+                // WAIT goes to the node of the write, as the pipeline's route.
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors()
+                    .add_command(cmd.clone())
+                    .add_command(wait);
+                let mut replies: Vec<redis::RedisResult<Value>> =
+                    pipe.query_async(&mut connection).await?;
+                let waited = replies.pop().unwrap_or(Ok(Value::Nil));
+                let reply = replies.pop().unwrap_or(Ok(Value::Nil))?;
+                Ok(match self.replication.shortfall(&waited) {
+                    Some(failure) => Err(failure),
+                    None => Ok(reply),
+                })
+            },
         )
         .await;
         match sent {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(failure))) => Err(failure),
             Ok(Err(err)) => {
                 if breaks_connection(&err) && !err.is_timeout() {
                     self.discard().await;
@@ -300,15 +326,143 @@ enum Source {
         tls: TlsFiles,
         host: String,
     },
+    /// The master that Redis Sentinel names, asked again for every
+    /// connection, so that a failover is followed.
+    Sentinel(SentinelUrl),
+}
+
+/// A `redis-sentinel://` URL, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SentinelUrl {
+    /// `redis://host:port` (or `rediss://`) of each sentinel.
+    pub(crate) sentinels: Vec<String>,
+    /// The monitored master's name.
+    pub(crate) master: String,
+    /// `user:password@` for the master, or "".
+    userinfo: String,
+    /// `/db`, or "".
+    db: String,
+    tls: bool,
+    tls_files: TlsFiles,
+}
+
+impl SentinelUrl {
+    /// Parses `redis-sentinel://[user:password@]host:port[,host:port...][/db]#master`
+    /// (`rediss-sentinel://` for TLS); the message says what is wrong.
+    pub(crate) fn parse(url: &str) -> Result<Self, String> {
+        let shown = redact_url(url);
+        let expected = "expected redis-sentinel://[user:password@]host:port[,host:port...][/db]#master-name \
+                        (rediss-sentinel:// for TLS); set REDIS_URL";
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("redis-sentinel://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("rediss-sentinel://") {
+            (true, rest)
+        } else {
+            return Err(format!("`{shown}` is not a Sentinel URL; {expected}"));
+        };
+        let (rest, master) = rest
+            .rsplit_once('#')
+            .filter(|(_, master)| !master.is_empty())
+            .ok_or_else(|| format!("`{shown}` names no master after `#`; {expected}"))?;
+        let (userinfo, hosts) = match rest.rsplit_once('@') {
+            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let (hosts, db) = match hosts.split_once('/') {
+            Some((hosts, "")) => (hosts, String::new()),
+            Some((hosts, db)) if db.parse::<u16>().is_ok() => (hosts, format!("/{db}")),
+            Some(_) => {
+                return Err(format!(
+                    "`{shown}` has a database that is not a number; {expected}"
+                ));
+            }
+            None => (hosts, String::new()),
+        };
+        let scheme = if tls { "rediss" } else { "redis" };
+        let mut sentinels = Vec::new();
+        for host in hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|host| !host.is_empty())
+        {
+            let has_port = host
+                .rsplit_once(':')
+                .is_some_and(|(name, port)| !name.ends_with(':') && port.parse::<u16>().is_ok())
+                && !host.ends_with(']');
+            let sentinel = if has_port {
+                format!("{scheme}://{host}")
+            } else {
+                format!("{scheme}://{host}:26379")
+            };
+            redis::IntoConnectionInfo::into_connection_info(sentinel.as_str()).map_err(|err| {
+                format!("`{host}` in `{shown}` is not a host:port ({err}); {expected}")
+            })?;
+            sentinels.push(sentinel);
+        }
+        if sentinels.is_empty() {
+            return Err(format!("`{shown}` names no sentinel; {expected}"));
+        }
+        Ok(Self {
+            sentinels,
+            master: master.to_owned(),
+            userinfo,
+            db,
+            tls,
+            tls_files: TlsFiles::default(),
+        })
+    }
+
+    /// The URL of the master at `host:port`, with the credentials and database.
+    fn master_url(&self, host: &str, port: u16) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        format!("{scheme}://{}{host}:{port}{}", self.userinfo, self.db)
+    }
+
+    /// Asks each sentinel in turn where the master is; the first answer wins.
+    async fn master(&self, config: &AsyncConnectionConfig) -> Result<String, String> {
+        let mut problems = Vec::new();
+        for sentinel in &self.sentinels {
+            let asked = async {
+                let client = client_for(sentinel, &self.tls_files)?;
+                let mut connection = client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+                    .map_err(|err| err.to_string())?;
+                let reply: Option<(String, u16)> = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.master)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|err| err.to_string())?;
+                reply.ok_or_else(|| format!("it monitors no master named `{}`", self.master))
+            };
+            match asked.await {
+                Ok((host, port)) => return Ok(self.master_url(&host, port)),
+                Err(problem) => problems.push(format!("{}: {problem}", redact_url(sentinel))),
+            }
+        }
+        Err(format!(
+            "no sentinel named the master `{}` ({}); are the sentinels up, and is the name \
+             after `#` in REDIS_URL the one in their `sentinel monitor` line?",
+            self.master,
+            problems.join("; ")
+        ))
+    }
 }
 
 impl Link {
-    fn new(client: Source, shown: String, cas: Arc<Cas>) -> Self {
+    fn new(client: Source, shown: String, cas: Arc<Cas>, replication: Replication) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(RedisStore::RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(RedisStore::RESPONSE_TIMEOUT));
+            .set_response_timeout(Some(RedisStore::RESPONSE_TIMEOUT + replication.timeout));
         Self {
             client,
+            replication,
             config,
             shown,
             current: Mutex::new(None),
@@ -324,8 +478,25 @@ impl Link {
             return Ok((*generation, connection.clone()));
         }
         let built;
+        let sentinel_master;
         let (client, tls_files, host) = match &self.client {
             Source::Fixed(client) => (client, None, ""),
+            Source::Sentinel(sentinel) => {
+                let url = sentinel.master(&self.config).await.map_err(|err| {
+                    Failure::unavailable(format!(
+                        "cannot connect to Redis at {}: {err}",
+                        self.shown
+                    ))
+                })?;
+                built = client_for(&url, &sentinel.tls_files).map_err(|err| {
+                    Failure::unavailable(format!(
+                        "cannot connect to Redis at {}: {err}",
+                        self.shown
+                    ))
+                })?;
+                sentinel_master = host_of(&url);
+                (&built, Some(&sentinel.tls_files), sentinel_master.as_str())
+            }
             Source::Config { url, tls, host } => {
                 built = client_for(url, tls).map_err(|err| {
                     Failure::unavailable(format!(
@@ -367,9 +538,24 @@ impl Link {
                 );
                 failure
             })?;
+        let mut probe = connection.clone();
+        if matches!(self.client, Source::Sentinel(_)) {
+            // Right after a failover a sentinel may still name the old
+            // master, now a replica: writing there would fail, so look again.
+            let role: Vec<Value> = redis::cmd("ROLE")
+                .query_async(&mut probe)
+                .await
+                .map_err(failure)?;
+            if !matches!(role.first(), Some(Value::BulkString(role)) if role == b"master") {
+                return Err(Failure::unavailable(format!(
+                    "the server the sentinels named for {} is not a master (a failover is under \
+                     way); trying again",
+                    self.shown
+                )));
+            }
+        }
         // Which compare-and-set this server offers: a server that does not
         // know HELLO (or refuses it) gets the scripts.
-        let mut probe = connection.clone();
         let hello = redis::cmd("HELLO")
             .query_async::<Value>(&mut probe)
             .await
@@ -398,7 +584,64 @@ struct Stats {
 
 struct Request {
     cmd: Cmd,
+    /// The cluster slot of its key (unused on a standalone server).
+    slot: u16,
+    /// A write, which `WAIT` must see replicated (when asked to).
+    write: bool,
     reply: oneshot::Sender<Result<Value, Failure>>,
+}
+
+/// How many replicas must acknowledge each write (`WAIT`), and for how long
+/// to wait for them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Replication {
+    replicas: u32,
+    timeout: Duration,
+}
+
+impl Replication {
+    fn of(config: &Config) -> Self {
+        let (replicas, timeout) = config.replication();
+        Self { replicas, timeout }
+    }
+
+    /// `WAIT replicas timeout`, or nothing when no replica is asked for.
+    fn wait(&self) -> Option<Cmd> {
+        (self.replicas > 0).then(|| {
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(self.replicas).arg(millis(self.timeout));
+            wait
+        })
+    }
+
+    /// The answer of a write that `WAIT` answered with `reply`: `None` when
+    /// enough replicas have it.
+    fn shortfall(&self, reply: &redis::RedisResult<Value>) -> Option<Failure> {
+        let confirmed = match reply {
+            Ok(Value::Int(n)) => *n,
+            Ok(_) | Err(_) => -1,
+        };
+        if confirmed >= i64::from(self.replicas) {
+            return None;
+        }
+        crate::metrics::unreplicated();
+        let found = match reply {
+            Err(err) => format!("WAIT failed: {err}"),
+            _ => format!("{} confirmed", confirmed.max(0)),
+        };
+        tracing::warn!(
+            replicas = self.replicas,
+            confirmed,
+            "a write was not confirmed by enough replicas; it is retried and its message held"
+        );
+        Some(Failure::unavailable(format!(
+            "the write reached fewer replicas than IDEMPOTENCY_MIN_REPLICAS={} within \
+             IDEMPOTENCY_REPLICA_TIMEOUT ({:?}; {found}): a failover could lose it, so the \
+             message is held and the write retried until they confirm; bring the replicas back \
+             or lower IDEMPOTENCY_MIN_REPLICAS",
+            self.replicas, self.timeout
+        )))
+    }
 }
 
 /// A request's failure, before it is named after its operation and key.
@@ -429,7 +672,7 @@ impl std::fmt::Debug for RedisStore {
                 "deployment",
                 &match self.route {
                     Route::Pipelined(_) => "standalone",
-                    Route::Cluster(_) => "cluster",
+                    Route::Cluster(..) => "cluster",
                 },
             )
             .field("native_compare_and_set", &self.native_compare_and_set())
@@ -467,10 +710,32 @@ impl RedisStore {
     /// variable to set. The files are read again for each new connection.
     pub async fn connect_with(config: &Config) -> Result<Self, StoreError> {
         if !config.redis_cluster_nodes().is_empty() {
-            return Self::connect_cluster(config.redis_cluster_nodes(), config.redis_tls()).await;
+            return Self::cluster(
+                config.redis_cluster_nodes(),
+                config.redis_tls(),
+                Replication::of(config),
+            )
+            .await;
         }
         let url = config.redis();
         let shown = redact_url(url);
+        let replication = Replication::of(config);
+        if url.starts_with("redis-sentinel://") || url.starts_with("rediss-sentinel://") {
+            let mut sentinel = SentinelUrl::parse(url)
+                .map_err(|message| StoreError::new("connect", "", false, message))?;
+            sentinel.tls_files = config.redis_tls().clone();
+            let cas = Cas::new();
+            let link = Link::new(
+                Source::Sentinel(sentinel),
+                shown,
+                Arc::clone(&cas),
+                replication,
+            );
+            link.get()
+                .await
+                .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
+            return Ok(Self::start(link, cas));
+        }
         let source = match client_for(url, config.redis_tls()) {
             Ok(_) if Side::Redis.is_tls_url(url) => Source::Config {
                 url: url.to_owned(),
@@ -481,7 +746,7 @@ impl RedisStore {
             Err(err) => return Err(StoreError::new("connect", "", false, err)),
         };
         let cas = Cas::new();
-        let link = Link::new(source, shown.clone(), Arc::clone(&cas));
+        let link = Link::new(source, shown.clone(), Arc::clone(&cas), replication);
         link.get()
             .await
             .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
@@ -496,11 +761,20 @@ impl RedisStore {
     /// Fails when a URL is malformed, no node answers, or the cluster is
     /// not ready; the error names the nodes (passwords hidden).
     pub async fn connect_cluster(nodes: &[String], tls: &TlsFiles) -> Result<Self, StoreError> {
+        Self::cluster(nodes, tls, Replication::default()).await
+    }
+
+    async fn cluster(
+        nodes: &[String],
+        tls: &TlsFiles,
+        replication: Replication,
+    ) -> Result<Self, StoreError> {
         let client = cluster_client(nodes, tls)
             .map_err(|message| StoreError::new("connect", "", false, message))?;
         let cas = Cas::new();
         let link = ClusterLink {
             client,
+            replication,
             shown: nodes
                 .iter()
                 .map(|node| redact_url(node))
@@ -508,13 +782,21 @@ impl RedisStore {
                 .join(","),
             current: Mutex::new(None),
             cas: Arc::clone(&cas),
+            slots: std::sync::Mutex::new(None),
         };
         link.get()
             .await
             .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
+        let link = Arc::new(link);
+        let stats = Arc::new(Stats::default());
+        let (requests, queue) = mpsc::unbounded_channel();
+        let (writer, counted) = (Arc::clone(&link), Arc::clone(&stats));
+        tokio::spawn(write_batches(queue, move |batch| {
+            send_cluster_batch(Arc::clone(&writer), batch, Arc::clone(&counted))
+        }));
         Ok(Self {
-            route: Route::Cluster(Arc::new(link)),
-            stats: Arc::new(Stats::default()),
+            route: Route::Cluster(requests),
+            stats,
             cas,
         })
     }
@@ -525,7 +807,12 @@ impl RedisStore {
         let shown = format!("redis at {}", client.get_connection_info().addr());
         let cas = Cas::new();
         Self::start(
-            Link::new(Source::Fixed(client), shown, Arc::clone(&cas)),
+            Link::new(
+                Source::Fixed(client),
+                shown,
+                Arc::clone(&cas),
+                Replication::default(),
+            ),
             cas,
         )
     }
@@ -533,7 +820,10 @@ impl RedisStore {
     fn start(link: Link, cas: Arc<Cas>) -> Self {
         let stats = Arc::new(Stats::default());
         let (requests, queue) = mpsc::unbounded_channel();
-        tokio::spawn(write_batches(Arc::new(link), queue, Arc::clone(&stats)));
+        let (writer, counted) = (Arc::new(link), Arc::clone(&stats));
+        tokio::spawn(write_batches(queue, move |batch| {
+            send_batch(Arc::clone(&writer), batch, Arc::clone(&counted))
+        }));
         Self {
             route: Route::Pipelined(requests),
             stats,
@@ -567,32 +857,28 @@ impl RedisStore {
         self.stats.commands.load(Ordering::Relaxed)
     }
 
-    async fn request(&self, cmd: Cmd) -> Result<Value, Failure> {
+    async fn request(&self, key: &str, cmd: Cmd, write: bool) -> Result<Value, Failure> {
         match &self.route {
-            Route::Pipelined(requests) => {
+            Route::Pipelined(requests) | Route::Cluster(requests) => {
+                let slot = match self.route {
+                    Route::Cluster(_) => crate::fingerprint::cluster_slot(key),
+                    Route::Pipelined(_) => 0,
+                };
                 let (reply, answer) = oneshot::channel();
                 let gone = || {
                     Failure::unavailable(
                         "the Redis writer task stopped (was the runtime shut down?)".into(),
                     )
                 };
-                requests.send(Request { cmd, reply }).map_err(|_| gone())?;
+                requests
+                    .send(Request {
+                        cmd,
+                        slot,
+                        write,
+                        reply,
+                    })
+                    .map_err(|_| gone())?;
                 answer.await.map_err(|_| gone())?
-            }
-            Route::Cluster(link) => {
-                self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
-                self.stats.commands.fetch_add(1, Ordering::Relaxed);
-                match link.query(&cmd).await {
-                    Err(failure) if failure.noscript => {
-                        // A node restarted, or a new master after a
-                        // failover: load the script everywhere and retry.
-                        let mut load = redis::cmd("SCRIPT");
-                        load.arg("LOAD").arg(TRANSITION);
-                        link.query(&load).await?;
-                        link.query(&cmd).await
-                    }
-                    other => other,
-                }
             }
         }
     }
@@ -603,7 +889,8 @@ impl RedisStore {
         key: &str,
         cmd: Cmd,
     ) -> Result<Value, StoreError> {
-        self.request(cmd).await.map_err(|failure| {
+        let write = !matches!(operation, "get");
+        self.request(key, cmd, write).await.map_err(|failure| {
             StoreError::new(operation, key, failure.unavailable, failure.message)
         })
     }
@@ -624,14 +911,14 @@ impl RedisStore {
             (!failure.syntax)
                 .then(|| StoreError::new("transition", key, failure.unavailable, failure.message))
         };
-        let mut set = redis::cmd("SET");
+        let mut set = command("SET", 7, key.len() + to.len() + from.len());
         set.arg(key)
             .arg(to)
             .arg("IFEQ")
             .arg(from)
             .arg("PX")
             .arg(millis(ttl));
-        if self.request(set).await.map_err(named)? != Value::Nil {
+        if self.request(key, set, true).await.map_err(named)? != Value::Nil {
             return Ok(true);
         }
         let current: Option<Vec<u8>> = if or_absent {
@@ -644,7 +931,7 @@ impl RedisStore {
                 .arg("PX")
                 .arg(millis(ttl))
                 .arg("GET");
-            let reply = self.request(create).await.map_err(named)?;
+            let reply = self.request(key, create, true).await.map_err(named)?;
             match parse::<Option<Vec<u8>>>("transition", key, reply).map_err(Some)? {
                 None => return Ok(true),
                 found => found,
@@ -652,7 +939,7 @@ impl RedisStore {
         } else {
             let mut get = redis::cmd("GET");
             get.arg(key);
-            let reply = self.request(get).await.map_err(named)?;
+            let reply = self.request(key, get, false).await.map_err(named)?;
             parse("transition", key, reply).map_err(Some)?
         };
         Ok(current.as_deref() == Some(to))
@@ -662,11 +949,11 @@ impl RedisStore {
 /// Sends every waiting request as one pipeline. Up to [`MAX_IN_FLIGHT`]
 /// pipelines travel at once on the multiplexed connection, so a request
 /// never waits for an unrelated pipeline's replies before it is sent.
-async fn write_batches(
-    link: Arc<Link>,
-    mut queue: mpsc::UnboundedReceiver<Request>,
-    stats: Arc<Stats>,
-) {
+async fn write_batches<F, Fut>(mut queue: mpsc::UnboundedReceiver<Request>, send: F)
+where
+    F: Fn(Vec<Request>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -680,7 +967,7 @@ async fn write_batches(
                         Err(_) => break,
                     }
                 }
-                in_flight.push(send_batch(Arc::clone(&link), batch, Arc::clone(&stats)));
+                in_flight.push(send(batch));
             }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
         }
@@ -690,14 +977,22 @@ async fn write_batches(
 
 /// Sends one batch as one pipeline and answers each request.
 async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
-    let mut pipe = redis::pipe();
+    let mut pipe = redis::Pipeline::with_capacity(batch.len() + 1);
     pipe.ignore_errors();
     let mut replies = Vec::with_capacity(batch.len());
-    let mut commands = Vec::with_capacity(batch.len());
+    let mut writes = Vec::with_capacity(batch.len());
     for request in batch {
-        pipe.add_command(request.cmd.clone());
-        commands.push(request.cmd);
+        pipe.add_command(request.cmd);
+        writes.push(request.write);
         replies.push(request.reply);
+    }
+    // One WAIT after the writes of the pipeline covers them all.
+    let wait = link
+        .replication
+        .wait()
+        .filter(|_| writes.iter().any(|write| *write));
+    if let Some(wait) = &wait {
+        pipe.add_command(wait.clone());
     }
     let (generation, mut connection) = match link.get().await {
         Ok(connection) => connection,
@@ -709,13 +1004,14 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
         .fetch_add(pipe.len() as u64, Ordering::Relaxed);
     let answers: Result<Vec<redis::RedisResult<Value>>, RedisError> =
         pipe.query_async(&mut connection).await;
+    let expected = replies.len() + usize::from(wait.is_some());
     let mut answers = match answers {
-        Ok(answers) if answers.len() == replies.len() => answers,
+        Ok(answers) if answers.len() == expected => answers,
         Ok(answers) => {
             let failure = Failure::unavailable(format!(
                 "Redis answered {} replies to a pipeline of {} commands",
                 answers.len(),
-                replies.len()
+                expected
             ));
             link.discard(generation).await;
             return answer_all(replies, &failure);
@@ -750,14 +1046,40 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
         let mut retry = redis::pipe();
         retry.ignore_errors();
         retry.cmd("SCRIPT").arg("LOAD").arg(TRANSITION);
-        for &i in &unknown_script {
-            retry.add_command(commands[i].clone());
+        for command in pipe
+            .cmd_iter()
+            .enumerate()
+            .filter(|(i, _)| unknown_script.contains(i))
+            .map(|(_, command)| command.clone())
+        {
+            retry.add_command(command);
+        }
+        if let Some(wait) = &wait {
+            retry.add_command(wait.clone());
         }
         stats.round_trips.fetch_add(1, Ordering::Relaxed);
         let again: Result<Vec<redis::RedisResult<Value>>, RedisError> =
             retry.query_async(&mut connection).await;
+        let expected_again = unknown_script.len() + 1 + usize::from(wait.is_some());
         match again {
-            Ok(again) if again.len() == unknown_script.len() + 1 => {
+            Ok(mut again) if again.len() == expected_again => {
+                let short = match wait {
+                    Some(_) => again
+                        .pop()
+                        .and_then(|waited| link.replication.shortfall(&waited)),
+                    None => None,
+                };
+                if let Some(short) = short {
+                    for answer in again.iter_mut().skip(1) {
+                        if answer.is_ok() {
+                            *answer = Err(RedisError::from((
+                                ErrorKind::Io,
+                                "not confirmed by enough replicas",
+                                short.message.clone(),
+                            )));
+                        }
+                    }
+                }
                 let mut again = again.into_iter();
                 let loaded = again.next();
                 for (&i, answer) in unknown_script.iter().zip(again) {
@@ -781,8 +1103,246 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
             }
         }
     }
-    for (reply, answer) in replies.into_iter().zip(answers) {
-        let _ = reply.send(answer.map_err(failure));
+    let shortfall = match wait {
+        Some(_) => answers
+            .pop()
+            .and_then(|waited| link.replication.shortfall(&waited)),
+        None => None,
+    };
+    for ((reply, answer), write) in replies.into_iter().zip(answers).zip(writes) {
+        let answer = match (answer, &shortfall) {
+            (Ok(_), Some(short)) if write => Err(Failure {
+                unavailable: true,
+                syntax: false,
+                noscript: false,
+                message: short.message.clone(),
+            }),
+            (answer, _) => answer.map_err(failure),
+        };
+        let _ = reply.send(answer);
+    }
+}
+
+/// The masters of a cluster by slot range: `(first, last, host, port)`.
+struct SlotMap(Vec<(u16, u16, String, u16)>);
+
+impl SlotMap {
+    /// Parses a `CLUSTER SLOTS` reply (masters only; a range whose master
+    /// has no usable address is left out: its requests travel alone).
+    fn parse(reply: &Value) -> Option<Self> {
+        let Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut map = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let Value::Array(fields) = range else {
+                continue;
+            };
+            let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                continue;
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
+                Some(Value::SimpleString(host)) => host.clone(),
+                _ => continue,
+            };
+            let (Ok(first), Ok(last), Some(Value::Int(port))) =
+                (u16::try_from(*first), u16::try_from(*last), master.get(1))
+            else {
+                continue;
+            };
+            if host.is_empty() || host == "?" {
+                continue;
+            }
+            if let Ok(port) = u16::try_from(*port) {
+                map.push((first, last, host, port));
+            }
+        }
+        Some(Self(map))
+    }
+
+    fn node(&self, slot: u16) -> Option<(&str, u16)> {
+        self.0
+            .iter()
+            .find(|(first, last, ..)| (*first..=*last).contains(&slot))
+            .map(|(_, _, host, port)| (host.as_str(), *port))
+    }
+}
+
+impl ClusterLink {
+    /// The slot map, asked for when unknown; `None` when the cluster does
+    /// not answer (requests then travel alone, routed by the client).
+    async fn slot_map(&self) -> Option<Arc<SlotMap>> {
+        if let Some(map) = self.slots.lock().ok()?.as_ref() {
+            return Some(Arc::clone(map));
+        }
+        let mut slots = redis::cmd("CLUSTER");
+        slots.arg("SLOTS");
+        let map = Arc::new(SlotMap::parse(&self.query(&slots, false).await.ok()?)?);
+        *self.slots.lock().ok()? = Some(Arc::clone(&map));
+        Some(map)
+    }
+
+    /// Forgets the slot map after a redirection or a failed node.
+    fn forget_slots(&self) {
+        if let Ok(mut slots) = self.slots.lock() {
+            *slots = None;
+        }
+    }
+}
+
+/// Sends a cluster batch: one pipeline per master (its writes followed by
+/// one `WAIT` when replicas are asked for), requests whose master is not
+/// known alone. A request redirected meanwhile (MOVED, ASK: a reshard or a
+/// failover) is sent again alone, which follows the redirection, and the
+/// slot map is learnt again.
+async fn send_cluster_batch(link: Arc<ClusterLink>, batch: Vec<Request>, stats: Arc<Stats>) {
+    let map = link.slot_map().await;
+    let mut groups: Vec<((String, u16), Vec<Request>)> = Vec::new();
+    let mut alone = Vec::new();
+    for request in batch {
+        match map.as_ref().and_then(|map| map.node(request.slot)) {
+            Some((host, port)) => match groups
+                .iter_mut()
+                .find(|((h, p), _)| h == host && *p == port)
+            {
+                Some((_, group)) => group.push(request),
+                None => groups.push(((host.to_owned(), port), vec![request])),
+            },
+            None => alone.push(request),
+        }
+    }
+    let mut sends: FuturesUnordered<
+        std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    > = FuturesUnordered::new();
+    for ((host, port), requests) in groups {
+        sends.push(Box::pin(send_to_node(
+            Arc::clone(&link),
+            host,
+            port,
+            requests,
+            Arc::clone(&stats),
+        )));
+    }
+    for request in alone {
+        let (link, stats) = (Arc::clone(&link), Arc::clone(&stats));
+        sends.push(Box::pin(async move {
+            let answer = send_alone(&link, &request, &stats).await;
+            let _ = request.reply.send(answer);
+        }));
+    }
+    while sends.next().await.is_some() {}
+}
+
+/// One request through the cluster client's own routing.
+async fn send_alone(
+    link: &ClusterLink,
+    request: &Request,
+    stats: &Stats,
+) -> Result<Value, Failure> {
+    stats.round_trips.fetch_add(1, Ordering::Relaxed);
+    stats.commands.fetch_add(1, Ordering::Relaxed);
+    match link.query(&request.cmd, request.write).await {
+        Err(failure) if failure.noscript => {
+            // A node restarted, or a new master after a failover: load the
+            // script everywhere and try again.
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(TRANSITION);
+            link.query(&load, false).await?;
+            link.query(&request.cmd, request.write).await
+        }
+        other => other,
+    }
+}
+
+/// The requests whose keys `host:port` serves, as one pipeline.
+async fn send_to_node(
+    link: Arc<ClusterLink>,
+    host: String,
+    port: u16,
+    requests: Vec<Request>,
+    stats: Arc<Stats>,
+) {
+    let mut pipe = redis::Pipeline::with_capacity(requests.len() + 1);
+    for request in &requests {
+        pipe.add_command(request.cmd.clone());
+    }
+    let wait = link
+        .replication
+        .wait()
+        .filter(|_| requests.iter().any(|request| request.write));
+    if let Some(wait) = &wait {
+        pipe.add_command(wait.clone());
+    }
+    let expected = pipe.len();
+    stats.round_trips.fetch_add(1, Ordering::Relaxed);
+    stats.commands.fetch_add(expected as u64, Ordering::Relaxed);
+    let sent = async {
+        let mut connection = link.get().await?;
+        let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+            host: host.clone(),
+            port,
+        };
+        tokio::time::timeout(
+            2 * RedisStore::RESPONSE_TIMEOUT + link.replication.timeout,
+            connection.route_pipeline(pipe, 0, expected, route),
+        )
+        .await
+        .map_err(|_| {
+            Failure::unavailable(format!(
+                "the Redis Cluster node {host}:{port} did not answer within {:?}",
+                2 * RedisStore::RESPONSE_TIMEOUT + link.replication.timeout
+            ))
+        })?
+        .map_err(failure)
+    };
+    let mut answers = match sent.await {
+        Ok(answers) if answers.len() == expected => answers,
+        Ok(_) | Err(_) => {
+            // The node failed, or answered oddly (a failover under way?):
+            // learn the map again and let the client route each request.
+            link.forget_slots();
+            for request in requests {
+                let answer = send_alone(&link, &request, &stats).await;
+                let _ = request.reply.send(answer);
+            }
+            return;
+        }
+    };
+    let shortfall = match wait {
+        Some(_) => answers
+            .pop()
+            .and_then(|waited| link.replication.shortfall(&Ok(waited))),
+        None => None,
+    };
+    for (request, answer) in requests.into_iter().zip(answers) {
+        let answer = match answer {
+            Value::ServerError(err) => {
+                let err = RedisError::from(err);
+                if matches!(err.code(), Some("MOVED" | "ASK" | "NOSCRIPT" | "TRYAGAIN")) {
+                    // Not run here: the slot moved, or the node lost the
+                    // script. Alone, the client follows the redirection.
+                    if err.code() != Some("NOSCRIPT") {
+                        link.forget_slots();
+                    }
+                    send_alone(&link, &request, &stats).await
+                } else {
+                    Err(failure(err))
+                }
+            }
+            answer => match &shortfall {
+                Some(short) if request.write => Err(Failure {
+                    unavailable: true,
+                    syntax: false,
+                    noscript: false,
+                    message: short.message.clone(),
+                }),
+                _ => Ok(answer),
+            },
+        };
+        let _ = request.reply.send(answer);
     }
 }
 
@@ -817,7 +1377,7 @@ fn breaks_connection(err: &RedisError) -> bool {
         || err.is_io_error()
         || err.is_unrecoverable_error()
         || err.kind() == ErrorKind::AuthenticationFailed
-        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS"))
+        || matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "READONLY"))
 }
 
 /// What an operator should do about a systemic error, if we can tell.
@@ -1043,7 +1603,7 @@ impl Store for RedisStore {
         value: &[u8],
         ttl: Duration,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut cmd = redis::cmd("SET");
+        let mut cmd = command("SET", 7, key.len() + value.len());
         cmd.arg(key)
             .arg(value)
             .arg("NX")
@@ -1093,7 +1653,11 @@ impl Store for RedisStore {
             Expect::ValueOrAbsent(_) => ("a", 0),
             Expect::Expired { grace, .. } => ("e", millis(grace)),
         };
-        let mut cmd = redis::cmd("EVALSHA");
+        let mut cmd = command(
+            "EVALSHA",
+            9,
+            key.len() + from.value().len() + to.map_or(0, <[u8]>::len),
+        );
         cmd.arg(transition_sha())
             .arg(1)
             .arg(key)
@@ -1127,8 +1691,80 @@ impl Store for RedisStore {
     }
 }
 
+/// A command named `name` with room for `args` arguments and `bytes` of
+/// keys and values besides the short ones: one allocation each instead of
+/// one per argument.
+fn command(name: &str, args: usize, bytes: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(args, bytes + 64);
+    cmd.arg(name);
+    cmd
+}
+
 /// The SHA1 of [`TRANSITION`], computed once.
 fn transition_sha() -> &'static str {
     static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SHA.get_or_init(|| Script::new(TRANSITION).get_hash().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_urls_parse() {
+        let url = SentinelUrl::parse("redis-sentinel://u:p@a:26380,b,[::1]:5/2#orders").unwrap();
+        assert_eq!(
+            url.sentinels,
+            ["redis://a:26380", "redis://b:26379", "redis://[::1]:5"]
+        );
+        assert_eq!(url.master, "orders");
+        assert_eq!(
+            url.master_url("10.0.0.9", 6380),
+            "redis://u:p@10.0.0.9:6380/2"
+        );
+        let tls = SentinelUrl::parse("rediss-sentinel://s1:26379#m").unwrap();
+        assert_eq!(tls.sentinels, ["rediss://s1:26379"]);
+        assert_eq!(tls.master_url("::1", 1), "rediss://[::1]:1");
+        for bad in [
+            "redis://a:1#m",
+            "redis-sentinel://a:1",
+            "redis-sentinel://a:1#",
+            "redis-sentinel://#m",
+            "redis-sentinel://a:1/x#m",
+        ] {
+            assert!(SentinelUrl::parse(bad).is_err(), "{bad}");
+        }
+        let err = SentinelUrl::parse("redis-sentinel://u:secret@a:1").unwrap_err();
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn hello_tells_native_compare_and_set() {
+        let hello = |server: &str, version: &str| {
+            Value::Array(vec![
+                Value::BulkString(b"server".to_vec()),
+                Value::BulkString(server.as_bytes().to_vec()),
+                Value::BulkString(b"version".to_vec()),
+                Value::BulkString(version.as_bytes().to_vec()),
+            ])
+        };
+        for (server, version, native) in [
+            ("valkey", "8.1.8", true),
+            ("valkey", "8.0.2", false),
+            ("redis", "7.0.15", false),
+            ("redis", "8.4.0", true),
+            ("keydb", "9.0.0", false),
+        ] {
+            let cas = Cas::new();
+            cas.detect(Some(&hello(server, version)));
+            assert_eq!(
+                cas.server.load(Ordering::Relaxed) == NATIVE,
+                native,
+                "{server} {version}"
+            );
+        }
+        let cas = Cas::new();
+        cas.detect(None);
+        assert!(cas.try_native(), "unknown: the first transition tries IFEQ");
+    }
 }

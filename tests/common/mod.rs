@@ -829,3 +829,226 @@ pub async fn valkey_store() -> RedisStore {
         .await
         .unwrap_or_else(|err| panic!("connect to Valkey at {url}: {err}"))
 }
+
+// ---------------------------------------------------------------------------
+// Redis Sentinel: a master, one replica and three sentinels on free ports,
+// without persistence (a killed master loses what it had not replicated).
+
+/// One redis-server (or sentinel) process, killed on drop.
+pub struct RedisProcess {
+    pub port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisProcess {
+    /// A data server with `extra` arguments (`--replicaof ...`).
+    pub fn server(extra: &[String]) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("redis-node"));
+        std::fs::create_dir_all(&dir).expect("create a redis dir");
+        let mut args: Vec<String> = ["--bind", "127.0.0.1", "--port"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(port.to_string());
+        args.extend(
+            [
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--dir",
+            ]
+            .map(String::from),
+        );
+        args.push(dir.display().to_string());
+        args.extend_from_slice(extra);
+        let mut this = Self {
+            port,
+            args,
+            child: None,
+            dir,
+        };
+        this.spawn();
+        this
+    }
+
+    /// A sentinel watching `master` on `master_port`.
+    pub fn sentinel(master: &str, master_port: u16) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("sentinel"));
+        std::fs::create_dir_all(&dir).expect("create a sentinel dir");
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {master} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {master} 1000\n\
+                 sentinel failover-timeout {master} 3000\n\
+                 sentinel parallel-syncs {master} 1\n",
+                dir.display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let mut this = Self {
+            port,
+            args: vec![conf.display().to_string(), "--sentinel".into()],
+            child: None,
+            dir,
+        };
+        this.spawn();
+        this
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!("cannot start redis-server (apt-get install redis-server): {err}")
+            });
+        self.child = Some(child);
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server {:?} did not start", self.args);
+    }
+
+    /// SIGKILL: no shutdown, nothing saved.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again on its port with its arguments.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A master, a replica and three sentinels that agree on them.
+pub struct SentinelGroup {
+    pub name: String,
+    /// The two data servers; which one is master changes with failovers.
+    pub nodes: Vec<RedisProcess>,
+    pub sentinels: Vec<RedisProcess>,
+}
+
+impl SentinelGroup {
+    pub fn start() -> Self {
+        let name = unique("master").replace(|c: char| !c.is_ascii_alphanumeric(), "");
+        let master = RedisProcess::server(&[]);
+        let replica = RedisProcess::server(&[
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            master.port.to_string(),
+        ]);
+        let sentinels = (0..3)
+            .map(|_| RedisProcess::sentinel(&name, master.port))
+            .collect();
+        let group = Self {
+            name,
+            nodes: vec![master, replica],
+            sentinels,
+        };
+        group.wait_until_ready(Duration::from_secs(30));
+        group
+    }
+
+    /// `redis-sentinel://` URL of the three sentinels.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis-sentinel://{}#{}", hosts.join(","), self.name)
+    }
+
+    /// The master's port, as the first sentinel that answers says.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|sentinel| {
+            let out = redis_cli_at(
+                &sentinel.url(),
+                &["SENTINEL", "get-master-addr-by-name", &self.name],
+            );
+            out.lines().nth(1).and_then(|port| port.trim().parse().ok())
+        })
+    }
+
+    /// The data server that is master now.
+    pub fn master(&mut self) -> &mut RedisProcess {
+        let port = self.master_port().expect("the sentinels name a master");
+        self.nodes
+            .iter_mut()
+            .find(|node| node.port == port)
+            .expect("the master is one of ours")
+    }
+
+    /// Waits until the master has its replica and every sentinel sees a
+    /// quorum able to fail over; panics after `limit`.
+    pub fn wait_until_ready(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let ready = self.master_port().is_some_and(|port| {
+                let info = redis_cli_at(
+                    &format!("redis://127.0.0.1:{port}"),
+                    &["INFO", "replication"],
+                );
+                info.contains("connected_slaves:1")
+                    && info.contains("state=online")
+                    && self.sentinels.iter().all(|sentinel| {
+                        redis_cli_at(&sentinel.url(), &["SENTINEL", "ckquorum", &self.name])
+                            .starts_with("OK 3")
+                    })
+            });
+            if ready {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sentinel group did not get ready within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the sentinels name a master other than `old`; panics after `limit`.
+    pub fn wait_for_new_master(&self, old: u16, limit: Duration) -> u16 {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(port) = self.master_port().filter(|port| *port != old) {
+                return port;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sentinels did not promote the replica within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

@@ -34,6 +34,8 @@ pub struct RunFacts {
     pub bytes_per_done_record: Option<f64>,
     /// Variants asked for but not run (naive on a cluster), comma-separated.
     pub skipped: String,
+    /// `IDEMPOTENCY_MIN_REPLICAS` of the store `ours` used.
+    pub min_replicas: u32,
 }
 
 pub fn percentile(sorted: &[u32], q: f64) -> Option<f64> {
@@ -263,6 +265,7 @@ pub fn summary(options: &Options, rows: &[Row], facts: &RunFacts) -> String {
         ),
         ("store", Json::Str(facts.store.into())),
         ("pinned", Json::Bool(facts.pinned)),
+        ("min_replicas", Json::Int(u64::from(facts.min_replicas))),
         ("consumer_overhead_us_per_msg", Json::opt(overhead, 2)),
         (
             "redis_cpu_us_per_msg",

@@ -163,10 +163,16 @@ pub const REDIS_HINT: &str = "start it with `redis-server --daemonize yes --bind
 /// what [`Config::from_env`] says (which names the cluster once the library
 /// reads that variable).
 pub async fn connect_store(options: &Options) -> Result<RedisStore, String> {
+    let env = Config::from_env().map_err(|err| format!("the store's configuration: {err}"))?;
     let config = if options.cluster_nodes.is_some() {
-        Config::from_env().map_err(|err| format!("the store's configuration: {err}"))?
+        env
     } else {
-        Config::default().redis_url(&options.redis_url)
+        // IDEMPOTENCY_MIN_REPLICAS measures the cost of replicated marks.
+        let (replicas, timeout) = env.replication();
+        Config::default()
+            .redis_url(&options.redis_url)
+            .min_replicas(replicas)
+            .replica_timeout(timeout)
     };
     let shown = if options.cluster_nodes.is_some() {
         "the cluster of REDIS_CLUSTER_NODES".to_owned()
@@ -393,6 +399,9 @@ pub async fn run(options: Options, stop: watch::Receiver<bool>) -> Result<bool, 
         return Err(err);
     }
     let facts = RunFacts {
+        min_replicas: Config::from_env()
+            .map(|config| config.replication().0)
+            .unwrap_or(0),
         store: ctx.redis.kind(),
         pinned: pinned.is_some(),
         bytes_per_done_record: bytes_per_record,

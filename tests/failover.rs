@@ -1,0 +1,432 @@
+//! Redis Sentinel and replicated done marks, against real servers: a
+//! master, a replica and three sentinels (`common::SentinelGroup`), and
+//! RabbitMQ for the end-to-end test.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, serve};
+use common::{RedisProcess, SentinelGroup};
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tower::{Layer, service_fn};
+
+const LEASE: Duration = Duration::from_secs(30);
+const RETENTION: Duration = Duration::from_secs(600);
+
+async fn claim(store: &RedisStore, key: &str) -> amqp_idempotency::store::Claim {
+    match store
+        .claim(key, &Token::new(), "", LEASE)
+        .await
+        .expect("claim")
+    {
+        ClaimOutcome::Acquired(claim) => claim,
+        other => panic!("expected to acquire {key}, got {other:?}"),
+    }
+}
+
+/// Retries `op` until it succeeds (the store is unavailable during a
+/// failover); panics after 30 s.
+async fn until_ok<T, F, Fut>(mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, amqp_idempotency::StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match op().await {
+            Ok(value) => return value,
+            Err(err) => {
+                assert!(
+                    err.is_unavailable(),
+                    "only outages while failing over: {err}"
+                );
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the store did not recover: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_store_follows_the_master_that_sentinel_promotes() {
+    let mut group = SentinelGroup::start();
+    let config = Config::default().redis_url(group.url()).min_replicas(1);
+    let store = RedisStore::connect_with(&config)
+        .await
+        .expect("connect through the sentinels");
+    let before = claim(&store, "idem:failover:before").await;
+    assert!(store.complete(&before, RETENTION).await.unwrap());
+
+    let old = group.master().port;
+    group.master().kill();
+    let new = group.wait_for_new_master(old, Duration::from_secs(30));
+    assert_ne!(new, old);
+
+    // With no replica left, every request is held: nothing is confirmed
+    // on one copy alone.
+    let retried = Token::new();
+    let err = store
+        .claim("idem:failover:after", &retried, "", LEASE)
+        .await
+        .expect_err("no replica confirms the claim");
+    assert!(err.is_unavailable(), "{err}");
+    assert!(
+        err.to_string().contains("IDEMPOTENCY_MIN_REPLICAS"),
+        "{err}"
+    );
+    // The old master comes back; the sentinels make it a replica of the
+    // new one, and requests go through again.
+    let restarted = group
+        .nodes
+        .iter_mut()
+        .find(|node| node.port == old)
+        .expect("the old master");
+    restarted.restart();
+    group.wait_until_ready(Duration::from_secs(30));
+    // The replica confirmed the done mark before the store answered, so
+    // the promoted master has it.
+    let token = Token::new();
+    let seen = until_ok(|| store.claim("idem:failover:before", &token, "", LEASE)).await;
+    assert_eq!(
+        seen,
+        ClaimOutcome::Done,
+        "the done mark survived the failover"
+    );
+    // The consumer retries its unconfirmed claim with the same token.
+    let after = until_ok(|| async {
+        match store
+            .claim("idem:failover:after", &retried, "", LEASE)
+            .await?
+        {
+            ClaimOutcome::Acquired(claim) => Ok(claim),
+            other => panic!("expected to acquire, got {other:?}"),
+        }
+    })
+    .await;
+    assert!(store.complete(&after, RETENTION).await.unwrap());
+}
+
+#[tokio::test]
+async fn min_replicas_holds_writes_that_no_replica_confirmed() {
+    let master = RedisProcess::server(&[]);
+    let mut replica = RedisProcess::server(&[
+        "--replicaof".into(),
+        "127.0.0.1".into(),
+        master.port.to_string(),
+    ]);
+    let config = Config::default()
+        .redis_url(master.url())
+        .min_replicas(1)
+        .replica_timeout(Duration::from_millis(200));
+    let store = RedisStore::connect_with(&config).await.expect("connect");
+    let token = Token::new();
+    let first = until_ok(|| async {
+        match store.claim("idem:wait:1", &token, "", LEASE).await? {
+            ClaimOutcome::Acquired(claim) => Ok(claim),
+            other => panic!("expected to acquire, got {other:?}"),
+        }
+    })
+    .await;
+    replica.kill();
+    let err = store
+        .complete(&first, RETENTION)
+        .await
+        .expect_err("a done mark on the master alone is not confirmed");
+    assert!(err.is_unavailable(), "held, not dead-lettered: {err}");
+    assert!(
+        err.to_string().contains("IDEMPOTENCY_MIN_REPLICAS=1"),
+        "{err}"
+    );
+    replica.restart();
+    // Once the replica is back, the retried completion is confirmed.
+    assert!(until_ok(|| store.complete(&first, RETENTION)).await);
+    let value = common::redis_cli_at(&replica.url(), &["GET", "idem:wait:1"]);
+    assert!(
+        value.trim().starts_with('-'),
+        "the replica has the done mark: {value}"
+    );
+}
+
+#[tokio::test]
+async fn consumption_resumes_by_itself_after_sentinel_fails_the_master_over() {
+    let mut group = SentinelGroup::start();
+    let connection = common::amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = common::declare_queue(&setup, "failover").await;
+    let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let prefix = common::unique("p");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let config = Config::default()
+            .redis_url(group.url())
+            .key_prefix(&prefix)
+            .retry_backoff(Duration::from_millis(20));
+        let store = RedisStore::connect_with(&config)
+            .await
+            .expect("connect through the sentinels");
+        let seen = runs.clone();
+        let service = IdempotencyLayer::new(store, &queue.name, config)
+            .unwrap()
+            .layer(service_fn(move |d: Delivery| {
+                let id = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
+                *seen.lock().unwrap().entry(id).or_default() += 1;
+                async { Ok::<_, HandlerError>(()) }
+            }));
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .basic_qos(16, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let consumer = channel
+            .basic_consume(
+                queue.name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let stop = stop.clone();
+        let options = ServeOptions::new()
+            .concurrency(16)
+            .shutdown_on(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .close_channel(channel);
+        consumers.push(tokio::spawn(serve(consumer, service, options)));
+    }
+    // Messages flow before, during and after the failover.
+    const MESSAGES: usize = 600;
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let channel = connection.create_channel().await.unwrap();
+        let (name, published) = (queue.name.clone(), published.clone());
+        tokio::spawn(async move {
+            for n in 0..MESSAGES {
+                let id = format!("m-{n}");
+                common::publish(&channel, &name, id.as_bytes(), Some(&id)).await;
+                published.store(n + 1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    while published.load(Ordering::SeqCst) < MESSAGES / 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let old = group.master().port;
+    group.master().kill();
+    group.wait_for_new_master(old, Duration::from_secs(30));
+    publisher.await.unwrap();
+    let all_ran = common::eventually(Duration::from_secs(60), || {
+        let runs = runs.clone();
+        async move { runs.lock().unwrap().len() == MESSAGES }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for consumer in consumers {
+        consumer.await.unwrap().expect("serve");
+    }
+    let runs = runs.lock().unwrap().clone();
+    assert!(
+        all_ran,
+        "every message ran after the failover, without restarting a consumer: {} of {MESSAGES}",
+        runs.len()
+    );
+    let channel = connection.create_channel().await.unwrap();
+    assert_eq!(
+        common::ready_count(&channel, &queue.name).await,
+        0,
+        "none left"
+    );
+    assert_eq!(
+        common::ready_count(&channel, &queue.dead).await,
+        0,
+        "none dead-lettered"
+    );
+    queue.delete(&channel).await;
+}
+
+/// A cluster node on a free port, with its cluster bus on another.
+fn cluster_node(extra: &[&str]) -> RedisProcess {
+    let bus = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free port");
+    let mut args: Vec<String> = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-node-timeout",
+        "2000",
+        "--repl-diskless-sync-delay",
+        "0",
+        "--cluster-port",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(bus.to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    RedisProcess::server(&args)
+}
+
+fn cli(args: &[&str]) -> String {
+    let output = std::process::Command::new("redis-cli")
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "redis-cli {args:?}: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+#[tokio::test]
+async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
+    // Three masters, and a replica for the first one.
+    let mut nodes: Vec<RedisProcess> = (0..4).map(|_| cluster_node(&[])).collect();
+    let addr = |node: &RedisProcess| format!("127.0.0.1:{}", node.port);
+    let masters: Vec<String> = nodes[..3].iter().map(addr).collect();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(masters.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+    cli(&create);
+    let first_id = common::redis_cli_at(&nodes[0].url(), &["CLUSTER", "MYID"])
+        .trim()
+        .to_owned();
+    cli(&[
+        "--cluster",
+        "add-node",
+        &addr(&nodes[3]),
+        &masters[0],
+        "--cluster-slave",
+        "--cluster-master-id",
+        &first_id,
+    ]);
+    let ready = common::eventually(Duration::from_secs(30), || {
+        let (first, replica) = (nodes[0].url(), nodes[3].url());
+        async move {
+            // Synced, not only connected: a replica killed mid-sync is
+            // never promoted.
+            common::redis_cli_at(&first, &["INFO", "replication"]).contains("state=online")
+                && common::redis_cli_at(&replica, &["INFO", "replication"])
+                    .contains("master_link_status:up")
+                && common::redis_cli_at(&replica, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+        }
+    })
+    .await;
+    assert!(ready, "the cluster and its replica came up");
+
+    let connection = common::amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = common::declare_queue(&setup, "cluster-failover").await;
+    let config = Config::default()
+        .redis_cluster(nodes.iter().map(RedisProcess::url))
+        .key_prefix(common::unique("p"))
+        .retry_backoff(Duration::from_millis(20));
+    let store = RedisStore::connect_with(&config)
+        .await
+        .expect("connect to the cluster");
+    let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let seen = runs.clone();
+    let service = IdempotencyLayer::new(store, &queue.name, config)
+        .unwrap()
+        .layer(service_fn(move |d: Delivery| {
+            let id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            *seen.lock().unwrap().entry(id).or_default() += 1;
+            async { Ok::<_, HandlerError>(()) }
+        }));
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(16, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let consumer = channel
+        .basic_consume(
+            queue.name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let options = ServeOptions::new()
+        .concurrency(16)
+        .shutdown_on(async move {
+            while !stopped.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .close_channel(channel);
+    let consumer = tokio::spawn(serve(consumer, service, options));
+    const MESSAGES: usize = 600;
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let channel = connection.create_channel().await.unwrap();
+        let (name, published) = (queue.name.clone(), published.clone());
+        tokio::spawn(async move {
+            for n in 0..MESSAGES {
+                let id = format!("c-{n}");
+                common::publish(&channel, &name, id.as_bytes(), Some(&id)).await;
+                published.store(n + 1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    while published.load(Ordering::SeqCst) < MESSAGES / 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first master dies; the cluster promotes its replica.
+    nodes[0].kill();
+    let promoted = common::eventually(Duration::from_secs(30), || {
+        let replica = nodes[3].url();
+        async move { common::redis_cli_at(&replica, &["ROLE"]).starts_with("master") }
+    })
+    .await;
+    assert!(promoted, "the replica was promoted");
+    publisher.await.unwrap();
+    let all_ran = common::eventually(Duration::from_secs(60), || {
+        let runs = runs.clone();
+        async move { runs.lock().unwrap().len() == MESSAGES }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    consumer.await.unwrap().expect("serve");
+    let runs = runs.lock().unwrap().clone();
+    assert!(all_ran, "every message ran: {} of {MESSAGES}", runs.len());
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        twice.is_empty(),
+        "no copy was published twice, so none runs twice: {twice:?}"
+    );
+    let channel = connection.create_channel().await.unwrap();
+    assert_eq!(common::ready_count(&channel, &queue.name).await, 0);
+    assert_eq!(common::ready_count(&channel, &queue.dead).await, 0);
+    queue.delete(&channel).await;
+}
