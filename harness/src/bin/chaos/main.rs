@@ -85,7 +85,10 @@
 //! sees it, then a jittered `--fault-interval-ms`. Each takes about 12.5s
 //! on Redis 7.0, mostly the sentinels' 10s before they reconfigure a
 //! returning master. The run goes on until `--min-failovers N` \[3\]
-//! happened, and the messages are spread over that many. The default
+//! happened, and the messages are spread over that many; failovers go on
+//! while messages are published, not after that once there were enough.
+//! With `IDEMPOTENCY_MIN_REPLICAS=1` consumption stops from each kill until
+//! the restarted server is a replica again (the pair has no other). The default
 //! `--faults` is then `failover`; `kill`, `pause`, `amqp-cut`,
 //! `handler-timeout` and `poison-abort` may be mixed in (e.g.
 //! `--faults failover,kill,pause`); the other Redis faults act on the

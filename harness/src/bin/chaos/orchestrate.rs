@@ -332,6 +332,14 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         let Some(fault) = schedule.pop() else {
             continue;
         };
+        if fault == Fault::Failover
+            && publisher.is_none()
+            && counts[fault.index()] >= options.min_failovers as u64
+        {
+            // Enough failovers, and no more traffic for another to hit:
+            // each one holds the consumers back for a while.
+            continue;
+        }
         if pacer.burst() {
             // Strike while the burst is still arriving: the publisher is
             // faster than the consumers, so their prefetch windows are full.
