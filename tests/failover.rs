@@ -430,3 +430,37 @@ async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
     assert_eq!(common::ready_count(&channel, &queue.dead).await, 0);
     queue.delete(&channel).await;
 }
+
+#[tokio::test]
+async fn the_operator_cli_reads_through_sentinel_before_and_after_a_failover() {
+    let mut group = SentinelGroup::start();
+    let config = Config::default().redis_url(group.url()).min_replicas(1);
+    let store = RedisStore::connect_with(&config)
+        .await
+        .expect("connect through the sentinels");
+    let key = "idem:cli:order-1";
+    let done = claim(&store, key).await;
+    assert!(store.complete(&done, RETENTION).await.unwrap());
+    let inspect = |url: String| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_amqp-idempotency"))
+            .args(["inspect", key])
+            .env("REDIS_URL", url)
+            .output()
+            .expect("run the CLI");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "inspect through Sentinel: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text
+    };
+    assert!(inspect(group.url()).contains("done"), "found on the master");
+    let old = group.master().port;
+    group.master().kill();
+    group.wait_for_new_master(old, Duration::from_secs(30));
+    assert!(
+        inspect(group.url()).contains("done"),
+        "found on the promoted master"
+    );
+}

@@ -1495,6 +1495,67 @@ fn client_for(url: &str, files: &TlsFiles) -> Result<redis::Client, String> {
     redis::Client::build_with_tls(url, certificates).map_err(invalid)
 }
 
+/// For a `redis-sentinel://` URL, the URL of the master that its sentinels
+/// name now (asked in turn, with `timeout` for each); `None` for any other
+/// URL. For code of your own that wants a plain connection to the same
+/// Redis, like the operator CLI.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use amqp_idempotency::store::sentinel_master_url;
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let url = "redis-sentinel://10.0.0.5:26379,10.0.0.6:26379#orders";
+/// let master = sentinel_master_url(url, Duration::from_secs(2))?;
+/// assert!(master.is_some_and(|url| url.starts_with("redis://")));
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// A malformed Sentinel URL, or no sentinel naming the master; the message
+/// names the sentinels (passwords hidden) and what to check.
+pub fn sentinel_master_url(url: &str, timeout: Duration) -> Result<Option<String>, StoreError> {
+    if !url.starts_with("redis-sentinel://") && !url.starts_with("rediss-sentinel://") {
+        return Ok(None);
+    }
+    let sentinel = SentinelUrl::parse(url)
+        .map_err(|message| StoreError::new("connect", "", false, message))?;
+    let mut problems = Vec::new();
+    for address in &sentinel.sentinels {
+        let asked = (|| {
+            let client = redis::Client::open(address.as_str()).map_err(|err| err.to_string())?;
+            let mut connection = client
+                .get_connection_with_timeout(timeout)
+                .map_err(|err| err.to_string())?;
+            connection
+                .set_read_timeout(Some(timeout))
+                .map_err(|err| err.to_string())?;
+            let reply: Option<(String, u16)> = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(&sentinel.master)
+                .query(&mut connection)
+                .map_err(|err| err.to_string())?;
+            reply.ok_or_else(|| format!("it monitors no master named `{}`", sentinel.master))
+        })();
+        match asked {
+            Ok((host, port)) => return Ok(Some(sentinel.master_url(&host, port))),
+            Err(problem) => problems.push(format!("{}: {problem}", redact_url(address))),
+        }
+    }
+    Err(StoreError::new(
+        "connect",
+        "",
+        true,
+        format!(
+            "no sentinel named the master `{}` ({}); are the sentinels up, and is the name after \
+             `#` the one in their `sentinel monitor` line?",
+            sentinel.master,
+            problems.join("; ")
+        ),
+    ))
+}
+
 /// The cluster client for seed `nodes`, with TLS for `rediss://` as
 /// `files` say, or a message saying what is wrong.
 fn cluster_client(

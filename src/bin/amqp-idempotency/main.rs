@@ -533,7 +533,11 @@ fn resolve_key(
 /// Connects with timeouts, turning failures into messages that say what to do.
 fn connect(settings: &Settings) -> Result<Connection, Failure> {
     let shown = redact_url(&settings.redis_url);
-    let client = redis::Client::open(settings.redis_url.as_str()).map_err(|err| {
+    // Through Sentinel: the master it names now.
+    let url = amqp_idempotency::store::sentinel_master_url(&settings.redis_url, CONNECT_TIMEOUT)
+        .map_err(|err| Failure::Redis(err.to_string()))?
+        .unwrap_or_else(|| settings.redis_url.clone());
+    let client = redis::Client::open(url.as_str()).map_err(|err| {
         Failure::Usage(format!(
             "`{shown}` (from {}) is not a valid Redis URL: {err}; expected \
              redis://[[user]:password@]host[:port][/db], for example {DEFAULT_REDIS_URL}; \
