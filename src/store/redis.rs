@@ -1407,7 +1407,8 @@ fn remedy(err: &RedisError) -> Option<&'static str> {
         "Redis is out of memory (maxmemory with noeviction): raise maxmemory or lower \
          IDEMPOTENCY_DONE_TTL; consumption resumes once a write succeeds"
     } else if code == "READONLY" {
-        "Redis is a read-only replica (after a failover?): point REDIS_URL at the primary"
+        "Redis is a read-only replica (after a failover?): point REDIS_URL at the primary, \
+         or at the sentinels (redis-sentinel://host:port,...#master) to follow failovers"
     } else if code == "MISCONF" {
         "Redis refuses writes because it cannot persist (stop-writes-on-bgsave-error): \
          fix its disk or persistence settings"
