@@ -464,3 +464,46 @@ async fn the_operator_cli_reads_through_sentinel_before_and_after_a_failover() {
         "found on the promoted master"
     );
 }
+
+#[tokio::test]
+async fn a_retried_completion_on_a_new_connection_still_waits_for_the_replicas() {
+    let master = RedisProcess::server(&[]);
+    let replica = RedisProcess::server(&[
+        "--replicaof".into(),
+        "127.0.0.1".into(),
+        master.port.to_string(),
+    ]);
+    let config = Config::default()
+        .redis_url(master.url())
+        .min_replicas(1)
+        .replica_timeout(Duration::from_millis(200));
+    let store = RedisStore::connect_with(&config).await.expect("connect");
+    let token = Token::new();
+    let claimed = until_ok(|| async {
+        match store.claim("idem:rewait:1", &token, "", LEASE).await? {
+            ClaimOutcome::Acquired(claim) => Ok(claim),
+            other => panic!("expected to acquire, got {other:?}"),
+        }
+    })
+    .await;
+    // The replica stays connected but acknowledges nothing: the done mark
+    // reaches the master only.
+    replica.pause();
+    let err = store
+        .complete(&claimed, RETENTION)
+        .await
+        .expect_err("not confirmed");
+    assert!(err.is_unavailable(), "{err}");
+    // The retry comes on a new connection (the old one dropped), which
+    // has written nothing yet: WAIT there must still wait for the mark.
+    let fresh = RedisStore::connect_with(&config)
+        .await
+        .expect("connect again");
+    let retried = fresh.complete(&claimed, RETENTION).await;
+    assert!(
+        matches!(&retried, Err(err) if err.is_unavailable()),
+        "a mark that only the master holds is never reported confirmed: {retried:?}"
+    );
+    replica.resume();
+    assert!(until_ok(|| fresh.complete(&claimed, RETENTION)).await);
+}

@@ -56,7 +56,9 @@ if matches then
   end
   return answer or 1
 elseif to ~= '' and current == to then
-  return 1
+  -- Already done (a retried transition): write it again, so that a WAIT
+  -- on this connection waits until the replicas hold it too.
+  return failed(redis.pcall('SET', KEYS[1], to, 'KEEPTTL'), 'set') or 1
 end
 return 0
 ";
@@ -222,6 +224,12 @@ struct ClusterLink {
     /// Which master serves which slots (`CLUSTER SLOTS`), learnt again
     /// after a redirection or a failed pipeline.
     slots: std::sync::Mutex<Option<Arc<SlotMap>>>,
+    /// The first seed URL: the scheme and credentials for every node.
+    seed: String,
+    tls: TlsFiles,
+    /// A plain connection to each master the pipelines go to: a redirect
+    /// comes back as an answer there, never followed behind our back.
+    direct: Mutex<std::collections::HashMap<(String, u16), MultiplexedConnection>>,
     shown: String,
     current: Mutex<Option<ClusterConnection>>,
     cas: Arc<Cas>,
@@ -360,14 +368,16 @@ impl SentinelUrl {
         } else {
             return Err(format!("`{shown}` is not a Sentinel URL; {expected}"));
         };
-        let (rest, master) = rest
-            .rsplit_once('#')
-            .filter(|(_, master)| !master.is_empty())
-            .ok_or_else(|| format!("`{shown}` names no master after `#`; {expected}"))?;
-        let (userinfo, hosts) = match rest.rsplit_once('@') {
-            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+        // Credentials end at the last `@` (a password may hold `#`); the
+        // master's name follows the first `#` after them.
+        let (userinfo, rest) = match rest.rsplit_once('@') {
+            Some((userinfo, rest)) => (format!("{userinfo}@"), rest),
             None => (String::new(), rest),
         };
+        let (hosts, master) = rest
+            .split_once('#')
+            .filter(|(_, master)| !master.is_empty())
+            .ok_or_else(|| format!("`{shown}` names no master after `#`; {expected}"))?;
         let (hosts, db) = match hosts.split_once('/') {
             Some((hosts, "")) => (hosts, String::new()),
             Some((hosts, db)) if db.parse::<u16>().is_ok() => (hosts, format!("/{db}")),
@@ -769,12 +779,15 @@ impl RedisStore {
         tls: &TlsFiles,
         replication: Replication,
     ) -> Result<Self, StoreError> {
-        let client = cluster_client(nodes, tls)
+        let client = cluster_client(nodes, tls, replication)
             .map_err(|message| StoreError::new("connect", "", false, message))?;
         let cas = Cas::new();
         let link = ClusterLink {
             client,
             replication,
+            seed: nodes.first().cloned().unwrap_or_default(),
+            tls: tls.clone(),
+            direct: Mutex::new(std::collections::HashMap::new()),
             shown: nodes
                 .iter()
                 .map(|node| redact_url(node))
@@ -942,7 +955,14 @@ impl RedisStore {
             let reply = self.request(key, get, false).await.map_err(named)?;
             parse("transition", key, reply).map_err(Some)?
         };
-        Ok(current.as_deref() == Some(to))
+        if current.as_deref() != Some(to) {
+            return Ok(false);
+        }
+        // Already done (a retried transition): write it again, so that a
+        // WAIT on this connection waits until the replicas hold it too.
+        let mut again = command("SET", 6, key.len() + 2 * to.len());
+        again.arg(key).arg(to).arg("IFEQ").arg(to).arg("KEEPTTL");
+        Ok(self.request(key, again, true).await.map_err(named)? != Value::Nil)
     }
 }
 
@@ -1185,6 +1205,46 @@ impl ClusterLink {
         Some(map)
     }
 
+    /// The plain connection to the master at `host:port`, made when
+    /// missing, with the seed URL's scheme and credentials.
+    async fn direct(&self, host: &str, port: u16) -> Result<MultiplexedConnection, Failure> {
+        let mut direct = self.direct.lock().await;
+        if let Some(connection) = direct.get(&(host.to_owned(), port)) {
+            return Ok(connection.clone());
+        }
+        let unavailable = |err: String| {
+            Failure::unavailable(format!(
+                "cannot connect to the Redis Cluster node {host}:{port}: {err}"
+            ))
+        };
+        let mut url = url::Url::parse(&self.seed).map_err(|err| unavailable(err.to_string()))?;
+        let host_set = if host.contains(':') && !host.starts_with('[') {
+            url.set_host(Some(&format!("[{host}]")))
+        } else {
+            url.set_host(Some(host))
+        };
+        host_set.map_err(|err| unavailable(err.to_string()))?;
+        url.set_port(Some(port))
+            .map_err(|()| unavailable("not a port".into()))?;
+        let client = client_for(url.as_str(), &self.tls).map_err(unavailable)?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(RedisStore::RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(
+                RedisStore::RESPONSE_TIMEOUT + self.replication.timeout,
+            ));
+        let connection = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|err| unavailable(failure(err).message))?;
+        direct.insert((host.to_owned(), port), connection.clone());
+        Ok(connection)
+    }
+
+    /// Forgets the connection to `host:port` after it failed.
+    async fn drop_direct(&self, host: &str, port: u16) {
+        self.direct.lock().await.remove(&(host.to_owned(), port));
+    }
+
     /// Forgets the slot map after a redirection or a failed node.
     fn forget_slots(&self) {
         if let Ok(mut slots) = self.slots.lock() {
@@ -1257,7 +1317,8 @@ async fn send_alone(
     }
 }
 
-/// The requests whose keys `host:port` serves, as one pipeline.
+/// The requests whose keys `host:port` serves, as one pipeline on a plain
+/// connection to that master.
 async fn send_to_node(
     link: Arc<ClusterLink>,
     host: String,
@@ -1266,6 +1327,7 @@ async fn send_to_node(
     stats: Arc<Stats>,
 ) {
     let mut pipe = redis::Pipeline::with_capacity(requests.len() + 1);
+    pipe.ignore_errors();
     for request in &requests {
         pipe.add_command(request.cmd.clone());
     }
@@ -1280,59 +1342,55 @@ async fn send_to_node(
     stats.round_trips.fetch_add(1, Ordering::Relaxed);
     stats.commands.fetch_add(expected as u64, Ordering::Relaxed);
     let sent = async {
-        let mut connection = link.get().await?;
-        let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
-            host: host.clone(),
-            port,
-        };
-        tokio::time::timeout(
-            2 * RedisStore::RESPONSE_TIMEOUT + link.replication.timeout,
-            connection.route_pipeline(pipe, 0, expected, route),
-        )
-        .await
-        .map_err(|_| {
-            Failure::unavailable(format!(
-                "the Redis Cluster node {host}:{port} did not answer within {:?}",
-                2 * RedisStore::RESPONSE_TIMEOUT + link.replication.timeout
-            ))
-        })?
-        .map_err(failure)
+        let mut connection = link.direct(&host, port).await?;
+        pipe.query_async::<Vec<redis::RedisResult<Value>>>(&mut connection)
+            .await
+            .map_err(failure)
     };
     let mut answers = match sent.await {
         Ok(answers) if answers.len() == expected => answers,
         Ok(_) | Err(_) => {
-            // The node failed, or answered oddly (a failover under way?):
-            // learn the map again and let the client route each request.
+            // The node failed (a failover under way?), or answered oddly:
+            // forget it and the map, and let the client route each request.
+            link.drop_direct(&host, port).await;
             link.forget_slots();
-            for request in requests {
-                let answer = send_alone(&link, &request, &stats).await;
-                let _ = request.reply.send(answer);
-            }
+            let resent = requests.into_iter().map(|request| {
+                let (link, stats) = (Arc::clone(&link), Arc::clone(&stats));
+                async move {
+                    let answer = send_alone(&link, &request, &stats).await;
+                    let _ = request.reply.send(answer);
+                }
+            });
+            futures_util::future::join_all(resent).await;
             return;
         }
     };
     let shortfall = match wait {
         Some(_) => answers
             .pop()
-            .and_then(|waited| link.replication.shortfall(&Ok(waited))),
+            .and_then(|waited| link.replication.shortfall(&waited)),
         None => None,
     };
+    let mut moved = Vec::new();
     for (request, answer) in requests.into_iter().zip(answers) {
         let answer = match answer {
-            Value::ServerError(err) => {
-                let err = RedisError::from(err);
-                if matches!(err.code(), Some("MOVED" | "ASK" | "NOSCRIPT" | "TRYAGAIN")) {
-                    // Not run here: the slot moved, or the node lost the
-                    // script. Alone, the client follows the redirection.
-                    if err.code() != Some("NOSCRIPT") {
-                        link.forget_slots();
-                    }
-                    send_alone(&link, &request, &stats).await
-                } else {
-                    Err(failure(err))
+            Err(err)
+                if matches!(
+                    err.code(),
+                    Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY" | "NOSCRIPT")
+                ) =>
+            {
+                // Not run here: the slot moved (a reshard, a failover), or
+                // the node lost the script. Alone, the client follows the
+                // redirection (or loads the script).
+                if err.code() != Some("NOSCRIPT") {
+                    link.forget_slots();
                 }
+                moved.push(request);
+                continue;
             }
-            answer => match &shortfall {
+            Err(err) => Err(failure(err)),
+            Ok(answer) => match &shortfall {
                 Some(short) if request.write => Err(Failure {
                     unavailable: true,
                     syntax: false,
@@ -1344,6 +1402,14 @@ async fn send_to_node(
         };
         let _ = request.reply.send(answer);
     }
+    let resent = moved.into_iter().map(|request| {
+        let (link, stats) = (Arc::clone(&link), Arc::clone(&stats));
+        async move {
+            let answer = send_alone(&link, &request, &stats).await;
+            let _ = request.reply.send(answer);
+        }
+    });
+    futures_util::future::join_all(resent).await;
 }
 
 type Reply = oneshot::Sender<Result<Value, Failure>>;
@@ -1562,6 +1628,7 @@ pub fn sentinel_master_url(url: &str, timeout: Duration) -> Result<Option<String
 fn cluster_client(
     nodes: &[String],
     files: &TlsFiles,
+    replication: Replication,
 ) -> Result<redis::cluster::ClusterClient, String> {
     let shown = || {
         nodes
@@ -1609,7 +1676,7 @@ fn cluster_client(
     }
     let mut builder = redis::cluster::ClusterClientBuilder::new(infos)
         .connection_timeout(RedisStore::RESPONSE_TIMEOUT)
-        .response_timeout(RedisStore::RESPONSE_TIMEOUT)
+        .response_timeout(RedisStore::RESPONSE_TIMEOUT + replication.timeout)
         .retries(4);
     if tls_urls != 0 {
         tls::ensure_process_provider();
@@ -1798,6 +1865,11 @@ mod tests {
         }
         let err = SentinelUrl::parse("redis-sentinel://u:secret@a:1").unwrap_err();
         assert!(!err.contains("secret"), "{err}");
+        let err = SentinelUrl::parse("redis-sentinel://idem:s3cr#t@s1:26379").unwrap_err();
+        assert!(!err.contains("s3cr"), "{err}");
+        let hashed = SentinelUrl::parse("redis-sentinel://idem:s3cr#t@s1:26379#m").unwrap();
+        assert_eq!(hashed.master, "m");
+        assert_eq!(hashed.sentinels, ["redis://s1:26379"]);
     }
 
     #[test]

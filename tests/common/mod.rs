@@ -936,6 +936,25 @@ impl RedisProcess {
         }
     }
 
+    /// SIGSTOP (`resume` sends SIGCONT): a replica that stays connected
+    /// but acknowledges nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the process runs").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Starts the process again on its port with its arguments.
     pub fn restart(&mut self) {
         self.kill();
