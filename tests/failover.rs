@@ -157,13 +157,95 @@ async fn min_replicas_holds_writes_that_no_replica_confirmed() {
     );
 }
 
+/// Runs of each message id, as the handlers saw them.
+type Runs = Arc<Mutex<HashMap<String, usize>>>;
+
+/// A consumer of `queue` through the layer on `store`, recording each run
+/// in `runs`, until `stop` is set.
+async fn spawn_consumer(
+    connection: &lapin::Connection,
+    queue: &str,
+    store: RedisStore,
+    config: Config,
+    runs: &Runs,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Result<amqp_idempotency::ServeReport, amqp_idempotency::ServeError>> {
+    let seen = runs.clone();
+    let service = IdempotencyLayer::new(store, queue, config)
+        .unwrap()
+        .layer(service_fn(move |d: Delivery| {
+            let id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            *seen.lock().unwrap().entry(id).or_default() += 1;
+            async { Ok::<_, HandlerError>(()) }
+        }));
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(16, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let stop = stop.clone();
+    let options = ServeOptions::new()
+        .concurrency(16)
+        .shutdown_on(async move {
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .close_channel(channel);
+    tokio::spawn(serve(consumer, service, options))
+}
+
+/// How many messages the flow tests publish.
+const MESSAGES: usize = 600;
+
+/// Messages in flight around a fault: publishes `MESSAGES` ids
+/// `<label>-<n>`, 5 ms apart, and returns once a third of them are out
+/// (the rest follow while the test breaks something).
+async fn publish_paced(
+    connection: &lapin::Connection,
+    queue: &str,
+    label: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let channel = connection.create_channel().await.unwrap();
+        let (name, published) = (queue.to_owned(), published.clone());
+        tokio::spawn(async move {
+            for n in 0..MESSAGES {
+                let id = format!("{label}-{n}");
+                common::publish(&channel, &name, id.as_bytes(), Some(&id)).await;
+                published.store(n + 1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    while published.load(Ordering::SeqCst) < MESSAGES / 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publisher
+}
+
 #[tokio::test]
 async fn consumption_resumes_by_itself_after_sentinel_fails_the_master_over() {
     let mut group = SentinelGroup::start();
     let connection = common::amqp().await;
     let setup = connection.create_channel().await.unwrap();
     let queue = common::declare_queue(&setup, "failover").await;
-    let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let runs: Runs = Arc::default();
     let prefix = common::unique("p");
     let stop = Arc::new(AtomicBool::new(false));
     let mut consumers = Vec::new();
@@ -175,62 +257,10 @@ async fn consumption_resumes_by_itself_after_sentinel_fails_the_master_over() {
         let store = RedisStore::connect_with(&config)
             .await
             .expect("connect through the sentinels");
-        let seen = runs.clone();
-        let service = IdempotencyLayer::new(store, &queue.name, config)
-            .unwrap()
-            .layer(service_fn(move |d: Delivery| {
-                let id = d
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.to_string())
-                    .unwrap_or_default();
-                *seen.lock().unwrap().entry(id).or_default() += 1;
-                async { Ok::<_, HandlerError>(()) }
-            }));
-        let channel = connection.create_channel().await.unwrap();
-        channel
-            .basic_qos(16, BasicQosOptions::default())
-            .await
-            .unwrap();
-        let consumer = channel
-            .basic_consume(
-                queue.name.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let stop = stop.clone();
-        let options = ServeOptions::new()
-            .concurrency(16)
-            .shutdown_on(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-            .close_channel(channel);
-        consumers.push(tokio::spawn(serve(consumer, service, options)));
+        consumers.push(spawn_consumer(&connection, &queue.name, store, config, &runs, &stop).await);
     }
     // Messages flow before, during and after the failover.
-    const MESSAGES: usize = 600;
-    let published = Arc::new(AtomicUsize::new(0));
-    let publisher = {
-        let channel = connection.create_channel().await.unwrap();
-        let (name, published) = (queue.name.clone(), published.clone());
-        tokio::spawn(async move {
-            for n in 0..MESSAGES {
-                let id = format!("m-{n}");
-                common::publish(&channel, &name, id.as_bytes(), Some(&id)).await;
-                published.store(n + 1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
-    while published.load(Ordering::SeqCst) < MESSAGES / 3 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let publisher = publish_paced(&connection, &queue.name, "m").await;
     let old = group.master().port;
     group.master().kill();
     group.wait_for_new_master(old, Duration::from_secs(30));
@@ -346,62 +376,10 @@ async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
     let store = RedisStore::connect_with(&config)
         .await
         .expect("connect to the cluster");
-    let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let seen = runs.clone();
-    let service = IdempotencyLayer::new(store, &queue.name, config)
-        .unwrap()
-        .layer(service_fn(move |d: Delivery| {
-            let id = d
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string())
-                .unwrap_or_default();
-            *seen.lock().unwrap().entry(id).or_default() += 1;
-            async { Ok::<_, HandlerError>(()) }
-        }));
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .basic_qos(16, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let consumer = channel
-        .basic_consume(
-            queue.name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let runs: Runs = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let stopped = stop.clone();
-    let options = ServeOptions::new()
-        .concurrency(16)
-        .shutdown_on(async move {
-            while !stopped.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .close_channel(channel);
-    let consumer = tokio::spawn(serve(consumer, service, options));
-    const MESSAGES: usize = 600;
-    let published = Arc::new(AtomicUsize::new(0));
-    let publisher = {
-        let channel = connection.create_channel().await.unwrap();
-        let (name, published) = (queue.name.clone(), published.clone());
-        tokio::spawn(async move {
-            for n in 0..MESSAGES {
-                let id = format!("c-{n}");
-                common::publish(&channel, &name, id.as_bytes(), Some(&id)).await;
-                published.store(n + 1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
-    while published.load(Ordering::SeqCst) < MESSAGES / 3 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let consumer = spawn_consumer(&connection, &queue.name, store, config, &runs, &stop).await;
+    let publisher = publish_paced(&connection, &queue.name, "c").await;
     // The first master dies; the cluster promotes its replica.
     nodes[0].kill();
     let promoted = common::eventually(Duration::from_secs(30), || {

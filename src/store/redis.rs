@@ -112,18 +112,13 @@ const MAX_IN_FLIGHT: usize = 4;
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    route: Route,
+    /// The writer task: it sends what waits in pipelines (on a cluster,
+    /// one pipeline per master).
+    requests: mpsc::UnboundedSender<Request>,
+    /// The writer groups requests by their keys' cluster slots.
+    cluster: bool,
     stats: Arc<Stats>,
     cas: Arc<Cas>,
-}
-
-/// How requests reach the server.
-#[derive(Clone)]
-enum Route {
-    /// Through the writer task, in pipelines.
-    Pipelined(mpsc::UnboundedSender<Request>),
-    /// Through the cluster writer task, in one pipeline per master.
-    Cluster(mpsc::UnboundedSender<Request>),
 }
 
 /// Whether transitions use `SET ... IFEQ`.
@@ -433,35 +428,62 @@ impl SentinelUrl {
         format!("{scheme}://{}{host}:{port}{}", self.userinfo, self.db)
     }
 
+    /// `SENTINEL get-master-addr-by-name <master>`.
+    fn question(&self) -> Cmd {
+        let mut question = redis::cmd("SENTINEL");
+        question.arg("get-master-addr-by-name").arg(&self.master);
+        question
+    }
+
+    /// The master's URL from one sentinel's `reply`, or a problem naming
+    /// that sentinel.
+    fn answer(
+        &self,
+        sentinel: &str,
+        reply: Result<Option<(String, u16)>, String>,
+    ) -> Result<String, String> {
+        match reply {
+            Ok(Some((host, port))) => Ok(self.master_url(&host, port)),
+            Ok(None) => Err(format!(
+                "{}: it monitors no master named `{}`",
+                redact_url(sentinel),
+                self.master
+            )),
+            Err(problem) => Err(format!("{}: {problem}", redact_url(sentinel))),
+        }
+    }
+
+    /// What to say when no sentinel named the master.
+    fn unanswered(&self, problems: &[String]) -> String {
+        format!(
+            "no sentinel named the master `{}` ({}); are the sentinels up, and is the name \
+             after `#` in REDIS_URL the one in their `sentinel monitor` line?",
+            self.master,
+            problems.join("; ")
+        )
+    }
+
     /// Asks each sentinel in turn where the master is; the first answer wins.
     async fn master(&self, config: &AsyncConnectionConfig) -> Result<String, String> {
         let mut problems = Vec::new();
         for sentinel in &self.sentinels {
-            let asked = async {
+            let reply = async {
                 let client = client_for(sentinel, &self.tls_files)?;
                 let mut connection = client
                     .get_multiplexed_async_connection_with_config(config)
                     .await
                     .map_err(|err| err.to_string())?;
-                let reply: Option<(String, u16)> = redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg(&self.master)
+                self.question()
                     .query_async(&mut connection)
                     .await
-                    .map_err(|err| err.to_string())?;
-                reply.ok_or_else(|| format!("it monitors no master named `{}`", self.master))
+                    .map_err(|err| err.to_string())
             };
-            match asked.await {
-                Ok((host, port)) => return Ok(self.master_url(&host, port)),
-                Err(problem) => problems.push(format!("{}: {problem}", redact_url(sentinel))),
+            match self.answer(sentinel, reply.await) {
+                Ok(url) => return Ok(url),
+                Err(problem) => problems.push(problem),
             }
         }
-        Err(format!(
-            "no sentinel named the master `{}` ({}); are the sentinels up, and is the name \
-             after `#` in REDIS_URL the one in their `sentinel monitor` line?",
-            self.master,
-            problems.join("; ")
-        ))
+        Err(self.unanswered(&problems))
     }
 }
 
@@ -655,6 +677,7 @@ impl Replication {
 }
 
 /// A request's failure, before it is named after its operation and key.
+#[derive(Clone)]
 struct Failure {
     unavailable: bool,
     /// The server did not understand the command (`ERR syntax error`).
@@ -680,9 +703,10 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field(
                 "deployment",
-                &match self.route {
-                    Route::Pipelined(_) => "standalone",
-                    Route::Cluster(..) => "cluster",
+                &if self.cluster {
+                    "cluster"
+                } else {
+                    "standalone"
                 },
             )
             .field("native_compare_and_set", &self.native_compare_and_set())
@@ -808,7 +832,8 @@ impl RedisStore {
             send_cluster_batch(Arc::clone(&writer), batch, Arc::clone(&counted))
         }));
         Ok(Self {
-            route: Route::Cluster(requests),
+            requests,
+            cluster: true,
             stats,
             cas,
         })
@@ -838,7 +863,8 @@ impl RedisStore {
             send_batch(Arc::clone(&writer), batch, Arc::clone(&counted))
         }));
         Self {
-            route: Route::Pipelined(requests),
+            requests,
+            cluster: false,
             stats,
             cas,
         }
@@ -871,29 +897,26 @@ impl RedisStore {
     }
 
     async fn request(&self, key: &str, cmd: Cmd, write: bool) -> Result<Value, Failure> {
-        match &self.route {
-            Route::Pipelined(requests) | Route::Cluster(requests) => {
-                let slot = match self.route {
-                    Route::Cluster(_) => crate::fingerprint::cluster_slot(key),
-                    Route::Pipelined(_) => 0,
-                };
-                let (reply, answer) = oneshot::channel();
-                let gone = || {
-                    Failure::unavailable(
-                        "the Redis writer task stopped (was the runtime shut down?)".into(),
-                    )
-                };
-                requests
-                    .send(Request {
-                        cmd,
-                        slot,
-                        write,
-                        reply,
-                    })
-                    .map_err(|_| gone())?;
-                answer.await.map_err(|_| gone())?
-            }
-        }
+        let slot = if self.cluster {
+            crate::fingerprint::cluster_slot(key)
+        } else {
+            0
+        };
+        let (reply, answer) = oneshot::channel();
+        let gone = || {
+            Failure::unavailable(
+                "the Redis writer task stopped (was the runtime shut down?)".into(),
+            )
+        };
+        self.requests
+            .send(Request {
+                cmd,
+                slot,
+                write,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     async fn send(
@@ -1131,12 +1154,7 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
     };
     for ((reply, answer), write) in replies.into_iter().zip(answers).zip(writes) {
         let answer = match (answer, &shortfall) {
-            (Ok(_), Some(short)) if write => Err(Failure {
-                unavailable: true,
-                syntax: false,
-                noscript: false,
-                message: short.message.clone(),
-            }),
+            (Ok(_), Some(short)) if write => Err(short.clone()),
             (answer, _) => answer.map_err(failure),
         };
         let _ = reply.send(answer);
@@ -1391,12 +1409,7 @@ async fn send_to_node(
             }
             Err(err) => Err(failure(err)),
             Ok(answer) => match &shortfall {
-                Some(short) if request.write => Err(Failure {
-                    unavailable: true,
-                    syntax: false,
-                    noscript: false,
-                    message: short.message.clone(),
-                }),
+                Some(short) if request.write => Err(short.clone()),
                 _ => Ok(answer),
             },
         };
@@ -1416,12 +1429,7 @@ type Reply = oneshot::Sender<Result<Value, Failure>>;
 
 fn answer_all(replies: Vec<Reply>, failure: &Failure) {
     for reply in replies {
-        let _ = reply.send(Err(Failure {
-            unavailable: failure.unavailable,
-            syntax: failure.syntax,
-            noscript: failure.noscript,
-            message: failure.message.clone(),
-        }));
+        let _ = reply.send(Err(failure.clone()));
     }
 }
 
@@ -1590,36 +1598,29 @@ pub fn sentinel_master_url(url: &str, timeout: Duration) -> Result<Option<String
         .map_err(|message| StoreError::new("connect", "", false, message))?;
     let mut problems = Vec::new();
     for address in &sentinel.sentinels {
-        let asked = (|| {
-            let client = redis::Client::open(address.as_str()).map_err(|err| err.to_string())?;
+        let reply = (|| {
+            let client = client_for(address, &TlsFiles::default())?;
             let mut connection = client
                 .get_connection_with_timeout(timeout)
                 .map_err(|err| err.to_string())?;
             connection
                 .set_read_timeout(Some(timeout))
                 .map_err(|err| err.to_string())?;
-            let reply: Option<(String, u16)> = redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg(&sentinel.master)
+            sentinel
+                .question()
                 .query(&mut connection)
-                .map_err(|err| err.to_string())?;
-            reply.ok_or_else(|| format!("it monitors no master named `{}`", sentinel.master))
+                .map_err(|err| err.to_string())
         })();
-        match asked {
-            Ok((host, port)) => return Ok(Some(sentinel.master_url(&host, port))),
-            Err(problem) => problems.push(format!("{}: {problem}", redact_url(address))),
+        match sentinel.answer(address, reply) {
+            Ok(url) => return Ok(Some(url)),
+            Err(problem) => problems.push(problem),
         }
     }
     Err(StoreError::new(
         "connect",
         "",
         true,
-        format!(
-            "no sentinel named the master `{}` ({}); are the sentinels up, and is the name after \
-             `#` the one in their `sentinel monitor` line?",
-            sentinel.master,
-            problems.join("; ")
-        ),
+        sentinel.unanswered(&problems),
     ))
 }
 

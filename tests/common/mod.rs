@@ -159,81 +159,7 @@ where
 
 /// A private redis-server on a free port, killed on drop: for tests that
 /// stop or restart Redis without touching the shared one.
-pub struct PrivateRedis {
-    pub port: u16,
-    child: Option<Child>,
-    dir: std::path::PathBuf,
-}
-
-impl PrivateRedis {
-    pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("find a free port");
-        let dir = std::env::temp_dir().join(unique("redis"));
-        std::fs::create_dir_all(&dir).expect("create a redis dir");
-        let mut this = Self {
-            port,
-            child: None,
-            dir,
-        };
-        this.spawn();
-        this
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|err| {
-                panic!("cannot start redis-server (apt-get install redis-server): {err}")
-            });
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server on port {} did not start", self.port);
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+pub type PrivateRedis = RedisProcess;
 
 /// A TCP proxy to `target` whose live connections can be cut, to make
 /// network faults without stopping the shared services.
@@ -926,6 +852,17 @@ impl RedisProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("redis-server {:?} did not start", self.args);
+    }
+
+    /// A data server that writes every change to its append-only file, so
+    /// that a restart keeps what was acknowledged.
+    pub fn start() -> Self {
+        Self::server(&["--appendonly", "yes", "--appendfsync", "always"].map(String::from))
+    }
+
+    /// Stops it (SIGKILL); [`restart`](Self::restart) brings it back.
+    pub fn stop(&mut self) {
+        self.kill();
     }
 
     /// SIGKILL: no shutdown, nothing saved.
