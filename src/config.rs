@@ -119,6 +119,7 @@ pub struct Config {
     pub(crate) on_missing_fingerprint: NoFingerprintPolicy,
     pub(crate) verify_payload: bool,
     pub(crate) max_body_bytes: Option<usize>,
+    pub(crate) outbox_max_bytes: usize,
     pub(crate) consumer_timeout: Duration,
     pub(crate) min_replicas: u32,
     pub(crate) replica_timeout: Duration,
@@ -126,6 +127,9 @@ pub struct Config {
     pub(crate) redis_tls: TlsFiles,
     pub(crate) amqp_tls: TlsFiles,
 }
+
+/// The default of `IDEMPOTENCY_OUTBOX_MAX_BYTES`: 1 MiB.
+const DEFAULT_OUTBOX_MAX_BYTES: usize = 1 << 20;
 
 impl Default for Config {
     fn default() -> Self {
@@ -147,6 +151,7 @@ impl Default for Config {
             on_missing_fingerprint: NoFingerprintPolicy::DeadLetter,
             verify_payload: true,
             max_body_bytes: None,
+            outbox_max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
             consumer_timeout: Duration::from_secs(30 * 60),
             min_replicas: 0,
             replica_timeout: Duration::from_secs(1),
@@ -179,6 +184,7 @@ impl std::fmt::Debug for Config {
             on_missing_fingerprint,
             verify_payload,
             max_body_bytes,
+            outbox_max_bytes,
             consumer_timeout,
             min_replicas,
             replica_timeout,
@@ -207,6 +213,7 @@ impl std::fmt::Debug for Config {
             .field("on_missing_fingerprint", on_missing_fingerprint)
             .field("verify_payload", verify_payload)
             .field("max_body_bytes", max_body_bytes)
+            .field("outbox_max_bytes", outbox_max_bytes)
             .field("consumer_timeout", consumer_timeout)
             .field("min_replicas", min_replicas)
             .field("replica_timeout", replica_timeout)
@@ -377,6 +384,21 @@ impl Config {
                     )
                 },
             )?);
+        }
+        if let Some(value) = get("IDEMPOTENCY_OUTBOX_MAX_BYTES") {
+            config.outbox_max_bytes =
+                value
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        ConfigError::invalid(
+                            "IDEMPOTENCY_OUTBOX_MAX_BYTES",
+                            &value,
+                            "a number of bytes greater than zero, such as 1048576",
+                        )
+                    })?;
         }
         if let Some(value) = get("IDEMPOTENCY_VERIFY_PAYLOAD") {
             config.verify_payload = match value.trim() {
@@ -774,6 +796,15 @@ impl Config {
     /// instead of reaching the handler.
     pub fn max_body_bytes(mut self, limit: usize) -> Self {
         self.max_body_bytes = Some(limit.max(1));
+        self
+    }
+
+    /// Most bytes one delivery may stage in its outbox, messages and reply
+    /// together, encoded (`IDEMPOTENCY_OUTBOX_MAX_BYTES`, default 1 MiB).
+    /// Staging past it fails the handler permanently: the message is
+    /// dead-lettered and nothing it staged is published.
+    pub fn outbox_max_bytes(mut self, limit: usize) -> Self {
+        self.outbox_max_bytes = limit.max(1);
         self
     }
 

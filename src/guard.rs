@@ -505,7 +505,7 @@ impl<St: Store> ClaimGuard<St> {
     /// On an error the claim is not released (the work is done): it stays
     /// in progress until its lease expires.
     pub async fn complete(mut self) -> Result<bool, StoreError> {
-        let result = self.try_complete().await;
+        let result = self.try_complete(None).await;
         // Whatever the answer, never release a claim whose work is done.
         self.claim = None;
         result
@@ -513,14 +513,25 @@ impl<St: Store> ClaimGuard<St> {
 
     /// Like [`complete`](Self::complete), but keeps the claim on an error so
     /// the caller can try again; a dropped guard no longer releases it.
-    pub(crate) async fn try_complete(&mut self) -> Result<bool, StoreError> {
+    pub(crate) async fn try_complete(
+        &mut self,
+        outbox: Option<(&str, &[crate::store::OutboxEntry])>,
+    ) -> Result<bool, StoreError> {
         self.work_done = true;
         let Some(claim) = &self.claim else {
             return Ok(false);
         };
         let retention = self.dedup.config().done_ttl;
         let started = std::time::Instant::now();
-        let result = self.dedup.store().complete(claim, retention).await;
+        let store = self.dedup.store();
+        let result = match outbox {
+            Some((key, entries)) => {
+                store
+                    .complete_with_outbox(claim, retention, key, entries)
+                    .await
+            }
+            None => store.complete(claim, retention).await,
+        };
         let result = self.observe("complete", started, result);
         if result.is_ok() {
             self.claim = None;

@@ -40,10 +40,11 @@ use tracing::Instrument;
 
 use crate::config::{Config, StoreFailurePolicy};
 use crate::error::{BoxError, ConfigError, FailureKind, HandlerError};
-use crate::fingerprint::{Fingerprint, MessageIdOrBodyHash};
+use crate::fingerprint::{Fingerprint, MessageIdOrBodyHash, companion_key};
 use crate::guard::{Begin, ClaimGuard, Deduplicator, Skip};
+use crate::outbox::{Mode, Outbox, OutboxLayer, OutboxPublisher, Plain, ReplyTarget};
 use crate::outcome::{Disposition, Outcome, OutcomeKind};
-use crate::store::Store;
+use crate::store::{OutboxEntry, Store};
 
 /// Wraps a handler (`Service<Delivery>`) in [`Idempotency`].
 pub struct IdempotencyLayer<St, F = MessageIdOrBodyHash> {
@@ -95,17 +96,21 @@ impl<St, F> IdempotencyLayer<St, F> {
     pub fn deduplicator(&self) -> &Deduplicator<St, F> {
         &self.dedup
     }
+
+    /// The same layer for a handler that publishes through an outbox
+    /// (a `Service<`[`OutboxDelivery`](crate::outbox::OutboxDelivery)`>`):
+    /// what it stages is committed with its done mark, then published on
+    /// `publisher` before the ack ([`outbox`](crate::outbox)).
+    pub fn with_outbox(self, publisher: OutboxPublisher) -> OutboxLayer<St, F> {
+        OutboxLayer::new(self.dedup, publisher)
+    }
 }
 
 impl<S, St, F> Layer<S> for IdempotencyLayer<St, F> {
     type Service = Idempotency<S, St, F>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency {
-            inner,
-            dedup: self.dedup.clone(),
-            recovering: None,
-        }
+        Idempotency::with_mode(inner, self.dedup.clone(), Plain)
     }
 }
 
@@ -115,23 +120,39 @@ impl<S, St, F> Layer<S> for IdempotencyLayer<St, F> {
 /// reject. While the store is unreachable (fail-closed), `poll_ready`
 /// stays pending, so a runner that waits for readiness stops taking
 /// deliveries until the store answers again.
-pub struct Idempotency<S, St, F = MessageIdOrBodyHash> {
+///
+/// `M` says what the handler receives: [`Plain`] the delivery,
+/// [`WithOutbox`](crate::outbox::WithOutbox) the delivery and an outbox.
+pub struct Idempotency<S, St, F = MessageIdOrBodyHash, M = Plain> {
     inner: S,
     dedup: Deduplicator<St, F>,
+    mode: M,
     recovering: Option<BoxFuture<'static, ()>>,
 }
 
-impl<S: Clone, St, F> Clone for Idempotency<S, St, F> {
+impl<S: Clone, St, F, M: Clone> Clone for Idempotency<S, St, F, M> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             dedup: self.dedup.clone(),
+            mode: self.mode.clone(),
             recovering: None,
         }
     }
 }
 
-impl<S: std::fmt::Debug, St, F> std::fmt::Debug for Idempotency<S, St, F> {
+impl<S, St, F, M> Idempotency<S, St, F, M> {
+    pub(crate) fn with_mode(inner: S, dedup: Deduplicator<St, F>, mode: M) -> Self {
+        Self {
+            inner,
+            dedup,
+            mode,
+            recovering: None,
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, St, F, M> std::fmt::Debug for Idempotency<S, St, F, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Idempotency")
             .field("inner", &self.inner)
@@ -140,7 +161,7 @@ impl<S: std::fmt::Debug, St, F> std::fmt::Debug for Idempotency<S, St, F> {
     }
 }
 
-impl<S, St, F> Idempotency<S, St, F> {
+impl<S, St, F, M> Idempotency<S, St, F, M> {
     /// The wrapped handler.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -157,9 +178,10 @@ impl<S, St, F> Idempotency<S, St, F> {
     }
 }
 
-impl<S, St, F> Service<Delivery> for Idempotency<S, St, F>
+impl<S, St, F, M> Service<Delivery> for Idempotency<S, St, F, M>
 where
-    S: Service<Delivery> + Clone + Send + 'static,
+    M: Mode,
+    S: Service<M::Request> + Clone + Send + 'static,
     S::Error: Into<BoxError> + Send,
     S::Future: Send + 'static,
     S::Response: Send + 'static,
@@ -188,6 +210,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let dedup = self.dedup.clone();
+        let mode = self.mode.clone();
         let span = tracing::info_span!(
             "delivery",
             delivery_tag = delivery.delivery_tag,
@@ -197,7 +220,7 @@ where
         );
         Box::pin(
             async move {
-                let outcome = process(&dedup, inner, delivery).await;
+                let outcome = process(&dedup, &mode, inner, delivery).await;
                 crate::metrics::outcome(outcome.kind());
                 tracing::Span::current().record("outcome", outcome.kind().as_str());
                 tracing::debug!(
@@ -212,9 +235,15 @@ where
     }
 }
 
-async fn process<S, St, F>(dedup: &Deduplicator<St, F>, inner: S, mut delivery: Delivery) -> Outcome
+async fn process<S, St, F, M>(
+    dedup: &Deduplicator<St, F>,
+    mode: &M,
+    inner: S,
+    mut delivery: Delivery,
+) -> Outcome
 where
-    S: Service<Delivery> + Send + 'static,
+    M: Mode,
+    S: Service<M::Request> + Send + 'static,
     S::Error: Into<BoxError> + Send,
     S::Response: Send + 'static,
     S::Future: Send + 'static,
@@ -233,7 +262,7 @@ where
     )
     .acker;
     delivery.acker = inert.clone();
-    let outcome = decide(dedup, inner, delivery).await;
+    let outcome = decide(dedup, mode, inner, delivery).await;
     if !inert.usable() {
         crate::metrics::handler_settled();
         tracing::error!(
@@ -243,9 +272,15 @@ where
     outcome
 }
 
-async fn decide<S, St, F>(dedup: &Deduplicator<St, F>, inner: S, delivery: Delivery) -> Outcome
+async fn decide<S, St, F, M>(
+    dedup: &Deduplicator<St, F>,
+    mode: &M,
+    inner: S,
+    delivery: Delivery,
+) -> Outcome
 where
-    S: Service<Delivery> + Send + 'static,
+    M: Mode,
+    S: Service<M::Request> + Send + 'static,
     S::Error: Into<BoxError> + Send,
     S::Response: Send + 'static,
     S::Future: Send + 'static,
@@ -297,13 +332,24 @@ where
             other => break other,
         }
     };
+    let target = mode.publisher().map(|_| ReplyTarget::of(&delivery));
     let mut guard = match begun {
         Ok(Begin::Process(guard)) => guard,
-        Ok(Begin::Unprotected) => return run_unprotected(config, inner, delivery).await,
+        Ok(Begin::Unprotected) => {
+            return run_unprotected(dedup, mode, inner, delivery, fingerprint).await;
+        }
+        Ok(Begin::Skip(Skip::Done)) => {
+            return match (mode.publisher(), &fingerprint, &target) {
+                (Some(publisher), Some(fingerprint), Some(target)) => {
+                    finish_duplicate(dedup, publisher, fingerprint, target).await
+                }
+                _ => skipped(config, Skip::Done),
+            };
+        }
         Ok(Begin::Skip(skip)) => return skipped(config, skip),
         Err(err) if err.is_unavailable() => {
             tracing::warn!(error = %err, "store unusable; processing unprotected (fail-open)");
-            return run_unprotected(config, inner, delivery).await;
+            return run_unprotected(dedup, mode, inner, delivery, fingerprint).await;
         }
         Err(err) => {
             tracing::error!(error = %err, "store refused the claim with an error about this key: handler not run, message dead-lettered");
@@ -335,20 +381,37 @@ where
         return outcome;
     }
     guard.mark_started();
-    let run = run_claimed(config, &guard, inner, delivery).await;
-    match run.result {
-        Ok(()) => match complete_until_answered(guard).await {
+    let (request, outbox) = request::<M>(config, mode, delivery);
+    let run = run_claimed(config, &guard, inner, request).await;
+    // What the handler staged, sealed: staging after it returned fails.
+    let staged = outbox.map(|outbox| outbox.seal());
+    let (result, entries) = match (run.result, staged) {
+        (Ok(()), Some(Err(overflow))) => (Err(overflow), Vec::new()),
+        (Ok(()), Some(Ok(entries))) => (Ok(()), entries),
+        (result, _) => (result, Vec::new()),
+    };
+    match result {
+        Ok(()) if !entries.is_empty() => {
+            let Some(publisher) = mode.publisher() else {
+                return Outcome::new(OutcomeKind::Processed, attempt);
+            };
+            commit_and_dispatch(
+                dedup,
+                publisher,
+                guard,
+                entries,
+                target.unwrap_or_default(),
+                run.lease_lost,
+            )
+            .await
+        }
+        Ok(()) => match complete_until_answered(&mut guard, None).await {
             Ok(true) if !run.lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
             Err(err) => {
                 tracing::error!(error = %err, "handler succeeded but the store refused the done mark: acking (the effect happened); a later duplicate may run again");
                 Outcome::new(OutcomeKind::Unrecorded, attempt).because(err.to_string())
             }
-            Ok(_) => {
-                tracing::warn!(
-                    "lease lost while the handler ran: the effect happened, acking; make the effect fenced by the claim token if another consumer may have run it too"
-                );
-                Outcome::new(OutcomeKind::LeaseLost, attempt)
-            }
+            Ok(_) => lease_lost(attempt),
         },
         Err(failure) => {
             if run.timed_out {
@@ -364,6 +427,155 @@ where
             let outcome = failed(config, attempt, failure);
             settle_failed_claim(guard, &outcome).await;
             outcome
+        }
+    }
+}
+
+fn lease_lost(attempt: u32) -> Outcome {
+    tracing::warn!(
+        "lease lost while the handler ran: the effect happened, acking; make the effect fenced by the claim token if another consumer may have run it too"
+    );
+    Outcome::new(OutcomeKind::LeaseLost, attempt)
+}
+
+/// The handler's request, and the outbox it stages in (outbox mode only).
+fn request<M: Mode>(config: &Config, mode: &M, delivery: Delivery) -> (M::Request, Option<Outbox>) {
+    let outbox = mode.publisher().map(|_| crate::outbox::staging(config));
+    (M::request(delivery, outbox.clone()), outbox)
+}
+
+/// The companion key of a record that holds its outbox.
+const OUTBOX_SUFFIX: &str = "outbox";
+
+/// Commits the done mark with the staged messages, publishes them, marks
+/// the confirmed ones dispatched, and says whether the message may be acked.
+async fn commit_and_dispatch<St: Store, F: Fingerprint>(
+    dedup: &Deduplicator<St, F>,
+    publisher: &OutboxPublisher,
+    mut guard: ClaimGuard<St>,
+    entries: Vec<OutboxEntry>,
+    target: ReplyTarget,
+    lease_was_lost: bool,
+) -> Outcome {
+    let attempt = guard.attempt();
+    let outbox_key = companion_key(guard.key(), OUTBOX_SUFFIX);
+    let fingerprint = guard.fingerprint().to_owned();
+    publisher
+        .checkpoint(crate::outbox::Checkpoint::BeforeCommit)
+        .await;
+    match complete_until_answered(&mut guard, Some((&outbox_key, &entries))).await {
+        Ok(true) => {}
+        Ok(false) => {
+            // Another consumer holds the record: its run commits its own
+            // outbox; publishing ours too would send the effect twice.
+            tracing::warn!(
+                staged = entries.len(),
+                "lease lost while the handler ran: its outbox is not committed and nothing it staged is published; the consumer that took the message over publishes its own"
+            );
+            return Outcome::new(OutcomeKind::LeaseLost, attempt);
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "the store refused the outbox commit: nothing published, message dead-lettered");
+            let outcome = Outcome::new(OutcomeKind::Failed, attempt)
+                .because(format!("the outbox could not be committed: {err}"));
+            settle_failed_claim(guard, &outcome).await;
+            return outcome;
+        }
+    }
+    drop(guard);
+    publisher
+        .checkpoint(crate::outbox::Checkpoint::Committed)
+        .await;
+    let ready = crate::outbox::ready(entries, dedup.scope(), &fingerprint, &target);
+    match dispatch(dedup, publisher, &outbox_key, ready, false).await {
+        Err(problem) => Outcome::requeue(
+            OutcomeKind::Undispatched,
+            attempt,
+            dedup.config().retry_backoff,
+        )
+        .because(problem),
+        Ok(()) if lease_was_lost => lease_lost(attempt),
+        Ok(()) => Outcome::new(OutcomeKind::Processed, attempt),
+    }
+}
+
+/// Publishes `ready` and marks what the broker confirmed dispatched.
+/// `Err` says why something was not confirmed.
+async fn dispatch<St: Store, F: Fingerprint>(
+    dedup: &Deduplicator<St, F>,
+    publisher: &OutboxPublisher,
+    outbox_key: &str,
+    ready: Vec<crate::outbox::Ready>,
+    again: bool,
+) -> Result<(), String> {
+    let dispatched = publisher.dispatch(ready).await;
+    let sent = dispatched.confirmed.len();
+    crate::metrics::outbox_dispatched(sent, if again { sent } else { 0 });
+    publisher
+        .checkpoint(crate::outbox::Checkpoint::Published)
+        .await;
+    if !dispatched.confirmed.is_empty()
+        && let Err(err) = dedup
+            .store()
+            .outbox_remove(outbox_key, &dispatched.confirmed)
+            .await
+    {
+        // Harmless: a duplicate sends them again, with the same message_id.
+        tracing::warn!(error = %err, "could not mark outbox messages dispatched; a duplicate would send them again");
+    }
+    publisher
+        .checkpoint(crate::outbox::Checkpoint::Marked)
+        .await;
+    match dispatched.problem {
+        Some(problem) => {
+            tracing::warn!(%problem, unconfirmed = true, "not every outbox message was confirmed: requeueing; the redelivered copy sends the rest");
+            Err(problem)
+        }
+        None => Ok(()),
+    }
+}
+
+/// A duplicate of a done message, in outbox mode: sends what its outbox
+/// still holds, and the stored reply to this copy's `reply_to`, then acks.
+async fn finish_duplicate<St: Store, F: Fingerprint>(
+    dedup: &Deduplicator<St, F>,
+    publisher: &OutboxPublisher,
+    fingerprint: &str,
+    target: &ReplyTarget,
+) -> Outcome {
+    let config = dedup.config();
+    let outbox_key = companion_key(&dedup.key(fingerprint), OUTBOX_SUFFIX);
+    let entries = match dedup.store().outbox(&outbox_key).await {
+        Ok(entries) => entries,
+        Err(err) if err.is_unavailable() => {
+            tracing::warn!(error = %err, "duplicate of a processed message, but its outbox cannot be read: requeued");
+            return Outcome::requeue(OutcomeKind::StoreUnavailable, 0, config.retry_backoff)
+                .because(err.to_string());
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "duplicate of a processed message whose outbox cannot be read: acked without sending it");
+            return Outcome::new(OutcomeKind::Duplicate, 0);
+        }
+    };
+    let ready = crate::outbox::ready(entries, dedup.scope(), fingerprint, target);
+    if ready.is_empty() {
+        return skipped(config, Skip::Done);
+    }
+    let replies = ready.iter().filter(|ready| ready.is_reply()).count();
+    tracing::info!(
+        messages = ready.len() - replies,
+        replies,
+        "duplicate of a processed message: sending what its outbox still holds"
+    );
+    match dispatch(dedup, publisher, &outbox_key, ready, true).await {
+        Ok(()) => {
+            for _ in 0..replies {
+                crate::metrics::reply_resent();
+            }
+            Outcome::new(OutcomeKind::Duplicate, 0)
+        }
+        Err(problem) => {
+            Outcome::requeue(OutcomeKind::Undispatched, 0, config.retry_backoff).because(problem)
         }
     }
 }
@@ -411,11 +623,12 @@ async fn settle_failed_claim<St: Store>(guard: ClaimGuard<St>, outcome: &Outcome
 /// answer; `Err` is a refusal about this key (it was changed to another
 /// type, say): the caller acks, since the effect happened, and logs it.
 async fn complete_until_answered<St: Store>(
-    mut guard: ClaimGuard<St>,
+    guard: &mut ClaimGuard<St>,
+    outbox: Option<(&str, &[OutboxEntry])>,
 ) -> Result<bool, crate::error::StoreError> {
     let mut delay = Duration::from_millis(50);
     loop {
-        match guard.try_complete().await {
+        match guard.try_complete(outbox).await {
             Ok(ours) => return Ok(ours),
             Err(err) if err.is_unavailable() => {
                 tracing::error!(error = %err, retry_in = ?delay, "handler succeeded but the done mark could not be written yet: holding the message until the store takes it");
@@ -441,14 +654,10 @@ struct Run {
 /// Runs the handler under the claim. The handler runs in a task of its
 /// own, so that one that blocks its thread stops neither the renewals
 /// (every third of the lease) nor the handler timeout, both kept here.
-async fn run_claimed<S, St>(
-    config: &Config,
-    guard: &ClaimGuard<St>,
-    inner: S,
-    delivery: Delivery,
-) -> Run
+async fn run_claimed<S, St, R>(config: &Config, guard: &ClaimGuard<St>, inner: S, request: R) -> Run
 where
-    S: Service<Delivery> + Send + 'static,
+    R: Send + 'static,
+    S: Service<R> + Send + 'static,
     S::Error: Into<BoxError> + Send,
     S::Response: Send + 'static,
     S::Future: Send + 'static,
@@ -482,7 +691,7 @@ where
             }
         }
     };
-    let mut handler = HandlerRun::start(inner, delivery);
+    let mut handler = HandlerRun::start(inner, request);
     if matches!(handler, HandlerRun::Spawned(_)) {
         // The handler sits in this worker's LIFO slot, which no other
         // worker may steal from: if it blocks the thread while every other
@@ -543,14 +752,15 @@ enum HandlerRun {
 }
 
 impl HandlerRun {
-    fn start<S>(inner: S, delivery: Delivery) -> Self
+    fn start<S, R>(inner: S, request: R) -> Self
     where
-        S: Service<Delivery> + Send + 'static,
+        R: Send + 'static,
+        S: Service<R> + Send + 'static,
         S::Error: Into<BoxError> + Send,
         S::Response: Send + 'static,
         S::Future: Send + 'static,
     {
-        let work = async move { inner.oneshot(delivery).await.map(drop).map_err(Into::into) };
+        let work = async move { inner.oneshot(request).await.map(drop).map_err(Into::into) };
         let one_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
             runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
         });
@@ -622,21 +832,55 @@ fn timed_out(config: &Config) -> HandlerError {
     ))
 }
 
-async fn run_unprotected<S>(config: &Config, inner: S, delivery: Delivery) -> Outcome
+async fn run_unprotected<S, St, F, M>(
+    dedup: &Deduplicator<St, F>,
+    mode: &M,
+    inner: S,
+    delivery: Delivery,
+    fingerprint: Option<String>,
+) -> Outcome
 where
-    S: Service<Delivery> + Send + 'static,
+    M: Mode,
+    S: Service<M::Request> + Send + 'static,
     S::Error: Into<BoxError> + Send,
     S::Response: Send + 'static,
     S::Future: Send + 'static,
+    St: Store,
+    F: Fingerprint,
 {
+    let config = dedup.config();
     let attempt = crate::guard::broker_attempt(&delivery);
-    let mut handler = HandlerRun::start(inner, delivery);
+    let target = ReplyTarget::of(&delivery);
+    let (request, outbox) = request::<M>(config, mode, delivery);
+    let mut handler = HandlerRun::start(inner, request);
     let result = match tokio::time::timeout(config.handler_timeout, &mut handler).await {
         Ok(result) => result,
         Err(_) => {
             handler.abort();
             Err(timed_out(config))
         }
+    };
+    let staged = outbox.map(|outbox| outbox.seal());
+    let result = match (result, staged) {
+        (Ok(()), Some(Err(overflow))) => Err(overflow),
+        (Ok(()), Some(Ok(entries))) if !entries.is_empty() => {
+            // No record to commit with: sent at once, with ids from the
+            // fingerprint when there is one.
+            let Some(publisher) = mode.publisher() else {
+                return Outcome::new(OutcomeKind::Unprotected, attempt);
+            };
+            let base = fingerprint.unwrap_or_else(|| crate::store::Token::new().to_string());
+            let ready = crate::outbox::ready(entries, dedup.scope(), &base, &target);
+            let dispatched = publisher.dispatch(ready).await;
+            crate::metrics::outbox_dispatched(dispatched.confirmed.len(), 0);
+            match dispatched.problem {
+                Some(problem) => Err(HandlerError::retryable(format!(
+                    "the outgoing messages of an unprotected run were not all confirmed: {problem}"
+                ))),
+                None => Ok(()),
+            }
+        }
+        (result, _) => result,
     };
     match result {
         Ok(()) => Outcome::new(OutcomeKind::Unprotected, attempt),

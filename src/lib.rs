@@ -15,6 +15,7 @@ pub mod fingerprint;
 mod guard;
 mod layer;
 pub mod metrics;
+pub mod outbox;
 mod outcome;
 mod report;
 mod runner;

@@ -22,6 +22,10 @@
 //! | `idempotency_unrecorded_total` | counter | | handlers that ran but whose done mark the store refused (a later duplicate may run again) |
 //! | `idempotency_store_refused_total` | counter | | claims refused with an error about the key: dead-lettered, handler not run |
 //! | `idempotency_handler_settled_total` | counter | | handlers that tried to ack/nack/reject their delivery themselves (ignored) |
+//! | `idempotency_outbox_dispatched_total` | counter | | outbox messages the broker confirmed (re-sent ones counted again) |
+//! | `idempotency_outbox_redispatched_total` | counter | | outbox messages a duplicate sent because the first run had not (or not provably) sent them |
+//! | `idempotency_replies_resent_total` | counter | | stored replies sent again to a duplicate request |
+//! | `idempotency_outbox_unroutable_total` | counter | | outbox messages or replies the broker returned as unroutable |
 //! | `idempotency_store_seconds` | histogram | `operation` = `claim` / `renew` / `complete` / `release` | store latency |
 
 use std::time::Instant;
@@ -55,6 +59,15 @@ pub const STORE_SECONDS: &str = "idempotency_store_seconds";
 /// Writes that fewer replicas confirmed than `IDEMPOTENCY_MIN_REPLICAS`
 /// asks for (each is retried; its message is held meanwhile).
 pub const UNREPLICATED: &str = "idempotency_unreplicated_writes_total";
+
+/// Outbox messages the broker confirmed.
+pub const OUTBOX_DISPATCHED: &str = "idempotency_outbox_dispatched_total";
+/// Outbox messages sent by a duplicate.
+pub const OUTBOX_REDISPATCHED: &str = "idempotency_outbox_redispatched_total";
+/// Stored replies sent again to a duplicate request.
+pub const REPLIES_RESENT: &str = "idempotency_replies_resent_total";
+/// Outbox messages or replies returned as unroutable.
+pub const OUTBOX_UNROUTABLE: &str = "idempotency_outbox_unroutable_total";
 
 /// Counts the layer's outcome.
 pub(crate) fn outcome(kind: OutcomeKind) {
@@ -100,4 +113,22 @@ pub(crate) fn store_latency(operation: &'static str, started: Instant) {
 /// A write that fewer replicas confirmed than asked for.
 pub(crate) fn unreplicated() {
     metrics::counter!(UNREPLICATED).increment(1);
+}
+
+/// Outbox messages confirmed: `sent` in all, `again` of them by a duplicate.
+pub(crate) fn outbox_dispatched(sent: usize, again: usize) {
+    metrics::counter!(OUTBOX_DISPATCHED).increment(sent as u64);
+    if again > 0 {
+        metrics::counter!(OUTBOX_REDISPATCHED).increment(again as u64);
+    }
+}
+
+/// A stored reply sent again.
+pub(crate) fn reply_resent() {
+    metrics::counter!(REPLIES_RESENT).increment(1);
+}
+
+/// An outbox message or reply the broker could not route.
+pub(crate) fn outbox_unroutable() {
+    metrics::counter!(OUTBOX_UNROUTABLE).increment(1);
 }

@@ -67,6 +67,11 @@ pub enum OutcomeKind {
     /// The store could not be used (unreachable, or refusing writes) for
     /// longer than a delivery may be held: the handler did not run; requeued.
     StoreUnavailable,
+    /// The handler's done mark and outbox are committed, but the broker did
+    /// not confirm every outgoing message (a lost connection, a missing
+    /// binding): requeued, and the redelivered copy sends what was not
+    /// confirmed (never what was), then is acked.
+    Undispatched,
     /// The store refused the claim with an error about this one key (it
     /// holds a value of another type): the handler did not run;
     /// dead-lettered with the error. Errors that are not about the key
@@ -95,6 +100,7 @@ impl OutcomeKind {
             Self::BodyTooLarge => "body_too_large",
             Self::StoreUnavailable => "store_unavailable",
             Self::StoreRefused => "store_refused",
+            Self::Undispatched => "undispatched",
         }
     }
 
@@ -115,7 +121,10 @@ impl OutcomeKind {
             | Self::UnrecognizedRecord
             | Self::BodyTooLarge
             | Self::StoreRefused => Some(Disposition::DeadLetter),
-            Self::InProgressElsewhere | Self::Retry | Self::StoreUnavailable => None,
+            Self::InProgressElsewhere
+            | Self::Retry
+            | Self::StoreUnavailable
+            | Self::Undispatched => None,
         }
     }
 }

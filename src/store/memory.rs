@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Expect, Store};
+use super::{Expect, OutboxEntry, Store};
 use crate::error::StoreError;
 
 /// An in-process [`Store`]: for tests and single-process consumers.
@@ -35,6 +35,14 @@ struct Entries {
     /// Expired entries are swept when the map grows past this size, which
     /// then doubles: sweeping costs O(1) per insert on average.
     sweep_at: usize,
+    /// Outbox hashes, by key.
+    outboxes: HashMap<String, Outboxed>,
+}
+
+#[derive(Debug)]
+struct Outboxed {
+    fields: Vec<OutboxEntry>,
+    expires_at: Instant,
 }
 
 #[derive(Debug)]
@@ -85,6 +93,46 @@ impl MemoryStore {
 }
 
 /// `now + ttl`, saturating far in the future instead of overflowing.
+/// What a conditional write found at its key.
+enum Check {
+    /// What it expects: write.
+    Matches,
+    /// Already its target (a retried write): report success, write nothing.
+    AlreadyThere,
+    /// Something else: refuse.
+    Other,
+}
+
+impl MemoryStore {
+    fn check(
+        entries: &mut HashMap<String, Entry>,
+        key: &str,
+        from: Expect<'_>,
+        to: Option<&[u8]>,
+    ) -> Check {
+        let now = Instant::now();
+        let matches = match (Self::live(entries, key), from) {
+            (None, Expect::ValueOrAbsent(_)) => true,
+            (None, _) => false,
+            (Some(entry), Expect::Value(value) | Expect::ValueOrAbsent(value)) => {
+                entry.value[..] == *value
+            }
+            (Some(entry), Expect::Expired { value, grace }) => {
+                entry.value[..] == *value && entry.expires_at - now <= grace
+            }
+        };
+        if matches {
+            Check::Matches
+        } else if to
+            .is_some_and(|to| Self::live(entries, key).is_some_and(|entry| entry.value[..] == *to))
+        {
+            Check::AlreadyThere
+        } else {
+            Check::Other
+        }
+    }
+}
+
 fn expiry(ttl: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(ttl)
@@ -99,13 +147,18 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut guard = self.lock();
-        let Entries { map, sweep_at } = &mut *guard;
+        let Entries {
+            map,
+            sweep_at,
+            outboxes,
+        } = &mut *guard;
         if let Some(entry) = Self::live(map, key) {
             return Ok(Some(entry.value.clone()));
         }
         if map.len() >= (*sweep_at).max(1024) {
             let now = Instant::now();
             map.retain(|_, entry| entry.expires_at > now);
+            outboxes.retain(|_, outbox| outbox.expires_at > now);
             *sweep_at = map.len().saturating_mul(2);
         }
         map.insert(
@@ -127,21 +180,10 @@ impl Store for MemoryStore {
     ) -> Result<bool, StoreError> {
         let mut guard = self.lock();
         let entries = &mut guard.map;
-        let now = Instant::now();
-        let matches = match (Self::live(entries, key), from) {
-            (None, Expect::ValueOrAbsent(_)) => true,
-            (None, _) => false,
-            (Some(entry), Expect::Value(value) | Expect::ValueOrAbsent(value)) => {
-                entry.value[..] == *value
-            }
-            (Some(entry), Expect::Expired { value, grace }) => {
-                entry.value[..] == *value && entry.expires_at - now <= grace
-            }
-        };
-        if !matches {
-            return Ok(to.is_some_and(|to| {
-                Self::live(entries, key).is_some_and(|entry| entry.value[..] == *to)
-            }));
+        match Self::check(entries, key, from, to) {
+            Check::Matches => {}
+            Check::AlreadyThere => return Ok(true),
+            Check::Other => return Ok(false),
         }
         match to {
             Some(to) => {
@@ -158,6 +200,71 @@ impl Store for MemoryStore {
             }
         }
         Ok(true)
+    }
+
+    async fn commit_outbox(
+        &self,
+        key: &str,
+        from: Expect<'_>,
+        to: &[u8],
+        ttl: Duration,
+        outbox_key: &str,
+        fields: &[OutboxEntry],
+    ) -> Result<bool, StoreError> {
+        let mut guard = self.lock();
+        match Self::check(&mut guard.map, key, from, Some(to)) {
+            Check::Matches => {}
+            Check::AlreadyThere => return Ok(true),
+            Check::Other => return Ok(false),
+        }
+        let expires_at = expiry(ttl);
+        guard.map.insert(
+            key.to_owned(),
+            Entry {
+                value: to.to_vec(),
+                expires_at,
+            },
+        );
+        if fields.is_empty() {
+            guard.outboxes.remove(outbox_key);
+        } else {
+            guard.outboxes.insert(
+                outbox_key.to_owned(),
+                Outboxed {
+                    fields: fields.to_vec(),
+                    expires_at,
+                },
+            );
+        }
+        Ok(true)
+    }
+
+    async fn outbox(&self, outbox_key: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut guard = self.lock();
+        let now = Instant::now();
+        if guard
+            .outboxes
+            .get(outbox_key)
+            .is_some_and(|outbox| outbox.expires_at <= now)
+        {
+            guard.outboxes.remove(outbox_key);
+        }
+        Ok(guard
+            .outboxes
+            .get(outbox_key)
+            .map(|outbox| outbox.fields.clone())
+            .unwrap_or_default())
+    }
+
+    async fn outbox_remove(&self, outbox_key: &str, fields: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut guard = self.lock();
+        if let Some(outbox) = guard.outboxes.get_mut(outbox_key) {
+            outbox.fields.retain(|(field, _)| !fields.contains(field));
+            if outbox.fields.is_empty() {
+                guard.outboxes.remove(outbox_key);
+            }
+        }
+        Ok(())
     }
 
     async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Option<Duration>)>, StoreError> {

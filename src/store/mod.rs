@@ -647,6 +647,48 @@ pub trait Store: Send + Sync + 'static {
     /// every write. Ends a pause.
     fn probe(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Writes `to` where `key` holds what `from` expects, like
+    /// [`transition`](Self::transition), and in the same atomic step
+    /// replaces the hash at `outbox_key` with `entries` (field, value),
+    /// expiring with the record. True when written, and when `key` already
+    /// holds `to` (a retried commit: the outbox is left as it is, since its
+    /// dispatch may have begun). Both keys share a hash tag, so a cluster
+    /// can run this on one node.
+    ///
+    /// The default refuses: a store that keeps no outbox cannot serve
+    /// [`OutboxLayer`](crate::outbox::OutboxLayer).
+    fn commit_outbox(
+        &self,
+        key: &str,
+        from: Expect<'_>,
+        to: &[u8],
+        ttl: Duration,
+        outbox_key: &str,
+        entries: &[OutboxEntry],
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = (from, to, ttl, outbox_key, entries);
+        async move { Err(no_outbox("commit", key)) }
+    }
+
+    /// The entries of the outbox hash at `outbox_key` (none when it is absent).
+    fn outbox(
+        &self,
+        outbox_key: &str,
+    ) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + Send {
+        async move { Err(no_outbox("outbox", outbox_key)) }
+    }
+
+    /// Removes `fields` from the outbox hash at `outbox_key`: their
+    /// messages were dispatched. Removing what is gone is no error.
+    fn outbox_remove(
+        &self,
+        outbox_key: &str,
+        fields: &[Vec<u8>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = fields;
+        async move { Err(no_outbox("outbox_remove", outbox_key)) }
+    }
+
     /// Claims `key` for `token` with a `lease`.
     ///
     /// `payload_hash` is compared with the hash stored in an existing
@@ -786,6 +828,26 @@ pub trait Store: Send + Sync + 'static {
         }
     }
 
+    /// Like [`complete`](Self::complete), and commits the staged outgoing
+    /// messages at `outbox_key` in the same atomic step
+    /// ([`commit_outbox`](Self::commit_outbox)).
+    fn complete_with_outbox(
+        &self,
+        claim: &Claim,
+        retention: Duration,
+        outbox_key: &str,
+        entries: &[OutboxEntry],
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async move {
+            let done = claim.done_value();
+            let from = Expect::ValueOrAbsent(claim.value());
+            retry_ambiguous(|| {
+                self.commit_outbox(claim.key(), from, &done, retention, outbox_key, entries)
+            })
+            .await
+        }
+    }
+
     /// Gives the key up after a failure so that a redelivery can claim it.
     /// The record keeps the attempt count for `retention`, which bounds
     /// retries on queues that do not count deliveries. False if the key is
@@ -812,6 +874,18 @@ pub trait Store: Send + Sync + 'static {
             retry_ambiguous(|| self.transition(claim.key(), from, None, Duration::ZERO)).await
         }
     }
+}
+
+/// One field of an outbox hash and its value.
+pub type OutboxEntry = (Vec<u8>, Vec<u8>);
+
+fn no_outbox(operation: &'static str, key: &str) -> StoreError {
+    StoreError::new(
+        operation,
+        key,
+        false,
+        "this store keeps no outbox: implement Store::commit_outbox, outbox and outbox_remove, or use RedisStore or MemoryStore",
+    )
 }
 
 /// Retries an operation whose outcome is unknown (timeout, dropped

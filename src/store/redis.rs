@@ -15,7 +15,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, Script, Value};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{Expect, Store};
+use super::{Expect, OutboxEntry, Store};
 use crate::config::Config;
 use crate::error::{StoreError, redact_url};
 use crate::tls::{self, Side, TlsFiles};
@@ -62,6 +62,46 @@ elseif to ~= '' and current == to then
 end
 return 0
 ";
+
+/// The outbox commit: KEYS[1] the record, KEYS[2] its outbox hash; ARGV
+/// from, to, ttl, mode (as [`TRANSITION`]), then the outbox's field/value
+/// pairs. Where the record holds `from` (or, with mode `a`, is absent) the
+/// outbox is replaced and the done mark written last, so that a refused
+/// write leaves no mark without its outbox. A record that already holds
+/// `to` (a retried commit) is written again and its outbox left alone:
+/// dispatch may have begun.
+const COMMIT: &str = r"
+local function failed(reply, command)
+  if type(reply) == 'table' and reply.err then
+    return {err = reply.err .. ' (the outbox commit script\'s \'' .. command .. '\' command)'}
+  end
+  return nil
+end
+local from, to, ttl, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local current = redis.pcall('GET', KEYS[1])
+local answer = failed(current, 'get')
+if answer then return answer end
+if current == to then
+  return failed(redis.pcall('SET', KEYS[1], to, 'KEEPTTL'), 'set') or 1
+end
+if current ~= from and not (mode == 'a' and current == false) then
+  return 0
+end
+answer = failed(redis.pcall('DEL', KEYS[2]), 'del')
+if answer then return answer end
+if #ARGV > 4 then
+  for first = 5, #ARGV, 256 do
+    answer = failed(redis.pcall('HSET', KEYS[2], unpack(ARGV, first, math.min(first + 255, #ARGV))), 'hset')
+    if answer then return answer end
+  end
+  answer = failed(redis.pcall('PEXPIRE', KEYS[2], ttl), 'pexpire')
+  if answer then return answer end
+end
+return failed(redis.pcall('SET', KEYS[1], to, 'PX', ttl), 'set') or 1
+";
+
+/// The scripts loaded again when a server answers `NOSCRIPT`.
+const LUA_SCRIPTS: [&str; 2] = [TRANSITION, COMMIT];
 
 /// Most requests sent in one pipeline.
 const MAX_BATCH: usize = 512;
@@ -925,7 +965,7 @@ impl RedisStore {
         key: &str,
         cmd: Cmd,
     ) -> Result<Value, StoreError> {
-        let write = !matches!(operation, "get");
+        let write = !matches!(operation, "get" | "outbox");
         self.request(key, cmd, write).await.map_err(|failure| {
             StoreError::new(operation, key, failure.unavailable, failure.message)
         })
@@ -1088,7 +1128,9 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
         // calls again (safe: none of them ran).
         let mut retry = redis::pipe();
         retry.ignore_errors();
-        retry.cmd("SCRIPT").arg("LOAD").arg(TRANSITION);
+        for script in LUA_SCRIPTS {
+            retry.cmd("SCRIPT").arg("LOAD").arg(script);
+        }
         for command in pipe
             .cmd_iter()
             .enumerate()
@@ -1103,7 +1145,7 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
         stats.round_trips.fetch_add(1, Ordering::Relaxed);
         let again: Result<Vec<redis::RedisResult<Value>>, RedisError> =
             retry.query_async(&mut connection).await;
-        let expected_again = unknown_script.len() + 1 + usize::from(wait.is_some());
+        let expected_again = unknown_script.len() + LUA_SCRIPTS.len() + usize::from(wait.is_some());
         match again {
             Ok(mut again) if again.len() == expected_again => {
                 let short = match wait {
@@ -1113,7 +1155,7 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
                     None => None,
                 };
                 if let Some(short) = short {
-                    for answer in again.iter_mut().skip(1) {
+                    for answer in again.iter_mut().skip(LUA_SCRIPTS.len()) {
                         if answer.is_ok() {
                             *answer = Err(RedisError::from((
                                 ErrorKind::Io,
@@ -1124,7 +1166,8 @@ async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
                     }
                 }
                 let mut again = again.into_iter();
-                let loaded = again.next();
+                let loads: Vec<_> = (&mut again).take(LUA_SCRIPTS.len()).collect();
+                let loaded = loads.into_iter().find(Result::is_err);
                 for (&i, answer) in unknown_script.iter().zip(again) {
                     // A refused load (an ACL without `script|load`) is the
                     // answer: it says what to grant.
@@ -1326,9 +1369,11 @@ async fn send_alone(
         Err(failure) if failure.noscript => {
             // A node restarted, or a new master after a failover: load the
             // script everywhere and try again.
-            let mut load = redis::cmd("SCRIPT");
-            load.arg("LOAD").arg(TRANSITION);
-            link.query(&load, false).await?;
+            for script in LUA_SCRIPTS {
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(script);
+                link.query(&load, false).await?;
+            }
             link.query(&request.cmd, request.write).await
         }
         other => other,
@@ -1813,6 +1858,83 @@ impl Store for RedisStore {
         Ok(value.map(|value| (value, ttl)))
     }
 
+    async fn commit_outbox(
+        &self,
+        key: &str,
+        from: Expect<'_>,
+        to: &[u8],
+        ttl: Duration,
+        outbox_key: &str,
+        entries: &[OutboxEntry],
+    ) -> Result<bool, StoreError> {
+        if self.cluster
+            && crate::fingerprint::cluster_slot(key) != crate::fingerprint::cluster_slot(outbox_key)
+        {
+            return Err(StoreError::new(
+                "commit",
+                key,
+                false,
+                format!(
+                    "the record and its outbox `{outbox_key}` fall in different cluster slots (the fingerprint holds a `}}` without a `{{` before it): use a fingerprint without braces for a consumer with an outbox"
+                ),
+            ));
+        }
+        let mode = match from {
+            Expect::ValueOrAbsent(_) => "a",
+            Expect::Value(_) | Expect::Expired { .. } => "",
+        };
+        let bytes: usize = entries
+            .iter()
+            .map(|(field, value)| field.len() + value.len())
+            .sum();
+        let mut cmd = command(
+            "EVALSHA",
+            9 + 2 * entries.len(),
+            key.len() + outbox_key.len() + from.value().len() + to.len() + bytes,
+        );
+        cmd.arg(commit_sha())
+            .arg(2)
+            .arg(key)
+            .arg(outbox_key)
+            .arg(from.value())
+            .arg(to)
+            .arg(millis(ttl))
+            .arg(mode);
+        for (field, value) in entries {
+            cmd.arg(&field[..]).arg(&value[..]);
+        }
+        let reply = self.send("commit", key, cmd).await?;
+        Ok(parse::<i64>("commit", key, reply)? == 1)
+    }
+
+    async fn outbox(&self, outbox_key: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(outbox_key);
+        let reply = self.send("outbox", outbox_key, cmd).await?;
+        let fields: std::collections::HashMap<Vec<u8>, Vec<u8>> =
+            parse("outbox", outbox_key, reply)?;
+        let mut fields: Vec<OutboxEntry> = fields.into_iter().collect();
+        fields.sort_unstable();
+        Ok(fields)
+    }
+
+    async fn outbox_remove(&self, outbox_key: &str, fields: &[Vec<u8>]) -> Result<(), StoreError> {
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = command(
+            "HDEL",
+            fields.len() + 1,
+            outbox_key.len() + fields.len() * 4,
+        );
+        cmd.arg(outbox_key);
+        for field in fields {
+            cmd.arg(&field[..]);
+        }
+        let reply = self.send("outbox_remove", outbox_key, cmd).await?;
+        parse::<i64>("outbox_remove", outbox_key, reply).map(drop)
+    }
+
     async fn probe(&self, key: &str) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg("probe").arg("PX").arg(10_000);
@@ -1828,6 +1950,12 @@ fn command(name: &str, args: usize, bytes: usize) -> Cmd {
     let mut cmd = Cmd::with_capacity(args, bytes + 64);
     cmd.arg(name);
     cmd
+}
+
+/// The SHA1 of [`COMMIT`], computed once.
+fn commit_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| Script::new(COMMIT).get_hash().to_owned())
 }
 
 /// The SHA1 of [`TRANSITION`], computed once.

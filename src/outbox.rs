@@ -1,0 +1,878 @@
+//! The outbox: messages a handler publishes, committed with its done mark,
+//! dispatched after the commit, and finished by duplicates.
+//!
+//! ```no_run
+//! use amqp_idempotency::{Config, HandlerError, IdempotencyLayer};
+//! use amqp_idempotency::outbox::{OutboxDelivery, OutboxPublisher};
+//! use amqp_idempotency::store::RedisStore;
+//! use lapin::BasicProperties;
+//! use tower::{Layer, service_fn};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::from_env()?;
+//! let store = RedisStore::connect_with(&config).await?;
+//! let service = IdempotencyLayer::new(store, "orders", config.clone())?
+//!     .with_outbox(OutboxPublisher::connect(&config))
+//!     .layer(service_fn(|incoming: OutboxDelivery| async move {
+//!         // Staged, not sent: published once the done mark is written.
+//!         incoming.outbox.publish(
+//!             "payments",
+//!             "charge",
+//!             BasicProperties::default(),
+//!             incoming.delivery.data.clone(),
+//!         )?;
+//!         Ok::<_, HandlerError>(())
+//!     }));
+//! # let _ = service;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How it works
+//!
+//! The handler gets an [`OutboxDelivery`]: the delivery and an [`Outbox`]
+//! on which it stages outgoing messages ([`Outbox::publish`]) and, for a
+//! request, its reply ([`Outbox::reply`]). Nothing is sent while it runs.
+//!
+//! 1. **Commit.** When the handler succeeded, its done mark and the staged
+//!    messages are written in one atomic step (a script over the record's
+//!    key and its companion `{record key}:outbox`, which share a hash tag,
+//!    so it holds on a Redis Cluster too). A handler that failed or timed
+//!    out commits nothing, and nothing it staged is ever published.
+//! 2. **Dispatch.** The messages are published on a confirm-mode channel,
+//!    each with a deterministic `message_id`: `{scope}:{fingerprint}:{n}`
+//!    for the n-th message (from 0) and `{scope}:{fingerprint}:reply` for
+//!    the reply (hashed when longer than AMQP's 255 bytes). As the broker
+//!    confirms them, they are marked dispatched (their bodies are dropped
+//!    from the outbox).
+//! 3. **Ack.** Only then is the incoming message acked. When a message was
+//!    not confirmed, the incoming one is requeued
+//!    ([`OutcomeKind::Undispatched`](crate::OutcomeKind::Undispatched)).
+//!
+//! A duplicate of a done message dispatches what its outbox still holds
+//! (never what was marked dispatched) before it is acked, and a duplicate
+//! request whose reply is stored gets that reply again, at its own
+//! `reply_to` with its own `correlation_id`, without running the handler.
+//!
+//! So a crash anywhere sends each outgoing message at least once, always
+//! with the same `message_id`: a consumer that deduplicates by it (every
+//! consumer of this crate does, by default) handles it once. The reply is
+//! kept for the done mark's retention; dispatched messages' bodies are
+//! dropped at once.
+//!
+//! A handler that writes to a database is not made atomic with the done
+//! mark by this: only what goes through the outbox is.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::basic::{AMQPProperties, gen_properties, parse_properties};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use sha2::{Digest, Sha256};
+use tower::Layer;
+
+use crate::config::Config;
+use crate::error::HandlerError;
+use crate::fingerprint::MessageIdOrBodyHash;
+use crate::guard::Deduplicator;
+use crate::layer::Idempotency;
+use crate::store::OutboxEntry;
+
+/// What a handler behind [`OutboxLayer`] receives: the delivery, and the
+/// outbox it publishes through.
+#[derive(Debug)]
+pub struct OutboxDelivery {
+    /// The incoming message (the runner settles it; do not ack it).
+    pub delivery: Delivery,
+    /// Where the handler stages what it publishes.
+    pub outbox: Outbox,
+}
+
+/// The staging area of one delivery's outgoing messages.
+///
+/// Cloning it gives another handle on the same staging area. Staging after
+/// the handler returned fails: what the handler left is what is committed.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    staging: Arc<Mutex<Staging>>,
+}
+
+#[derive(Debug, Default)]
+struct Staging {
+    messages: Vec<Vec<u8>>,
+    reply: Option<Vec<u8>>,
+    bytes: usize,
+    limit: usize,
+    sealed: bool,
+    /// Set once the limit was passed: the run fails, whatever the handler
+    /// does with the error.
+    overflow: Option<String>,
+}
+
+impl Outbox {
+    fn new(limit: usize) -> Self {
+        Self {
+            staging: Arc::new(Mutex::new(Staging {
+                limit,
+                ..Staging::default()
+            })),
+        }
+    }
+
+    /// Stages a message for `exchange` (`""`: the default exchange) with
+    /// `routing_key`. It is published only after the handler succeeded and
+    /// its done mark was written; its `message_id` is set by the outbox.
+    ///
+    /// Fails (permanently: the message is dead-lettered, nothing is
+    /// published) when the staged messages would pass
+    /// `IDEMPOTENCY_OUTBOX_MAX_BYTES`, or when the handler already returned.
+    pub fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: impl Into<Vec<u8>>,
+    ) -> Result<(), HandlerError> {
+        let encoded = encode(exchange, routing_key, &properties, &body.into())?;
+        self.stage(encoded, false)
+    }
+
+    /// Stages the reply to a request: published to the delivery's
+    /// `reply_to` with its `correlation_id` once the done mark is written,
+    /// and kept for the done mark's retention so that a duplicate request
+    /// gets it again without running the handler. A second reply replaces
+    /// the first. Same limits as [`publish`](Self::publish).
+    pub fn reply(
+        &self,
+        properties: BasicProperties,
+        body: impl Into<Vec<u8>>,
+    ) -> Result<(), HandlerError> {
+        let encoded = encode("", "", &properties, &body.into())?;
+        self.stage(encoded, true)
+    }
+
+    /// How many messages are staged (the reply not counted).
+    pub fn len(&self) -> usize {
+        self.lock().messages.len()
+    }
+
+    /// True when nothing is staged, reply included.
+    pub fn is_empty(&self) -> bool {
+        let staging = self.lock();
+        staging.messages.is_empty() && staging.reply.is_none()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Staging> {
+        self.staging
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn stage(&self, encoded: Vec<u8>, reply: bool) -> Result<(), HandlerError> {
+        let mut staging = self.lock();
+        if staging.sealed {
+            return Err(HandlerError::permanent(
+                "staged in the outbox after the handler returned: only what is staged while it runs is published (await the work inside the handler)",
+            ));
+        }
+        let replaced = if reply {
+            staging.reply.as_ref().map_or(0, Vec::len)
+        } else {
+            0
+        };
+        let bytes = staging.bytes - replaced + encoded.len();
+        if bytes > staging.limit {
+            let message = format!(
+                "the outbox would hold {bytes} bytes, over IDEMPOTENCY_OUTBOX_MAX_BYTES={}: nothing is published; stage less per message or raise the limit",
+                staging.limit
+            );
+            staging.overflow = Some(message.clone());
+            return Err(HandlerError::permanent(message));
+        }
+        staging.bytes = bytes;
+        if reply {
+            staging.reply = Some(encoded);
+        } else {
+            staging.messages.push(encoded);
+        }
+        Ok(())
+    }
+
+    /// Ends staging: the entries to commit (field, encoded message), or
+    /// the limit that was passed.
+    pub(crate) fn seal(&self) -> Result<Vec<OutboxEntry>, HandlerError> {
+        let mut staging = self.lock();
+        staging.sealed = true;
+        if let Some(overflow) = &staging.overflow {
+            return Err(HandlerError::permanent(overflow.clone()));
+        }
+        let mut entries: Vec<OutboxEntry> = std::mem::take(&mut staging.messages)
+            .into_iter()
+            .enumerate()
+            .map(|(position, message)| (message_field(position), message))
+            .collect();
+        if let Some(reply) = staging.reply.take() {
+            entries.push((REPLY_FIELD.to_vec(), reply));
+        }
+        Ok(entries)
+    }
+}
+
+/// The outbox field of the reply.
+const REPLY_FIELD: &[u8] = b"r";
+
+/// The outbox field of the message staged at `position`.
+fn message_field(position: usize) -> Vec<u8> {
+    format!("m{position}").into_bytes()
+}
+
+/// The first byte of an encoded outgoing message: its format version.
+const FORMAT: u8 = 1;
+
+/// `FORMAT`, the exchange and routing key (a length byte each), the AMQP
+/// properties (a 4-byte length, then their wire encoding), the body.
+fn encode(
+    exchange: &str,
+    routing_key: &str,
+    properties: &BasicProperties,
+    body: &[u8],
+) -> Result<Vec<u8>, HandlerError> {
+    let too_long = |what: &str, value: &str| {
+        HandlerError::permanent(format!(
+            "the outgoing message's {what} `{value}` is longer than AMQP's 255 bytes"
+        ))
+    };
+    let exchange_len = u8::try_from(exchange.len()).map_err(|_| too_long("exchange", exchange))?;
+    let key_len =
+        u8::try_from(routing_key.len()).map_err(|_| too_long("routing key", routing_key))?;
+    let props =
+        cookie_factory::gen_simple(gen_properties(properties), Vec::new()).map_err(|err| {
+            HandlerError::permanent(format!(
+                "the outgoing message's properties cannot be encoded: {err:?}"
+            ))
+        })?;
+    let props_len = u32::try_from(props.len())
+        .map_err(|_| HandlerError::permanent("the outgoing message's properties are too large"))?;
+    let mut out =
+        Vec::with_capacity(7 + exchange.len() + routing_key.len() + props.len() + body.len());
+    out.push(FORMAT);
+    out.push(exchange_len);
+    out.extend_from_slice(exchange.as_bytes());
+    out.push(key_len);
+    out.extend_from_slice(routing_key.as_bytes());
+    out.extend_from_slice(&props_len.to_be_bytes());
+    out.extend_from_slice(&props);
+    out.extend_from_slice(body);
+    Ok(out)
+}
+
+/// An outgoing message read back from the outbox.
+#[derive(Clone, Debug, PartialEq)]
+struct Outgoing {
+    exchange: String,
+    routing_key: String,
+    properties: AMQPProperties,
+    body: Vec<u8>,
+}
+
+fn decode(encoded: &[u8]) -> Option<Outgoing> {
+    let (&format, rest) = encoded.split_first()?;
+    if format != FORMAT {
+        return None;
+    }
+    let short = |bytes: &[u8]| -> Option<(String, usize)> {
+        let (&len, rest) = bytes.split_first()?;
+        let text = std::str::from_utf8(rest.get(..usize::from(len))?).ok()?;
+        Some((text.to_owned(), 1 + usize::from(len)))
+    };
+    let (exchange, used) = short(rest)?;
+    let rest = &rest[used..];
+    let (routing_key, used) = short(rest)?;
+    let rest = &rest[used..];
+    let props_len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let rest = &rest[4..];
+    let props = rest.get(..props_len)?;
+    let (_, properties) = parse_properties(props).ok()?;
+    Some(Outgoing {
+        exchange,
+        routing_key,
+        properties,
+        body: rest[props_len..].to_vec(),
+    })
+}
+
+/// The `message_id` of an outgoing message: `{scope}:{fingerprint}:{tail}`,
+/// or, past AMQP's 255 bytes, a SHA-256 of it (hex, 32 bytes) and the tail.
+fn message_id(scope: &str, fingerprint: &str, tail: &str) -> ShortString {
+    let id = format!("{scope}:{fingerprint}:{tail}");
+    if id.len() <= 255 {
+        return id.into();
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}:{tail}").into()
+}
+
+/// Where the reply of a delivery goes: its `reply_to`, with its
+/// `correlation_id`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ReplyTarget {
+    reply_to: Option<ShortString>,
+    correlation_id: Option<ShortString>,
+}
+
+impl ReplyTarget {
+    pub(crate) fn of(delivery: &Delivery) -> Self {
+        Self {
+            reply_to: delivery.properties.reply_to().clone(),
+            correlation_id: delivery.properties.correlation_id().clone(),
+        }
+    }
+}
+
+/// The broker side of the outbox: a channel in confirm mode.
+///
+/// [`connect`](Self::connect) opens a connection of its own (from
+/// `AMQP_URL`, with `AMQP_TLS_*`) at the first dispatch and opens it again
+/// after a failure; [`new`](Self::new) uses a channel you manage.
+pub struct OutboxPublisher {
+    source: Source,
+    open: tokio::sync::Mutex<Option<Open>>,
+    confirm_timeout: Duration,
+    halt: Option<(Checkpoint, Arc<tokio::sync::Notify>)>,
+}
+
+/// A point of the outbox's sequence, where fault-injection tests stop a
+/// consumer as if it crashed there ([`OutboxPublisher::halt_at`]).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// The handler succeeded; nothing is committed yet.
+    BeforeCommit,
+    /// The done mark and the outbox are committed; nothing is published.
+    Committed,
+    /// The messages are published (and confirmed); not marked dispatched.
+    Published,
+    /// Marked dispatched; the incoming message is not acked yet.
+    Marked,
+}
+
+enum Source {
+    Channel(Channel),
+    Connect(Box<Config>),
+}
+
+struct Open {
+    channel: Channel,
+    _connection: Option<Connection>,
+}
+
+impl std::fmt::Debug for OutboxPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = match &self.source {
+            Source::Channel(_) => "a given channel",
+            Source::Connect(_) => "its own connection",
+        };
+        f.debug_struct("OutboxPublisher")
+            .field("source", &source)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a dispatch of one outbox went.
+#[derive(Debug, Default)]
+pub(crate) struct Dispatched {
+    /// Message fields the broker confirmed: marked dispatched.
+    pub(crate) confirmed: Vec<Vec<u8>>,
+    /// Why some were not, when some were not.
+    pub(crate) problem: Option<String>,
+}
+
+impl OutboxPublisher {
+    /// Publishes on `channel` (put in confirm mode at the first dispatch).
+    /// When it closes, dispatches fail (their incoming messages are
+    /// requeued) until you give the layer another publisher; prefer
+    /// [`connect`](Self::connect), which reconnects.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            source: Source::Channel(channel),
+            open: tokio::sync::Mutex::new(None),
+            confirm_timeout: Duration::from_secs(5),
+            halt: None,
+        }
+    }
+
+    /// Publishes on a connection of its own to `config`'s broker, opened
+    /// at the first dispatch and again after a failure.
+    pub fn connect(config: &Config) -> Self {
+        Self {
+            source: Source::Connect(Box::new(config.clone())),
+            open: tokio::sync::Mutex::new(None),
+            confirm_timeout: Duration::from_secs(5),
+            halt: None,
+        }
+    }
+
+    /// How long to wait for the broker's confirms (default 5s); unconfirmed
+    /// messages are sent again by the redelivered copy.
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// For fault-injection tests: every delivery that reaches `checkpoint`
+    /// stops there for good (as if its consumer crashed) after notifying
+    /// the returned `Notify`. Not for production use.
+    #[doc(hidden)]
+    pub fn halt_at(mut self, checkpoint: Checkpoint) -> (Self, Arc<tokio::sync::Notify>) {
+        let reached = Arc::new(tokio::sync::Notify::new());
+        self.halt = Some((checkpoint, Arc::clone(&reached)));
+        (self, reached)
+    }
+
+    pub(crate) async fn checkpoint(&self, at: Checkpoint) {
+        if let Some((checkpoint, reached)) = &self.halt
+            && *checkpoint == at
+        {
+            reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut open = self.open.lock().await;
+        if let Some(current) = open.as_ref()
+            && current.channel.status().connected()
+        {
+            return Ok(current.channel.clone());
+        }
+        *open = None;
+        let (channel, connection) = match &self.source {
+            Source::Channel(channel) => {
+                if !channel.status().connected() {
+                    return Err(
+                        "the outbox's channel is closed (give OutboxPublisher::connect a config to reconnect by itself)"
+                            .into(),
+                    );
+                }
+                (channel.clone(), None)
+            }
+            Source::Connect(config) => {
+                let connection = crate::amqp::connect(config, ConnectionProperties::default())
+                    .await
+                    .map_err(|err| format!("cannot connect the outbox publisher: {err}"))?;
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(|err| format!("cannot open the outbox publisher's channel: {err}"))?;
+                (channel, Some(connection))
+            }
+        };
+        let confirm = channel.confirm_select(ConfirmSelectOptions::default());
+        match tokio::time::timeout(self.confirm_timeout, confirm).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                return Err(format!(
+                    "cannot put the outbox channel in confirm mode: {err}"
+                ));
+            }
+            Err(_) => return Err("confirm.select was not answered in time".into()),
+        }
+        *open = Some(Open {
+            channel: channel.clone(),
+            _connection: connection,
+        });
+        Ok(channel)
+    }
+
+    async fn forget(&self, channel: &Channel) {
+        let mut open = self.open.lock().await;
+        if open
+            .as_ref()
+            .is_some_and(|current| current.channel.id() == channel.id())
+        {
+            *open = None;
+        }
+    }
+
+    /// Publishes `messages` (field, message, `message_id`) in order, then
+    /// awaits their confirms. A message the broker returns as unroutable
+    /// is not confirmed (its incoming message is requeued); a reply that
+    /// comes back is only logged (its requester is gone).
+    pub(crate) async fn dispatch(&self, messages: Vec<Ready>) -> Dispatched {
+        let mut dispatched = Dispatched::default();
+        if messages.is_empty() {
+            return dispatched;
+        }
+        let channel = match self.channel().await {
+            Ok(channel) => channel,
+            Err(problem) => {
+                dispatched.problem = Some(problem);
+                return dispatched;
+            }
+        };
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let mut pending = Vec::with_capacity(messages.len());
+        for ready in messages {
+            let published = channel
+                .basic_publish(
+                    ready.message.exchange.as_str().into(),
+                    ready.message.routing_key.as_str().into(),
+                    options,
+                    &ready.message.body,
+                    ready.message.properties,
+                )
+                .await;
+            match published {
+                Ok(confirm) => pending.push((ready.field, ready.reply, confirm)),
+                Err(err) => {
+                    dispatched.problem = Some(format!("publishing failed: {err}"));
+                    self.forget(&channel).await;
+                    break;
+                }
+            }
+        }
+        let timeout = self.confirm_timeout;
+        let confirms = pending
+            .into_iter()
+            .map(|(field, reply, confirm)| async move {
+                (field, reply, tokio::time::timeout(timeout, confirm).await)
+            });
+        for (field, reply, answer) in futures_util::future::join_all(confirms).await {
+            let problem = match answer {
+                Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => None,
+                Ok(Ok(Confirmation::Ack(Some(returned)))) if reply => {
+                    tracing::warn!(reply_to = %returned.routing_key, "the reply could not be routed (is the requester gone?): dropped");
+                    crate::metrics::outbox_unroutable();
+                    None
+                }
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                    crate::metrics::outbox_unroutable();
+                    Some(format!(
+                        "the broker could not route a message to exchange `{}` with routing key `{}` (is a queue bound?)",
+                        returned.exchange, returned.routing_key
+                    ))
+                }
+                Ok(Ok(Confirmation::Nack(_))) => Some("the broker refused a message (nack)".into()),
+                Ok(Err(err)) => {
+                    self.forget(&channel).await;
+                    Some(format!("no confirm: {err}"))
+                }
+                Err(_) => Some(format!("no confirm within {timeout:?}")),
+            };
+            match problem {
+                None if !reply => dispatched.confirmed.push(field),
+                None => {}
+                Some(problem) => {
+                    dispatched.problem.get_or_insert(problem);
+                }
+            }
+        }
+        dispatched
+    }
+}
+
+/// A message on its way: its outbox field, whether it is the reply, and
+/// the message with its `message_id` (and, for the reply, its target).
+pub(crate) struct Ready {
+    field: Vec<u8>,
+    reply: bool,
+    message: Outgoing,
+}
+
+impl Ready {
+    pub(crate) fn is_reply(&self) -> bool {
+        self.reply
+    }
+}
+
+/// The messages of an outbox to send now, for the delivery of `fingerprint`
+/// in `scope`: every message still there, and the reply when `target`
+/// has a `reply_to`. Entries that do not decode are logged and skipped.
+pub(crate) fn ready(
+    entries: Vec<OutboxEntry>,
+    scope: &str,
+    fingerprint: &str,
+    target: &ReplyTarget,
+) -> Vec<Ready> {
+    let mut ready = Vec::with_capacity(entries.len());
+    for (field, value) in entries {
+        let Some(mut message) = decode(&value) else {
+            tracing::error!(field = %String::from_utf8_lossy(&field), "an outbox entry this version cannot read: not sent");
+            continue;
+        };
+        let reply = field == REPLY_FIELD;
+        let tail = if reply {
+            "reply".to_owned()
+        } else {
+            match field
+                .strip_prefix(b"m")
+                .and_then(|n| std::str::from_utf8(n).ok())
+            {
+                Some(position) => position.to_owned(),
+                None => continue,
+            }
+        };
+        message.properties =
+            message
+                .properties
+                .with_message_id(message_id(scope, fingerprint, &tail));
+        if reply {
+            let Some(reply_to) = &target.reply_to else {
+                continue;
+            };
+            message.exchange = String::new();
+            message.routing_key = reply_to.to_string();
+            if let Some(correlation_id) = &target.correlation_id {
+                message.properties = message
+                    .properties
+                    .with_correlation_id(correlation_id.clone());
+            }
+        }
+        ready.push(Ready {
+            field,
+            reply,
+            message,
+        });
+    }
+    ready
+}
+
+/// Wraps a handler of [`OutboxDelivery`] in [`Idempotency`]: made by
+/// [`IdempotencyLayer::with_outbox`](crate::IdempotencyLayer::with_outbox).
+pub struct OutboxLayer<St, F = MessageIdOrBodyHash> {
+    dedup: Deduplicator<St, F>,
+    mode: WithOutbox,
+}
+
+impl<St, F> Clone for OutboxLayer<St, F> {
+    fn clone(&self) -> Self {
+        Self {
+            dedup: self.dedup.clone(),
+            mode: self.mode.clone(),
+        }
+    }
+}
+
+impl<St, F> std::fmt::Debug for OutboxLayer<St, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxLayer")
+            .field("dedup", &self.dedup)
+            .field("publisher", &self.mode.publisher)
+            .finish()
+    }
+}
+
+impl<St, F> OutboxLayer<St, F> {
+    pub(crate) fn new(dedup: Deduplicator<St, F>, publisher: OutboxPublisher) -> Self {
+        Self {
+            dedup,
+            mode: WithOutbox {
+                publisher: Arc::new(publisher),
+            },
+        }
+    }
+
+    /// The deduplicator, e.g. to look up a key.
+    pub fn deduplicator(&self) -> &Deduplicator<St, F> {
+        &self.dedup
+    }
+}
+
+impl<S, St, F> Layer<S> for OutboxLayer<St, F> {
+    type Service = Idempotency<S, St, F, WithOutbox>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::with_mode(inner, self.dedup.clone(), self.mode.clone())
+    }
+}
+
+/// How [`Idempotency`] calls its handler: with the delivery alone
+/// ([`Plain`]) or with an outbox ([`WithOutbox`]). Sealed.
+pub trait Mode: Clone + Send + Sync + 'static + sealed::Sealed {
+    /// What the handler receives.
+    type Request: Send + 'static;
+
+    #[doc(hidden)]
+    fn request(delivery: Delivery, outbox: Option<Outbox>) -> Self::Request;
+
+    #[doc(hidden)]
+    fn publisher(&self) -> Option<&Arc<OutboxPublisher>>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Plain {}
+    impl Sealed for super::WithOutbox {}
+}
+
+/// The handler is a `Service<Delivery>`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Plain;
+
+impl Mode for Plain {
+    type Request = Delivery;
+
+    fn request(delivery: Delivery, _outbox: Option<Outbox>) -> Delivery {
+        delivery
+    }
+
+    fn publisher(&self) -> Option<&Arc<OutboxPublisher>> {
+        None
+    }
+}
+
+/// The handler is a `Service<OutboxDelivery>`.
+#[derive(Clone, Debug)]
+pub struct WithOutbox {
+    publisher: Arc<OutboxPublisher>,
+}
+
+impl Mode for WithOutbox {
+    type Request = OutboxDelivery;
+
+    fn request(delivery: Delivery, outbox: Option<Outbox>) -> OutboxDelivery {
+        OutboxDelivery {
+            delivery,
+            outbox: outbox.unwrap_or_else(|| Outbox::new(0)),
+        }
+    }
+
+    fn publisher(&self) -> Option<&Arc<OutboxPublisher>> {
+        Some(&self.publisher)
+    }
+}
+
+/// A fresh staging area with the configured limit.
+pub(crate) fn staging(config: &Config) -> Outbox {
+    Outbox::new(config.outbox_max_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    #[test]
+    fn messages_round_trip_through_their_encoding() {
+        let mut headers = FieldTable::default();
+        headers.insert("tenant".into(), AMQPValue::LongString("acme".into()));
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let encoded = encode("payments", "charge", &properties, b"{\"cents\":100}").unwrap();
+        let decoded = decode(&encoded).unwrap();
+        assert_eq!(decoded.exchange, "payments");
+        assert_eq!(decoded.routing_key, "charge");
+        assert_eq!(decoded.properties, properties);
+        assert_eq!(decoded.body, b"{\"cents\":100}");
+        assert!(decode(&encoded[..5]).is_none());
+        assert!(decode(b"\x02rest").is_none());
+    }
+
+    #[test]
+    fn staging_keeps_to_its_limit_and_ends_with_the_handler() {
+        let outbox = Outbox::new(200);
+        outbox
+            .publish("", "q", BasicProperties::default(), vec![0; 50])
+            .unwrap();
+        outbox
+            .reply(BasicProperties::default(), vec![1; 50])
+            .unwrap();
+        // A second reply replaces the first, and counts once.
+        outbox
+            .reply(BasicProperties::default(), vec![2; 50])
+            .unwrap();
+        let err = outbox
+            .publish("", "q", BasicProperties::default(), vec![0; 150])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("IDEMPOTENCY_OUTBOX_MAX_BYTES=200"),
+            "{err}"
+        );
+        // Passing the limit fails the run even when the handler ignores it.
+        assert!(outbox.seal().is_err());
+
+        let outbox = Outbox::new(1000);
+        outbox
+            .publish("x", "a", BasicProperties::default(), "1")
+            .unwrap();
+        outbox
+            .publish("x", "b", BasicProperties::default(), "2")
+            .unwrap();
+        outbox.reply(BasicProperties::default(), "r").unwrap();
+        let entries = outbox.seal().unwrap();
+        let fields: Vec<&[u8]> = entries.iter().map(|(f, _)| &f[..]).collect();
+        assert_eq!(fields, [&b"m0"[..], b"m1", b"r"]);
+        assert!(
+            outbox
+                .publish("x", "c", BasicProperties::default(), "3")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn message_ids_are_deterministic_and_fit_amqp() {
+        assert_eq!(message_id("orders", "o-7", "0").as_str(), "orders:o-7:0");
+        let long = "f".repeat(300);
+        let id = message_id("orders", &long, "reply");
+        assert!(id.as_str().len() <= 255);
+        assert_eq!(id, message_id("orders", &long, "reply"));
+        assert_ne!(id, message_id("orders", &long, "0"));
+    }
+
+    #[test]
+    fn ready_sets_ids_and_sends_the_reply_to_the_asker() {
+        let outbox = Outbox::new(1000);
+        outbox
+            .publish("x", "a", BasicProperties::default(), "1")
+            .unwrap();
+        outbox
+            .reply(
+                BasicProperties::default().with_content_type("text/plain".into()),
+                "r",
+            )
+            .unwrap();
+        let entries = outbox.seal().unwrap();
+        let target = ReplyTarget {
+            reply_to: Some("amq.rabbitmq.reply-to.abc".into()),
+            correlation_id: Some("c-1".into()),
+        };
+        let ready = ready(entries.clone(), "quotes", "q-1", &target);
+        assert_eq!(ready.len(), 2);
+        assert_eq!(
+            ready[0]
+                .message
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ShortString::as_str),
+            Some("quotes:q-1:0")
+        );
+        let reply = &ready[1];
+        assert!(reply.reply);
+        assert_eq!(reply.message.routing_key, "amq.rabbitmq.reply-to.abc");
+        assert_eq!(
+            reply
+                .message
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(ShortString::as_str),
+            Some("c-1")
+        );
+        // Without a reply_to, the reply stays in the outbox unsent.
+        assert_eq!(
+            super::ready(entries, "quotes", "q-1", &ReplyTarget::default()).len(),
+            1
+        );
+    }
+}
