@@ -359,6 +359,144 @@ contract!(
     a_record_of_the_previous_format_expires_with_its_lease,
 );
 
+// ---------------------------------------------------------------------------
+// The outbox: committed with the done mark, in one atomic step.
+
+fn outbox_key(key: &str) -> String {
+    amqp_idempotency::fingerprint::companion_key(key, "outbox")
+}
+
+fn entries() -> Vec<(Vec<u8>, Vec<u8>)> {
+    vec![
+        (b"m0".to_vec(), b"charge 1".to_vec()),
+        (b"m1".to_vec(), vec![0, 255, 1, 2]),
+        (b"r".to_vec(), b"quote 7".to_vec()),
+    ]
+}
+
+async fn an_outbox_commits_with_the_done_mark<S: Store>(store: S) {
+    let key = key();
+    let outbox = outbox_key(&key);
+    assert!(
+        store.outbox(&outbox).await.unwrap().is_empty(),
+        "no outbox yet"
+    );
+    let claim = acquire(&store, &key, &Token::new()).await;
+    assert!(
+        store
+            .complete_with_outbox(&claim, RETENTION, &outbox, &entries())
+            .await
+            .unwrap()
+    );
+    let (value, _) = store.get(&key).await.unwrap().expect("a done record");
+    assert!(
+        matches!(Record::parse(&value), Some(Record::Done { .. })),
+        "{value:?}"
+    );
+    assert_eq!(store.outbox(&outbox).await.unwrap(), entries());
+    let dup = store.claim(&key, &Token::new(), H1, LEASE).await.unwrap();
+    assert_eq!(dup, ClaimOutcome::Done);
+}
+
+async fn a_retried_commit_leaves_the_outbox_as_dispatch_left_it<S: Store>(store: S) {
+    let key = key();
+    let outbox = outbox_key(&key);
+    let claim = acquire(&store, &key, &Token::new()).await;
+    assert!(
+        store
+            .complete_with_outbox(&claim, RETENTION, &outbox, &entries())
+            .await
+            .unwrap()
+    );
+    store
+        .outbox_remove(&outbox, &[b"m0".to_vec()])
+        .await
+        .unwrap();
+    // As after a lost reply: the same commit again.
+    assert!(
+        store
+            .complete_with_outbox(&claim, RETENTION, &outbox, &entries())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.outbox(&outbox).await.unwrap(),
+        entries()[1..].to_vec(),
+        "what was dispatched stays dispatched"
+    );
+    // Removing what is gone is no error.
+    store
+        .outbox_remove(&outbox, &[b"m0".to_vec(), b"m1".to_vec()])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.outbox(&outbox).await.unwrap(),
+        entries()[2..].to_vec()
+    );
+}
+
+async fn a_claim_taken_over_commits_no_outbox<S: Store>(store: S) {
+    let key = key();
+    let outbox = outbox_key(&key);
+    let first = acquire(&store, &key, &Token::new()).await;
+    tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
+    let second = acquire(&store, &key, &Token::new()).await;
+    assert_eq!(second.attempt(), 2, "taken over");
+    assert!(
+        !store
+            .complete_with_outbox(&first, RETENTION, &outbox, &entries())
+            .await
+            .unwrap(),
+        "not ours any more"
+    );
+    assert!(
+        store.outbox(&outbox).await.unwrap().is_empty(),
+        "nothing staged was committed"
+    );
+    let (value, _) = store.get(&key).await.unwrap().expect("the new claim");
+    assert_eq!(value, second.value(), "the new owner's claim is untouched");
+}
+
+macro_rules! outbox_contract {
+    ($($name:ident),* $(,)?) => {
+        mod outbox {
+            $(
+                pub mod $name {
+                    #[tokio::test]
+                    async fn memory() {
+                        super::super::$name(amqp_idempotency::store::MemoryStore::new()).await;
+                    }
+                    #[tokio::test]
+                    async fn redis() {
+                        super::super::$name(super::super::common::redis_store().await).await;
+                    }
+                    #[tokio::test]
+                    async fn redis_cluster() {
+                        super::super::$name(super::super::common::cluster_store().await).await;
+                    }
+                    #[tokio::test]
+                    async fn valkey_native() {
+                        super::super::$name(super::super::common::valkey_store().await).await;
+                    }
+                    /// As the README's least-privilege user for consumers with an outbox.
+                    #[tokio::test]
+                    async fn redis_least_privilege() {
+                        let (_redis, store) =
+                            super::super::common::least_privilege_store_as("idem-outbox").await;
+                        super::super::$name(store).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+outbox_contract!(
+    an_outbox_commits_with_the_done_mark,
+    a_retried_commit_leaves_the_outbox_as_dispatch_left_it,
+    a_claim_taken_over_commits_no_outbox,
+);
+
 #[tokio::test]
 async fn redis_store_recovers_when_redis_forgets_its_scripts() {
     let redis = common::PrivateRedis::start();

@@ -613,12 +613,18 @@ pub fn apply_acl(port: u16, words: &[String], password: &str) {
 /// A private redis-server with the README's consumer user, and a store
 /// connected as that user.
 pub async fn least_privilege_store() -> (PrivateRedis, RedisStore) {
+    least_privilege_store_as("idem-consumer").await
+}
+
+/// A private redis-server with the README's `user`, and a store connected
+/// as that user.
+pub async fn least_privilege_store_as(user: &str) -> (PrivateRedis, RedisStore) {
     let redis = PrivateRedis::start();
-    apply_acl(redis.port, &readme_acl_line("idem-consumer"), "consumer-pw");
-    let url = format!("redis://idem-consumer:consumer-pw@127.0.0.1:{}", redis.port);
+    apply_acl(redis.port, &readme_acl_line(user), "consumer-pw");
+    let url = format!("redis://{user}:consumer-pw@127.0.0.1:{}", redis.port);
     let store = RedisStore::connect(&url)
         .await
-        .unwrap_or_else(|err| panic!("connect as the README's idem-consumer user: {err}"));
+        .unwrap_or_else(|err| panic!("connect as the README's {user} user: {err}"));
     (redis, store)
 }
 
