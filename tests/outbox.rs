@@ -1,0 +1,649 @@
+//! The outbox end to end, against the real RabbitMQ and Redis: what a
+//! handler stages is published once its done mark is committed, before
+//! the ack; duplicates finish what was not sent and get the stored reply;
+//! and a consumer that dies at any point of that sequence still sends
+//! every outgoing message at least once, always with the same message id.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use amqp_idempotency::outbox::{Checkpoint, OutboxDelivery, OutboxPublisher};
+use amqp_idempotency::store::{RedisStore, Store};
+use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, serve};
+use common::{TestQueue, amqp, declare_queue, eventually, ready_count, redis_store};
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use tower::{Layer, service_fn};
+
+fn config(prefix: &str) -> Config {
+    Config::default()
+        .key_prefix(prefix)
+        .lease_ttl(Duration::from_secs(1))
+        .handler_timeout(Duration::from_millis(800))
+        .retry_backoff(Duration::from_millis(20))
+        .retry_backoff_max(Duration::from_millis(100))
+}
+
+/// A downstream queue the handler publishes to (through the default
+/// exchange), deleted after 10 unused minutes.
+async fn downstream(channel: &Channel, label: &str) -> String {
+    let name = common::unique(label);
+    let mut expires = FieldTable::default();
+    expires.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+    channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions::default(),
+            expires,
+        )
+        .await
+        .expect("declare the downstream queue");
+    name
+}
+
+/// Publishes an incoming message, confirmed.
+async fn send(channel: &Channel, queue: &str, id: &str, body: &[u8], reply: Option<(&str, &str)>) {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let mut properties = BasicProperties::default().with_message_id(id.into());
+    if let Some((reply_to, correlation_id)) = reply {
+        properties = properties
+            .with_reply_to(reply_to.into())
+            .with_correlation_id(correlation_id.into());
+    }
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("publisher confirm");
+}
+
+/// What reached a queue: (message_id, correlation_id, body), in order.
+type Received = Vec<(String, Option<String>, Vec<u8>)>;
+
+/// Takes every message now in `queue`.
+async fn drain(channel: &Channel, queue: &str) -> Received {
+    let mut received = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+    {
+        let properties = &message.delivery.properties;
+        received.push((
+            properties
+                .message_id()
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            properties
+                .correlation_id()
+                .as_ref()
+                .map(ToString::to_string),
+            message.delivery.data.clone(),
+        ));
+    }
+    received
+}
+
+/// Drains `queue` until `expected` messages came, or 10 s passed.
+async fn collect(channel: &Channel, queue: &str, expected: usize) -> Received {
+    let mut received = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while received.len() < expected && tokio::time::Instant::now() < deadline {
+        received.extend(drain(channel, queue).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Anything beyond what was expected, sent a little later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    received.extend(drain(channel, queue).await);
+    received
+}
+
+fn ids(received: &Received) -> BTreeMap<String, usize> {
+    let mut ids = BTreeMap::new();
+    for (id, _, _) in received {
+        *ids.entry(id.clone()).or_default() += 1;
+    }
+    ids
+}
+
+/// A consumer of `queue` with an outbox on `publisher`, running until
+/// `stop` is notified; counts its handler runs in `runs`. The handler
+/// stages `charge <body>` twice to `downstream`, and replies `quote <body>`.
+struct Consumer {
+    task: tokio::task::JoinHandle<()>,
+    connection: Connection,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+fn handler(
+    downstream: String,
+    runs: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    OutboxDelivery,
+    Response = (),
+    Error = HandlerError,
+    Future = impl Send + 'static,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |incoming: OutboxDelivery| {
+        let downstream = downstream.clone();
+        let runs = Arc::clone(&runs);
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            let body = incoming.delivery.data.clone();
+            for n in 0..2 {
+                let mut out = format!("charge {n} ").into_bytes();
+                out.extend_from_slice(&body);
+                incoming.outbox.publish(
+                    "",
+                    &downstream,
+                    BasicProperties::default().with_delivery_mode(2),
+                    out,
+                )?;
+            }
+            let mut quote = b"quote ".to_vec();
+            quote.extend_from_slice(&body);
+            incoming.outbox.reply(BasicProperties::default(), quote)?;
+            Ok::<_, HandlerError>(())
+        }
+    })
+}
+
+async fn start<St: Store + Clone>(
+    store: St,
+    queue: &str,
+    config: &Config,
+    publisher: OutboxPublisher,
+    downstream: &str,
+    runs: &Arc<AtomicUsize>,
+) -> Consumer {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.expect("open a channel");
+    channel
+        .basic_qos(8, BasicQosOptions::default())
+        .await
+        .expect("set prefetch");
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("start consuming");
+    let service = IdempotencyLayer::new(store, queue, config.clone())
+        .expect("layer")
+        .with_outbox(publisher)
+        .layer(handler(downstream.to_owned(), Arc::clone(runs)));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = Arc::clone(&stop);
+    let options = ServeOptions::new()
+        .concurrency(8)
+        .shutdown_on(async move { stopped.notified().await })
+        .close_channel(channel);
+    let task = tokio::spawn(async move {
+        serve(consumer, service, options).await.expect("serve");
+    });
+    Consumer {
+        task,
+        connection,
+        stop,
+    }
+}
+
+impl Consumer {
+    /// Stops as a consumer would on SIGTERM.
+    async fn stop(self) {
+        self.stop.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        let _ = self.connection.close(200, "OK".into()).await;
+    }
+
+    /// Dies as a killed process would: its tasks stop where they are, its
+    /// connection drops, unacked deliveries return to the queue, and its
+    /// Redis records stay as they were.
+    async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        let _ = self.connection.close(320, "killed".into()).await;
+    }
+}
+
+async fn finish(channel: &Channel, queue: &TestQueue, downstream: &str) -> (u32, u32) {
+    let counts = (
+        ready_count(channel, &queue.name).await,
+        ready_count(channel, &queue.dead).await,
+    );
+    queue.delete(channel).await;
+    let _ = channel
+        .queue_delete(downstream.into(), Default::default())
+        .await;
+    counts
+}
+
+async fn outgoing_messages_are_published_after_the_commit_and_a_duplicate_sends_nothing_again<
+    St: Store + Clone,
+>(
+    store: St,
+) {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&channel, "outbox").await;
+    let downstream = downstream(&channel, "outbox-down").await;
+    let config = config("ob1");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let consumer = start(
+        store.clone(),
+        &queue.name,
+        &config,
+        OutboxPublisher::connect(&config),
+        &downstream,
+        &runs,
+    )
+    .await;
+
+    send(&channel, &queue.name, "order-1", b"o1", None).await;
+    let first = collect(&channel, &downstream, 2).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let channel = channel.clone();
+            let queue = queue.name.clone();
+            async move { ready_count(&channel, &queue).await == 0 }
+        })
+        .await
+    );
+    send(&channel, &queue.name, "order-1", b"o1", None).await;
+    // The duplicate is acked without running the handler or sending again.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let channel = channel.clone();
+            let queue = queue.name.clone();
+            async move { ready_count(&channel, &queue).await == 0 }
+        })
+        .await
+    );
+    let again = collect(&channel, &downstream, 1).await;
+    consumer.stop().await;
+
+    let scope = &queue.name;
+    let expected: BTreeMap<String, usize> = [
+        (format!("{scope}:order-1:0"), 1),
+        (format!("{scope}:order-1:1"), 1),
+    ]
+    .into();
+    assert_eq!(
+        ids(&first),
+        expected,
+        "each outgoing message once, with its id"
+    );
+    assert_eq!(first[0].2, b"charge 0 o1", "in the order staged");
+    assert_eq!(first[1].2, b"charge 1 o1");
+    assert!(again.is_empty(), "the duplicate sent nothing: {again:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    // Dispatched messages are dropped from the outbox; the reply stays.
+    let key = format!("ob1:{scope}:order-1");
+    let left = store
+        .outbox(&amqp_idempotency::fingerprint::companion_key(
+            &key, "outbox",
+        ))
+        .await
+        .expect("read the outbox");
+    let fields: Vec<&[u8]> = left.iter().map(|(field, _)| &field[..]).collect();
+    assert_eq!(fields, [&b"r"[..]], "only the reply is kept");
+    assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
+}
+
+/// Runs an end-to-end test against each Redis deployment: the standalone
+/// Redis 7 at REDIS_URL, the 3-master Redis Cluster and Valkey 8.1.
+macro_rules! on_every_deployment {
+    ($($name:ident),* $(,)?) => {
+        mod deployments {
+            $(
+                pub mod $name {
+                    #[tokio::test]
+                    async fn standalone_redis() {
+                        super::super::$name(super::super::redis_store().await).await;
+                    }
+                    #[tokio::test]
+                    async fn redis_cluster() {
+                        super::super::$name(super::super::common::cluster_store().await).await;
+                    }
+                    #[tokio::test]
+                    async fn valkey_native() {
+                        super::super::$name(super::super::common::valkey_store().await).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_every_deployment!(
+    outgoing_messages_are_published_after_the_commit_and_a_duplicate_sends_nothing_again,
+);
+
+#[tokio::test]
+async fn nothing_a_failed_attempt_staged_is_published() {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&channel, "outbox-fail").await;
+    let downstream = downstream(&channel, "outbox-fail-down").await;
+    let config = config("ob2");
+    let store = redis_store().await;
+    let conn = amqp().await;
+    let consumer_channel = conn.create_channel().await.unwrap();
+    let consumer = consumer_channel
+        .basic_consume(
+            queue.name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&attempts);
+    let target = downstream.clone();
+    let service = IdempotencyLayer::new(store, &queue.name, config.clone())
+        .unwrap()
+        .with_outbox(OutboxPublisher::connect(&config))
+        .layer(service_fn(move |incoming: OutboxDelivery| {
+            let attempt = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            let target = target.clone();
+            async move {
+                let body = format!("from attempt {attempt}");
+                incoming
+                    .outbox
+                    .publish("", &target, BasicProperties::default(), body)?;
+                if attempt == 1 {
+                    return Err(HandlerError::retryable("the first attempt fails"));
+                }
+                Ok(())
+            }
+        }));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = Arc::clone(&stop);
+    let serving = tokio::spawn(serve(
+        consumer,
+        service,
+        ServeOptions::new()
+            .shutdown_on(async move { stopped.notified().await })
+            .close_channel(consumer_channel),
+    ));
+    send(&channel, &queue.name, "order-2", b"o2", None).await;
+    let received = collect(&channel, &downstream, 1).await;
+    stop.notify_one();
+    let report = serving.await.unwrap().expect("serve");
+
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(report.acked, 1);
+    let bodies: Vec<&[u8]> = received.iter().map(|(_, _, body)| &body[..]).collect();
+    assert_eq!(
+        bodies,
+        [&b"from attempt 2"[..]],
+        "only the successful run's message"
+    );
+    assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
+    let _ = conn.close(200, "OK".into()).await;
+}
+
+#[tokio::test]
+async fn staging_past_the_limit_dead_letters_and_publishes_nothing() {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&channel, "outbox-limit").await;
+    let downstream = downstream(&channel, "outbox-limit-down").await;
+    // Two 40-byte bodies and their framing fit; the reply does not.
+    let config = config("ob3").outbox_max_bytes(100);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let consumer = start(
+        redis_store().await,
+        &queue.name,
+        &config,
+        OutboxPublisher::connect(&config),
+        &downstream,
+        &runs,
+    )
+    .await;
+    send(&channel, &queue.name, "order-3", &[b'x'; 40], None).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let channel = channel.clone();
+            let dead = queue.dead.clone();
+            async move { ready_count(&channel, &dead).await == 1 }
+        })
+        .await,
+        "dead-lettered"
+    );
+    consumer.stop().await;
+    let parked = drain(&channel, &queue.dead).await;
+    assert_eq!(parked.len(), 1);
+    assert!(
+        drain(&channel, &downstream).await.is_empty(),
+        "nothing published"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "a permanent failure: no retry"
+    );
+    assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
+}
+
+#[tokio::test]
+async fn a_duplicate_request_gets_the_stored_reply_at_its_own_reply_to() {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&channel, "outbox-rpc").await;
+    let downstream = downstream(&channel, "outbox-rpc-down").await;
+    let first_asker = downstream_queue(&channel, "asker-1").await;
+    let second_asker = downstream_queue(&channel, "asker-2").await;
+    let config = config("ob4");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let consumer = start(
+        redis_store().await,
+        &queue.name,
+        &config,
+        OutboxPublisher::connect(&config),
+        &downstream,
+        &runs,
+    )
+    .await;
+
+    send(
+        &channel,
+        &queue.name,
+        "quote-9",
+        b"q9",
+        Some((&first_asker, "c-1")),
+    )
+    .await;
+    let first = collect(&channel, &first_asker, 1).await;
+    send(
+        &channel,
+        &queue.name,
+        "quote-9",
+        b"q9",
+        Some((&second_asker, "c-2")),
+    )
+    .await;
+    let second = collect(&channel, &second_asker, 1).await;
+    let sent = collect(&channel, &downstream, 2).await;
+    consumer.stop().await;
+
+    let scope = &queue.name;
+    let reply_id = format!("{scope}:quote-9:reply");
+    assert_eq!(
+        first,
+        vec![(reply_id.clone(), Some("c-1".into()), b"quote q9".to_vec())]
+    );
+    assert_eq!(
+        second,
+        vec![(reply_id, Some("c-2".into()), b"quote q9".to_vec())],
+        "the stored reply, at the duplicate's reply_to with its correlation_id"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(sent.len(), 2, "the messages went once: {sent:?}");
+    for asker in [&first_asker, &second_asker] {
+        let _ = channel
+            .queue_delete(asker.as_str().into(), Default::default())
+            .await;
+    }
+    assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
+}
+
+async fn downstream_queue(channel: &Channel, label: &str) -> String {
+    downstream(channel, label).await
+}
+
+/// Kills a consumer at `checkpoint` while it handles one request, starts
+/// another, and checks what reached the downstream queue and the asker.
+/// Returns (downstream messages received, replies received, handler runs).
+async fn killed_at(checkpoint: Checkpoint, prefix: &str) -> (Received, Received, usize) {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&channel, "outbox-kill").await;
+    let downstream = downstream(&channel, "outbox-kill-down").await;
+    let asker = downstream_queue(&channel, "outbox-kill-asker").await;
+    let config = config(prefix);
+    let store: RedisStore = redis_store().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+
+    let (halting, reached) = OutboxPublisher::connect(&config).halt_at(checkpoint);
+    let doomed = start(
+        store.clone(),
+        &queue.name,
+        &config,
+        halting,
+        &downstream,
+        &runs,
+    )
+    .await;
+    send(
+        &channel,
+        &queue.name,
+        "order-k",
+        b"ok",
+        Some((&asker, "c-k")),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), reached.notified())
+        .await
+        .unwrap_or_else(|_| panic!("the consumer never reached {checkpoint:?}"));
+    doomed.kill().await;
+
+    let survivor = start(
+        store,
+        &queue.name,
+        &config,
+        OutboxPublisher::connect(&config),
+        &downstream,
+        &runs,
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let channel = channel.clone();
+            let queue = queue.name.clone();
+            async move { ready_count(&channel, &queue).await == 0 }
+        })
+        .await,
+        "the redelivered copy was settled"
+    );
+    let sent = collect(&channel, &downstream, 2).await;
+    let replies = collect(&channel, &asker, 1).await;
+    survivor.stop().await;
+    let _ = channel
+        .queue_delete(asker.as_str().into(), Default::default())
+        .await;
+    // Nothing left unacked: the queue is empty, and nothing was parked.
+    assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
+    (sent, replies, runs.load(Ordering::SeqCst))
+}
+
+/// Every outgoing message arrived at least once, and deduplicated by
+/// `message_id` exactly the two the handler staged.
+fn exactly_once_by_id(sent: &Received, scope_prefix: &str) {
+    let distinct: BTreeSet<&str> = sent.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(distinct.len(), 2, "two distinct ids: {sent:?}");
+    for id in &distinct {
+        assert!(id.starts_with(scope_prefix), "{id}");
+        assert!(
+            id.ends_with(":order-k:0") || id.ends_with(":order-k:1"),
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn killed_before_the_commit_nothing_is_published_and_the_copy_runs_again() {
+    let (sent, replies, runs) = killed_at(Checkpoint::BeforeCommit, "ob5").await;
+    exactly_once_by_id(&sent, "t-outbox-kill");
+    assert_eq!(sent.len(), 2, "only the second run's messages: {sent:?}");
+    assert_eq!(
+        runs, 2,
+        "the copy ran the handler again (nothing was recorded)"
+    );
+    assert_eq!(replies.len(), 1, "one reply: {replies:?}");
+}
+
+#[tokio::test]
+async fn killed_between_the_commit_and_the_publish_the_duplicate_sends_the_outbox() {
+    let (sent, replies, runs) = killed_at(Checkpoint::Committed, "ob6").await;
+    exactly_once_by_id(&sent, "t-outbox-kill");
+    assert_eq!(sent.len(), 2, "sent once, by the duplicate: {sent:?}");
+    assert_eq!(runs, 1, "the handler ran once");
+    assert_eq!(replies.len(), 1, "the stored reply: {replies:?}");
+    assert_eq!(replies[0].1.as_deref(), Some("c-k"));
+}
+
+#[tokio::test]
+async fn killed_between_the_publish_and_the_mark_the_copies_share_their_ids() {
+    let (sent, replies, runs) = killed_at(Checkpoint::Published, "ob7").await;
+    exactly_once_by_id(&sent, "t-outbox-kill");
+    assert_eq!(
+        sent.len(),
+        4,
+        "published, then again by the duplicate: {sent:?}"
+    );
+    assert_eq!(runs, 1, "the handler ran once");
+    assert_eq!(
+        replies.len(),
+        2,
+        "the reply went with them, and again: {replies:?}"
+    );
+}
+
+#[tokio::test]
+async fn killed_between_the_mark_and_the_ack_only_the_reply_goes_again() {
+    let (sent, replies, runs) = killed_at(Checkpoint::Marked, "ob8").await;
+    exactly_once_by_id(&sent, "t-outbox-kill");
+    assert_eq!(sent.len(), 2, "marked dispatched: not sent again: {sent:?}");
+    assert_eq!(runs, 1, "the handler ran once");
+    assert_eq!(
+        replies.len(),
+        2,
+        "the stored reply is sent to every duplicate: {replies:?}"
+    );
+}
