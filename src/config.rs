@@ -745,6 +745,9 @@ impl Config {
 
     /// How long to wait for a duplicate that is in progress elsewhere to
     /// finish before requeueing it (`IDEMPOTENCY_IN_PROGRESS_WAIT`, default 5s).
+    /// With an outbox, also how long after the first run's commit a
+    /// duplicate leaves that run to dispatch its messages before it sends
+    /// what is left itself.
     pub fn in_progress_wait(mut self, wait: Duration) -> Self {
         self.in_progress_wait = wait;
         self

@@ -545,16 +545,35 @@ async fn finish_duplicate<St: Store, F: Fingerprint>(
 ) -> Outcome {
     let config = dedup.config();
     let outbox_key = companion_key(&dedup.key(fingerprint), OUTBOX_SUFFIX);
-    let entries = match dedup.store().outbox(&outbox_key).await {
-        Ok(entries) => entries,
-        Err(err) if err.is_unavailable() => {
-            tracing::warn!(error = %err, "duplicate of a processed message, but its outbox cannot be read: requeued");
-            return Outcome::requeue(OutcomeKind::StoreUnavailable, 0, config.retry_backoff)
-                .because(err.to_string());
-        }
-        Err(err) => {
-            tracing::error!(error = %err, "duplicate of a processed message whose outbox cannot be read: acked without sending it");
-            return Outcome::new(OutcomeKind::Duplicate, 0);
+    // A copy that arrives while the first run is still dispatching (a
+    // double click) waits for it, up to IDEMPOTENCY_IN_PROGRESS_WAIT after
+    // the commit, instead of sending everything a second time; past that,
+    // the first run is taken to have died, and what is left is sent.
+    let mut delay = Duration::from_millis(10);
+    let entries = loop {
+        let entries = match dedup.store().outbox(&outbox_key).await {
+            Ok(entries) => entries,
+            Err(err) if err.is_unavailable() => {
+                tracing::warn!(error = %err, "duplicate of a processed message, but its outbox cannot be read: requeued");
+                return Outcome::requeue(OutcomeKind::StoreUnavailable, 0, config.retry_backoff)
+                    .because(err.to_string());
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "duplicate of a processed message whose outbox cannot be read: acked without sending it");
+                return Outcome::new(OutcomeKind::Duplicate, 0);
+            }
+        };
+        let since_commit = crate::outbox::since_commit(&entries);
+        match since_commit {
+            Some(age) if crate::outbox::undispatched(&entries) && age < config.in_progress_wait => {
+                let wait = delay.min(config.in_progress_wait - age);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = crate::runner::runner_stopping() => break entries,
+                }
+                delay = (delay * 2).min(Duration::from_millis(200));
+            }
+            _ => break entries,
         }
     };
     let ready = crate::outbox::ready(entries, dedup.scope(), fingerprint, target);

@@ -217,12 +217,42 @@ impl Outbox {
         if let Some(reply) = staging.reply.take() {
             entries.push((REPLY_FIELD.to_vec(), reply));
         }
+        if !entries.is_empty() {
+            entries.push((
+                COMMITTED_FIELD.to_vec(),
+                unix_millis().to_string().into_bytes(),
+            ));
+        }
         Ok(entries)
     }
 }
 
 /// The outbox field of the reply.
 const REPLY_FIELD: &[u8] = b"r";
+
+/// The outbox field that holds when it was committed (Unix milliseconds,
+/// by the committing consumer's clock).
+const COMMITTED_FIELD: &[u8] = b"t";
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// How long ago the outbox of `entries` was committed, when it says.
+pub(crate) fn since_commit(entries: &[OutboxEntry]) -> Option<Duration> {
+    let (_, value) = entries.iter().find(|(field, _)| field == COMMITTED_FIELD)?;
+    let at: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
+    Some(Duration::from_millis(unix_millis().saturating_sub(at)))
+}
+
+/// True when `entries` still hold a message not marked dispatched.
+pub(crate) fn undispatched(entries: &[OutboxEntry]) -> bool {
+    entries.iter().any(|(field, _)| field.starts_with(b"m"))
+}
 
 /// The outbox field of the message staged at `position`.
 fn message_field(position: usize) -> Vec<u8> {
@@ -604,6 +634,9 @@ pub(crate) fn ready(
 ) -> Vec<Ready> {
     let mut ready = Vec::with_capacity(entries.len());
     for (field, value) in entries {
+        if field == COMMITTED_FIELD {
+            continue;
+        }
         let Some(mut message) = decode(&value) else {
             tracing::error!(field = %String::from_utf8_lossy(&field), "an outbox entry this version cannot read: not sent");
             continue;
@@ -811,7 +844,10 @@ mod tests {
         outbox.reply(BasicProperties::default(), "r").unwrap();
         let entries = outbox.seal().unwrap();
         let fields: Vec<&[u8]> = entries.iter().map(|(f, _)| &f[..]).collect();
-        assert_eq!(fields, [&b"m0"[..], b"m1", b"r"]);
+        assert_eq!(fields, [&b"m0"[..], b"m1", b"r", b"t"]);
+        assert!(undispatched(&entries));
+        assert!(since_commit(&entries).is_some_and(|age| age < Duration::from_secs(60)));
+        assert!(!undispatched(&entries[2..]));
         assert!(
             outbox
                 .publish("x", "c", BasicProperties::default(), "3")
