@@ -210,6 +210,23 @@ pub fn hash_tag(key: &str) -> Option<&str> {
     (close > 0).then(|| &rest[..close])
 }
 
+/// True when Redis Cluster puts `a` and `b` in the same slot, so that one
+/// script may touch both. A record and its
+/// [`companion_key`] always do, except for a record key
+/// with a `}` but no complete `{...}` tag before it.
+///
+/// ```
+/// use amqp_idempotency::fingerprint::{companion_key, same_slot};
+///
+/// let record = "idem:orders:order-42";
+/// assert!(same_slot(record, &companion_key(record, "outbox")));
+/// let odd = "idem:orders:a}b";
+/// assert!(!same_slot(odd, &companion_key(odd, "outbox")));
+/// ```
+pub fn same_slot(a: &str, b: &str) -> bool {
+    cluster_slot(a) == cluster_slot(b)
+}
+
 /// Redis Cluster's slot of `key`: CRC16 (XMODEM) of its hash tag, or of
 /// the whole key, modulo 16384.
 pub(crate) fn cluster_slot(key: &str) -> u16 {

@@ -397,7 +397,8 @@ enum Source {
 
 struct Open {
     channel: Channel,
-    _connection: Option<Connection>,
+    /// The publisher's own connection ([`OutboxPublisher::connect`]).
+    connection: Option<Connection>,
 }
 
 impl std::fmt::Debug for OutboxPublisher {
@@ -480,9 +481,14 @@ impl OutboxPublisher {
         {
             return Ok(current.channel.clone());
         }
-        *open = None;
-        let (channel, connection) = match &self.source {
-            Source::Channel(channel) => {
+        // A channel the broker closed (a publish to a missing exchange, say)
+        // is replaced on the same connection while that one is up.
+        let connection = open
+            .take()
+            .and_then(|old| old.connection)
+            .filter(|connection| connection.status().connected());
+        let (channel, connection) = match (&self.source, connection) {
+            (Source::Channel(channel), _) => {
                 if !channel.status().connected() {
                     return Err(
                         "the outbox's channel is closed (give OutboxPublisher::connect a config to reconnect by itself)"
@@ -491,10 +497,13 @@ impl OutboxPublisher {
                 }
                 (channel.clone(), None)
             }
-            Source::Connect(config) => {
-                let connection = crate::amqp::connect(config, ConnectionProperties::default())
-                    .await
-                    .map_err(|err| format!("cannot connect the outbox publisher: {err}"))?;
+            (Source::Connect(config), connection) => {
+                let connection = match connection {
+                    Some(connection) => connection,
+                    None => crate::amqp::connect(config, ConnectionProperties::default())
+                        .await
+                        .map_err(|err| format!("cannot connect the outbox publisher: {err}"))?,
+                };
                 let channel = connection
                     .create_channel()
                     .await
@@ -514,18 +523,20 @@ impl OutboxPublisher {
         }
         *open = Some(Open {
             channel: channel.clone(),
-            _connection: connection,
+            connection,
         });
         Ok(channel)
     }
 
+    /// Drops a channel that failed, so that the next dispatch opens
+    /// another (and closes it, to be sure it is not left half-open).
     async fn forget(&self, channel: &Channel) {
-        let mut open = self.open.lock().await;
+        let open = self.open.lock().await;
         if open
             .as_ref()
             .is_some_and(|current| current.channel.id() == channel.id())
         {
-            *open = None;
+            let _ = channel.close(200, "OK".into()).await;
         }
     }
 

@@ -373,9 +373,11 @@ async fn nothing_a_failed_attempt_staged_is_published() {
     let attempts = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&attempts);
     let target = downstream.clone();
+    // A channel of the caller's, rather than a connection of the publisher's own.
+    let publishing = conn.create_channel().await.unwrap();
     let service = IdempotencyLayer::new(store, &queue.name, config.clone())
         .unwrap()
-        .with_outbox(OutboxPublisher::connect(&config))
+        .with_outbox(OutboxPublisher::new(publishing))
         .layer(service_fn(move |incoming: OutboxDelivery| {
             let attempt = counted.fetch_add(1, Ordering::SeqCst) + 1;
             let target = target.clone();

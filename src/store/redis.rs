@@ -1867,9 +1867,7 @@ impl Store for RedisStore {
         outbox_key: &str,
         entries: &[OutboxEntry],
     ) -> Result<bool, StoreError> {
-        if self.cluster
-            && crate::fingerprint::cluster_slot(key) != crate::fingerprint::cluster_slot(outbox_key)
-        {
+        if self.cluster && !crate::fingerprint::same_slot(key, outbox_key) {
             return Err(StoreError::new(
                 "commit",
                 key,
