@@ -55,6 +55,14 @@ fn check(lines: &[Value], published: u64, unique: u64) -> (Vec<String>, Value) {
         }
         assert_eq!(count(line, "duplicates"), published - unique, "{line}");
         assert_eq!(line["ok"], Value::Bool(true), "{line}");
+        if variant == "ours_outbox" {
+            // One outgoing message per unique message, each id once at
+            // least (a duplicate may send a not-yet-marked one again).
+            assert_eq!(count(line, "outgoing_distinct"), unique, "{line}");
+            assert!(count(line, "outgoing_received") >= unique, "{line}");
+        } else {
+            assert!(line["outgoing_distinct"].is_null(), "{line}");
+        }
     }
     for key in [
         "raw_msgs_per_s",
@@ -75,6 +83,8 @@ fn check(lines: &[Value], published: u64, unique: u64) -> (Vec<String>, Value) {
         "redis_cpu_us_per_msg",
         "broker_cpu_us_per_msg",
         "bytes_per_done_record",
+        "outbox_msgs_per_s",
+        "outbox_redis_roundtrips_per_msg",
     ] {
         assert!(summary.get(key).is_some(), "`{key}` missing in {summary}");
     }
@@ -106,8 +116,17 @@ fn check(lines: &[Value], published: u64, unique: u64) -> (Vec<String>, Value) {
 fn quick_run_counts_every_message_once() {
     let lines = bench(&["--messages", "1000"]);
     let (names, summary) = check(&lines, 1000, 1000);
-    assert_eq!(names, ["raw_single", "raw_multi", "naive", "ours"]);
-    for key in ["raw_msgs_per_s", "ours_msgs_per_s", "naive_msgs_per_s"] {
+    assert_eq!(
+        names,
+        ["raw_single", "raw_multi", "naive", "ours", "ours_outbox"]
+    );
+    for key in [
+        "raw_msgs_per_s",
+        "ours_msgs_per_s",
+        "naive_msgs_per_s",
+        "outbox_msgs_per_s",
+        "outbox_redis_roundtrips_per_msg",
+    ] {
         assert!(summary[key].as_f64().is_some(), "{summary}");
     }
 }
@@ -121,8 +140,8 @@ fn quick_run_with_duplicates_suppresses_them() {
         "--duplicates",
         "0.1",
         "--variants",
-        "naive,ours",
+        "naive,ours,ours_outbox",
     ]);
     let (names, _) = check(&lines, 1000, 900);
-    assert_eq!(names, ["naive", "ours"]);
+    assert_eq!(names, ["naive", "ours", "ours_outbox"]);
 }

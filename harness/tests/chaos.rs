@@ -1,8 +1,9 @@
 //! Runs the fault-injection suite (`src/bin/chaos`) in its CI
 //! configuration: 2000 messages, 20% duplicates, 3 consumer processes,
-//! seed 7, every fault enabled; and its `--failover` mode, short: 1000
-//! messages, at least one failover, `--min-replicas 1`. Debug build; one
-//! run at a time. Also `chaos --analyse` on a ledger written here.
+//! seed 7, every fault enabled; its `--outbox` mode, short: 1000 messages,
+//! every fault; and its `--failover` mode, short: 1000 messages, at least
+//! one failover, `--min-replicas 1`. Debug build; one run at a time. Also
+//! `chaos --analyse` on a ledger written here.
 //!
 //! Needs RabbitMQ at `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`)
 //! and `redis-server` on the PATH (`redis-sentinel` too, or a `redis-server`
@@ -214,6 +215,74 @@ fn chaos_suite_loses_nothing_and_explains_every_duplicate() {
     }
     assert_eq!(number(&report["faults"], "failovers"), 0, "{last}");
     assert_eq!(number(&report, "min_replicas"), 0, "{last}");
+    // Without --outbox nothing is published downstream: no counts.
+    for key in ["outgoing_expected", "outgoing_distinct", "outgoing_lost"] {
+        assert!(report[key].is_null(), "`{key}` is not null: {last}");
+    }
+}
+
+/// `--outbox`, short: every handler run that succeeds stages one message
+/// for the downstream queue; under every fault, each message that had to
+/// succeed sent exactly one distinct `message_id` downstream, and no failed
+/// or abandoned run sent anything.
+#[test]
+fn outbox_suite_sends_every_outgoing_message_and_nothing_else() {
+    require_rabbitmq();
+    let (report, last, context) = run_chaos(&[
+        "--outbox",
+        "--messages",
+        "1000",
+        "--duplicates",
+        "0.2",
+        "--consumers",
+        "3",
+        "--seed",
+        "7",
+    ]);
+    let last = last.as_str();
+    let number = |value: &serde_json::Value, name: &str| number(value, name, last);
+    assert_eq!(number(&report, "messages"), 1000, "{last}");
+    assert_eq!(
+        number(&report, "lost"),
+        0,
+        "messages were lost: {last}\n{context}"
+    );
+    assert_eq!(
+        number(&report, "unexplained_duplicates"),
+        0,
+        "duplicate effects outside the admitted windows: {last}\n{context}"
+    );
+    // Every plain message and every timed-out one that was not
+    // dead-lettered (only `crashed` beside a poison-abort may be) must
+    // have sent its outgoing message.
+    let expected = number(&report, "outgoing_expected");
+    assert_eq!(
+        expected + number(&report, "plain_dead_lettered"),
+        1000 + number(&report["faults"], "handler_timeouts"),
+        "{last}"
+    );
+    assert_eq!(
+        number(&report, "outgoing_lost"),
+        0,
+        "outgoing messages never reached the downstream queue: {last}\n{context}"
+    );
+    assert_eq!(
+        number(&report, "outgoing_distinct"),
+        expected,
+        "the downstream queue holds other message ids than those expected: {last}\n{context}"
+    );
+    for kind in [
+        "kills",
+        "pauses",
+        "redis_restarts",
+        "amqp_cuts",
+        "handler_timeouts",
+    ] {
+        assert!(
+            number(&report["faults"], kind) >= 1,
+            "no `{kind}` fault was injected: {last}"
+        );
+    }
 }
 
 /// `--failover` with `IDEMPOTENCY_MIN_REPLICAS=1`: the master killed at

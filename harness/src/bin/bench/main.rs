@@ -14,10 +14,19 @@
 //!   then `SET key done EX 86400` to mark done, one ack per message;
 //! - `ours`: the crate's [`serve`] runner + [`IdempotencyLayer`] on a
 //!   [`RedisStore`], default [`Config`] apart from the prefetch and a key
-//!   prefix unique to the run.
+//!   prefix unique to the run;
+//! - `ours_outbox`: `ours` with an outbox
+//!   ([`IdempotencyLayer::with_outbox`] with `OutboxPublisher::connect`, a
+//!   connection of its own): the handler also stages one message per
+//!   delivery (its body, transient) for `{queue}.downstream`, which the
+//!   bench declares, then reads after the drain (outside the measured time)
+//!   and deletes. Each message costs the commit of the done mark with its
+//!   outbox, a publish awaited on a confirm channel, and the mark that it
+//!   was dispatched, before the ack.
 //!
 //! [`serve`]: amqp_idempotency::serve
 //! [`IdempotencyLayer`]: amqp_idempotency::IdempotencyLayer
+//! [`IdempotencyLayer::with_outbox`]: amqp_idempotency::IdempotencyLayer::with_outbox
 //! [`RedisStore`]: amqp_idempotency::store::RedisStore
 //! [`Config`]: amqp_idempotency::Config
 //!
@@ -54,7 +63,10 @@
 //!   machine shows up here;
 //! - `processed` (distinct ids executed), `duplicates` (deliveries suppressed
 //!   as duplicates; for raw, executions beyond the first), plus `published`,
-//!   `unique`, `executions`, `ok`.
+//!   `unique`, `executions`, `ok`;
+//! - `outgoing_received`, `outgoing_distinct` (ours_outbox; `null` for the
+//!   others): messages found downstream, and their distinct `message_id`s,
+//!   which must number `unique`.
 //!
 //! The last line is the summary (medians over rounds):
 //! `{"raw_msgs_per_s":..,"ours_msgs_per_s":..,"naive_msgs_per_s":..,"ratio":ours/raw,"redis_roundtrips_per_msg":..,"p99_ms":..}`
@@ -75,7 +87,10 @@
 //!   afterwards), measured once per run before the rounds; `null`, with the
 //!   reason on stderr, when it cannot be measured. Other clients of the
 //!   same Redis make it noisy;
-//! - `skipped`: variants asked for but not run (`naive` on a cluster).
+//! - `skipped`: variants asked for but not run (`naive` on a cluster);
+//! - `outbox_msgs_per_s`, `outbox_redis_roundtrips_per_msg`: `ours_outbox`'s
+//!   medians of `msgs_per_s` and `redis_roundtrips_per_msg` (pipelines, from
+//!   `RedisStore::round_trips`, as for `ours`), `null` when it did not run.
 //!
 //! `--pin-redis` puts the Redis server(s) of the store on CPU 1 and the
 //! local RabbitMQ node (`beam.smp`) and the benchmark itself (every
@@ -86,8 +101,9 @@
 //! local `redis-server` or `valkey-server` whose `tcp_port` is the URL's).
 //!
 //! The process exits non-zero when a variant lost a message or ran one twice
-//! (`processed != unique`, or, for naive and ours, `executions != unique`).
-//! Queues and Redis keys of the run are deleted at the end.
+//! (`processed != unique`, or, for naive and ours, `executions != unique`),
+//! or when ours_outbox's downstream queue does not hold `unique` distinct
+//! message ids. Queues and Redis keys of the run are deleted at the end.
 //!
 //! ```text
 //! cargo run --release -p harness --bin bench -- --messages 100000 --prefetch 256 --payload 64 --rounds 3
@@ -99,7 +115,7 @@
 //! Options: `--messages N` (100000), `--payload BYTES` (64), `--prefetch P`
 //! (256), `--duplicates F` (fraction of the messages that re-publish an
 //! earlier message id with the same body, 0), `--handler-delay-ms D` (0),
-//! `--rounds R` (3), `--variants raw,naive,ours` (all; `raw_single` and
+//! `--rounds R` (3), `--variants raw,naive,ours,ours_outbox` (all; `raw_single` and
 //! `raw_multi` select one raw sub-variant; `ours_mem`, never run by default,
 //! is ours over a plain in-process map instead of Redis: what the runner and
 //! layer cost by themselves), `--open-loop-rate MSGS_PER_S`
@@ -121,7 +137,7 @@
 //! - [`options`]: the command line;
 //! - [`plan`]: the message ids to publish and their bodies;
 //! - [`publish`]: pre-filling a queue, or publishing in open loop;
-//! - [`variants`]: the consumers under test (`raw`, `naive`, `ours`);
+//! - [`variants`]: the consumers under test (`raw`, `naive`, `ours`, `ours_outbox`);
 //! - [`stats`]: what a drain counts, and when it is done;
 //! - [`meter`]: wall clock and CPU (this process, Redis, the broker);
 //! - [`servers`]: the Redis server(s) of the store: `INFO`, their processes, clean-up;
@@ -153,7 +169,7 @@ use crate::options::parse_args;
 use crate::run::{INTERRUPTED, run};
 
 const USAGE: &str = "usage: bench [--messages N] [--payload BYTES] [--prefetch P] [--duplicates F]
-             [--handler-delay-ms D] [--rounds R] [--variants raw,naive,ours]
+             [--handler-delay-ms D] [--rounds R] [--variants raw,naive,ours,ours_outbox]
              [--open-loop-rate MSGS_PER_S] [--runtime current|multi] [--pin-redis] [--quick]
 --runtime: the tokio runtime every variant runs on (default current: one thread,
            fewer wakeups, the faster choice on a small machine)

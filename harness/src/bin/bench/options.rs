@@ -39,6 +39,7 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
         Variant::RawMulti,
         Variant::Naive,
         Variant::Ours,
+        Variant::OursOutbox,
     ];
     let mut open_loop_rate = None;
     let mut quick = false;
@@ -103,7 +104,7 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
                 );
             }
             "--variants" => {
-                let raw = value("a list such as raw,naive,ours")?;
+                let raw = value("a list such as raw,naive,ours,ours_outbox")?;
                 let mut chosen = Vec::new();
                 for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                     let add: &[Variant] = match part {
@@ -112,10 +113,11 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
                         "raw_multi" => &[Variant::RawMulti],
                         "naive" => &[Variant::Naive],
                         "ours" => &[Variant::Ours],
+                        "ours_outbox" => &[Variant::OursOutbox],
                         "ours_mem" => &[Variant::OursMemory],
                         other => {
                             return Err(format!(
-                                "--variants: unknown variant `{other}` (expected raw, raw_single, raw_multi, naive, ours, ours_mem)"
+                                "--variants: unknown variant `{other}` (expected raw, raw_single, raw_multi, naive, ours, ours_outbox, ours_mem)"
                             ));
                         }
                     };

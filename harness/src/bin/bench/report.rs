@@ -25,6 +25,18 @@ pub struct Row {
     pub ok: bool,
 }
 
+/// What ours_outbox's handlers published, read from the downstream queue
+/// after the drain.
+#[derive(Clone, Debug, Default)]
+pub struct Outgoing {
+    /// Messages received (an id sent again counts again).
+    pub received: u64,
+    /// Distinct `message_id`s.
+    pub distinct: u64,
+    /// Messages without a `message_id`.
+    pub without_id: u64,
+}
+
 /// What the summary says about the run as a whole.
 pub struct RunFacts {
     /// `standalone` or `cluster`.
@@ -46,6 +58,7 @@ pub fn percentile(sorted: &[u32], q: f64) -> Option<f64> {
     Some(f64::from(sorted[rank - 1]) / 1000.0)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn report(
     ctx: &Ctx,
     variant: Variant,
@@ -54,6 +67,7 @@ pub fn report(
     measured: &Measured,
     redis_cmds: u64,
     server_cpu: &ServerCpu,
+    outgoing: Option<&Outgoing>,
 ) -> (Row, String) {
     let published = ctx.plan.published();
     let unique = u64::from(ctx.plan.unique);
@@ -111,6 +125,23 @@ pub fn report(
     if foreign > 0 {
         problems.push(format!("{foreign} deliveries with a foreign message id"));
     }
+    if let Some(outgoing) = outgoing {
+        // One outgoing message per unique message, each with its own id.
+        if outgoing.distinct != unique {
+            problems.push(format!(
+                "{} distinct outgoing message ids downstream, expected {unique}",
+                outgoing.distinct
+            ));
+        }
+        if outgoing.without_id > 0 {
+            problems.push(format!(
+                "{} outgoing messages without a message id",
+                outgoing.without_id
+            ));
+        }
+    } else if variant == Variant::OursOutbox {
+        problems.push("the downstream queue was not read".into());
+    }
     let secs = measured.elapsed.as_secs_f64();
     let row = Row {
         variant,
@@ -163,6 +194,14 @@ pub fn report(
             Json::Int(stats.requeued.load(Ordering::Relaxed)),
         ),
         ("elapsed_s", Json::num(secs, 3)),
+        (
+            "outgoing_received",
+            outgoing.map_or(Json::Null, |o| Json::Int(o.received)),
+        ),
+        (
+            "outgoing_distinct",
+            outgoing.map_or(Json::Null, |o| Json::Int(o.distinct)),
+        ),
         ("ok", Json::Bool(row.ok)),
         ("problems", Json::Str(problems.join("; "))),
     ]);
@@ -280,6 +319,14 @@ pub fn summary(options: &Options, rows: &[Row], facts: &RunFacts) -> String {
             Json::opt(facts.bytes_per_done_record, 1),
         ),
         ("skipped", Json::Str(facts.skipped.clone())),
+        (
+            "outbox_msgs_per_s",
+            Json::opt(med(Variant::OursOutbox, rate), 1),
+        ),
+        (
+            "outbox_redis_roundtrips_per_msg",
+            Json::opt(med(Variant::OursOutbox, |r| Some(r.roundtrips_per_msg)), 3),
+        ),
         ("ok", Json::Bool(rows.iter().all(|r| r.ok))),
     ])
 }

@@ -1,15 +1,21 @@
 //! One benchmark run: the connections every variant shares, then for each
-//! round and variant a fresh queue, filled (or published to in open loop),
-//! drained and measured, and its queue and Redis keys deleted.
+//! round and variant a fresh queue (and for ours_outbox a downstream queue),
+//! filled (or published to in open loop), drained and measured, and its
+//! queues and Redis keys deleted.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
 use amqp_idempotency::{Config, redact_url};
+use futures_util::StreamExt;
 use harness::CONNECT_TIMEOUT;
 use harness::amqp::{connect as connect_amqp, new_channel};
-use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicConsumeOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::{oneshot, watch};
@@ -20,12 +26,12 @@ use crate::options::Options;
 use crate::pin::{CONSUMER_CPU, Pinned, REDIS_CPU, Target};
 use crate::plan::Plan;
 use crate::publish::{prefill, publish_open_loop};
-use crate::report::{Row, RunFacts, report, summary};
+use crate::report::{Outgoing, Row, RunFacts, report, summary};
 use crate::servers::Servers;
 use crate::stats::RunStats;
-use crate::variants::Variant;
 use crate::variants::drain_plain;
 use crate::variants::ours::drain_ours;
+use crate::variants::{Variant, stop_consumer};
 
 /// Shared connections and settings.
 pub struct Ctx {
@@ -49,31 +55,49 @@ pub async fn run_one(ctx: &mut Ctx, variant: Variant, round: u32) -> Result<(Row
     let name = format!("{}-{}-r{round}", ctx.base, variant.name());
     let queue = name.clone();
     let key_prefix = name;
-    ctx.publish_channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|err| format!("cannot declare the queue `{queue}`: {err}"))?;
+    // ours_outbox's handler publishes here through the outbox.
+    let downstream = (variant == Variant::OursOutbox).then(|| format!("{queue}.downstream"));
+    for declared in std::iter::once(&queue).chain(downstream.as_ref()) {
+        ctx.publish_channel
+            .queue_declare(
+                declared.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| format!("cannot declare the queue `{declared}`: {err}"))?;
+    }
     let mut stop = ctx.stop.clone();
     let result = tokio::select! {
-        result = measure(ctx, variant, &queue, &key_prefix) => result,
+        result = measure(ctx, variant, &queue, &key_prefix, downstream.as_deref()) => result,
         _ = stop.wait_for(|stop| *stop) => Err(INTERRUPTED.into()),
     };
+    // What the outbox published, once the drain worked.
+    let outgoing = match (&downstream, &result) {
+        (Some(downstream), Ok(_)) => {
+            let mut stop = ctx.stop.clone();
+            tokio::select! {
+                outgoing = read_outgoing(ctx, downstream) => Some(outgoing),
+                _ = stop.wait_for(|stop| *stop) => Some(Err(INTERRUPTED.into())),
+            }
+        }
+        _ => None,
+    };
     // Clean up whether or not the drain worked.
-    if let Err(err) = ctx
-        .publish_channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-    {
-        eprintln!("bench: cannot delete the queue `{queue}`: {err}");
+    for declared in std::iter::once(&queue).chain(downstream.as_ref()) {
+        if let Err(err) = ctx
+            .publish_channel
+            .queue_delete(declared.as_str().into(), QueueDeleteOptions::default())
+            .await
+        {
+            eprintln!("bench: cannot delete the queue `{declared}`: {err}");
+        }
     }
     if let Err(err) = ctx.redis.unlink_prefix(&key_prefix).await {
         eprintln!("bench: cannot delete the Redis keys {key_prefix}*: {err}");
     }
     let (stats, measured, redis_cmds, server_cpu) = result?;
+    let outgoing = outgoing.transpose()?;
     Ok(report(
         ctx,
         variant,
@@ -82,7 +106,65 @@ pub async fn run_one(ctx: &mut Ctx, variant: Variant, round: u32) -> Result<(Row
         &measured,
         redis_cmds,
         &server_cpu,
+        outgoing.as_ref(),
     ))
+}
+
+/// A downstream read that gets nothing new for this long stops there.
+const OUTGOING_STALL: Duration = Duration::from_secs(10);
+
+/// Empties `downstream` (after the drain, outside the measured time),
+/// counting its messages by `message_id`: the outbox published them all
+/// before it let the runner ack, so they are all there.
+pub async fn read_outgoing(ctx: &Ctx, downstream: &str) -> Result<Outgoing, String> {
+    let channel = new_channel(&ctx.consume_conn).await?;
+    let waiting = channel
+        .queue_declare(
+            downstream.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|err| format!("cannot look at the queue `{downstream}`: {err}"))?
+        .message_count();
+    let mut consumer = channel
+        .basic_consume(
+            downstream.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|err| format!("basic.consume on `{downstream}` failed: {err}"))?;
+    let mut outgoing = Outgoing::default();
+    let mut ids = HashSet::new();
+    while outgoing.received < u64::from(waiting) {
+        match tokio::time::timeout(OUTGOING_STALL, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                outgoing.received += 1;
+                match delivery.properties.message_id() {
+                    Some(id) => {
+                        ids.insert(id.as_str().to_owned());
+                    }
+                    None => outgoing.without_id += 1,
+                }
+            }
+            Ok(Some(Err(err))) => {
+                stop_consumer(&channel, &consumer).await;
+                return Err(format!("reading `{downstream}` failed: {err}"));
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    stop_consumer(&channel, &consumer).await;
+    outgoing.distinct = ids.len() as u64;
+    Ok(outgoing)
 }
 
 pub async fn measure(
@@ -90,6 +172,7 @@ pub async fn measure(
     variant: Variant,
     queue: &str,
     key_prefix: &str,
+    downstream: Option<&str>,
 ) -> Result<(Arc<RunStats>, Measured, u64, ServerCpu), String> {
     if ctx.options.open_loop_rate.is_none() {
         prefill(ctx, queue).await?;
@@ -110,10 +193,11 @@ pub async fn measure(
     let redis_cpu_before = ctx.redis.cpu_s().await;
     let broker_cpu_before = broker_cpu_ticks();
     let drained = match variant {
-        Variant::Ours => {
+        Variant::Ours | Variant::OursOutbox => {
             let store = ctx.store.clone();
             let pipelines_before = store.round_trips();
-            let drained = drain_ours(ctx, store, queue, key_prefix, &stats, ready_tx).await;
+            let drained =
+                drain_ours(ctx, store, queue, key_prefix, downstream, &stats, ready_tx).await;
             // RedisStore sends the requests that wait together as one
             // pipeline: its own count of pipelines is the round-trip count
             // (the wrapper below counts requests).
@@ -123,7 +207,7 @@ pub async fn measure(
         }
         Variant::OursMemory => {
             let store = amqp_idempotency::store::MemoryStore::new();
-            drain_ours(ctx, store, queue, key_prefix, &stats, ready_tx).await
+            drain_ours(ctx, store, queue, key_prefix, None, &stats, ready_tx).await
         }
         _ => drain_plain(ctx, variant, queue, key_prefix, &stats, ready_tx).await,
     };

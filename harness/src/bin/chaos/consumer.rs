@@ -1,9 +1,12 @@
-//! The consumer role (`chaos --role consumer --queue Q --ledger PATH`): the
-//! orchestrator starts this same binary once per consumer slot. It runs
-//! `serve_reconnecting` with the idempotency layer, configured by the
-//! `IDEMPOTENCY_*` variables the supervisor sets, behind the proxies; its
-//! handler writes the effect to the ledger, and a wrapper writes when each
-//! delivery enters and what the layer returned.
+//! The consumer role (`chaos --role consumer --queue Q --ledger PATH
+//! [--outbox]`): the orchestrator starts this same binary once per consumer
+//! slot. It runs `serve_reconnecting` with the idempotency layer, configured
+//! by the `IDEMPOTENCY_*` variables the supervisor sets, behind the proxies;
+//! its handler writes the effect to the ledger, and a wrapper writes when
+//! each delivery enters and what the layer returned. With `--outbox` the
+//! layer has an outbox (`OutboxPublisher::connect`, through the RabbitMQ
+//! proxy too), and the handler also stages one message for the run's
+//! downstream queue.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use amqp_idempotency::outbox::{Outbox, OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::store::RedisStore;
 use amqp_idempotency::{
     BoxError, Config, HandlerError, IdempotencyLayer, Outcome, ServeOptions, Session,
@@ -21,12 +25,12 @@ use futures_util::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::AMQPValue;
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::types::{FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tower::{Layer, Service, service_fn};
 
 use crate::ledger::{Ledger, now_us};
-use crate::messages::chaos_id;
+use crate::messages::{ID_HEADER, chaos_id};
 use crate::rng::SplitMix;
 use crate::topology::Topology;
 
@@ -56,6 +60,7 @@ pub async fn consumer_main(argv: &[String]) -> ExitCode {
     init_consumer_logs();
     let mut queue = None;
     let mut ledger = None;
+    let mut outbox = false;
     let mut args = argv.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -67,6 +72,7 @@ pub async fn consumer_main(argv: &[String]) -> ExitCode {
             }
             "--queue" => queue = args.next().cloned(),
             "--ledger" => ledger = args.next().map(PathBuf::from),
+            "--outbox" => outbox = true,
             other => {
                 eprintln!("consumer: unknown argument `{other}`");
                 return ExitCode::from(2);
@@ -77,7 +83,7 @@ pub async fn consumer_main(argv: &[String]) -> ExitCode {
         eprintln!("consumer: --queue and --ledger are required");
         return ExitCode::from(2);
     };
-    match run_consumer(&queue, &ledger).await {
+    match run_consumer(&queue, &ledger, outbox).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("consumer {}: {message}", std::process::id());
@@ -96,7 +102,7 @@ fn init_consumer_logs() {
         .init();
 }
 
-async fn run_consumer(queue: &str, ledger_path: &Path) -> Result<(), String> {
+async fn run_consumer(queue: &str, ledger_path: &Path, outbox: bool) -> Result<(), String> {
     let pid = std::process::id();
     exit_with_parent();
     let config = Config::from_env().map_err(|err| err.to_string())?;
@@ -105,29 +111,63 @@ async fn run_consumer(queue: &str, ledger_path: &Path) -> Result<(), String> {
             .map_err(|err| format!("cannot open the ledger {}: {err}", ledger_path.display()))?,
     );
     let store = connect_store(&config).await?;
-    let handler = {
-        let ledger = Arc::clone(&ledger);
-        let dir = Arc::new(
-            ledger_path
-                .parent()
-                .map_or_else(|| PathBuf::from("."), Path::to_owned),
-        );
-        service_fn(move |delivery: Delivery| {
-            let ledger = Arc::clone(&ledger);
-            let dir = Arc::clone(&dir);
-            async move { handle(ledger, &dir, pid, delivery).await }
-        })
-    };
-    let idempotent = IdempotencyLayer::new(store, queue, config.clone())
-        .map_err(|err| err.to_string())?
-        .layer(handler);
+    let dir = Arc::new(
+        ledger_path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_owned),
+    );
+    let layer =
+        IdempotencyLayer::new(store, queue, config.clone()).map_err(|err| err.to_string())?;
+    let topology = Topology::new(queue, outbox);
+    match topology.downstream.clone() {
+        None => {
+            let records = Arc::clone(&ledger);
+            let handler = service_fn(move |delivery: Delivery| {
+                let ledger = Arc::clone(&records);
+                let dir = Arc::clone(&dir);
+                async move { handle(ledger, &dir, pid, delivery, None).await }
+            });
+            serve_consumer(layer.layer(handler), &ledger, &config, topology).await
+        }
+        Some(downstream) => {
+            let downstream: Arc<str> = downstream.into();
+            let records = Arc::clone(&ledger);
+            let handler = service_fn(move |incoming: OutboxDelivery| {
+                let ledger = Arc::clone(&records);
+                let dir = Arc::clone(&dir);
+                let staging = Staging {
+                    outbox: incoming.outbox,
+                    downstream: Arc::clone(&downstream),
+                };
+                async move { handle(ledger, &dir, pid, incoming.delivery, Some(staging)).await }
+            });
+            let idempotent = layer
+                .with_outbox(OutboxPublisher::connect(&config))
+                .layer(handler);
+            serve_consumer(idempotent, &ledger, &config, topology).await
+        }
+    }
+}
+
+/// Serves `idempotent` (the layer around the handler, with or without an
+/// outbox) behind the ledger's `begin`/`outcome` wrapper, reconnecting.
+async fn serve_consumer<S>(
+    idempotent: S,
+    ledger: &Arc<Ledger>,
+    config: &Config,
+    topology: Topology,
+) -> Result<(), String>
+where
+    S: Service<Delivery, Response = Outcome, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let pid = std::process::id();
     let service = Recorded {
         inner: idempotent,
-        ledger: Arc::clone(&ledger),
+        ledger: Arc::clone(ledger),
         pid,
         next: Arc::new(AtomicU64::new(0)),
     };
-    let topology = Topology::new(queue);
     let dlx = topology.dlx.clone();
     let url = config.amqp().to_owned();
     let prefetch = config.prefetch_count();
@@ -137,7 +177,7 @@ async fn run_consumer(queue: &str, ledger_path: &Path) -> Result<(), String> {
         async move { open_session(&url, &topology, prefetch).await }
     };
     ledger.append(&format!("start {pid} {}", now_us()));
-    let options = ServeOptions::from_config(&config)
+    let options = ServeOptions::from_config(config)
         .dead_letter_exchange(dlx)
         .shutdown_deadline(Duration::from_secs(10));
     let report = serve_reconnecting(connect, service, options)
@@ -145,6 +185,31 @@ async fn run_consumer(queue: &str, ledger_path: &Path) -> Result<(), String> {
         .map_err(|err| err.to_string())?;
     eprintln!("consumer {pid} stopped: {report:?}");
     Ok(())
+}
+
+/// With `--outbox`: the delivery's outbox, and the queue its one outgoing
+/// message goes to.
+struct Staging {
+    outbox: Outbox,
+    downstream: Arc<str>,
+}
+
+impl Staging {
+    /// Stages the outgoing message of `id` for the downstream queue (the
+    /// default exchange): body and `x-chaos-id` the incoming message's id;
+    /// the outbox sets its `message_id`.
+    fn stage(&self, id: &str) -> Result<(), HandlerError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ID_HEADER.into(),
+            AMQPValue::LongString(LongString::from(id)),
+        );
+        let properties = BasicProperties::default()
+            .with_headers(headers)
+            .with_content_type("text/plain".into());
+        self.outbox
+            .publish("", &self.downstream, properties, id.as_bytes().to_vec())
+    }
 }
 
 /// Exits when the orchestrator is gone, so that an aborted run leaves no consumer behind.
@@ -224,11 +289,17 @@ const SLOW_WORK: Duration = Duration::from_millis(1800);
 /// The first run of `s<i>` spawns its work and waits for it past the
 /// handler timeout; later runs work at once. Each run of `s<i>` writes when
 /// its work began and ended (`work`), to show that no two overlap.
+///
+/// With an outbox (`--outbox`), each run stages one outgoing message right
+/// after its effect; a poison message stages it too before it fails (a
+/// failed run must publish nothing), and the first run of `s<i>` stages it
+/// after the layer gave up on the handler, which the outbox refuses.
 async fn handle(
     ledger: Arc<Ledger>,
     dir: &Path,
     pid: u32,
     delivery: Delivery,
+    staging: Option<Staging>,
 ) -> Result<(), HandlerError> {
     let nonce = exec_nonce(&delivery);
     let id = chaos_id(&delivery);
@@ -252,14 +323,21 @@ async fn handle(
             let done = now_us();
             ledger.append(&format!("effect {id} {pid} {nonce} {done}"));
             ledger.append(&format!("work {id} {pid} {nonce} {begun} {done}"));
+            match &staging {
+                Some(staging) => staging.stage(&id),
+                None => Ok(()),
+            }
         };
         // Spawned: when the layer gives up on the handler, the work goes on.
         return tokio::spawn(run)
             .await
-            .map_err(|err| HandlerError::retryable(format!("the work failed: {err}")));
+            .map_err(|err| HandlerError::retryable(format!("the work failed: {err}")))?;
     }
     tokio::time::sleep(Duration::from_micros(work.below(1001))).await;
     if id.starts_with('p') {
+        if let Some(staging) = &staging {
+            staging.stage(&id)?;
+        }
         ledger.append(&format!("fail {id} {pid} {nonce} {}", now_us()));
         return Err(HandlerError::retryable(
             "poison message: this handler always fails",
@@ -268,6 +346,9 @@ async fn handle(
     ledger
         .try_append(&format!("effect {id} {pid} {nonce} {}", now_us()))
         .map_err(|err| HandlerError::retryable(format!("cannot write the ledger: {err}")))?;
+    if let Some(staging) = &staging {
+        staging.stage(&id)?;
+    }
     // The rest of the work, after the write: widens the window between the
     // effect and the done mark that kills and pauses can hit.
     tokio::time::sleep(Duration::from_micros(work.below(1001))).await;

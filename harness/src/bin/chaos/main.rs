@@ -55,6 +55,7 @@
 //!    until a write succeeds, and dead-letter nothing.
 //!
 //!    With `--failover`, a different Redis and one more fault (see below).
+//!    With `--outbox`, the handlers also publish through the outbox (see below).
 //! 5. Stops injecting once everything is published, every enabled fault
 //!    happened at least once and every message is accounted for; waits for
 //!    the queue to drain (no ready message, no handler in flight, nothing
@@ -99,12 +100,33 @@
 //! master is *not* explained (see [`classify`]): without
 //! `IDEMPOTENCY_MIN_REPLICAS` a few may show up, with it there must be none.
 //!
+//! # `--outbox`: what the handlers publish
+//!
+//! The suite also declares `{queue}.downstream`, and the consumers wrap
+//! their handler with `IdempotencyLayer::with_outbox(OutboxPublisher::connect)`
+//! (whose connection goes through the RabbitMQ proxy as well, so `amqp-cut`
+//! cuts it too). Each handler run stages one message for the downstream
+//! queue through the default exchange (body and `x-chaos-id`: the incoming
+//! message's id): a plain message right after its effect; a poison message
+//! before it fails (a failed run must publish nothing); an `s<i>` message
+//! at the end of its work, which on the first run comes after the layer gave
+//! up on the handler, so the outbox refuses it. Under the same faults, the
+//! outbox commits each message's outgoing message with its done mark and
+//! publishes it with `message_id` `{queue}:{id}:0` before the ack.
+//!
+//! At the end the suite empties the downstream queue and counts it by
+//! `message_id`: every plain and `s<i>` message that was not dead-lettered
+//! must have sent exactly its one id (extra copies of an id are the
+//! outbox's at-least-once; they are counted on stderr, not failed), and no
+//! other id may be there.
+//!
 //! # Running it
 //!
 //! ```text
 //! cargo run --release -p harness --bin chaos -- --messages 20000 --duplicates 0.2 --consumers 4 --seed 1
 //! cargo run --release -p harness --bin chaos -- --faults kill,pause --fault-interval-ms 800
 //! cargo run --release -p harness --bin chaos -- --failover --messages 20000 --min-replicas 1
+//! cargo run --release -p harness --bin chaos -- --outbox --seed 1
 //! ```
 //!
 //! Options (defaults in brackets): `--messages N` \[2000\], `--duplicates R`
@@ -115,7 +137,7 @@
 //! \[1500\], `--rate R` \[800 messages/s at most on average; 0 publishes
 //! everything at once\], `--timeout-secs S` \[600, the whole run\], `--keep`
 //! (keep the run directory even when the run passes), `--failover`,
-//! `--min-replicas N` \[0\], `--min-failovers N` \[3\].
+//! `--min-replicas N` \[0\], `--min-failovers N` \[3\], `--outbox`.
 //! `chaos --analyse <run dir>/ledger.log` classifies a kept ledger again.
 //! Environment: `AMQP_URL` (default
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`; start the broker with
@@ -136,7 +158,8 @@
 //!  "faults":{"kills":..,"pauses":..,"redis_restarts":..,"redis_cuts":..,"amqp_cuts":..,
 //!            "redis_ooms":..,"redis_password_flips":..,"redis_readonly":..,
 //!            "handler_timeouts":..,"poison_aborts":..,"failovers":..},
-//!  "overlapping_runs":O,"plain_dead_lettered":P,"min_replicas":M}
+//!  "overlapping_runs":O,"plain_dead_lettered":P,"min_replicas":M,
+//!  "outgoing_expected":OE,"outgoing_distinct":OD,"outgoing_lost":OL}
 //! ```
 //!
 //! - `messages`: `--messages`; `unique`: distinct messages published (plain,
@@ -174,9 +197,17 @@
 //!   published (a message in flight beside it can run out of attempts with
 //!   it); a store fault must never dead-letter one.
 //! - `min_replicas`: the consumers' `IDEMPOTENCY_MIN_REPLICAS`.
+//! - `outgoing_expected` (`--outbox`; `null` without it, like the next two):
+//!   plain and `s<i>` messages not dead-lettered, whose handler succeeded
+//!   and so must have sent one outgoing message.
+//! - `outgoing_distinct`: distinct `message_id`s found downstream. Must
+//!   equal `outgoing_expected`.
+//! - `outgoing_lost`: expected `message_id`s never found downstream. Must be 0.
 //!
 //! Exit status: 0 when `lost`, `unexplained_duplicates`, `overlapping_runs`
-//! and unexplained plain dead letters are 0, 1 when
+//! and unexplained plain dead letters are 0 (and, with `--outbox`,
+//! `outgoing_lost` is 0, `outgoing_distinct` equals `outgoing_expected`
+//! and every downstream message has a `message_id`), 1 when
 //! not, 2 when the suite could not run (e.g. RabbitMQ unreachable). The run
 //! directory (ledger, one log per consumer process, redis log) is printed
 //! and kept when the run fails or with `--keep`. Lines starting with
@@ -215,7 +246,8 @@
 //! - [`consumer`]: what runs inside each of them (`--role consumer`);
 //! - [`faults`]: the fault injectors;
 //! - [`messages`]: what is published, and how fast;
-//! - [`topology`]: the queues, and the dead letters at the end;
+//! - [`topology`]: the queues, and the dead letters (and with `--outbox`
+//!   the downstream messages) at the end;
 //! - [`ledger`]: the ledger, written; [`tally`]: the ledger, read back;
 //! - [`classify`]: duplicate effects, explained or not (and `--analyse`);
 //! - [`report`]: progress lines, the numbers and the JSON line;
@@ -249,7 +281,7 @@ const USAGE: &str = "usage: chaos [--messages N] [--duplicates R] [--consumers C
              [--poison F] [--no-fingerprint F]
              [--faults kill,pause,redis-restart,redis-cut,amqp-cut,redis-oom,redis-password,
                        redis-readonly,handler-timeout,poison-abort|none]
-             [--fault-interval-ms MS] [--rate R] [--timeout-secs S] [--keep]
+             [--fault-interval-ms MS] [--rate R] [--timeout-secs S] [--keep] [--outbox]
        chaos --failover [--min-replicas 0|1] [--min-failovers N]
              [--faults failover,kill,pause,amqp-cut,handler-timeout,poison-abort] [...]
        chaos --analyse <run dir>/ledger.log

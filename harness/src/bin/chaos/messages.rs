@@ -17,7 +17,7 @@ use crate::options::Options;
 use crate::rng::SplitMix;
 
 /// Header naming each message for the ledger; not part of the fingerprint.
-const ID_HEADER: &str = "x-chaos-id";
+pub const ID_HEADER: &str = "x-chaos-id";
 
 /// The id the suite gave a message (header, else `message_id`, else `-`).
 pub fn chaos_id(delivery: &Delivery) -> String {

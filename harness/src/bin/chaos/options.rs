@@ -27,6 +27,10 @@ pub struct Options {
     /// With the `failover` fault: the run goes on until this many happened,
     /// and the messages flow over about this many.
     pub min_failovers: usize,
+    /// The handler also stages one outgoing message per incoming one in
+    /// the outbox, to the run's `{queue}.downstream` queue, which is read
+    /// back at the end.
+    pub outbox: bool,
 }
 
 impl Default for Options {
@@ -46,6 +50,7 @@ impl Default for Options {
             failover: false,
             min_replicas: 0,
             min_failovers: 3,
+            outbox: false,
         }
     }
 }
@@ -94,6 +99,7 @@ pub fn parse_options(argv: &[String]) -> Result<Option<Options>, String> {
             }
             "--keep" => options.keep = true,
             "--failover" => options.failover = true,
+            "--outbox" => options.outbox = true,
             "--min-replicas" => min_replicas = Some(parse_int(name, &value()?, 0)?),
             "--min-failovers" => options.min_failovers = parse_int(name, &value()?, 1)?,
             other => return Err(format!("unknown option `{other}`")),

@@ -25,7 +25,7 @@ use crate::report::{Clock, Findings, conclude};
 use crate::rng::SplitMix;
 use crate::supervisor::{CONSUMER_ENV, Consumers};
 use crate::tally::Tally;
-use crate::topology::{Topology, read_dead_letters, ready_count};
+use crate::topology::{Topology, read_dead_letters, read_downstream, ready_count};
 
 pub async fn orchestrate(options: Options) -> Result<bool, String> {
     let clock = Clock::start();
@@ -98,7 +98,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
     let amqp_proxy = Proxy::start(upstream.clone()).await?;
     clock.say(format!("RabbitMQ {upstream} (proxy {})", amqp_proxy.addr()));
 
-    let topology = Topology::new(&run_name);
+    let topology = Topology::new(&run_name, options.outbox);
     topology
         .declare(&admin)
         .await
@@ -140,13 +140,17 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
     let unique = plan.unique();
     let total = plan.publications.len();
     clock.say(format!(
-        "publishing {total} messages to {}: {} plain, {} duplicates, {} poison, {} without fingerprint; {} consumers; faults: {}",
+        "publishing {total} messages to {}: {} plain, {} duplicates, {} poison, {} without fingerprint; {} consumers{}; faults: {}",
         topology.queue,
         plan.plain.len(),
         plan.duplicates,
         plan.poison.len(),
         plan.no_fingerprint.len(),
         options.consumers,
+        match &topology.downstream {
+            Some(queue) => format!(", each handler staging one message for {queue} in the outbox"),
+            None => String::new(),
+        },
         if options.faults.is_empty() {
             "none".to_owned()
         } else {
@@ -167,6 +171,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         ledger: ledger_path.clone(),
         dir: dir.clone(),
         env: env.clone(),
+        outbox: options.outbox,
         slots: (0..options.consumers).map(|_| None).collect(),
         spawned: 0,
     };
@@ -446,6 +451,14 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
     let dead = read_dead_letters(&admin, &topology.dead)
         .await
         .map_err(|err| format!("cannot read the dead-letter queue: {err}"))?;
+    let downstream = match &topology.downstream {
+        Some(queue) => Some(
+            read_downstream(&admin, queue)
+                .await
+                .map_err(|err| format!("cannot read the downstream queue: {err}"))?,
+        ),
+        None => None,
+    };
     topology.delete(&admin).await;
     let _ = connection.close(200, "OK".into()).await;
     drop(amqp_proxy);
@@ -458,6 +471,8 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             injected: &injected,
             tally: &tally,
             dead: &dead,
+            downstream: downstream.as_ref(),
+            scope: &topology.queue,
             left,
             crashes,
             counts,

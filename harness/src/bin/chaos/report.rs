@@ -1,8 +1,9 @@
 //! The report: progress lines on stderr (stamped with the time since the
 //! start), and at the end the numbers (lost messages, duplicate effects and
-//! their explanations, dead letters, faults injected) with the one JSON line
-//! on stdout.
+//! their explanations, dead letters, faults injected, and with `--outbox`
+//! the outgoing messages) with the one JSON line on stdout.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use crate::faults::Fault;
 use crate::messages::{Injected, Plan};
 use crate::options::Options;
 use crate::tally::Tally;
-use crate::topology::DeadLetters;
+use crate::topology::{DeadLetters, Downstream};
 
 /// Progress on stderr, stamped with the time since the start.
 pub struct Clock(Instant);
@@ -35,6 +36,11 @@ pub struct Findings<'a> {
     pub injected: &'a Injected,
     pub tally: &'a Tally,
     pub dead: &'a DeadLetters,
+    /// What the downstream queue held at the end (`--outbox` only).
+    pub downstream: Option<&'a Downstream>,
+    /// The consumers' idempotency scope (the queue): the first part of the
+    /// outbox's `message_id`s.
+    pub scope: &'a str,
     /// Messages still in the queue after the consumers stopped.
     pub left: u32,
     /// Consumer processes that exited on their own.
@@ -56,6 +62,8 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         injected,
         tally,
         dead,
+        downstream,
+        scope,
         left,
         crashes,
         counts,
@@ -104,6 +112,16 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         .collect();
     let overlaps = tally.overlapping_work();
     let duplicates = classify_duplicates(tally);
+    let outgoing = downstream.map(|downstream| {
+        // Every plain and timed-out message that was not dead-lettered had
+        // a handler run that succeeded: exactly one outgoing message each.
+        let must_succeed = plan
+            .plain
+            .iter()
+            .chain(&injected.slow)
+            .filter(|id| !dead.ids.contains_key(*id));
+        Outgoing::count(downstream, scope, must_succeed)
+    });
     let executions = tally.effect_lines + tally.fail_lines;
 
     clock.say(format!(
@@ -205,6 +223,9 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
             duplicates.unmatched, duplicates.unmatched_examples
         ));
     }
+    if let Some(outgoing) = &outgoing {
+        outgoing.say(clock);
+    }
     let unexpected_crashes = crashes.saturating_sub(tally.abort_lines);
     if unexpected_crashes > 0 {
         clock.say(format!(
@@ -215,7 +236,8 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
     let passed = lost_ids.is_empty()
         && duplicates.unexplained == 0
         && overlaps.is_empty()
-        && plain_dead_unexplained.is_empty();
+        && plain_dead_unexplained.is_empty()
+        && outgoing.as_ref().is_none_or(Outgoing::complete);
     if passed && !options.keep && forced.is_empty() {
         let _ = std::fs::remove_dir_all(dir);
     } else {
@@ -231,8 +253,13 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         .map(|f| format!("\"{}\":{}", f.json_name(), counts[f.index()]))
         .collect::<Vec<_>>()
         .join(",");
+    let count = |field: fn(&Outgoing) -> usize| {
+        outgoing
+            .as_ref()
+            .map_or_else(|| "null".to_owned(), |o| field(o).to_string())
+    };
     println!(
-        "{{\"messages\":{},\"unique\":{unique},\"executions\":{executions},\"lost\":{},\"duplicate_effects\":{},\"explained_duplicates\":{},\"unexplained_duplicates\":{},\"dead_lettered\":{},\"faults\":{{{faults}}},\"overlapping_runs\":{},\"plain_dead_lettered\":{},\"min_replicas\":{}}}",
+        "{{\"messages\":{},\"unique\":{unique},\"executions\":{executions},\"lost\":{},\"duplicate_effects\":{},\"explained_duplicates\":{},\"unexplained_duplicates\":{},\"dead_lettered\":{},\"faults\":{{{faults}}},\"overlapping_runs\":{},\"plain_dead_lettered\":{},\"min_replicas\":{},\"outgoing_expected\":{},\"outgoing_distinct\":{},\"outgoing_lost\":{}}}",
         options.messages,
         lost_ids.len(),
         duplicates.total,
@@ -242,6 +269,95 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         overlaps.len(),
         plain_dead.len(),
         options.min_replicas,
+        count(|o| o.expected),
+        count(|o| o.distinct),
+        count(|o| o.lost.len()),
     );
     passed
+}
+
+/// The outgoing messages of an `--outbox` run, counted by `message_id`.
+struct Outgoing {
+    /// Messages whose handler succeeded: each must have sent one.
+    expected: usize,
+    /// Distinct `message_id`s received downstream.
+    distinct: usize,
+    /// Copies received, all ids together.
+    received: usize,
+    /// Expected ids never received.
+    lost: Vec<String>,
+    /// Ids received that no successful handler run staged (a failed run's
+    /// message, or one staged after the handler returned).
+    unexpected: Vec<String>,
+    /// Messages received without a `message_id`.
+    without_id: usize,
+}
+
+impl Outgoing {
+    /// The outbox names the first message a delivery staged
+    /// `{scope}:{fingerprint}:0`; the suite's fingerprint is its id (the
+    /// incoming `message_id`, kept verbatim).
+    fn count<'a>(
+        downstream: &Downstream,
+        scope: &str,
+        must_succeed: impl Iterator<Item = &'a String>,
+    ) -> Self {
+        let expected: HashSet<String> = must_succeed.map(|id| format!("{scope}:{id}:0")).collect();
+        let mut lost: Vec<String> = expected
+            .iter()
+            .filter(|id| !downstream.ids.contains_key(*id))
+            .cloned()
+            .collect();
+        lost.sort();
+        let mut unexpected: Vec<String> = downstream
+            .ids
+            .keys()
+            .filter(|id| !expected.contains(*id))
+            .cloned()
+            .collect();
+        unexpected.sort();
+        Self {
+            expected: expected.len(),
+            distinct: downstream.ids.len(),
+            received: downstream.total,
+            lost,
+            unexpected,
+            without_id: downstream.without_id,
+        }
+    }
+
+    /// Every expected message arrived, and nothing else did.
+    fn complete(&self) -> bool {
+        self.lost.is_empty() && self.distinct == self.expected && self.without_id == 0
+    }
+
+    fn say(&self, clock: &Clock) {
+        clock.say(format!(
+            "outbox: {} messages downstream, {} distinct message ids ({} copies beyond the first), {} expected",
+            self.received,
+            self.distinct,
+            self.received - self.distinct.min(self.received) - self.without_id.min(self.received),
+            self.expected
+        ));
+        if !self.lost.is_empty() {
+            clock.say(format!(
+                "LOST {} outgoing messages, e.g. {:?}",
+                self.lost.len(),
+                &self.lost[..self.lost.len().min(10)]
+            ));
+        }
+        if !self.unexpected.is_empty() {
+            clock.say(format!(
+                "FAILED: {} outgoing messages that no successful handler run staged, e.g. {:?}",
+                self.unexpected.len(),
+                &self.unexpected[..self.unexpected.len().min(10)]
+            ));
+        }
+        if self.without_id > 0 {
+            clock.say(format!(
+                "FAILED: {} downstream messages without a message_id",
+                self.without_id
+            ));
+        }
+    }
 }

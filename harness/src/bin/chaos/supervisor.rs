@@ -43,6 +43,8 @@ pub struct Consumers {
     pub ledger: PathBuf,
     pub dir: PathBuf,
     pub env: Vec<(String, String)>,
+    /// `--outbox`: the consumers' handlers publish through the outbox.
+    pub outbox: bool,
     /// Per slot: the process, its pid and its log file.
     pub slots: Vec<Option<(Child, u32, PathBuf)>>,
     pub spawned: u64,
@@ -60,6 +62,7 @@ impl Consumers {
         command
             .args(["--role", "consumer", "--queue", &self.queue, "--ledger"])
             .arg(&self.ledger)
+            .args(self.outbox.then_some("--outbox"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));

@@ -1,7 +1,8 @@
 //! The queues of a run: the work queue, its dead-letter exchange and
-//! dead-letter queue (declared by the orchestrator and again by each
-//! consumer on every reconnect), how many messages are ready, and what the
-//! dead-letter queue holds at the end.
+//! dead-letter queue, and with `--outbox` the downstream queue the handlers
+//! publish to through the outbox (declared by the orchestrator and again by
+//! each consumer on every reconnect), how many messages are ready, and what
+//! the dead-letter and downstream queues hold at the end.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -16,20 +17,25 @@ use crate::messages::chaos_id;
 /// Queues left behind by an aborted run disappear after an hour unused.
 const QUEUE_EXPIRY_MS: i32 = 3_600_000;
 
-/// The queue, its dead-letter exchange and dead-letter queue.
+/// The queue, its dead-letter exchange and dead-letter queue, and with
+/// `--outbox` the downstream queue.
 #[derive(Clone, Debug)]
 pub struct Topology {
     pub queue: String,
     pub dlx: String,
     pub dead: String,
+    /// `{queue}.downstream`, with `--outbox`: where each handler's outgoing
+    /// message goes (through the default exchange).
+    pub downstream: Option<String>,
 }
 
 impl Topology {
-    pub fn new(queue: &str) -> Self {
+    pub fn new(queue: &str, outbox: bool) -> Self {
         Self {
             queue: queue.to_owned(),
             dlx: format!("{queue}.dlx"),
             dead: format!("{queue}.dead"),
+            downstream: outbox.then(|| format!("{queue}.downstream")),
         }
     }
 
@@ -67,6 +73,17 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        if let Some(downstream) = &self.downstream {
+            // Declared before any consumer consumes: the outbox publishes
+            // with `mandatory`, so an unroutable message would be requeued.
+            channel
+                .queue_declare(
+                    downstream.as_str().into(),
+                    QueueDeclareOptions::default(),
+                    expiry(),
+                )
+                .await?;
+        }
         let mut args = expiry();
         args.insert(
             "x-dead-letter-exchange".into(),
@@ -83,7 +100,14 @@ impl Topology {
     }
 
     pub async fn delete(&self, channel: &Channel) {
-        for queue in [&self.queue, &self.dead] {
+        for queue in [
+            Some(&self.queue),
+            Some(&self.dead),
+            self.downstream.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if let Err(err) = channel
                 .queue_delete(queue.as_str().into(), Default::default())
                 .await
@@ -157,4 +181,30 @@ pub async fn read_dead_letters(
         letters.outcome_of.insert(id, outcome);
     }
     Ok(letters)
+}
+
+/// What the downstream queue held at the end (`--outbox`).
+#[derive(Default)]
+pub struct Downstream {
+    pub total: usize,
+    /// Copies received per `message_id`.
+    pub ids: HashMap<String, usize>,
+    /// Messages that came without a `message_id`.
+    pub without_id: usize,
+}
+
+/// Empties the downstream queue, counting its messages by `message_id`.
+pub async fn read_downstream(channel: &Channel, queue: &str) -> Result<Downstream, lapin::Error> {
+    let mut downstream = Downstream::default();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await?
+    {
+        downstream.total += 1;
+        match message.delivery.properties.message_id() {
+            Some(id) => *downstream.ids.entry(id.as_str().to_owned()).or_default() += 1,
+            None => downstream.without_id += 1,
+        }
+    }
+    Ok(downstream)
 }

@@ -3,7 +3,7 @@
 //!
 //! - `raw_single` (here) and `raw_multi` ([`raw`]): plain lapin consumers;
 //! - [`naive`]: a deadpool-redis connection per command;
-//! - [`ours`]: the crate's runner and layer.
+//! - [`ours`]: the crate's runner and layer (`ours_outbox`: with an outbox).
 
 pub mod naive;
 pub mod ours;
@@ -30,6 +30,9 @@ pub enum Variant {
     RawMulti,
     Naive,
     Ours,
+    /// ours with an outbox: the handler stages one message per delivery
+    /// for a downstream queue.
+    OursOutbox,
     /// Diagnostic, only when asked for: ours over the in-process
     /// `MemoryStore`, to separate the runner and layer from Redis.
     OursMemory,
@@ -42,13 +45,17 @@ impl Variant {
             Self::RawMulti => "raw_multi",
             Self::Naive => "naive",
             Self::Ours => "ours",
+            Self::OursOutbox => "ours_outbox",
             Self::OursMemory => "ours_mem",
         }
     }
 
     /// Whether the variant suppresses duplicates (raw runs every delivery).
     pub fn deduplicates(self) -> bool {
-        matches!(self, Self::Naive | Self::Ours | Self::OursMemory)
+        matches!(
+            self,
+            Self::Naive | Self::Ours | Self::OursOutbox | Self::OursMemory
+        )
     }
 }
 
@@ -145,7 +152,7 @@ pub async fn drain_plain(
                         drop(slot);
                     });
                 }
-                Variant::Ours | Variant::OursMemory => {
+                Variant::Ours | Variant::OursOutbox | Variant::OursMemory => {
                     unreachable!("ours runs through `serve`")
                 }
             }

@@ -1,6 +1,8 @@
-//! `ours` (and `ours_mem`): the crate's [`serve`] runner and
+//! `ours` (and `ours_mem`, `ours_outbox`): the crate's [`serve`] runner and
 //! [`IdempotencyLayer`] with default settings, over a store wrapped to count
-//! calls, and a service wrapper that watches each [`Outcome`].
+//! calls, and a service wrapper that watches each [`Outcome`]. In
+//! `ours_outbox` the layer has an outbox ([`OutboxPublisher::connect`]) and
+//! the handler stages one message per delivery for a downstream queue.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -10,12 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use amqp_idempotency::store::{Expect, Store};
+use amqp_idempotency::outbox::{OutboxDelivery, OutboxPublisher};
+use amqp_idempotency::store::{Expect, OutboxEntry, Store};
 use amqp_idempotency::{
-    BoxError, Config, Disposition, IdempotencyLayer, Outcome, OutcomeKind, ServeOptions,
-    StoreError, serve,
+    BoxError, Config, Disposition, HandlerError, IdempotencyLayer, Outcome, OutcomeKind,
+    ServeOptions, StoreError, serve,
 };
 use harness::amqp::new_channel;
+use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tokio::sync::oneshot;
 use tower::{Layer, Service, service_fn};
@@ -25,11 +29,13 @@ use crate::run::Ctx;
 use crate::stats::{RunStats, latency_start, message_id};
 use crate::variants::consume;
 
-/// A store that counts calls to the four primitives and delegates them.
+/// A store that counts calls to the four primitives (and the three of the
+/// outbox) and delegates them.
 ///
-/// `claim`/`renew`/`complete`/`release` are provided methods of [`Store`]
-/// built on the primitives, and `RedisStore` does one round trip per
-/// primitive, so the count is the number of Redis round trips. If the
+/// `claim`/`renew`/`complete`/`release` (and `complete_with_outbox`) are
+/// provided methods of [`Store`] built on the primitives, and `RedisStore`
+/// does one round trip per primitive, so the count is the number of Redis
+/// round trips. If the
 /// library ever overrides a provided method in `RedisStore` (a pipelined
 /// claim, say), this wrapper must delegate that method too, or the benchmark
 /// would measure the provided fallback instead of the override.
@@ -74,6 +80,31 @@ impl<S: Store> Store for CountingStore<S> {
     async fn probe(&self, key: &str) -> Result<(), StoreError> {
         self.tick();
         self.inner.probe(key).await
+    }
+
+    async fn commit_outbox(
+        &self,
+        key: &str,
+        from: Expect<'_>,
+        to: &[u8],
+        ttl: Duration,
+        outbox_key: &str,
+        entries: &[OutboxEntry],
+    ) -> Result<bool, StoreError> {
+        self.tick();
+        self.inner
+            .commit_outbox(key, from, to, ttl, outbox_key, entries)
+            .await
+    }
+
+    async fn outbox(&self, outbox_key: &str) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.tick();
+        self.inner.outbox(outbox_key).await
+    }
+
+    async fn outbox_remove(&self, outbox_key: &str, fields: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.tick();
+        self.inner.outbox_remove(outbox_key, fields).await
     }
 }
 
@@ -135,34 +166,81 @@ where
 }
 
 /// ours: the crate's runner and layer, default settings, over `store`.
+/// With `downstream` (ours_outbox), the layer has an outbox on a connection
+/// of its own to the broker, and the handler stages one message (the
+/// incoming body, transient) for `downstream` through the default exchange.
 pub async fn drain_ours<S: Store>(
     ctx: &Ctx,
     store: S,
     queue: &str,
     key_prefix: &str,
+    downstream: Option<&str>,
     stats: &Arc<RunStats>,
     ready: oneshot::Sender<()>,
 ) -> Result<Measured, String> {
     let config = Config::default()
         .prefetch(ctx.options.prefetch)
-        .key_prefix(key_prefix);
+        .key_prefix(key_prefix)
+        .amqp_url(ctx.options.amqp_url.as_str());
     let store = CountingStore {
         inner: store,
         stats: Arc::clone(stats),
     };
-    let layer = IdempotencyLayer::new(store, queue, config)
+    let layer = IdempotencyLayer::new(store, queue, config.clone())
         .map_err(|err| format!("cannot build the idempotency layer: {err}"))?;
     let handler_stats = Arc::clone(stats);
-    let handler = service_fn(move |delivery: Delivery| {
-        let stats = Arc::clone(&handler_stats);
-        let id = message_id(&delivery);
-        async move {
-            stats.handle(id).await;
-            Ok::<_, Infallible>(())
+    match downstream {
+        None => {
+            let handler = service_fn(move |delivery: Delivery| {
+                let stats = Arc::clone(&handler_stats);
+                let id = message_id(&delivery);
+                async move {
+                    stats.handle(id).await;
+                    Ok::<_, Infallible>(())
+                }
+            });
+            serve_observed(ctx, layer.layer(handler), queue, stats, ready).await
         }
-    });
+        Some(downstream) => {
+            let downstream: Arc<str> = downstream.into();
+            let handler = service_fn(move |incoming: OutboxDelivery| {
+                let stats = Arc::clone(&handler_stats);
+                let downstream = Arc::clone(&downstream);
+                async move {
+                    let OutboxDelivery { delivery, outbox } = incoming;
+                    stats.handle(message_id(&delivery)).await;
+                    outbox.publish(
+                        "",
+                        &downstream,
+                        BasicProperties::default().with_delivery_mode(1),
+                        delivery.data,
+                    )?;
+                    Ok::<_, HandlerError>(())
+                }
+            });
+            let idempotent = layer
+                .with_outbox(OutboxPublisher::connect(&config))
+                .layer(handler);
+            serve_observed(ctx, idempotent, queue, stats, ready).await
+        }
+    }
+}
+
+/// Runs `idempotent` (the layer around the handler) under the crate's
+/// runner on `queue`, watching each outcome, until every message is settled.
+async fn serve_observed<Svc>(
+    ctx: &Ctx,
+    idempotent: Svc,
+    queue: &str,
+    stats: &Arc<RunStats>,
+    ready: oneshot::Sender<()>,
+) -> Result<Measured, String>
+where
+    Svc: Service<Delivery, Response = Outcome, Error = BoxError> + Send + 'static,
+    Svc::Future: Send + 'static,
+{
     let service = Observe {
-        inner: layer.layer(handler),
+        inner: idempotent,
         stats: Arc::clone(stats),
     };
     let waiter = Arc::clone(stats);
