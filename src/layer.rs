@@ -40,7 +40,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, StoreFailurePolicy};
 use crate::error::{BoxError, ConfigError, FailureKind, HandlerError};
-use crate::fingerprint::{Fingerprint, MessageIdOrBodyHash, companion_key};
+use crate::fingerprint::{Fingerprint, MessageIdOrBodyHash};
 use crate::guard::{Begin, ClaimGuard, Deduplicator, Skip};
 use crate::outbox::{Mode, Outbox, OutboxLayer, OutboxPublisher, Plain, ReplyTarget};
 use crate::outcome::{Disposition, Outcome, OutcomeKind};
@@ -390,11 +390,10 @@ where
         (Ok(()), Some(Ok(entries))) => (Ok(()), entries),
         (result, _) => (result, Vec::new()),
     };
-    match result {
-        Ok(()) if !entries.is_empty() => {
-            let Some(publisher) = mode.publisher() else {
-                return Outcome::new(OutcomeKind::Processed, attempt);
-            };
+    match (result, mode.publisher()) {
+        // With an outbox, even an empty one commits through the outbox
+        // script, which also clears what an earlier, forgotten run left.
+        (Ok(()), Some(publisher)) => {
             commit_and_dispatch(
                 dedup,
                 publisher,
@@ -405,7 +404,7 @@ where
             )
             .await
         }
-        Ok(()) => match complete_until_answered(&mut guard, None).await {
+        (Ok(()), None) => match complete_until_answered(&mut guard, None).await {
             Ok(true) if !run.lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
             Err(err) => {
                 tracing::error!(error = %err, "handler succeeded but the store refused the done mark: acking (the effect happened); a later duplicate may run again");
@@ -413,7 +412,7 @@ where
             }
             Ok(_) => lease_lost(attempt),
         },
-        Err(failure) => {
+        (Err(failure), _) => {
             if run.timed_out {
                 // Its work may still run (a spawned task, a request already
                 // sent): keep the claim, unrenewed, until its lease ends, so
@@ -444,9 +443,6 @@ fn request<M: Mode>(config: &Config, mode: &M, delivery: Delivery) -> (M::Reques
     (M::request(delivery, outbox.clone()), outbox)
 }
 
-/// The companion key of a record that holds its outbox.
-const OUTBOX_SUFFIX: &str = "outbox";
-
 /// Commits the done mark with the staged messages, publishes them, marks
 /// the confirmed ones dispatched, and says whether the message may be acked.
 async fn commit_and_dispatch<St: Store, F: Fingerprint>(
@@ -458,7 +454,7 @@ async fn commit_and_dispatch<St: Store, F: Fingerprint>(
     lease_was_lost: bool,
 ) -> Outcome {
     let attempt = guard.attempt();
-    let outbox_key = companion_key(guard.key(), OUTBOX_SUFFIX);
+    let outbox_key = crate::outbox::outbox_key(guard.key());
     let fingerprint = guard.fingerprint().to_owned();
     publisher
         .checkpoint(crate::outbox::Checkpoint::BeforeCommit)
@@ -468,10 +464,11 @@ async fn commit_and_dispatch<St: Store, F: Fingerprint>(
         Ok(false) => {
             // Another consumer holds the record: its run commits its own
             // outbox; publishing ours too would send the effect twice.
-            tracing::warn!(
-                staged = entries.len(),
-                "lease lost while the handler ran: its outbox is not committed and nothing it staged is published; the consumer that took the message over publishes its own"
-            );
+            if !entries.is_empty() {
+                tracing::warn!(
+                    "lease lost while the handler ran: its outbox is not committed and nothing it staged is published; the consumer that took the message over publishes its own"
+                );
+            }
             return Outcome::new(OutcomeKind::LeaseLost, attempt);
         }
         Err(err) => {
@@ -486,8 +483,10 @@ async fn commit_and_dispatch<St: Store, F: Fingerprint>(
     publisher
         .checkpoint(crate::outbox::Checkpoint::Committed)
         .await;
-    let ready = crate::outbox::ready(entries, dedup.scope(), &fingerprint, &target);
-    match dispatch(dedup, publisher, &outbox_key, ready, false).await {
+    // Our own entries, just encoded: they always read back.
+    let ready =
+        crate::outbox::ready(entries, dedup.scope(), &fingerprint, &target).unwrap_or_default();
+    match dispatch_until_sent(dedup, publisher, &outbox_key, ready, false).await {
         Err(problem) => Outcome::requeue(
             OutcomeKind::Undispatched,
             attempt,
@@ -499,39 +498,62 @@ async fn commit_and_dispatch<St: Store, F: Fingerprint>(
     }
 }
 
-/// Publishes `ready` and marks what the broker confirmed dispatched.
-/// `Err` says why something was not confirmed.
-async fn dispatch<St: Store, F: Fingerprint>(
+/// Publishes `ready`, marks what the broker confirmed dispatched, and
+/// tries again what it did not confirm, holding the delivery (as a store
+/// outage does: a requeue would count against a quorum queue's delivery
+/// limit) for up to half of RabbitMQ's consumer timeout. `Err` says why
+/// something is still not confirmed then, or when the runner stops.
+async fn dispatch_until_sent<St: Store, F: Fingerprint>(
     dedup: &Deduplicator<St, F>,
     publisher: &OutboxPublisher,
     outbox_key: &str,
-    ready: Vec<crate::outbox::Ready>,
+    mut ready: Vec<crate::outbox::Ready>,
     again: bool,
 ) -> Result<(), String> {
-    let dispatched = publisher.dispatch(ready).await;
-    let sent = dispatched.confirmed.len();
-    crate::metrics::outbox_dispatched(sent, if again { sent } else { 0 });
-    publisher
-        .checkpoint(crate::outbox::Checkpoint::Published)
-        .await;
-    if !dispatched.confirmed.is_empty()
-        && let Err(err) = dedup
-            .store()
-            .outbox_remove(outbox_key, &dispatched.confirmed)
-            .await
-    {
-        // Harmless: a duplicate sends them again, with the same message_id.
-        tracing::warn!(error = %err, "could not mark outbox messages dispatched; a duplicate would send them again");
-    }
-    publisher
-        .checkpoint(crate::outbox::Checkpoint::Marked)
-        .await;
-    match dispatched.problem {
-        Some(problem) => {
-            tracing::warn!(%problem, unconfirmed = true, "not every outbox message was confirmed: requeueing; the redelivered copy sends the rest");
-            Err(problem)
+    let hold_until = Instant::now() + dedup.config().consumer_timeout / 2;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let dispatched = publisher.dispatch(&ready).await;
+        let sent = dispatched.confirmed.len();
+        crate::metrics::outbox_dispatched(sent, if again { sent } else { 0 });
+        publisher
+            .checkpoint(crate::outbox::Checkpoint::Published)
+            .await;
+        if !dispatched.confirmed.is_empty()
+            && let Err(err) = dedup
+                .store()
+                .outbox_remove(outbox_key, &dispatched.confirmed)
+                .await
+        {
+            // Harmless: a duplicate sends them again, with the same message_id.
+            tracing::warn!(error = %err, "could not mark outbox messages dispatched; a duplicate would send them again");
         }
-        None => Ok(()),
+        publisher
+            .checkpoint(crate::outbox::Checkpoint::Marked)
+            .await;
+        let Some(problem) = dispatched.problem else {
+            return Ok(());
+        };
+        ready.retain(|ready| {
+            if ready.is_reply() {
+                !dispatched.reply_sent
+            } else {
+                !dispatched
+                    .confirmed
+                    .iter()
+                    .any(|field| field == ready.field())
+            }
+        });
+        if Instant::now() + delay >= hold_until {
+            tracing::error!(%problem, "outbox messages still not confirmed: requeueing; the redelivered copy sends them");
+            return Err(problem);
+        }
+        tracing::warn!(%problem, left = ready.len(), retry_in = ?delay, "not every outbox message was confirmed: holding the message and trying again");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = crate::runner::runner_stopping() => return Err(problem),
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -544,11 +566,13 @@ async fn finish_duplicate<St: Store, F: Fingerprint>(
     target: &ReplyTarget,
 ) -> Outcome {
     let config = dedup.config();
-    let outbox_key = companion_key(&dedup.key(fingerprint), OUTBOX_SUFFIX);
+    let outbox_key = crate::outbox::outbox_key(&dedup.key(fingerprint));
     // A copy that arrives while the first run is still dispatching (a
     // double click) waits for it, up to IDEMPOTENCY_IN_PROGRESS_WAIT after
-    // the commit, instead of sending everything a second time; past that,
-    // the first run is taken to have died, and what is left is sent.
+    // the commit (and never longer than that from now), instead of sending
+    // everything a second time; past that, the first run is taken to have
+    // died, and what is left is sent.
+    let wait_until = Instant::now() + config.in_progress_wait;
     let mut delay = Duration::from_millis(10);
     let entries = loop {
         let entries = match dedup.store().outbox(&outbox_key).await {
@@ -559,24 +583,34 @@ async fn finish_duplicate<St: Store, F: Fingerprint>(
                     .because(err.to_string());
             }
             Err(err) => {
-                tracing::error!(error = %err, "duplicate of a processed message whose outbox cannot be read: acked without sending it");
-                return Outcome::new(OutcomeKind::Duplicate, 0);
+                tracing::error!(error = %err, "duplicate of a processed message whose outbox the store refuses to read: dead-lettered, so that nothing it holds is lost");
+                return Outcome::new(OutcomeKind::StoreRefused, 0)
+                    .because(format!("its outbox cannot be read: {err}"));
             }
         };
-        let since_commit = crate::outbox::since_commit(&entries);
-        match since_commit {
-            Some(age) if crate::outbox::undispatched(&entries) && age < config.in_progress_wait => {
-                let wait = delay.min(config.in_progress_wait - age);
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = crate::runner::runner_stopping() => break entries,
-                }
-                delay = (delay * 2).min(Duration::from_millis(200));
+        let now = Instant::now();
+        let committed_recently =
+            crate::outbox::since_commit(&entries).is_some_and(|age| age < config.in_progress_wait);
+        if !(crate::outbox::undispatched(&entries) && committed_recently && now < wait_until) {
+            break entries;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay.min(wait_until - now)) => {}
+            () = crate::runner::runner_stopping() => {
+                // The first run may still be sending: let the broker
+                // deliver this copy again rather than send it all twice.
+                return Outcome::requeue(OutcomeKind::InProgressElsewhere, 0, Duration::ZERO);
             }
-            _ => break entries,
+        }
+        delay = (delay * 2).min(Duration::from_millis(200));
+    };
+    let ready = match crate::outbox::ready(entries, dedup.scope(), fingerprint, target) {
+        Ok(ready) => ready,
+        Err(problem) => {
+            tracing::error!(%problem, "duplicate of a processed message whose outbox this version cannot read: dead-lettered, so that nothing it holds is lost");
+            return Outcome::new(OutcomeKind::UnrecognizedRecord, 0).because(problem);
         }
     };
-    let ready = crate::outbox::ready(entries, dedup.scope(), fingerprint, target);
     if ready.is_empty() {
         return skipped(config, Skip::Done);
     }
@@ -586,7 +620,7 @@ async fn finish_duplicate<St: Store, F: Fingerprint>(
         replies,
         "duplicate of a processed message: sending what its outbox still holds"
     );
-    match dispatch(dedup, publisher, &outbox_key, ready, true).await {
+    match dispatch_until_sent(dedup, publisher, &outbox_key, ready, true).await {
         Ok(()) => {
             for _ in 0..replies {
                 crate::metrics::reply_resent();
@@ -889,8 +923,9 @@ where
                 return Outcome::new(OutcomeKind::Unprotected, attempt);
             };
             let base = fingerprint.unwrap_or_else(|| crate::store::Token::new().to_string());
-            let ready = crate::outbox::ready(entries, dedup.scope(), &base, &target);
-            let dispatched = publisher.dispatch(ready).await;
+            let ready =
+                crate::outbox::ready(entries, dedup.scope(), &base, &target).unwrap_or_default();
+            let dispatched = publisher.dispatch(&ready).await;
             crate::metrics::outbox_dispatched(dispatched.confirmed.len(), 0);
             match dispatched.problem {
                 Some(problem) => Err(HandlerError::retryable(format!(

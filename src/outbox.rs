@@ -36,7 +36,7 @@
 //!
 //! 1. **Commit.** When the handler succeeded, its done mark and the staged
 //!    messages are written in one atomic step (a script over the record's
-//!    key and its companion `{record key}:outbox`, which share a hash tag,
+//!    key and its companion [`outbox_key`], which share a hash tag,
 //!    so it holds on a Redis Cluster too). A handler that failed or timed
 //!    out commits nothing, and nothing it staged is ever published.
 //! 2. **Dispatch.** The messages are published on a confirm-mode channel,
@@ -46,7 +46,8 @@
 //!    confirms them, they are marked dispatched (their bodies are dropped
 //!    from the outbox).
 //! 3. **Ack.** Only then is the incoming message acked. When a message was
-//!    not confirmed, the incoming one is requeued
+//!    not confirmed, the incoming one is held and what is left sent again,
+//!    for up to half of `IDEMPOTENCY_CONSUMER_TIMEOUT`, then requeued
 //!    ([`OutcomeKind::Undispatched`](crate::OutcomeKind::Undispatched)).
 //!
 //! A duplicate of a done message dispatches what its outbox still holds
@@ -363,14 +364,22 @@ impl ReplyTarget {
     }
 }
 
-/// The broker side of the outbox: a channel in confirm mode.
+/// The broker side of the outbox: channels in confirm mode.
 ///
+/// Each dispatch takes a channel of its own from a small pool, so that a
+/// message the broker returns as unroutable is told apart by its
+/// `message_id`, and a channel the broker closes (a publish to a missing
+/// exchange) fails only the dispatch that used it.
 /// [`connect`](Self::connect) opens a connection of its own (from
-/// `AMQP_URL`, with `AMQP_TLS_*`) at the first dispatch and opens it again
-/// after a failure; [`new`](Self::new) uses a channel you manage.
+/// `AMQP_URL`, with `AMQP_TLS_*`) at the first dispatch and again after a
+/// failure; [`new`](Self::new) opens its channels on a connection you
+/// manage.
 pub struct OutboxPublisher {
     source: Source,
-    open: tokio::sync::Mutex<Option<Open>>,
+    /// The publisher's own connection ([`OutboxPublisher::connect`]).
+    connection: tokio::sync::Mutex<Option<Connection>>,
+    /// Channels in confirm mode, waiting for the next dispatch.
+    idle: Mutex<Vec<Channel>>,
     confirm_timeout: Duration,
     halt: Option<(Checkpoint, Arc<tokio::sync::Notify>)>,
 }
@@ -391,20 +400,14 @@ pub enum Checkpoint {
 }
 
 enum Source {
-    Channel(Channel),
+    Connection(Box<Connection>),
     Connect(Box<Config>),
-}
-
-struct Open {
-    channel: Channel,
-    /// The publisher's own connection ([`OutboxPublisher::connect`]).
-    connection: Option<Connection>,
 }
 
 impl std::fmt::Debug for OutboxPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let source = match &self.source {
-            Source::Channel(_) => "a given channel",
+            Source::Connection(_) => "a given connection",
             Source::Connect(_) => "its own connection",
         };
         f.debug_struct("OutboxPublisher")
@@ -414,42 +417,45 @@ impl std::fmt::Debug for OutboxPublisher {
     }
 }
 
-/// How a dispatch of one outbox went.
+/// How a dispatch went.
 #[derive(Debug, Default)]
 pub(crate) struct Dispatched {
-    /// Message fields the broker confirmed: marked dispatched.
+    /// Message fields the broker confirmed: to be marked dispatched.
     pub(crate) confirmed: Vec<Vec<u8>>,
+    /// The reply was confirmed (or came back unroutable: its requester is gone).
+    pub(crate) reply_sent: bool,
     /// Why some were not, when some were not.
     pub(crate) problem: Option<String>,
 }
 
 impl OutboxPublisher {
-    /// Publishes on `channel` (put in confirm mode at the first dispatch).
-    /// When it closes, dispatches fail (their incoming messages are
-    /// requeued) until you give the layer another publisher; prefer
-    /// [`connect`](Self::connect), which reconnects.
-    pub fn new(channel: Channel) -> Self {
-        Self {
-            source: Source::Channel(channel),
-            open: tokio::sync::Mutex::new(None),
-            confirm_timeout: Duration::from_secs(5),
-            halt: None,
-        }
+    /// Publishes on channels of `connection` (opened as needed, in confirm
+    /// mode). When the connection closes, dispatches fail (their incoming
+    /// messages are held, then requeued) until you give the layer another
+    /// publisher; prefer [`connect`](Self::connect), which reconnects.
+    pub fn new(connection: Connection) -> Self {
+        Self::with_source(Source::Connection(Box::new(connection)))
     }
 
     /// Publishes on a connection of its own to `config`'s broker, opened
     /// at the first dispatch and again after a failure.
     pub fn connect(config: &Config) -> Self {
+        Self::with_source(Source::Connect(Box::new(config.clone())))
+    }
+
+    fn with_source(source: Source) -> Self {
         Self {
-            source: Source::Connect(Box::new(config.clone())),
-            open: tokio::sync::Mutex::new(None),
+            source,
+            connection: tokio::sync::Mutex::new(None),
+            idle: Mutex::new(Vec::new()),
             confirm_timeout: Duration::from_secs(5),
             halt: None,
         }
     }
 
-    /// How long to wait for the broker's confirms (default 5s); unconfirmed
-    /// messages are sent again by the redelivered copy.
+    /// How long each step with the broker may take (connecting, opening a
+    /// channel, publishing, the confirms; default 5s). Messages not
+    /// confirmed in time are sent again, with the same `message_id`.
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
@@ -474,82 +480,101 @@ impl OutboxPublisher {
         }
     }
 
-    async fn channel(&self) -> Result<Channel, String> {
-        let mut open = self.open.lock().await;
-        if let Some(current) = open.as_ref()
-            && current.channel.status().connected()
-        {
-            return Ok(current.channel.clone());
+    /// `step` within the confirm timeout, or an error naming `what`.
+    async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        step: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.confirm_timeout, step).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(format!("{what} failed: {err}")),
+            Err(_) => Err(format!(
+                "{what} took longer than {:?}",
+                self.confirm_timeout
+            )),
         }
-        // A channel the broker closed (a publish to a missing exchange, say)
-        // is replaced on the same connection while that one is up.
-        let connection = open
-            .take()
-            .and_then(|old| old.connection)
-            .filter(|connection| connection.status().connected());
-        let (channel, connection) = match (&self.source, connection) {
-            (Source::Channel(channel), _) => {
-                if !channel.status().connected() {
-                    return Err(
-                        "the outbox's channel is closed (give OutboxPublisher::connect a config to reconnect by itself)"
-                            .into(),
-                    );
-                }
-                (channel.clone(), None)
+    }
+
+    /// A channel in confirm mode for one dispatch: an idle one, or a new one.
+    async fn checkout(&self) -> Result<Channel, String> {
+        loop {
+            let idle = self
+                .idle
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .pop();
+            match idle {
+                Some(channel) if channel.status().connected() => return Ok(channel),
+                Some(_) => {}
+                None => break,
             }
-            (Source::Connect(config), connection) => {
-                let connection = match connection {
-                    Some(connection) => connection,
-                    None => crate::amqp::connect(config, ConnectionProperties::default())
-                        .await
-                        .map_err(|err| format!("cannot connect the outbox publisher: {err}"))?,
+        }
+        let channel = match &self.source {
+            Source::Connection(connection) => {
+                self.bounded("opening an outbox channel", connection.create_channel())
+                    .await?
+            }
+            Source::Connect(config) => {
+                // One connection attempt at a time; bounded, so a broker
+                // that does not answer holds nobody for long.
+                let mut open = self.connection.lock().await;
+                let connection = match open.take() {
+                    Some(connection) if connection.status().connected() => connection,
+                    _ => {
+                        self.bounded(
+                            "connecting the outbox publisher",
+                            crate::amqp::connect(config, ConnectionProperties::default()),
+                        )
+                        .await?
+                    }
                 };
-                let channel = connection
-                    .create_channel()
-                    .await
-                    .map_err(|err| format!("cannot open the outbox publisher's channel: {err}"))?;
-                (channel, Some(connection))
+                let channel = self
+                    .bounded("opening an outbox channel", connection.create_channel())
+                    .await;
+                *open = Some(connection);
+                channel?
             }
         };
-        let confirm = channel.confirm_select(ConfirmSelectOptions::default());
-        match tokio::time::timeout(self.confirm_timeout, confirm).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                return Err(format!(
-                    "cannot put the outbox channel in confirm mode: {err}"
-                ));
-            }
-            Err(_) => return Err("confirm.select was not answered in time".into()),
-        }
-        *open = Some(Open {
-            channel: channel.clone(),
-            connection,
-        });
+        self.bounded(
+            "putting the outbox channel in confirm mode",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         Ok(channel)
     }
 
-    /// Drops a channel that failed, so that the next dispatch opens
-    /// another (and closes it, to be sure it is not left half-open).
-    async fn forget(&self, channel: &Channel) {
-        let open = self.open.lock().await;
-        if open
-            .as_ref()
-            .is_some_and(|current| current.channel.id() == channel.id())
-        {
-            let _ = channel.close(200, "OK".into()).await;
+    /// Gives a channel back after a dispatch that went cleanly.
+    fn checkin(&self, channel: Channel) {
+        if channel.status().connected() {
+            self.idle
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(channel);
         }
     }
 
-    /// Publishes `messages` (field, message, `message_id`) in order, then
-    /// awaits their confirms. A message the broker returns as unroutable
-    /// is not confirmed (its incoming message is requeued); a reply that
-    /// comes back is only logged (its requester is gone).
-    pub(crate) async fn dispatch(&self, messages: Vec<Ready>) -> Dispatched {
+    /// Closes a channel after a dispatch that did not go cleanly (it may
+    /// hold confirms or returns that belong to nobody now).
+    fn discard(&self, channel: Channel) {
+        if channel.status().connected() {
+            let timeout = self.confirm_timeout;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(timeout, channel.close(200, "OK".into())).await;
+            });
+        }
+    }
+
+    /// Publishes `messages` in order on a channel of their own, then awaits
+    /// their confirms. A message the broker returns as unroutable (told by
+    /// its `message_id`) is not confirmed; a reply that comes back is only
+    /// logged (its requester is gone).
+    pub(crate) async fn dispatch(&self, messages: &[Ready]) -> Dispatched {
         let mut dispatched = Dispatched::default();
         if messages.is_empty() {
             return dispatched;
         }
-        let channel = match self.channel().await {
+        let channel = match self.checkout().await {
             Ok(channel) => channel,
             Err(problem) => {
                 dispatched.problem = Some(problem);
@@ -561,60 +586,95 @@ impl OutboxPublisher {
             ..BasicPublishOptions::default()
         };
         let mut pending = Vec::with_capacity(messages.len());
+        let mut clean = true;
         for ready in messages {
-            let published = channel
-                .basic_publish(
-                    ready.message.exchange.as_str().into(),
-                    ready.message.routing_key.as_str().into(),
-                    options,
-                    &ready.message.body,
-                    ready.message.properties,
+            let published = self
+                .bounded(
+                    "publishing",
+                    channel.basic_publish(
+                        ready.message.exchange.as_str().into(),
+                        ready.message.routing_key.as_str().into(),
+                        options,
+                        &ready.message.body,
+                        ready.message.properties.clone(),
+                    ),
                 )
                 .await;
             match published {
-                Ok(confirm) => pending.push((ready.field, ready.reply, confirm)),
-                Err(err) => {
-                    dispatched.problem = Some(format!("publishing failed: {err}"));
-                    self.forget(&channel).await;
+                Ok(confirm) => pending.push((ready, confirm)),
+                Err(problem) => {
+                    dispatched.problem = Some(problem);
+                    clean = false;
                     break;
                 }
             }
         }
         let timeout = self.confirm_timeout;
-        let confirms = pending
-            .into_iter()
-            .map(|(field, reply, confirm)| async move {
-                (field, reply, tokio::time::timeout(timeout, confirm).await)
-            });
-        for (field, reply, answer) in futures_util::future::join_all(confirms).await {
-            let problem = match answer {
-                Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => None,
-                Ok(Ok(Confirmation::Ack(Some(returned)))) if reply => {
-                    tracing::warn!(reply_to = %returned.routing_key, "the reply could not be routed (is the requester gone?): dropped");
-                    crate::metrics::outbox_unroutable();
-                    None
+        let confirms = pending.into_iter().map(|(ready, confirm)| async move {
+            (ready, tokio::time::timeout(timeout, confirm).await)
+        });
+        let answers = futures_util::future::join_all(confirms).await;
+        // Returns are not tied to the confirm that carries them: gather
+        // them all and match them by message_id.
+        let mut returned = Vec::new();
+        let mut acked = Vec::with_capacity(answers.len());
+        for (ready, answer) in answers {
+            match answer {
+                Ok(Ok(Confirmation::Ack(back))) => {
+                    returned.extend(back.and_then(|back| back.properties.message_id().clone()));
+                    acked.push(ready);
                 }
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                    crate::metrics::outbox_unroutable();
-                    Some(format!(
-                        "the broker could not route a message to exchange `{}` with routing key `{}` (is a queue bound?)",
-                        returned.exchange, returned.routing_key
-                    ))
+                Ok(Ok(Confirmation::NotRequested)) => acked.push(ready),
+                Ok(Ok(Confirmation::Nack(back))) => {
+                    returned.extend(back.and_then(|back| back.properties.message_id().clone()));
+                    dispatched
+                        .problem
+                        .get_or_insert_with(|| "the broker refused a message (nack)".into());
                 }
-                Ok(Ok(Confirmation::Nack(_))) => Some("the broker refused a message (nack)".into()),
                 Ok(Err(err)) => {
-                    self.forget(&channel).await;
-                    Some(format!("no confirm: {err}"))
+                    clean = false;
+                    dispatched
+                        .problem
+                        .get_or_insert_with(|| format!("no confirm: {err}"));
                 }
-                Err(_) => Some(format!("no confirm within {timeout:?}")),
-            };
-            match problem {
-                None if !reply => dispatched.confirmed.push(field),
-                None => {}
-                Some(problem) => {
-                    dispatched.problem.get_or_insert(problem);
+                Err(_) => {
+                    clean = false;
+                    dispatched
+                        .problem
+                        .get_or_insert_with(|| format!("no confirm within {timeout:?}"));
                 }
             }
+        }
+        for ready in acked {
+            let came_back = ready
+                .message
+                .properties
+                .message_id()
+                .as_ref()
+                .is_some_and(|id| returned.contains(id));
+            match (came_back, ready.reply) {
+                (false, false) => dispatched.confirmed.push(ready.field.clone()),
+                (false, true) => dispatched.reply_sent = true,
+                (true, true) => {
+                    tracing::warn!(reply_to = %ready.message.routing_key, "the reply could not be routed (is the requester gone?): dropped");
+                    crate::metrics::outbox_unroutable();
+                    dispatched.reply_sent = true;
+                }
+                (true, false) => {
+                    crate::metrics::outbox_unroutable();
+                    dispatched.problem.get_or_insert_with(|| {
+                        format!(
+                            "the broker could not route a message to exchange `{}` with routing key `{}` (is a queue bound?)",
+                            ready.message.exchange, ready.message.routing_key
+                        )
+                    });
+                }
+            }
+        }
+        if clean {
+            self.checkin(channel);
+        } else {
+            self.discard(channel);
         }
         dispatched
     }
@@ -622,6 +682,7 @@ impl OutboxPublisher {
 
 /// A message on its way: its outbox field, whether it is the reply, and
 /// the message with its `message_id` (and, for the reply, its target).
+#[derive(Debug)]
 pub(crate) struct Ready {
     field: Vec<u8>,
     reply: bool,
@@ -632,38 +693,39 @@ impl Ready {
     pub(crate) fn is_reply(&self) -> bool {
         self.reply
     }
+
+    pub(crate) fn field(&self) -> &[u8] {
+        &self.field
+    }
 }
 
 /// The messages of an outbox to send now, for the delivery of `fingerprint`
-/// in `scope`: every message still there, and the reply when `target`
-/// has a `reply_to`. Entries that do not decode are logged and skipped.
+/// in `scope`: every message still there, in the order staged, then the
+/// reply when `target` has a `reply_to`. `Err` names an entry this version
+/// cannot read (written by a newer one, say).
 pub(crate) fn ready(
     entries: Vec<OutboxEntry>,
     scope: &str,
     fingerprint: &str,
     target: &ReplyTarget,
-) -> Vec<Ready> {
+) -> Result<Vec<Ready>, String> {
     let mut ready = Vec::with_capacity(entries.len());
     for (field, value) in entries {
         if field == COMMITTED_FIELD {
             continue;
         }
-        let Some(mut message) = decode(&value) else {
-            tracing::error!(field = %String::from_utf8_lossy(&field), "an outbox entry this version cannot read: not sent");
-            continue;
-        };
         let reply = field == REPLY_FIELD;
-        let tail = if reply {
-            "reply".to_owned()
-        } else {
-            match field
-                .strip_prefix(b"m")
-                .and_then(|n| std::str::from_utf8(n).ok())
-            {
-                Some(position) => position.to_owned(),
-                None => continue,
-            }
+        let position = field
+            .strip_prefix(b"m")
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .and_then(|n| n.parse::<usize>().ok());
+        let (Some(mut message), true) = (decode(&value), reply || position.is_some()) else {
+            return Err(format!(
+                "the outbox entry `{}` is in a format this version cannot read: run the version that wrote it",
+                String::from_utf8_lossy(&field)
+            ));
         };
+        let tail = position.map_or_else(|| "reply".to_owned(), |n| n.to_string());
         message.properties =
             message
                 .properties
@@ -680,13 +742,29 @@ pub(crate) fn ready(
                     .with_correlation_id(correlation_id.clone());
             }
         }
-        ready.push(Ready {
-            field,
-            reply,
-            message,
-        });
+        ready.push((
+            position.unwrap_or(usize::MAX),
+            Ready {
+                field,
+                reply,
+                message,
+            },
+        ));
     }
-    ready
+    ready.sort_by_key(|(position, _)| *position);
+    Ok(ready.into_iter().map(|(_, ready)| ready).collect())
+}
+
+/// The key of the outbox of the record at `record_key`: a companion key
+/// (same cluster slot) whose suffix holds a control character, which no
+/// record key does, so that it can never be another message's record.
+///
+/// ```
+/// use amqp_idempotency::outbox::outbox_key;
+/// assert_eq!(outbox_key("idem:orders:order-42"), "{idem:orders:order-42}:\0outbox");
+/// ```
+pub fn outbox_key(record_key: &str) -> String {
+    crate::fingerprint::companion_key(record_key, "\0outbox")
 }
 
 /// Wraps a handler of [`OutboxDelivery`] in [`Idempotency`]: made by
@@ -867,6 +945,29 @@ mod tests {
     }
 
     #[test]
+    fn ready_keeps_the_staged_order_and_refuses_what_it_cannot_read() {
+        let outbox = Outbox::new(100_000);
+        for n in 0..12 {
+            outbox
+                .publish("", "q", BasicProperties::default(), format!("{n}"))
+                .unwrap();
+        }
+        let mut entries = outbox.seal().unwrap();
+        // As a store returns them: sorted by field bytes (m0, m1, m10, m11, m2...).
+        entries.sort_unstable();
+        let ready = ready(entries.clone(), "s", "f", &ReplyTarget::default()).unwrap();
+        let bodies: Vec<String> = ready
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.message.body).into_owned())
+            .collect();
+        let staged: Vec<String> = (0..12).map(|n| n.to_string()).collect();
+        assert_eq!(bodies, staged);
+        entries.push((b"m12".to_vec(), b"\x02from a newer version".to_vec()));
+        let err = super::ready(entries, "s", "f", &ReplyTarget::default()).unwrap_err();
+        assert!(err.contains("`m12`"), "{err}");
+    }
+
+    #[test]
     fn message_ids_are_deterministic_and_fit_amqp() {
         assert_eq!(message_id("orders", "o-7", "0").as_str(), "orders:o-7:0");
         let long = "f".repeat(300);
@@ -893,7 +994,7 @@ mod tests {
             reply_to: Some("amq.rabbitmq.reply-to.abc".into()),
             correlation_id: Some("c-1".into()),
         };
-        let ready = ready(entries.clone(), "quotes", "q-1", &target);
+        let ready = ready(entries.clone(), "quotes", "q-1", &target).unwrap();
         assert_eq!(ready.len(), 2);
         assert_eq!(
             ready[0]
@@ -918,7 +1019,9 @@ mod tests {
         );
         // Without a reply_to, the reply stays in the outbox unsent.
         assert_eq!(
-            super::ready(entries, "quotes", "q-1", &ReplyTarget::default()).len(),
+            super::ready(entries, "quotes", "q-1", &ReplyTarget::default())
+                .unwrap()
+                .len(),
             1
         );
     }

@@ -69,7 +69,8 @@ pub enum OutcomeKind {
     StoreUnavailable,
     /// The handler's done mark and outbox are committed, but the broker did
     /// not confirm every outgoing message (a lost connection, a missing
-    /// binding): requeued, and the redelivered copy sends what was not
+    /// binding) while the delivery was held, for up to half the consumer
+    /// timeout: requeued, and the redelivered copy sends what was not
     /// confirmed (never what was), then is acked.
     Undispatched,
     /// The store refused the claim with an error about this one key (it

@@ -308,9 +308,7 @@ async fn outgoing_messages_are_published_after_the_commit_and_a_duplicate_sends_
     // Dispatched messages are dropped from the outbox; the reply stays.
     let key = format!("ob1:{scope}:order-1");
     let left = store
-        .outbox(&amqp_idempotency::fingerprint::companion_key(
-            &key, "outbox",
-        ))
+        .outbox(&amqp_idempotency::outbox::outbox_key(&key))
         .await
         .expect("read the outbox");
     let fields: Vec<&[u8]> = left.iter().map(|(field, _)| &field[..]).collect();
@@ -373,8 +371,8 @@ async fn nothing_a_failed_attempt_staged_is_published() {
     let attempts = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&attempts);
     let target = downstream.clone();
-    // A channel of the caller's, rather than a connection of the publisher's own.
-    let publishing = conn.create_channel().await.unwrap();
+    // A connection of the caller's, rather than one of the publisher's own.
+    let publishing = amqp().await;
     let service = IdempotencyLayer::new(store, &queue.name, config.clone())
         .unwrap()
         .with_outbox(OutboxPublisher::new(publishing))
@@ -563,6 +561,7 @@ async fn killed_at(checkpoint: Checkpoint, prefix: &str) -> (Received, Received,
         .unwrap_or_else(|_| panic!("the consumer never reached {checkpoint:?}"));
     doomed.kill().await;
 
+    let store_view = store.clone();
     let survivor = start(
         store,
         &queue.name,
@@ -577,10 +576,13 @@ async fn killed_at(checkpoint: Checkpoint, prefix: &str) -> (Received, Received,
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut sent = Vec::new();
     let mut replies = Vec::new();
+    // Done once the outbox exists and holds no message not marked sent.
+    let outbox = amqp_idempotency::outbox::outbox_key(&format!("{prefix}:{}:order-k", queue.name));
     while tokio::time::Instant::now() < deadline {
         sent.extend(drain(&channel, &downstream).await);
         replies.extend(drain(&channel, &asker).await);
-        if ready_count(&channel, &queue.name).await == 0 && !sent.is_empty() {
+        let left = store_view.outbox(&outbox).await.expect("read the outbox");
+        if !left.is_empty() && !left.iter().any(|(field, _)| field.starts_with(b"m")) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -659,4 +661,197 @@ async fn killed_between_the_mark_and_the_ack_only_the_reply_goes_again() {
         2,
         "the stored reply is sent to every duplicate: {replies:?}"
     );
+}
+
+/// A consumer whose handler stages what the body asks for:
+/// `to <exchange> <routing key>` lines, one message each.
+async fn start_router(
+    queue: &str,
+    config: &Config,
+) -> (
+    tokio::task::JoinHandle<ServeReport>,
+    Arc<tokio::sync::Notify>,
+    Connection,
+) {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.expect("open a channel");
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("start consuming");
+    let service = IdempotencyLayer::new(redis_store().await, queue, config.clone())
+        .expect("layer")
+        .with_outbox(OutboxPublisher::connect(config))
+        .layer(service_fn(|incoming: OutboxDelivery| async move {
+            let body = String::from_utf8_lossy(&incoming.delivery.data).into_owned();
+            for line in body.lines() {
+                let mut words = line.split(' ');
+                let (Some("to"), Some(exchange), Some(key)) =
+                    (words.next(), words.next(), words.next())
+                else {
+                    return Err(HandlerError::permanent(format!("bad line `{line}`")));
+                };
+                let exchange = if exchange == "-" { "" } else { exchange };
+                incoming.outbox.publish(
+                    exchange,
+                    key,
+                    BasicProperties::default(),
+                    line.to_owned(),
+                )?;
+            }
+            Ok::<_, HandlerError>(())
+        }));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = Arc::clone(&stop);
+    let options = ServeOptions::new()
+        .concurrency(8)
+        .shutdown_on(async move { stopped.notified().await })
+        .close_channel(channel);
+    let task = tokio::spawn(async move { serve(consumer, service, options).await.expect("serve") });
+    (task, stop, connection)
+}
+
+#[tokio::test]
+async fn an_unroutable_message_is_held_until_it_can_be_routed_and_never_marked_sent() {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&channel, "outbox-unroutable").await;
+    let routed = downstream(&channel, "outbox-routed").await;
+    let late = common::unique("outbox-late");
+    let config = config("ob9");
+    let (task, stop, consumer_connection) = start_router(&queue.name, &config).await;
+
+    // m0 goes nowhere (nothing is bound to its key yet), m1 to a queue.
+    let body = format!("to amq.direct {late}\nto - {routed}");
+    send(&channel, &queue.name, "route-1", body.as_bytes(), None).await;
+    let first = collect(&channel, &routed, 1).await;
+    assert_eq!(first.len(), 1, "the routed message went: {first:?}");
+    let outbox = amqp_idempotency::outbox::outbox_key(&format!("ob9:{}:route-1", queue.name));
+    let store = redis_store().await;
+    let fields = |entries: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<Vec<u8>> {
+        entries.into_iter().map(|(field, _)| field).collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let (store, outbox) = (store.clone(), outbox.clone());
+            async move {
+                store.outbox(&outbox).await.map(fields).ok()
+                    == Some(vec![b"m0".to_vec(), b"t".to_vec()])
+            }
+        })
+        .await,
+        "the routed message is marked dispatched, the unroutable one is not"
+    );
+
+    // Bind a queue to the key: the held delivery's next try gets through.
+    channel
+        .queue_declare(
+            late.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            late.as_str().into(),
+            "amq.direct".into(),
+            late.as_str().into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let arrived = collect(&channel, &late, 1).await;
+    stop.notify_one();
+    let report = task.await.expect("the consumer's task");
+    let _ = consumer_connection.close(200, "OK".into()).await;
+
+    assert_eq!(
+        ids(&arrived),
+        [(format!("{}:route-1:0", queue.name), 1)].into(),
+        "the unroutable message, once it could be routed"
+    );
+    assert_eq!(report.acked, 1, "acked once everything was confirmed");
+    assert_eq!(report.requeued, 0, "held, not requeued");
+    let _ = channel
+        .queue_delete(late.as_str().into(), Default::default())
+        .await;
+    assert_eq!(finish(&channel, &queue, &routed).await, (0, 0));
+}
+
+#[tokio::test]
+async fn a_message_for_a_missing_exchange_holds_only_its_own_delivery() {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&channel, "outbox-404").await;
+    let routed = downstream(&channel, "outbox-404-routed").await;
+    let missing = common::unique("outbox-missing-exchange");
+    let config = config("ob10");
+    let (task, stop, consumer_connection) = start_router(&queue.name, &config).await;
+
+    send(
+        &channel,
+        &queue.name,
+        "poison",
+        format!("to {missing} k").as_bytes(),
+        None,
+    )
+    .await;
+    for n in 0..5 {
+        let body = format!("to - {routed}");
+        send(
+            &channel,
+            &queue.name,
+            &format!("fine-{n}"),
+            body.as_bytes(),
+            None,
+        )
+        .await;
+    }
+    // Every other delivery goes through while the first is held.
+    let others = collect(&channel, &routed, 5).await;
+    assert_eq!(ids(&others).len(), 5, "{others:?}");
+
+    // Once the exchange exists, the held one goes too.
+    channel
+        .exchange_declare(
+            missing.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            routed.as_str().into(),
+            missing.as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let late = collect(&channel, &routed, 1).await;
+    stop.notify_one();
+    let report = task.await.expect("the consumer's task");
+    let _ = consumer_connection.close(200, "OK".into()).await;
+
+    assert_eq!(
+        ids(&late),
+        [(format!("{}:poison:0", queue.name), 1)].into(),
+        "{late:?}"
+    );
+    assert_eq!(report.acked, 6);
+    assert_eq!(report.requeued, 0, "held, not requeued");
+    assert_eq!(finish(&channel, &queue, &routed).await, (0, 0));
 }

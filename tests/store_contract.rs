@@ -363,7 +363,7 @@ contract!(
 // The outbox: committed with the done mark, in one atomic step.
 
 fn outbox_key(key: &str) -> String {
-    amqp_idempotency::fingerprint::companion_key(key, "outbox")
+    amqp_idempotency::outbox::outbox_key(key)
 }
 
 fn entries() -> Vec<(Vec<u8>, Vec<u8>)> {
