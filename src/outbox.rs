@@ -73,6 +73,7 @@ use lapin::protocol::basic::{AMQPProperties, gen_properties, parse_properties};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
 use tower::Layer;
 
 use crate::config::Config;
@@ -366,23 +367,43 @@ impl ReplyTarget {
 
 /// The broker side of the outbox: channels in confirm mode.
 ///
-/// Each dispatch takes a channel of its own from a small pool, so that a
-/// message the broker returns as unroutable is told apart by its
-/// `message_id`, and a channel the broker closes (a publish to a missing
-/// exchange) fails only the dispatch that used it.
+/// Dispatches that wait together are sent together on a channel that no
+/// other batch uses meanwhile, so the broker confirms them in few frames,
+/// a message it returns as unroutable is told apart by its `message_id`,
+/// and a channel the broker closes (a publish to a missing exchange) fails
+/// only that batch, whose dispatches are tried again.
 /// [`connect`](Self::connect) opens a connection of its own (from
 /// `AMQP_URL`, with `AMQP_TLS_*`) at the first dispatch and again after a
 /// failure; [`new`](Self::new) opens its channels on a connection you
 /// manage.
 pub struct OutboxPublisher {
+    channels: Arc<Channels>,
+    /// The dispatcher task's queue, started at the first dispatch.
+    jobs: std::sync::OnceLock<mpsc::UnboundedSender<Job>>,
+    halt: Option<(Checkpoint, Arc<tokio::sync::Notify>)>,
+}
+
+/// Where the dispatcher gets its confirm-mode channels.
+struct Channels {
     source: Source,
     /// The publisher's own connection ([`OutboxPublisher::connect`]).
     connection: tokio::sync::Mutex<Option<Connection>>,
-    /// Channels in confirm mode, waiting for the next dispatch.
+    /// Channels in confirm mode, waiting for the next batch.
     idle: Mutex<Vec<Channel>>,
     confirm_timeout: Duration,
-    halt: Option<(Checkpoint, Arc<tokio::sync::Notify>)>,
 }
+
+/// The messages of one dispatch, and where its result goes.
+struct Job {
+    messages: Vec<Ready>,
+    answer: oneshot::Sender<Dispatched>,
+}
+
+/// Most dispatches sent together on one channel.
+const MAX_BATCH: usize = 256;
+
+/// Most batches awaiting their confirms at once.
+const MAX_IN_FLIGHT: usize = 4;
 
 /// A point of the outbox's sequence, where fault-injection tests stop a
 /// consumer as if it crashed there ([`OutboxPublisher::halt_at`]).
@@ -406,13 +427,13 @@ enum Source {
 
 impl std::fmt::Debug for OutboxPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let source = match &self.source {
+        let source = match &self.channels.source {
             Source::Connection(_) => "a given connection",
             Source::Connect(_) => "its own connection",
         };
         f.debug_struct("OutboxPublisher")
             .field("source", &source)
-            .field("confirm_timeout", &self.confirm_timeout)
+            .field("confirm_timeout", &self.channels.confirm_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -445,10 +466,13 @@ impl OutboxPublisher {
 
     fn with_source(source: Source) -> Self {
         Self {
-            source,
-            connection: tokio::sync::Mutex::new(None),
-            idle: Mutex::new(Vec::new()),
-            confirm_timeout: Duration::from_secs(5),
+            channels: Arc::new(Channels {
+                source,
+                connection: tokio::sync::Mutex::new(None),
+                idle: Mutex::new(Vec::new()),
+                confirm_timeout: Duration::from_secs(5),
+            }),
+            jobs: std::sync::OnceLock::new(),
             halt: None,
         }
     }
@@ -456,8 +480,11 @@ impl OutboxPublisher {
     /// How long each step with the broker may take (connecting, opening a
     /// channel, publishing, the confirms; default 5s). Messages not
     /// confirmed in time are sent again, with the same `message_id`.
+    /// Set it before the first dispatch.
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
-        self.confirm_timeout = timeout;
+        if let Some(channels) = Arc::get_mut(&mut self.channels) {
+            channels.confirm_timeout = timeout;
+        }
         self
     }
 
@@ -480,6 +507,63 @@ impl OutboxPublisher {
         }
     }
 
+    /// Publishes `messages` in order and awaits their confirms. Dispatches
+    /// that wait together travel together, on one channel that no other
+    /// batch uses meanwhile (so the broker confirms them in few frames,
+    /// and a message it returns as unroutable is told by its `message_id`).
+    /// A reply that comes back is only logged (its requester is gone).
+    pub(crate) async fn dispatch(&self, messages: &[Ready]) -> Dispatched {
+        if messages.is_empty() {
+            return Dispatched::default();
+        }
+        let jobs = self.jobs.get_or_init(|| {
+            let (jobs, queue) = mpsc::unbounded_channel();
+            tokio::spawn(run_dispatcher(Arc::clone(&self.channels), queue));
+            jobs
+        });
+        let (answer, answered) = oneshot::channel();
+        let job = Job {
+            messages: messages.to_vec(),
+            answer,
+        };
+        let stopped = || Dispatched {
+            problem: Some("the outbox dispatcher stopped (was the runtime shut down?)".into()),
+            ..Dispatched::default()
+        };
+        if jobs.send(job).is_err() {
+            return stopped();
+        }
+        answered.await.unwrap_or_else(|_| stopped())
+    }
+}
+
+/// Sends waiting dispatches in batches, up to [`MAX_IN_FLIGHT`] at once,
+/// each on a channel of its own. Ends when the publisher is dropped.
+async fn run_dispatcher(channels: Arc<Channels>, mut queue: mpsc::UnboundedReceiver<Job>) {
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            first = queue.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let Some(first) = first else { break };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                in_flight.push(channels.send_batch(batch));
+            }
+            Some(()) = futures_util::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {}
+        }
+    }
+    while futures_util::StreamExt::next(&mut in_flight)
+        .await
+        .is_some()
+    {}
+}
+
+impl Channels {
     /// `step` within the confirm timeout, or an error naming `what`.
     async fn bounded<T, E: std::fmt::Display>(
         &self,
@@ -496,7 +580,7 @@ impl OutboxPublisher {
         }
     }
 
-    /// A channel in confirm mode for one dispatch: an idle one, or a new one.
+    /// A channel in confirm mode for one batch: an idle one, or a new one.
     async fn checkout(&self) -> Result<Channel, String> {
         loop {
             let idle = self
@@ -544,108 +628,98 @@ impl OutboxPublisher {
         Ok(channel)
     }
 
-    /// Gives a channel back after a dispatch that went cleanly.
-    fn checkin(&self, channel: Channel) {
-        if channel.status().connected() {
-            self.idle
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .push(channel);
-        }
-    }
-
-    /// Closes a channel after a dispatch that did not go cleanly (it may
-    /// hold confirms or returns that belong to nobody now).
-    fn discard(&self, channel: Channel) {
-        if channel.status().connected() {
-            let timeout = self.confirm_timeout;
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(timeout, channel.close(200, "OK".into())).await;
-            });
-        }
-    }
-
-    /// Publishes `messages` in order on a channel of their own, then awaits
-    /// their confirms. A message the broker returns as unroutable (told by
-    /// its `message_id`) is not confirmed; a reply that comes back is only
-    /// logged (its requester is gone).
-    pub(crate) async fn dispatch(&self, messages: &[Ready]) -> Dispatched {
-        let mut dispatched = Dispatched::default();
-        if messages.is_empty() {
-            return dispatched;
-        }
+    /// Publishes a batch of dispatches on one channel and answers each.
+    async fn send_batch(&self, batch: Vec<Job>) {
         let channel = match self.checkout().await {
             Ok(channel) => channel,
             Err(problem) => {
-                dispatched.problem = Some(problem);
-                return dispatched;
+                for job in batch {
+                    let _ = job.answer.send(Dispatched {
+                        problem: Some(problem.clone()),
+                        ..Dispatched::default()
+                    });
+                }
+                return;
             }
         };
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let mut pending = Vec::with_capacity(messages.len());
+        let mut results: Vec<Dispatched> = batch.iter().map(|_| Dispatched::default()).collect();
+        let mut pending = Vec::new();
         let mut clean = true;
-        for ready in messages {
-            let published = self
-                .bounded(
-                    "publishing",
-                    channel.basic_publish(
-                        ready.message.exchange.as_str().into(),
-                        ready.message.routing_key.as_str().into(),
-                        options,
-                        &ready.message.body,
-                        ready.message.properties.clone(),
-                    ),
-                )
-                .await;
-            match published {
-                Ok(confirm) => pending.push((ready, confirm)),
-                Err(problem) => {
-                    dispatched.problem = Some(problem);
-                    clean = false;
-                    break;
+        'publish: for (job_index, job) in batch.iter().enumerate() {
+            for ready in &job.messages {
+                let published = self
+                    .bounded(
+                        "publishing",
+                        channel.basic_publish(
+                            ready.message.exchange.as_str().into(),
+                            ready.message.routing_key.as_str().into(),
+                            options,
+                            &ready.message.body,
+                            ready.message.properties.clone(),
+                        ),
+                    )
+                    .await;
+                match published {
+                    Ok(confirm) => pending.push((job_index, ready, confirm)),
+                    Err(problem) => {
+                        clean = false;
+                        // This one and every later one stay unconfirmed.
+                        for result in &mut results[job_index..] {
+                            result.problem.get_or_insert_with(|| problem.clone());
+                        }
+                        break 'publish;
+                    }
                 }
             }
         }
         let timeout = self.confirm_timeout;
-        let confirms = pending.into_iter().map(|(ready, confirm)| async move {
-            (ready, tokio::time::timeout(timeout, confirm).await)
-        });
+        let confirms = pending
+            .into_iter()
+            .map(|(job_index, ready, confirm)| async move {
+                (
+                    job_index,
+                    ready,
+                    tokio::time::timeout(timeout, confirm).await,
+                )
+            });
         let answers = futures_util::future::join_all(confirms).await;
         // Returns are not tied to the confirm that carries them: gather
-        // them all and match them by message_id.
+        // them all (this channel served this batch alone) and match them
+        // by message_id.
         let mut returned = Vec::new();
         let mut acked = Vec::with_capacity(answers.len());
-        for (ready, answer) in answers {
-            match answer {
+        for (job_index, ready, answer) in answers {
+            let problem = match answer {
                 Ok(Ok(Confirmation::Ack(back))) => {
                     returned.extend(back.and_then(|back| back.properties.message_id().clone()));
-                    acked.push(ready);
+                    acked.push((job_index, ready));
+                    continue;
                 }
-                Ok(Ok(Confirmation::NotRequested)) => acked.push(ready),
+                Ok(Ok(Confirmation::NotRequested)) => {
+                    acked.push((job_index, ready));
+                    continue;
+                }
                 Ok(Ok(Confirmation::Nack(back))) => {
                     returned.extend(back.and_then(|back| back.properties.message_id().clone()));
-                    dispatched
-                        .problem
-                        .get_or_insert_with(|| "the broker refused a message (nack)".into());
+                    "the broker refused a message (nack)".to_owned()
                 }
                 Ok(Err(err)) => {
                     clean = false;
-                    dispatched
-                        .problem
-                        .get_or_insert_with(|| format!("no confirm: {err}"));
+                    format!("no confirm: {err}")
                 }
                 Err(_) => {
                     clean = false;
-                    dispatched
-                        .problem
-                        .get_or_insert_with(|| format!("no confirm within {timeout:?}"));
+                    format!("no confirm within {timeout:?}")
                 }
-            }
+            };
+            results[job_index].problem.get_or_insert(problem);
         }
-        for ready in acked {
+        for (job_index, ready) in acked {
+            let result = &mut results[job_index];
             let came_back = ready
                 .message
                 .properties
@@ -653,16 +727,16 @@ impl OutboxPublisher {
                 .as_ref()
                 .is_some_and(|id| returned.contains(id));
             match (came_back, ready.reply) {
-                (false, false) => dispatched.confirmed.push(ready.field.clone()),
-                (false, true) => dispatched.reply_sent = true,
+                (false, false) => result.confirmed.push(ready.field.clone()),
+                (false, true) => result.reply_sent = true,
                 (true, true) => {
                     tracing::warn!(reply_to = %ready.message.routing_key, "the reply could not be routed (is the requester gone?): dropped");
                     crate::metrics::outbox_unroutable();
-                    dispatched.reply_sent = true;
+                    result.reply_sent = true;
                 }
                 (true, false) => {
                     crate::metrics::outbox_unroutable();
-                    dispatched.problem.get_or_insert_with(|| {
+                    result.problem.get_or_insert_with(|| {
                         format!(
                             "the broker could not route a message to exchange `{}` with routing key `{}` (is a queue bound?)",
                             ready.message.exchange, ready.message.routing_key
@@ -671,22 +745,30 @@ impl OutboxPublisher {
                 }
             }
         }
-        if clean {
-            self.checkin(channel);
-        } else {
-            self.discard(channel);
+        for (job, result) in batch.into_iter().zip(results) {
+            let _ = job.answer.send(result);
         }
-        dispatched
+        if clean {
+            if channel.status().connected() {
+                self.idle
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(channel);
+            }
+        } else if channel.status().connected() {
+            // It may hold confirms or returns that belong to nobody now.
+            let _ = tokio::time::timeout(timeout, channel.close(200, "OK".into())).await;
+        }
     }
 }
 
 /// A message on its way: its outbox field, whether it is the reply, and
 /// the message with its `message_id` (and, for the reply, its target).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Ready {
     field: Vec<u8>,
     reply: bool,
-    message: Outgoing,
+    message: Arc<Outgoing>,
 }
 
 impl Ready {
@@ -747,7 +829,7 @@ pub(crate) fn ready(
             Ready {
                 field,
                 reply,
-                message,
+                message: Arc::new(message),
             },
         ));
     }
