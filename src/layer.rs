@@ -336,12 +336,12 @@ where
     let mut guard = match begun {
         Ok(Begin::Process(guard)) => guard,
         Ok(Begin::Unprotected) => {
-            return run_unprotected(dedup, mode, inner, delivery, fingerprint).await;
+            return Box::pin(run_unprotected(dedup, mode, inner, delivery, fingerprint)).await;
         }
         Ok(Begin::Skip(Skip::Done)) => {
             return match (mode.publisher(), &fingerprint, &target) {
                 (Some(publisher), Some(fingerprint), Some(target)) => {
-                    finish_duplicate(dedup, publisher, fingerprint, target).await
+                    Box::pin(finish_duplicate(dedup, publisher, fingerprint, target)).await
                 }
                 _ => skipped(config, Skip::Done),
             };
@@ -349,7 +349,7 @@ where
         Ok(Begin::Skip(skip)) => return skipped(config, skip),
         Err(err) if err.is_unavailable() => {
             tracing::warn!(error = %err, "store unusable; processing unprotected (fail-open)");
-            return run_unprotected(dedup, mode, inner, delivery, fingerprint).await;
+            return Box::pin(run_unprotected(dedup, mode, inner, delivery, fingerprint)).await;
         }
         Err(err) => {
             tracing::error!(error = %err, "store refused the claim with an error about this key: handler not run, message dead-lettered");
@@ -394,14 +394,16 @@ where
         // With an outbox, even an empty one commits through the outbox
         // script, which also clears what an earlier, forgotten run left.
         (Ok(()), Some(publisher)) => {
-            commit_and_dispatch(
+            // Boxed, like the other rare paths, so that every delivery's
+            // future stays small.
+            Box::pin(commit_and_dispatch(
                 dedup,
                 publisher,
                 guard,
                 entries,
                 target.unwrap_or_default(),
                 run.lease_lost,
-            )
+            ))
             .await
         }
         (Ok(()), None) => match complete_until_answered(&mut guard, None).await {

@@ -418,6 +418,52 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// The compact in-progress value (as [`Record::encode`] writes it), built
+/// in place; `None` when the token or hash is not of this version's shape.
+fn compact_in_progress(token: &str, attempt: u32, payload_hash: &str) -> Option<Vec<u8>> {
+    if token.len() != 2 * TOKEN_BYTES
+        || !(payload_hash.is_empty() || payload_hash.len() == 2 * HASH_BYTES)
+    {
+        return None;
+    }
+    let mut out = Vec::with_capacity(1 + TOKEN_BYTES + 5 + HASH_BYTES);
+    out.push(TAG_IN_PROGRESS);
+    push_hex(&mut out, token)?;
+    write_varint(&mut out, attempt);
+    push_hex(&mut out, payload_hash)?;
+    Some(out)
+}
+
+/// The compact done mark (as [`Record::encode`] writes it, from the
+/// prefixes a done mark keeps), built without intermediate strings.
+fn compact_done(token: &str, payload_hash: &str) -> Option<Vec<u8>> {
+    let number = |text: &str, digits: usize| u64::from_str_radix(text.get(..digits)?, 16).ok();
+    let n = if payload_hash.is_empty() {
+        DONE_UNCHECKED << 48 | number(token, DONE_UNCHECKED_TOKEN_DIGITS)?
+    } else {
+        DONE_CHECKED << 48
+            | number(token, DONE_TOKEN_DIGITS)? << 32
+            | number(payload_hash, DONE_HASH_DIGITS)?
+    };
+    Some(format!("-{n}").into_bytes())
+}
+
+/// Appends the bytes of lowercase hex `text`; `None` on anything else.
+fn push_hex(out: &mut Vec<u8>, text: &str) -> Option<()> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    for pair in text.as_bytes().chunks(2) {
+        match pair {
+            [high, low] => out.push(digit(*high)? << 4 | digit(*low)?),
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
 fn unhex(text: &str) -> Option<Vec<u8>> {
     let digit = |c: u8| match c {
         b'0'..=b'9' => Some(c - b'0'),
@@ -467,18 +513,23 @@ pub struct Claim {
 
 impl Claim {
     fn new(key: &str, token: &str, attempt: u32, payload_hash: &str) -> Self {
-        let record = Record::InProgress {
-            token: token.to_owned(),
-            attempt,
-            payload_hash: payload_hash.to_owned(),
-            lingers: true,
-        };
+        // On every delivery's path: the compact value is written in one
+        // allocation; other tokens or hashes take the general encoding.
+        let value = compact_in_progress(token, attempt, payload_hash).unwrap_or_else(|| {
+            Record::InProgress {
+                token: token.to_owned(),
+                attempt,
+                payload_hash: payload_hash.to_owned(),
+                lingers: true,
+            }
+            .encode()
+        });
         Self {
             key: key.to_owned(),
             token: token.to_owned(),
             attempt,
             payload_hash: payload_hash.to_owned(),
-            value: record.encode(),
+            value,
             after_crash: false,
         }
     }
@@ -513,6 +564,9 @@ impl Claim {
     }
 
     fn done_value(&self) -> Vec<u8> {
+        if let Some(value) = compact_done(&self.token, &self.payload_hash) {
+            return value;
+        }
         // A done mark stays for the whole retention, so it is one integer:
         // 32 bits of the payload hash, and of the token what is left (16
         // bits, or 48 unchecked), enough to tell a retried completion of
@@ -955,6 +1009,41 @@ mod tests {
         ] {
             assert_eq!(Record::parse(value.as_bytes()), None, "{value}");
         }
+    }
+
+    #[test]
+    fn the_fast_encodings_match_the_records() {
+        let token = Token::new();
+        for hash in ["", "a1b2c3d4e5f6"] {
+            for attempt in [1, 2, 300] {
+                let claim = Claim::new("k", token.as_str(), attempt, hash);
+                let record = Record::InProgress {
+                    token: token.as_str().to_owned(),
+                    attempt,
+                    payload_hash: hash.to_owned(),
+                    lingers: true,
+                };
+                assert_eq!(claim.value(), &record.encode()[..]);
+                let done = if hash.is_empty() {
+                    Record::Done {
+                        payload_hash: String::new(),
+                        token: token.as_str()[..DONE_UNCHECKED_TOKEN_DIGITS].to_owned(),
+                    }
+                } else {
+                    Record::Done {
+                        payload_hash: hash[..DONE_HASH_DIGITS].to_owned(),
+                        token: token.as_str()[..DONE_TOKEN_DIGITS].to_owned(),
+                    }
+                };
+                assert_eq!(claim.done_value(), done.encode());
+            }
+        }
+        // A token of another shape takes the general encoding.
+        let odd = Claim::new("k", "not-hex", 1, "");
+        assert_eq!(
+            Record::parse(odd.value()).map(|r| r.payload_hash().to_owned()),
+            Some(String::new())
+        );
     }
 
     #[test]
