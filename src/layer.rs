@@ -384,16 +384,10 @@ where
     let (request, outbox) = request::<M>(config, mode, delivery);
     let run = run_claimed(config, &guard, inner, request).await;
     // What the handler staged, sealed: staging after it returned fails.
-    let staged = outbox.map(|outbox| outbox.seal());
-    let (result, entries) = match (run.result, staged) {
-        (Ok(()), Some(Err(overflow))) => (Err(overflow), Vec::new()),
-        (Ok(()), Some(Ok(entries))) => (Ok(()), entries),
-        (result, _) => (result, Vec::new()),
-    };
-    match (result, mode.publisher()) {
+    match (sealed(run.result, outbox), mode.publisher()) {
         // With an outbox, even an empty one commits through the outbox
         // script, which also clears what an earlier, forgotten run left.
-        (Ok(()), Some(publisher)) => {
+        (Ok(entries), Some(publisher)) => {
             // Boxed, like the other rare paths, so that every delivery's
             // future stays small.
             Box::pin(commit_and_dispatch(
@@ -406,7 +400,7 @@ where
             ))
             .await
         }
-        (Ok(()), None) => match complete_until_answered(&mut guard, None).await {
+        (Ok(_), None) => match complete_until_answered(&mut guard, None).await {
             Ok(true) if !run.lease_lost => Outcome::new(OutcomeKind::Processed, attempt),
             Err(err) => {
                 tracing::error!(error = %err, "handler succeeded but the store refused the done mark: acking (the effect happened); a later duplicate may run again");
@@ -430,6 +424,17 @@ where
             outcome
         }
     }
+}
+
+/// Ends staging once the handler returned (staging later fails): the
+/// entries to commit when it succeeded and kept to the size limit (none
+/// without an outbox), else why the run failed.
+fn sealed(
+    result: Result<(), HandlerError>,
+    outbox: Option<Outbox>,
+) -> Result<Vec<OutboxEntry>, HandlerError> {
+    let staged = outbox.map(|outbox| outbox.seal()).transpose();
+    result.and(staged).map(Option::unwrap_or_default)
 }
 
 fn lease_lost(attempt: u32) -> Outcome {
@@ -915,10 +920,8 @@ where
             Err(timed_out(config))
         }
     };
-    let staged = outbox.map(|outbox| outbox.seal());
-    let result = match (result, staged) {
-        (Ok(()), Some(Err(overflow))) => Err(overflow),
-        (Ok(()), Some(Ok(entries))) if !entries.is_empty() => {
+    let result = match sealed(result, outbox) {
+        Ok(entries) if !entries.is_empty() => {
             // No record to commit with: sent at once, with ids from the
             // fingerprint when there is one.
             let Some(publisher) = mode.publisher() else {
@@ -936,7 +939,7 @@ where
                 None => Ok(()),
             }
         }
-        (result, _) => result,
+        staged => staged.map(drop),
     };
     match result {
         Ok(()) => Outcome::new(OutcomeKind::Unprotected, attempt),

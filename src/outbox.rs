@@ -539,28 +539,12 @@ impl OutboxPublisher {
 
 /// Sends waiting dispatches in batches, up to [`MAX_IN_FLIGHT`] at once,
 /// each on a channel of its own. Ends when the publisher is dropped.
-async fn run_dispatcher(channels: Arc<Channels>, mut queue: mpsc::UnboundedReceiver<Job>) {
-    let mut in_flight = futures_util::stream::FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            first = queue.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
-                let Some(first) = first else { break };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match queue.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
-                in_flight.push(channels.send_batch(batch));
-            }
-            Some(()) = futures_util::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {}
-        }
-    }
-    while futures_util::StreamExt::next(&mut in_flight)
-        .await
-        .is_some()
-    {}
+async fn run_dispatcher(channels: Arc<Channels>, queue: mpsc::UnboundedReceiver<Job>) {
+    let channels = &channels;
+    crate::batch::send_in_batches(queue, MAX_BATCH, MAX_IN_FLIGHT, |batch| {
+        channels.send_batch(batch)
+    })
+    .await;
 }
 
 impl Channels {

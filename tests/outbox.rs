@@ -15,10 +15,7 @@ use amqp_idempotency::outbox::{Checkpoint, OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::store::{RedisStore, Store};
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, ServeReport, serve};
 use common::{TestQueue, amqp, declare_queue, eventually, ready_count, redis_store};
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tower::{Layer, service_fn};
@@ -52,28 +49,13 @@ async fn downstream(channel: &Channel, label: &str) -> String {
 
 /// Publishes an incoming message, confirmed.
 async fn send(channel: &Channel, queue: &str, id: &str, body: &[u8], reply: Option<(&str, &str)>) {
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
     let mut properties = BasicProperties::default().with_message_id(id.into());
     if let Some((reply_to, correlation_id)) = reply {
         properties = properties
             .with_reply_to(reply_to.into())
             .with_correlation_id(correlation_id.into());
     }
-    channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("publisher confirm");
+    common::publish_with(channel, queue, body, properties).await;
 }
 
 /// What reached a queue: (message_id, correlation_id, body), in order.
@@ -178,40 +160,56 @@ async fn start<St: Store + Clone>(
     downstream: &str,
     runs: &Arc<AtomicUsize>,
 ) -> Consumer {
-    let connection = amqp().await;
-    let channel = connection.create_channel().await.expect("open a channel");
-    channel
-        .basic_qos(8, BasicQosOptions::default())
-        .await
-        .expect("set prefetch");
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("start consuming");
     let service = IdempotencyLayer::new(store, queue, config.clone())
         .expect("layer")
         .with_outbox(publisher)
         .layer(handler(downstream.to_owned(), Arc::clone(runs)));
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let stopped = Arc::clone(&stop);
-    let options = ServeOptions::new()
-        .concurrency(8)
-        .shutdown_on(async move { stopped.notified().await })
-        .close_channel(channel);
-    let task = tokio::spawn(async move { serve(consumer, service, options).await.expect("serve") });
-    Consumer {
-        task,
-        connection,
-        stop,
-    }
+    Consumer::serve(queue, service).await
 }
 
 impl Consumer {
+    /// Serves `queue` with `service` on a connection of its own (8
+    /// deliveries in flight) until stopped or killed.
+    async fn serve<S>(queue: &str, service: S) -> Self
+    where
+        S: tower::Service<
+                lapin::message::Delivery,
+                Response = amqp_idempotency::Outcome,
+                Error = amqp_idempotency::BoxError,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let connection = amqp().await;
+        let channel = connection.create_channel().await.expect("open a channel");
+        channel
+            .basic_qos(8, BasicQosOptions::default())
+            .await
+            .expect("set prefetch");
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("start consuming");
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = Arc::clone(&stop);
+        let options = ServeOptions::new()
+            .concurrency(8)
+            .shutdown_on(async move { stopped.notified().await })
+            .close_channel(channel);
+        let task =
+            tokio::spawn(async move { serve(consumer, service, options).await.expect("serve") });
+        Self {
+            task,
+            connection,
+            stop,
+        }
+    }
+
     /// Stops as a consumer would on SIGTERM, letting what is in flight
     /// finish; returns its report.
     async fn stop(self) -> ServeReport {
@@ -357,17 +355,6 @@ async fn nothing_a_failed_attempt_staged_is_published() {
     let downstream = downstream(&channel, "outbox-fail-down").await;
     let config = config("ob2");
     let store = redis_store().await;
-    let conn = amqp().await;
-    let consumer_channel = conn.create_channel().await.unwrap();
-    let consumer = consumer_channel
-        .basic_consume(
-            queue.name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     let attempts = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&attempts);
     let target = downstream.clone();
@@ -390,19 +377,10 @@ async fn nothing_a_failed_attempt_staged_is_published() {
                 Ok(())
             }
         }));
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let stopped = Arc::clone(&stop);
-    let serving = tokio::spawn(serve(
-        consumer,
-        service,
-        ServeOptions::new()
-            .shutdown_on(async move { stopped.notified().await })
-            .close_channel(consumer_channel),
-    ));
+    let consumer = Consumer::serve(&queue.name, service).await;
     send(&channel, &queue.name, "order-2", b"o2", None).await;
     let received = collect(&channel, &downstream, 1).await;
-    stop.notify_one();
-    let report = serving.await.unwrap().expect("serve");
+    let report = consumer.stop().await;
 
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
     assert_eq!(report.acked, 1);
@@ -413,7 +391,6 @@ async fn nothing_a_failed_attempt_staged_is_published() {
         "only the successful run's message"
     );
     assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
-    let _ = conn.close(200, "OK".into()).await;
 }
 
 #[tokio::test]
@@ -665,25 +642,7 @@ async fn killed_between_the_mark_and_the_ack_only_the_reply_goes_again() {
 
 /// A consumer whose handler stages what the body asks for:
 /// `to <exchange> <routing key>` lines, one message each.
-async fn start_router(
-    queue: &str,
-    config: &Config,
-) -> (
-    tokio::task::JoinHandle<ServeReport>,
-    Arc<tokio::sync::Notify>,
-    Connection,
-) {
-    let connection = amqp().await;
-    let channel = connection.create_channel().await.expect("open a channel");
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("start consuming");
+async fn start_router(queue: &str, config: &Config) -> Consumer {
     let service = IdempotencyLayer::new(redis_store().await, queue, config.clone())
         .expect("layer")
         .with_outbox(OutboxPublisher::connect(config))
@@ -706,14 +665,7 @@ async fn start_router(
             }
             Ok::<_, HandlerError>(())
         }));
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let stopped = Arc::clone(&stop);
-    let options = ServeOptions::new()
-        .concurrency(8)
-        .shutdown_on(async move { stopped.notified().await })
-        .close_channel(channel);
-    let task = tokio::spawn(async move { serve(consumer, service, options).await.expect("serve") });
-    (task, stop, connection)
+    Consumer::serve(queue, service).await
 }
 
 #[tokio::test]
@@ -724,7 +676,7 @@ async fn an_unroutable_message_is_held_until_it_can_be_routed_and_never_marked_s
     let routed = downstream(&channel, "outbox-routed").await;
     let late = common::unique("outbox-late");
     let config = config("ob9");
-    let (task, stop, consumer_connection) = start_router(&queue.name, &config).await;
+    let consumer = start_router(&queue.name, &config).await;
 
     // m0 goes nowhere (nothing is bound to its key yet), m1 to a queue.
     let body = format!("to amq.direct {late}\nto - {routed}");
@@ -768,9 +720,7 @@ async fn an_unroutable_message_is_held_until_it_can_be_routed_and_never_marked_s
         .await
         .unwrap();
     let arrived = collect(&channel, &late, 1).await;
-    stop.notify_one();
-    let report = task.await.expect("the consumer's task");
-    let _ = consumer_connection.close(200, "OK".into()).await;
+    let report = consumer.stop().await;
 
     assert_eq!(
         ids(&arrived),
@@ -793,7 +743,7 @@ async fn a_message_for_a_missing_exchange_holds_only_its_own_delivery() {
     let routed = downstream(&channel, "outbox-404-routed").await;
     let missing = common::unique("outbox-missing-exchange");
     let config = config("ob10");
-    let (task, stop, consumer_connection) = start_router(&queue.name, &config).await;
+    let consumer = start_router(&queue.name, &config).await;
 
     send(
         &channel,
@@ -842,9 +792,7 @@ async fn a_message_for_a_missing_exchange_holds_only_its_own_delivery() {
         .await
         .unwrap();
     let late = collect(&channel, &routed, 1).await;
-    stop.notify_one();
-    let report = task.await.expect("the consumer's task");
-    let _ = consumer_connection.close(200, "OK".into()).await;
+    let report = consumer.stop().await;
 
     assert_eq!(
         ids(&late),

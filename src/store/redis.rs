@@ -16,6 +16,7 @@ use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, Script, Value};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Expect, OutboxEntry, Store};
+use crate::batch::send_in_batches;
 use crate::config::Config;
 use crate::error::{StoreError, redact_url};
 use crate::tls::{self, Side, TlsFiles};
@@ -868,9 +869,12 @@ impl RedisStore {
         let stats = Arc::new(Stats::default());
         let (requests, queue) = mpsc::unbounded_channel();
         let (writer, counted) = (Arc::clone(&link), Arc::clone(&stats));
-        tokio::spawn(write_batches(queue, move |batch| {
-            send_cluster_batch(Arc::clone(&writer), batch, Arc::clone(&counted))
-        }));
+        tokio::spawn(send_in_batches(
+            queue,
+            MAX_BATCH,
+            MAX_IN_FLIGHT,
+            move |batch| send_cluster_batch(Arc::clone(&writer), batch, Arc::clone(&counted)),
+        ));
         Ok(Self {
             requests,
             cluster: true,
@@ -899,9 +903,12 @@ impl RedisStore {
         let stats = Arc::new(Stats::default());
         let (requests, queue) = mpsc::unbounded_channel();
         let (writer, counted) = (Arc::new(link), Arc::clone(&stats));
-        tokio::spawn(write_batches(queue, move |batch| {
-            send_batch(Arc::clone(&writer), batch, Arc::clone(&counted))
-        }));
+        tokio::spawn(send_in_batches(
+            queue,
+            MAX_BATCH,
+            MAX_IN_FLIGHT,
+            move |batch| send_batch(Arc::clone(&writer), batch, Arc::clone(&counted)),
+        ));
         Self {
             requests,
             cluster: false,
@@ -1027,35 +1034,6 @@ impl RedisStore {
         again.arg(key).arg(to).arg("IFEQ").arg(to).arg("KEEPTTL");
         Ok(self.request(key, again, true).await.map_err(named)? != Value::Nil)
     }
-}
-
-/// Sends every waiting request as one pipeline. Up to [`MAX_IN_FLIGHT`]
-/// pipelines travel at once on the multiplexed connection, so a request
-/// never waits for an unrelated pipeline's replies before it is sent.
-async fn write_batches<F, Fut>(mut queue: mpsc::UnboundedReceiver<Request>, send: F)
-where
-    F: Fn(Vec<Request>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let mut in_flight = FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            first = queue.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
-                let Some(first) = first else { break };
-                let mut batch = Vec::with_capacity(16);
-                batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match queue.try_recv() {
-                        Ok(request) => batch.push(request),
-                        Err(_) => break,
-                    }
-                }
-                in_flight.push(send(batch));
-            }
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-        }
-    }
-    while in_flight.next().await.is_some() {}
 }
 
 /// Sends one batch as one pipeline and answers each request.

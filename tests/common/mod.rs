@@ -102,13 +102,24 @@ impl TestQueue {
 
 /// Publishes `body` to `queue` through the default exchange, confirmed.
 pub async fn publish(channel: &Channel, queue: &str, body: &[u8], message_id: Option<&str>) {
-    let _ = channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await;
     let mut properties = BasicProperties::default().with_delivery_mode(2);
     if let Some(id) = message_id {
         properties = properties.with_message_id(id.into());
     }
+    publish_with(channel, queue, body, properties).await;
+}
+
+/// Publishes `body` with `properties` to `queue` through the default
+/// exchange, confirmed.
+pub async fn publish_with(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) {
+    let _ = channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await;
     channel
         .basic_publish(
             "".into(),
