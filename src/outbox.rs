@@ -371,7 +371,7 @@ impl ReplyTarget {
 /// other batch uses meanwhile, so the broker confirms them in few frames,
 /// a message it returns as unroutable is told apart by its `message_id`,
 /// and a channel the broker closes (a publish to a missing exchange) fails
-/// only that batch, whose dispatches are tried again.
+/// only that batch, whose dispatches are then tried again each alone.
 /// [`connect`](Self::connect) opens a connection of its own (from
 /// `AMQP_URL`, with `AMQP_TLS_*`) at the first dispatch and again after a
 /// failure; [`new`](Self::new) opens its channels on a connection you
@@ -613,28 +613,59 @@ impl Channels {
     }
 
     /// Publishes a batch of dispatches on one channel and answers each.
+    /// When the channel fails under the batch (a publish to a missing
+    /// exchange closes it), the dispatches that did not go through are
+    /// tried once more, each on a channel of its own, so that one message
+    /// cannot keep holding up the others it happened to travel with.
     async fn send_batch(&self, batch: Vec<Job>) {
+        let lists: Vec<&[Ready]> = batch.iter().map(|job| &job.messages[..]).collect();
+        let (mut results, channel_failed) = self.publish(&lists).await;
+        if channel_failed && batch.len() > 1 {
+            let again: Vec<usize> = (0..results.len())
+                .filter(|&index| results[index].problem.is_some())
+                .collect();
+            let alone = again
+                .iter()
+                .map(|&index| self.publish(&lists[index..=index]));
+            let retried = futures_util::future::join_all(alone).await;
+            for (index, (mut alone, _)) in again.into_iter().zip(retried) {
+                let result = &mut results[index];
+                let alone = alone.pop().unwrap_or_default();
+                result.confirmed.extend(alone.confirmed);
+                result.reply_sent |= alone.reply_sent;
+                result.problem = alone.problem;
+            }
+        }
+        for (job, result) in batch.into_iter().zip(results) {
+            let _ = job.answer.send(result);
+        }
+    }
+
+    /// Publishes `lists` (one per dispatch) on one channel and says how
+    /// each went, and whether the channel failed under them.
+    async fn publish(&self, lists: &[&[Ready]]) -> (Vec<Dispatched>, bool) {
         let channel = match self.checkout().await {
             Ok(channel) => channel,
             Err(problem) => {
-                for job in batch {
-                    let _ = job.answer.send(Dispatched {
+                let failed = lists
+                    .iter()
+                    .map(|_| Dispatched {
                         problem: Some(problem.clone()),
                         ..Dispatched::default()
-                    });
-                }
-                return;
+                    })
+                    .collect();
+                return (failed, false);
             }
         };
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let mut results: Vec<Dispatched> = batch.iter().map(|_| Dispatched::default()).collect();
+        let mut results: Vec<Dispatched> = lists.iter().map(|_| Dispatched::default()).collect();
         let mut pending = Vec::new();
         let mut clean = true;
-        'publish: for (job_index, job) in batch.iter().enumerate() {
-            for ready in &job.messages {
+        'publish: for (job_index, messages) in lists.iter().enumerate() {
+            for ready in messages.iter() {
                 let published = self
                     .bounded(
                         "publishing",
@@ -729,9 +760,6 @@ impl Channels {
                 }
             }
         }
-        for (job, result) in batch.into_iter().zip(results) {
-            let _ = job.answer.send(result);
-        }
         if clean {
             if channel.status().connected() {
                 self.idle
@@ -743,6 +771,7 @@ impl Channels {
             // It may hold confirms or returns that belong to nobody now.
             let _ = tokio::time::timeout(timeout, channel.close(200, "OK".into())).await;
         }
+        (results, !clean)
     }
 }
 
