@@ -724,7 +724,9 @@ where
     St: Store,
 {
     let lease_lost = AtomicBool::new(false);
-    let lease_ends = std::sync::Mutex::new(Instant::now() + config.lease_ttl);
+    let started = Instant::now();
+    let lease_ends_at_start = started + config.lease_ttl;
+    let lease_ends = std::sync::Mutex::new(lease_ends_at_start);
     let period = config.lease_ttl / 3;
     let renewing = async {
         loop {
@@ -752,6 +754,21 @@ where
         }
     };
     let mut handler = HandlerRun::start(inner, request);
+    if let HandlerRun::Inline(run) = &mut handler {
+        // A handler that finishes without waiting needs neither the
+        // timeout's timer nor the renewals': most deliveries' work is done
+        // here, on the first poll (with this task's own waker, so a pending
+        // handler is woken as usual and driven below).
+        let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+        if let Poll::Ready(result) = first {
+            return Run {
+                result,
+                lease_lost: false,
+                timed_out: false,
+                lease_ends: lease_ends_at_start,
+            };
+        }
+    }
     if matches!(handler, HandlerRun::Spawned(_)) {
         // The handler sits in this worker's LIFO slot, which no other
         // worker may steal from: if it blocks the thread while every other
@@ -761,7 +778,7 @@ where
         YieldOnce(false).await;
     }
     let (result, timed_out) = tokio::select! {
-        joined = tokio::time::timeout(config.handler_timeout, &mut handler) => match joined {
+        joined = tokio::time::timeout_at(started + config.handler_timeout, &mut handler) => match joined {
             Ok(result) => (result, false),
             Err(_) => {
                 // Cancels at its next await; work it started may go on.

@@ -118,7 +118,8 @@ impl Token {
         let mut z = seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Self(format!("{:016x}", z ^ (z >> 31)))
+        // 16 lowercase hex digits, as `{:016x}` writes them.
+        Self(hex(&(z ^ (z >> 31)).to_be_bytes()))
     }
 
     /// The token as text: 16 hexadecimal digits.
@@ -445,7 +446,22 @@ fn compact_done(token: &str, payload_hash: &str) -> Option<Vec<u8>> {
             | number(token, DONE_TOKEN_DIGITS)? << 32
             | number(payload_hash, DONE_HASH_DIGITS)?
     };
-    Some(format!("-{n}").into_bytes())
+    // `-{n}` in decimal, as `Record::encode` writes it.
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut out = Vec::with_capacity(1 + digits.len() - at);
+    out.push(b'-');
+    out.extend_from_slice(&digits[at..]);
+    Some(out)
 }
 
 /// Appends the bytes of lowercase hex `text`; `None` on anything else.
@@ -1051,7 +1067,11 @@ mod tests {
         let a = Token::new();
         let b = Token::new();
         assert_ne!(a, b);
-        assert_eq!(a.as_str().len(), 16);
+        for token in [a, b] {
+            assert_eq!(token.as_str().len(), 16);
+            let parsed = u64::from_str_radix(token.as_str(), 16).expect("a token is hexadecimal");
+            assert_eq!(format!("{parsed:016x}"), token.as_str());
+        }
     }
 
     #[test]
