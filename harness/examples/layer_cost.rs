@@ -9,6 +9,10 @@
 //! cargo run --release -p harness --example layer_cost -- 300000
 //! valgrind --tool=callgrind target/release/examples/layer_cost 20000
 //! ```
+//!
+//! `LAYER_COST_LOG=<filter>` (an `EnvFilter`, e.g. `info`) installs a
+//! `tracing` fmt subscriber writing to nowhere, to measure what the
+//! layer's spans and events cost a deployment that records them.
 
 use std::convert::Infallible;
 use std::process::ExitCode;
@@ -20,6 +24,20 @@ use lapin::message::Delivery;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 fn main() -> ExitCode {
+    if let Ok(directives) = std::env::var("LAYER_COST_LOG") {
+        match tracing_subscriber::EnvFilter::try_new(&directives) {
+            Ok(filter) => tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::sink)
+                .init(),
+            Err(err) => {
+                eprintln!(
+                    "layer_cost: LAYER_COST_LOG=`{directives}` is not a tracing filter ({err}); use e.g. `info`"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
     let deliveries = match std::env::args().nth(1) {
         None => 200_000,
         Some(text) => match text.parse::<u64>() {
