@@ -1,12 +1,22 @@
-//! The layer's own cost per delivery, without a broker or a Redis server:
-//! `IdempotencyLayer` over `MemoryStore`, a handler that returns at once,
-//! and N fresh deliveries (unique message ids, 64-byte bodies) on one
-//! current-thread runtime. It prints the wall time per delivery; under
-//! callgrind the instruction count per delivery is repeatable, which the
-//! full benchmark (broker, Redis and two shared cores) is not:
+//! The layer's own cost per delivery, without a broker: `IdempotencyLayer`
+//! and a handler that returns at once, over N fresh deliveries (unique
+//! message ids, 64-byte bodies) on one current-thread runtime.
+//!
+//! - By default the store is `MemoryStore` and the deliveries run one at a
+//!   time: the layer alone. Under callgrind its instruction count per
+//!   delivery is repeatable, which the full benchmark (broker, Redis and
+//!   two shared cores) is not.
+//! - With `--redis`, the store is `RedisStore` on `REDIS_URL` (default
+//!   `redis://127.0.0.1:6379`) and 256 deliveries run at once, as under a
+//!   prefetch of 256, so that requests share pipelines: the layer plus the
+//!   Redis client, still without a broker. Its records live under the key
+//!   prefix `layer-cost-<pid>` and expire after a minute.
+//!
+//! It prints the wall time and this process's CPU time per delivery:
 //!
 //! ```sh
 //! cargo run --release -p harness --example layer_cost -- 300000
+//! cargo run --release -p harness --example layer_cost -- 300000 --redis
 //! valgrind --tool=callgrind target/release/examples/layer_cost 20000
 //! ```
 //!
@@ -16,14 +26,36 @@
 
 use std::convert::Infallible;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use amqp_idempotency::{Config, IdempotencyLayer, OutcomeKind, store::MemoryStore};
+use amqp_idempotency::store::{MemoryStore, RedisStore, Store};
+use amqp_idempotency::{BoxError, Config, IdempotencyLayer, OutcomeKind};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
+/// Deliveries under way at once with `--redis`.
+const IN_FLIGHT: u64 = 256;
+
 fn main() -> ExitCode {
+    let mut deliveries = 200_000;
+    let mut redis = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--redis" => redis = true,
+            text => match text.parse::<u64>() {
+                Ok(n) if n > 0 => deliveries = n,
+                _ => {
+                    eprintln!(
+                        "layer_cost: expected a number of deliveries (> 0) or --redis, got `{text}`"
+                    );
+                    return ExitCode::from(2);
+                }
+            },
+        }
+    }
     if let Ok(directives) = std::env::var("LAYER_COST_LOG") {
         match tracing_subscriber::EnvFilter::try_new(&directives) {
             Ok(filter) => tracing_subscriber::fmt()
@@ -38,16 +70,6 @@ fn main() -> ExitCode {
             }
         }
     }
-    let deliveries = match std::env::args().nth(1) {
-        None => 200_000,
-        Some(text) => match text.parse::<u64>() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                eprintln!("layer_cost: expected a number of deliveries (> 0), got `{text}`");
-                return ExitCode::from(2);
-            }
-        },
-    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -58,9 +80,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(deliveries)) {
-        Ok(per_delivery_us) => {
-            println!("{deliveries} deliveries: {per_delivery_us:.2} µs each");
+    let measured = runtime.block_on(async {
+        if redis {
+            let url =
+                std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+            let store = RedisStore::connect(&url)
+                .await
+                .map_err(|err| format!("cannot use REDIS_URL={url}: {err}"))?;
+            let config = Config::default()
+                .key_prefix(format!("layer-cost-{}", std::process::id()))
+                .done_ttl(Duration::from_secs(60));
+            run(store, config, deliveries, IN_FLIGHT).await
+        } else {
+            run(MemoryStore::new(), Config::default(), deliveries, 1).await
+        }
+    });
+    match measured {
+        Ok((wall_us, cpu_us)) => {
+            let cpu = cpu_us.map_or_else(|| "unknown".to_owned(), |us| format!("{us:.2} µs"));
+            println!("{deliveries} deliveries: {wall_us:.2} µs each, CPU {cpu} each");
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -70,22 +108,56 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(deliveries: u64) -> Result<f64, amqp_idempotency::BoxError> {
-    let layer = IdempotencyLayer::new(MemoryStore::new(), "orders", Config::default())?;
+/// Runs `deliveries` through the layer, `in_flight` at a time; the wall
+/// time and the process's CPU time per delivery, in µs.
+async fn run<St: Store + Clone>(
+    store: St,
+    config: Config,
+    deliveries: u64,
+    in_flight: u64,
+) -> Result<(f64, Option<f64>), BoxError> {
+    let layer = IdempotencyLayer::new(store, "orders", config)?;
     let mut service = layer.layer(service_fn(|_: Delivery| async { Ok::<_, Infallible>(()) }));
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
-    for tag in 1..=deliveries {
-        let mut delivery = Delivery::mock(tag, "".into(), "orders".into(), false, vec![b'x'; 64]);
-        delivery.properties =
-            BasicProperties::default().with_message_id(format!("msg-{tag:012}").into());
-        let outcome = service.ready().await?.call(delivery).await?;
-        if outcome.kind() != OutcomeKind::Processed {
-            return Err(format!(
-                "delivery {tag} ended as {:?}, not processed",
-                outcome.kind()
-            )
-            .into());
+    let mut running = FuturesUnordered::new();
+    let mut next = 1;
+    while next <= deliveries || !running.is_empty() {
+        while next <= deliveries && (running.len() as u64) < in_flight {
+            let tag = next;
+            next += 1;
+            let mut delivery =
+                Delivery::mock(tag, "".into(), "orders".into(), false, vec![b'x'; 64]);
+            delivery.properties =
+                BasicProperties::default().with_message_id(format!("msg-{tag:012}").into());
+            let call = service.ready().await?.call(delivery);
+            running.push(async move { (tag, call.await) });
+        }
+        if let Some((tag, outcome)) = running.next().await {
+            let kind = outcome?.kind();
+            if kind != OutcomeKind::Processed {
+                return Err(format!("delivery {tag} ended as {kind:?}, not processed").into());
+            }
         }
     }
-    Ok(started.elapsed().as_secs_f64() * 1e6 / deliveries as f64)
+    let wall_us = started.elapsed().as_secs_f64() * 1e6 / deliveries as f64;
+    let cpu_us = match (cpu_before, cpu_seconds()) {
+        (Some(before), Some(after)) => Some((after - before) * 1e6 / deliveries as f64),
+        _ => None,
+    };
+    Ok((wall_us, cpu_us))
+}
+
+/// This process's user and system CPU time so far, in seconds (from
+/// `/proc/self/stat`, at the usual 100 ticks per second), or `None` where
+/// that file cannot be read.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at the
+    // state (field 3); utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
