@@ -377,7 +377,7 @@ where
                 config.max_attempts
             ))
         };
-        settle_failed_claim(guard, &outcome).await;
+        Box::pin(settle_failed_claim(guard, &outcome)).await;
         return outcome;
     }
     guard.mark_started();
@@ -420,7 +420,9 @@ where
                 tokio::time::sleep_until(run.lease_ends + LEASE_MARGIN).await;
             }
             let outcome = failed(config, attempt, failure);
-            settle_failed_claim(guard, &outcome).await;
+            // Boxed, like the other paths off the common one, so that every
+            // delivery's future stays small.
+            Box::pin(settle_failed_claim(guard, &outcome)).await;
             outcome
         }
     }
@@ -727,8 +729,26 @@ where
     let started = Instant::now();
     let lease_ends_at_start = started + config.lease_ttl;
     let lease_ends = std::sync::Mutex::new(lease_ends_at_start);
+    let mut handler = HandlerRun::start(inner, request);
+    if let HandlerRun::Inline(run) = &mut handler {
+        // A handler that finishes without waiting needs neither the
+        // timeout's timer nor the renewals': most deliveries' work is done
+        // here, on the first poll (with this task's own waker, so a pending
+        // handler is woken as usual and driven below).
+        let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+        if let Poll::Ready(result) = first {
+            return Run {
+                result,
+                lease_lost: false,
+                timed_out: false,
+                lease_ends: lease_ends_at_start,
+            };
+        }
+    }
     let period = config.lease_ttl / 3;
-    let renewing = async {
+    // Boxed: only a handler that waits needs it, and inline it would
+    // make every delivery's future larger.
+    let renewing = Box::pin(async {
         loop {
             tokio::time::sleep(period).await;
             let sent = Instant::now();
@@ -752,23 +772,7 @@ where
                 }
             }
         }
-    };
-    let mut handler = HandlerRun::start(inner, request);
-    if let HandlerRun::Inline(run) = &mut handler {
-        // A handler that finishes without waiting needs neither the
-        // timeout's timer nor the renewals': most deliveries' work is done
-        // here, on the first poll (with this task's own waker, so a pending
-        // handler is woken as usual and driven below).
-        let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
-        if let Poll::Ready(result) = first {
-            return Run {
-                result,
-                lease_lost: false,
-                timed_out: false,
-                lease_ends: lease_ends_at_start,
-            };
-        }
-    }
+    });
     if matches!(handler, HandlerRun::Spawned(_)) {
         // The handler sits in this worker's LIFO slot, which no other
         // worker may steal from: if it blocks the thread while every other
