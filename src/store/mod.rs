@@ -317,56 +317,24 @@ impl Record {
     }
 
     fn encode_compact(&self) -> Option<Vec<u8>> {
-        let hash = |text: &str| match text.len() {
-            0 => Some(Vec::new()),
-            n if n == 2 * HASH_BYTES => unhex(text),
-            _ => None,
-        };
-        let token = |text: &str, bytes: usize| (text.len() == 2 * bytes).then(|| unhex(text))?;
-        let mut out = Vec::with_capacity(1 + TOKEN_BYTES + 5 + HASH_BYTES);
         match self {
             Self::InProgress {
-                token: owner,
+                token,
                 attempt,
                 payload_hash,
                 lingers: true,
-            } => {
-                out.push(TAG_IN_PROGRESS);
-                out.extend(token(owner, TOKEN_BYTES)?);
-                write_varint(&mut out, *attempt);
-                out.extend(hash(payload_hash)?);
-            }
-            Self::InProgress { lingers: false, .. } => return None,
+            } => encode_attempt(TAG_IN_PROGRESS, token, *attempt, payload_hash),
+            Self::InProgress { lingers: false, .. } => None,
             Self::Done {
                 payload_hash,
-                token: owner,
-            } => {
-                let number = |text: &str, digits: usize| {
-                    (text.len() == digits)
-                        .then(|| u64::from_str_radix(text, 16).ok())
-                        .flatten()
-                };
-                let n = if payload_hash.is_empty() {
-                    DONE_UNCHECKED << 48 | number(owner, DONE_UNCHECKED_TOKEN_DIGITS)?
-                } else {
-                    DONE_CHECKED << 48
-                        | number(owner, DONE_TOKEN_DIGITS)? << 32
-                        | number(payload_hash, DONE_HASH_DIGITS)?
-                };
-                return Some(format!("-{n}").into_bytes());
-            }
+                token,
+            } => encode_done(token, payload_hash),
             Self::Released {
                 attempts,
                 payload_hash,
-                token: owner,
-            } => {
-                out.push(TAG_RELEASED);
-                out.extend(token(owner, TOKEN_BYTES)?);
-                write_varint(&mut out, *attempts);
-                out.extend(hash(payload_hash)?);
-            }
+                token,
+            } => encode_attempt(TAG_RELEASED, token, *attempts, payload_hash),
         }
-        Some(out)
     }
 
     fn encode_text(&self) -> String {
@@ -419,26 +387,45 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// The compact in-progress value (as [`Record::encode`] writes it), built
-/// in place; `None` when the token or hash is not of this version's shape.
-fn compact_in_progress(token: &str, attempt: u32, payload_hash: &str) -> Option<Vec<u8>> {
+/// A compact in-progress or released record: `tag`, the token's bytes,
+/// the attempt count as a varint, then the payload hash's bytes; `None`
+/// when the token or hash is not of this version's shape.
+fn encode_attempt(tag: u8, token: &str, attempts: u32, payload_hash: &str) -> Option<Vec<u8>> {
     if token.len() != 2 * TOKEN_BYTES
         || !(payload_hash.is_empty() || payload_hash.len() == 2 * HASH_BYTES)
     {
         return None;
     }
     let mut out = Vec::with_capacity(1 + TOKEN_BYTES + 5 + HASH_BYTES);
-    out.push(TAG_IN_PROGRESS);
+    out.push(tag);
     push_hex(&mut out, token)?;
-    write_varint(&mut out, attempt);
+    write_varint(&mut out, attempts);
     push_hex(&mut out, payload_hash)?;
     Some(out)
 }
 
-/// The compact done mark (as [`Record::encode`] writes it, from the
-/// prefixes a done mark keeps), built without intermediate strings.
+/// The compact done mark of a claim's full token and payload hash: the
+/// prefixes a done mark keeps, encoded as [`Record::encode`] does.
 fn compact_done(token: &str, payload_hash: &str) -> Option<Vec<u8>> {
-    let number = |text: &str, digits: usize| u64::from_str_radix(text.get(..digits)?, 16).ok();
+    if payload_hash.is_empty() {
+        encode_done(token.get(..DONE_UNCHECKED_TOKEN_DIGITS)?, "")
+    } else {
+        encode_done(
+            token.get(..DONE_TOKEN_DIGITS)?,
+            payload_hash.get(..DONE_HASH_DIGITS)?,
+        )
+    }
+}
+
+/// A done mark as one integer, `-{n}` in decimal: its kind, the token
+/// prefix and the payload hash prefix (exactly as many hex digits as a
+/// done mark keeps, else `None`).
+fn encode_done(token: &str, payload_hash: &str) -> Option<Vec<u8>> {
+    let number = |text: &str, digits: usize| {
+        (text.len() == digits)
+            .then(|| u64::from_str_radix(text, 16).ok())
+            .flatten()
+    };
     let n = if payload_hash.is_empty() {
         DONE_UNCHECKED << 48 | number(token, DONE_UNCHECKED_TOKEN_DIGITS)?
     } else {
@@ -446,22 +433,7 @@ fn compact_done(token: &str, payload_hash: &str) -> Option<Vec<u8>> {
             | number(token, DONE_TOKEN_DIGITS)? << 32
             | number(payload_hash, DONE_HASH_DIGITS)?
     };
-    // `-{n}` in decimal, as `Record::encode` writes it.
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    let mut out = Vec::with_capacity(1 + digits.len() - at);
-    out.push(b'-');
-    out.extend_from_slice(&digits[at..]);
-    Some(out)
+    Some(format!("-{n}").into_bytes())
 }
 
 /// Appends the bytes of lowercase hex `text`; `None` on anything else.
@@ -478,21 +450,6 @@ fn push_hex(out: &mut Vec<u8>, text: &str) -> Option<()> {
         }
     }
     Some(())
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    text.as_bytes()
-        .chunks(2)
-        .map(|pair| match pair {
-            [high, low] => Some(digit(*high)? << 4 | digit(*low)?),
-            _ => None,
-        })
-        .collect()
 }
 
 fn write_varint(out: &mut Vec<u8>, mut n: u32) {
@@ -531,15 +488,16 @@ impl Claim {
     fn new(key: &str, token: &str, attempt: u32, payload_hash: &str) -> Self {
         // On every delivery's path: the compact value is written in one
         // allocation; other tokens or hashes take the general encoding.
-        let value = compact_in_progress(token, attempt, payload_hash).unwrap_or_else(|| {
-            Record::InProgress {
-                token: token.to_owned(),
-                attempt,
-                payload_hash: payload_hash.to_owned(),
-                lingers: true,
-            }
-            .encode()
-        });
+        let value =
+            encode_attempt(TAG_IN_PROGRESS, token, attempt, payload_hash).unwrap_or_else(|| {
+                Record::InProgress {
+                    token: token.to_owned(),
+                    attempt,
+                    payload_hash: payload_hash.to_owned(),
+                    lingers: true,
+                }
+                .encode()
+            });
         Self {
             key: key.to_owned(),
             token: token.to_owned(),
