@@ -32,6 +32,7 @@ use amqp_idempotency::store::{MemoryStore, RedisStore, Store};
 use amqp_idempotency::{BoxError, Config, IdempotencyLayer, OutcomeKind};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use harness::cpu::{clock_ticks_per_s, process_ticks};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -118,7 +119,7 @@ async fn run<St: Store + Clone>(
 ) -> Result<(f64, Option<f64>), BoxError> {
     let layer = IdempotencyLayer::new(store, "orders", config)?;
     let mut service = layer.layer(service_fn(|_: Delivery| async { Ok::<_, Infallible>(()) }));
-    let cpu_before = cpu_seconds();
+    let cpu_before = process_ticks();
     let started = Instant::now();
     let mut running = FuturesUnordered::new();
     let mut next = 1;
@@ -141,23 +142,11 @@ async fn run<St: Store + Clone>(
         }
     }
     let wall_us = started.elapsed().as_secs_f64() * 1e6 / deliveries as f64;
-    let cpu_us = match (cpu_before, cpu_seconds()) {
-        (Some(before), Some(after)) => Some((after - before) * 1e6 / deliveries as f64),
+    let cpu_us = match (cpu_before, process_ticks()) {
+        (Some(before), Some(after)) => Some(
+            after.saturating_sub(before) as f64 * 1e6 / clock_ticks_per_s() / deliveries as f64,
+        ),
         _ => None,
     };
     Ok((wall_us, cpu_us))
-}
-
-/// This process's user and system CPU time so far, in seconds (from
-/// `/proc/self/stat`, at the usual 100 ticks per second), or `None` where
-/// that file cannot be read.
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start at the
-    // state (field 3); utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: f64 = fields.next()?.parse().ok()?;
-    let stime: f64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) / 100.0)
 }

@@ -12,6 +12,7 @@
 //! services:
 //!
 //! - [`env`](mod@env): the service URLs from the environment, with their defaults;
+//! - [`cpu`]: the CPU time of a process, from `/proc/<pid>/stat`;
 //! - [`amqp`]: connecting to RabbitMQ, publisher confirms, pointing an AMQP
 //!   URL somewhere else;
 //! - [`redis_server`]: a private `redis-server` on a free port, which can be
@@ -24,6 +25,7 @@
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
 pub mod amqp;
+pub mod cpu;
 pub mod env;
 pub mod proxy;
 pub mod redis_admin;

@@ -5,6 +5,9 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub use harness::cpu::clock_ticks_per_s;
+use harness::cpu::{process_ticks, stat_ticks};
+
 pub fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -13,37 +16,6 @@ pub fn epoch() -> Instant {
 /// Nanoseconds since the harness started (the open-loop publish timestamp).
 pub fn now_ns() -> u64 {
     u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// utime + stime of this process, in clock ticks.
-pub fn cpu_ticks() -> Option<u64> {
-    stat_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)
-}
-
-/// utime + stime from the text of a `/proc/<pid>/stat`.
-pub fn stat_ticks(stat: &str) -> Option<u64> {
-    // The command name (field 2) may contain spaces: fields after the last ')'
-    // start with field 3 (state); utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// `getconf CLK_TCK`, read once; 100 (the usual value on Linux) if that fails.
-pub fn clock_ticks_per_s() -> f64 {
-    static TICKS: OnceLock<f64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|out| String::from_utf8(out.stdout).ok())
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|t| *t > 0.0)
-            .unwrap_or(100.0)
-    })
 }
 
 /// Wall clock and CPU time of a drain.
@@ -61,13 +33,13 @@ impl Meter {
     pub fn start() -> Self {
         Self {
             started: Instant::now(),
-            cpu: cpu_ticks(),
+            cpu: process_ticks(),
         }
     }
 
     pub fn stop(&self) -> Measured {
         let elapsed = self.started.elapsed();
-        let cpu_us = match (self.cpu, cpu_ticks()) {
+        let cpu_us = match (self.cpu, process_ticks()) {
             (Some(before), Some(after)) => {
                 Some(after.saturating_sub(before) as f64 * 1e6 / clock_ticks_per_s())
             }
