@@ -13,8 +13,6 @@ use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, serve};
 use common::{RedisProcess, SentinelGroup};
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use tower::{Layer, service_fn};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -183,20 +181,7 @@ async fn spawn_consumer(
             *seen.lock().unwrap().entry(id).or_default() += 1;
             async { Ok::<_, HandlerError>(()) }
         }));
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .basic_qos(16, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (channel, consumer) = common::consume(connection, queue, 16).await;
     let stop = stop.clone();
     let options = ServeOptions::new()
         .concurrency(16)

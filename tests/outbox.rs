@@ -14,8 +14,8 @@ use std::time::Duration;
 use amqp_idempotency::outbox::{Checkpoint, OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::store::{RedisStore, Store};
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, ServeReport, serve};
-use common::{TestQueue, amqp, declare_queue, eventually, ready_count, redis_store};
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions};
+use common::{TestQueue, amqp, consume, declare_queue, eventually, ready_count, redis_store};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tower::{Layer, service_fn};
@@ -181,20 +181,7 @@ impl Consumer {
         S::Future: Send + 'static,
     {
         let connection = amqp().await;
-        let channel = connection.create_channel().await.expect("open a channel");
-        channel
-            .basic_qos(8, BasicQosOptions::default())
-            .await
-            .expect("set prefetch");
-        let consumer = channel
-            .basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("start consuming");
+        let (channel, consumer) = consume(&connection, queue, 8).await;
         let stop = Arc::new(tokio::sync::Notify::new());
         let stopped = Arc::clone(&stop);
         let options = ServeOptions::new()

@@ -11,31 +11,15 @@ use amqp_idempotency::store::{Record, RedisStore, Store};
 use amqp_idempotency::{
     Config, HandlerError, IdempotencyLayer, Outcome, OutcomeKind, ServeOptions, ServeReport, serve,
 };
-use common::{TestQueue, amqp, declare_queue, eventually, publish, ready_count, redis_store};
+use common::{
+    TestQueue, amqp, consume, declare_queue, eventually, publish, ready_count, redis_store,
+};
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Connection};
 use tokio::sync::watch;
 use tower::{Layer, Service, service_fn};
-
-async fn consumer(connection: &Connection, queue: &str, prefetch: u16) -> (Channel, Consumer) {
-    let channel = connection.create_channel().await.expect("open a channel");
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .expect("set prefetch");
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("start consuming");
-    (channel, consumer)
-}
 
 fn config(prefix: &str) -> Config {
     Config::default()
@@ -146,7 +130,7 @@ async fn run_until(
     + 'static,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ServeReport {
-    let (channel, consumer) = consumer(connection, queue, 8).await;
+    let (channel, consumer) = consume(connection, queue, 8).await;
     let options = ServeOptions::new()
         .concurrency(8)
         .shutdown_on(async move {
@@ -416,7 +400,7 @@ async fn two_consumers_with_the_same_fingerprint_run_the_handler_once() {
     let run = |connection: &'static Connection, service, stop| {
         let queue = queue.name.clone();
         async move {
-            let (channel, consumer) = consumer(connection, &queue, 1).await;
+            let (channel, consumer) = consume(connection, &queue, 1).await;
             let options = ServeOptions::new()
                 .concurrency(1)
                 .shutdown_on(stop)
@@ -531,7 +515,7 @@ async fn shutdown_abandons_a_hung_handler_keeps_its_claim_and_the_message() {
                 Ok::<_, HandlerError>(())
             }
         }));
-    let (channel, consumer) = consumer(&connection, &queue.name, 1).await;
+    let (channel, consumer) = consume(&connection, &queue.name, 1).await;
     let options = ServeOptions::new()
         .concurrency(1)
         .shutdown_on(async move { started.notified().await })
@@ -588,7 +572,7 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_with_reason_header
     .layer(service_fn(|_d: Delivery| async {
         Err::<(), _>(HandlerError::retryable("always fails"))
     }));
-    let (channel, consumer) = consumer(&connection, &queue.name, 4).await;
+    let (channel, consumer) = consume(&connection, &queue.name, 4).await;
     let stop = journal.until(|j| j.count("attempts_exhausted") >= 1);
     let options = ServeOptions::new()
         .concurrency(4)
@@ -790,7 +774,7 @@ async fn acks_are_coalesced_without_acking_a_slow_or_failing_delivery_early() {
             Ok(())
         }
     }));
-    let (channel, consumer) = consumer(&connection, &queue.name, 64).await;
+    let (channel, consumer) = consume(&connection, &queue.name, 64).await;
     let stop = journal.until(|j| j.count("processed") >= N);
     let options = ServeOptions::new()
         .concurrency(64)
@@ -896,7 +880,7 @@ async fn a_missing_dead_letter_exchange_is_reported_at_start() {
     .layer(service_fn(|_d: Delivery| async {
         Ok::<_, HandlerError>(())
     }));
-    let (channel, consumer) = consumer(&connection, &queue.name, 1).await;
+    let (channel, consumer) = consume(&connection, &queue.name, 1).await;
     let missing = common::unique("no-such-exchange");
     let options = ServeOptions::new()
         .shutdown_on(std::future::pending())
@@ -932,7 +916,7 @@ async fn serve_follows_lapins_automatic_recovery_after_a_cut_connection() {
     )
     .await
     .expect("connect through the proxy");
-    let (channel, consumer) = consumer(&recovering, &queue.name, 8).await;
+    let (channel, consumer) = consume(&recovering, &queue.name, 8).await;
     let journal = Journal::default();
     let started = Arc::new(tokio::sync::Notify::new());
     let s = started.clone();
@@ -1003,7 +987,7 @@ async fn an_unconfirmed_parking_copy_leaves_the_original_in_its_queue() {
             Err(HandlerError::permanent("never valid"))
         }
     }));
-    let (channel, consumer) = consumer(&connection, &queue.name, 4).await;
+    let (channel, consumer) = consume(&connection, &queue.name, 4).await;
     let stop = journal.until(|j| j.count("failed") >= 2);
     let options = ServeOptions::new()
         .concurrency(4)
@@ -1112,7 +1096,7 @@ async fn the_brokers_own_dead_lettering_is_an_explicit_opt_in() {
         .layer(service_fn(|_d: Delivery| async {
             Err::<(), _>(HandlerError::permanent("never valid"))
         }));
-    let (_channel, consumer) = consumer(&connection, &name, 4).await;
+    let (_channel, consumer) = consume(&connection, &name, 4).await;
     let stop = journal.until(|j| j.count("failed") >= 1);
     // No channel given: fine for the broker's dead-lettering, which rejects.
     let options = ServeOptions::new()
@@ -1155,7 +1139,7 @@ async fn without_a_channel_the_parking_queue_is_refused_at_start() {
     .layer(service_fn(|_d: Delivery| async {
         Ok::<_, HandlerError>(())
     }));
-    let (_channel, consumer) = consumer(&connection, &queue.name, 1).await;
+    let (_channel, consumer) = consume(&connection, &queue.name, 1).await;
     let err = serve(
         consumer,
         service,

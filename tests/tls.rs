@@ -16,7 +16,6 @@ use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, amq
 use common::{Pki, Stunnel, TlsRedis};
 use lapin::ConnectionProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tower::{Layer, ServiceExt, service_fn};
 
@@ -233,20 +232,7 @@ async fn serve_runs_end_to_end_over_amqps_and_rediss() {
     let connection = amqp::connect(&config, ConnectionProperties::default())
         .await
         .unwrap_or_else(|err| panic!("connect to RabbitMQ through stunnel: {err}"));
-    let channel = connection.create_channel().await.expect("open a channel");
-    channel
-        .basic_qos(8, BasicQosOptions::default())
-        .await
-        .expect("set prefetch");
-    let consumer = channel
-        .basic_consume(
-            queue.name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume through the tunnel");
+    let (channel, consumer) = common::consume(&connection, &queue.name, 8).await;
     let store = RedisStore::connect_with(&config)
         .await
         .unwrap_or_else(|err| panic!("connect to Redis over TLS: {err}"));

@@ -7,9 +7,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use amqp_idempotency::store::RedisStore;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -98,6 +101,25 @@ impl TestQueue {
                 .await;
         }
     }
+}
+
+/// A channel with `prefetch` deliveries in flight, consuming `queue`.
+pub async fn consume(connection: &Connection, queue: &str, prefetch: u16) -> (Channel, Consumer) {
+    let channel = connection.create_channel().await.expect("open a channel");
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("set prefetch");
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|err| panic!("start consuming `{queue}`: {err}"));
+    (channel, consumer)
 }
 
 /// Publishes `body` to `queue` through the default exchange, confirmed.
