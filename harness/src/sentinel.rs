@@ -1,11 +1,13 @@
 //! A replicated Redis under Redis Sentinel, on free ports of 127.0.0.1:
 //! two `redis-server`s without persistence (a master and its replica) and
-//! three sentinels watching them (quorum 2, a master is down after 1s
+//! three sentinels watching them (quorum 2, a master is down after 3s
 //! without an answer), each in a directory of its own under the caller's.
 //! [`ReplicatedRedis::kill_master`] and [`ReplicatedRedis::advance`] drive
 //! a failover: `kill -9` of the master, the sentinels promote the replica,
 //! the killed server comes back empty on its old port as a plain server,
-//! and the sentinels turn it into a replica of the new master.
+//! and the sentinels turn it into a replica of the new master. When the
+//! sentinels fail the pair over on their own meanwhile, [`ReplicatedRedis::advance`]
+//! says so ([`FailoverStep::Unplanned`]) and follows them.
 //!
 //! Sentinels run as `redis-sentinel <conf>` (Debian's `redis-sentinel`
 //! package) or, where that is not installed, `redis-server <conf> --sentinel`
@@ -23,12 +25,19 @@ use crate::redis_server::{RedisServer, free_port, ping};
 pub const SENTINELS: usize = 3;
 /// How many sentinels must agree that the master is down.
 pub const QUORUM: usize = 2;
-/// `sentinel down-after-milliseconds`.
-pub const DOWN_AFTER_MS: u64 = 1000;
+/// `sentinel down-after-milliseconds`: longer than the 2s after which a
+/// sentinel whose own timer was held up (the whole machine stalled) enters
+/// TILT mode and does nothing for 30s. With 1s, a stall of the machine
+/// between 1s and 2s leaves every sentinel with an unanswered PING older
+/// than down-after and no TILT, and they fail over a master nobody killed
+/// (a CI run saw the promoted master turned back into a replica that way).
+pub const DOWN_AFTER_MS: u64 = 3000;
 /// `sentinel failover-timeout`.
 pub const FAILOVER_TIMEOUT_MS: u64 = 5000;
-/// How long the sentinels may take to promote the replica once the master is killed.
-pub const PROMOTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the sentinels may take to promote the replica once the master
+/// is killed: down-after, the election, and a TILT period (30s) that a
+/// stalled machine may have started.
+pub const PROMOTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the killed server may take, once restarted, to be an online
 /// replica of the new master that every sentinel sees. The sentinels turn a
 /// returning master into a replica only after about 10s (their `INFO` period
@@ -36,6 +45,8 @@ pub const PROMOTION_TIMEOUT: Duration = Duration::from_secs(30);
 pub const REJOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long [`ReplicatedRedis::start`] waits for the sentinels to agree.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many of each sentinel's last events [`ReplicatedRedis::events`] gives.
+pub const EVENTS_KEPT: usize = 12;
 /// One question to a server or a sentinel, connection included.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -164,13 +175,15 @@ pub struct ReplicatedRedis {
 /// A failover under way: see [`ReplicatedRedis::advance`].
 #[derive(Debug)]
 pub struct Failover {
-    /// The port of the master that was killed.
+    /// The port of the master that was killed (or, after
+    /// [`FailoverStep::Unplanned`], the one the sentinels left).
     pub old: u16,
     /// The port of the server the sentinels promoted, once they agree on it.
     pub new: Option<u16>,
     /// When the master was killed.
     pub killed: Instant,
-    /// When every sentinel named the new master.
+    /// When every sentinel named the new master (the latest one, after
+    /// [`FailoverStep::Unplanned`]).
     pub promoted: Option<Instant>,
 }
 
@@ -185,6 +198,11 @@ pub enum FailoverStep {
     /// The restarted server is an online replica of the new master, and
     /// every sentinel sees it so: the pair can fail over again.
     Rejoined,
+    /// Before that, the sentinels failed the new master over on their own
+    /// to the server on this port (nobody killed it: see [`ReplicatedRedis::events`]
+    /// for why they did). The failover goes on with the roles swapped: the
+    /// master they left, still running, is to become a replica of this one.
+    Unplanned(u16),
 }
 
 impl ReplicatedRedis {
@@ -390,13 +408,24 @@ impl ReplicatedRedis {
         match (failover.new, failover.promoted) {
             (Some(new), Some(promoted)) => match self.settled(new, old).await {
                 Ok(()) => Ok(FailoverStep::Rejoined),
-                Err(reason) if promoted.elapsed() > REJOIN_TIMEOUT => Err(format!(
-                    "failover: 127.0.0.1:{old}, restarted, did not become an online replica of \
-                     127.0.0.1:{new} seen by every sentinel within {REJOIN_TIMEOUT:?}: {reason} \
-                     (logs in {})",
-                    self.dir.display()
-                )),
-                Err(_) => Ok(FailoverStep::Waiting),
+                Err(reason) => match self.agreed_master().await {
+                    // Every sentinel names the other server: they failed
+                    // `new` over themselves. Follow them.
+                    Ok(now) if now != new => {
+                        failover.old = new;
+                        failover.new = Some(now);
+                        failover.promoted = Some(Instant::now());
+                        Ok(FailoverStep::Unplanned(now))
+                    }
+                    _ if promoted.elapsed() > REJOIN_TIMEOUT => Err(format!(
+                        "failover: 127.0.0.1:{old}, restarted, did not become an online replica \
+                         of 127.0.0.1:{new} seen by every sentinel within {REJOIN_TIMEOUT:?}: \
+                         {reason}; the sentinels' events: {} (logs in {})",
+                        self.events(),
+                        self.dir.display()
+                    )),
+                    _ => Ok(FailoverStep::Waiting),
+                },
             },
             _ => match self.agreed_master().await {
                 Ok(new) if new != old => {
@@ -414,16 +443,71 @@ impl ReplicatedRedis {
                 }
                 answer if failover.killed.elapsed() > PROMOTION_TIMEOUT => Err(format!(
                     "failover: the sentinels did not promote a new master within \
-                     {PROMOTION_TIMEOUT:?} of killing 127.0.0.1:{old} ({}; logs in {})",
+                     {PROMOTION_TIMEOUT:?} of killing 127.0.0.1:{old} ({}; their events: {}; \
+                     logs in {})",
                     match answer {
                         Ok(port) => format!("they still name 127.0.0.1:{port}"),
                         Err(err) => err,
                     },
+                    self.events(),
                     self.dir.display()
                 )),
                 _ => Ok(FailoverStep::Waiting),
             },
         }
+    }
+
+    /// What the sentinels logged about who is up and who is master: their
+    /// `+sdown`, `+odown`, `+tilt`, `+switch-master`, `+convert-to-slave`,
+    /// `+promoted-slave` and `-failover-abort-*` events, the last
+    /// [`EVENTS_KEPT`] of each, as `sentinel <port>: <time> <event> | ...`.
+    /// For error messages: a failover that went wrong says why.
+    pub fn events(&self) -> String {
+        const WATCHED: [&str; 8] = [
+            "+sdown",
+            "-sdown",
+            "+odown",
+            "+tilt",
+            "+switch-master",
+            "+convert-to-slave",
+            "+promoted-slave",
+            "-failover-abort",
+        ];
+        self.sentinels
+            .iter()
+            .map(|sentinel| {
+                let path = sentinel.dir.join("sentinel.log");
+                let log = match std::fs::read_to_string(&path) {
+                    Ok(log) => log,
+                    Err(err) => {
+                        return format!("sentinel {}: ({}: {err})", sentinel.port, path.display());
+                    }
+                };
+                // `pid:X 26 Nov 2026 23:41:58.683 # +sdown master chaos ...`:
+                // the time and what follows the level mark.
+                let lines: Vec<String> = log
+                    .lines()
+                    .filter(|line| WATCHED.iter().any(|event| line.contains(event)))
+                    .map(|line| {
+                        let fields: Vec<&str> = line.split_whitespace().collect();
+                        fields.get(4..).map_or_else(
+                            || line.to_owned(),
+                            |rest| {
+                                let rest: Vec<&str> = rest
+                                    .iter()
+                                    .filter(|f| **f != "#" && **f != "*")
+                                    .copied()
+                                    .collect();
+                                rest.join(" ")
+                            },
+                        )
+                    })
+                    .collect();
+                let kept = &lines[lines.len().saturating_sub(EVENTS_KEPT)..];
+                format!("sentinel {}: {}", sentinel.port, kept.join(" | "))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// Kills every process (also done when dropped).

@@ -842,7 +842,10 @@ impl RedisProcess {
         this
     }
 
-    /// A sentinel watching `master` on `master_port`.
+    /// A sentinel watching `master` on `master_port`. Its down-after (3s)
+    /// is longer than the 2s stall of its own timer that puts it in TILT
+    /// mode: a stall of the whole machine either passes unnoticed or stops
+    /// every sentinel for 30s, and never fails over a master nobody killed.
     pub fn sentinel(master: &str, master_port: u16) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(unique("sentinel"));
@@ -853,7 +856,7 @@ impl RedisProcess {
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {}\n\
                  sentinel monitor {master} 127.0.0.1 {master_port} 2\n\
-                 sentinel down-after-milliseconds {master} 1000\n\
+                 sentinel down-after-milliseconds {master} 3000\n\
                  sentinel failover-timeout {master} 3000\n\
                  sentinel parallel-syncs {master} 1\n",
                 dir.display()
