@@ -418,8 +418,8 @@ impl ReplicatedRedis {
                         Ok(FailoverStep::Unplanned(now))
                     }
                     _ if promoted.elapsed() > REJOIN_TIMEOUT => Err(format!(
-                        "failover: 127.0.0.1:{old}, restarted, did not become an online replica \
-                         of 127.0.0.1:{new} seen by every sentinel within {REJOIN_TIMEOUT:?}: \
+                        "failover: 127.0.0.1:{old} did not become an online replica of \
+                         127.0.0.1:{new} seen by every sentinel within {REJOIN_TIMEOUT:?}: \
                          {reason}; the sentinels' events: {} (logs in {})",
                         self.events(),
                         self.dir.display()
