@@ -143,6 +143,9 @@ pub struct FailoverRun {
     pub state: Failover,
     pub killed_us: u64,
     pub promoted_us: Option<u64>,
+    /// The sentinels started it on their own (its ledger line ends with
+    /// `unplanned`).
+    pub unplanned: bool,
 }
 
 impl RedisSide {
@@ -161,7 +164,8 @@ impl RedisSide {
     /// Advances the failover under way, if any: restarts the killed server
     /// once the sentinels promoted the replica, and writes the ledger line
     /// `failover <killed> <promoted> <rejoined> <old port> <new port>` once
-    /// it is an online replica again. Returns true when a failover ended
+    /// it is an online replica again (followed by `unplanned` for a failover
+    /// the sentinels started on their own). Returns true when a failover ended
     /// now. Fails when the sentinels or the restarted server take too long.
     pub async fn poll(&mut self, ledger: &Ledger, clock: &Clock) -> Result<bool, String> {
         let RedisSide::Replicated { pair, failover } = self else {
@@ -196,9 +200,13 @@ impl RedisSide {
                 ));
                 run.killed_us = since;
                 run.promoted_us = Some(at);
+                run.unplanned = true;
                 clock.say(format!(
                     "failover: the sentinels failed 127.0.0.1:{} over to 127.0.0.1:{now} on their \
-                     own (nobody killed it); waiting for it to become a replica. Their events: {}",
+                     own (nobody killed it), before 127.0.0.1:{now} was seen as its online \
+                     replica: done marks written since its restart may be lost with it; waiting \
+                     for 127.0.0.1:{} to become a replica. Their events: {}",
+                    run.state.old,
                     run.state.old,
                     pair.events()
                 ));
@@ -208,10 +216,11 @@ impl RedisSide {
                 let rejoined = now_us();
                 let new = run.state.new.unwrap_or_default();
                 ledger.append(&format!(
-                    "failover {} {} {rejoined} {} {new}",
+                    "failover {} {} {rejoined} {} {new}{}",
                     run.killed_us,
                     run.promoted_us.unwrap_or(rejoined),
-                    run.state.old
+                    run.state.old,
+                    if run.unplanned { " unplanned" } else { "" }
                 ));
                 clock.say(format!(
                     "failover: 127.0.0.1:{} is an online replica of 127.0.0.1:{new} ({:.1}s after the kill)",
@@ -376,6 +385,7 @@ impl Injector<'_> {
                         state,
                         killed_us,
                         promoted_us: None,
+                        unplanned: false,
                     });
                     injected = true;
                 }

@@ -235,7 +235,8 @@
 //! start <pid> <t> | kill <pid> <t> | pause <pid> <t0> <t1> | exit <pid> <t>
 //! redis-restart <t0> <t1> | redis-cut <t> <n> | amqp-cut <t> <n>
 //! redis-oom <t0> <t1> | redis-password <t0> <t1> | redis-readonly <t0> <t1>
-//! failover <killed> <promoted> <rejoined> <old port> <new port>
+//! failover <killed> <promoted> <rejoined> <old port> <new port> [unplanned]
+//!                                         `unplanned`: the sentinels started it on their own
 //! inject <id> <t>                         a fault published `s<i>` or `a<i>`
 //! ```
 //!

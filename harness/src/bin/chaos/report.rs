@@ -201,9 +201,10 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
     ));
     if options.failover {
         clock.say(format!(
-            "failovers: {} ({} completed); min_replicas {}; unexplained duplicates after a done mark lost in a failover: {}",
+            "failovers: {} ({} completed, {} of them started by the sentinels on their own); min_replicas {}; unexplained duplicates after a done mark lost in a failover: {}",
             counts[Fault::Failover.index()],
             tally.failovers.len(),
+            tally.unplanned_failovers,
             options.min_replicas,
             duplicates.lost_in_failover
         ));

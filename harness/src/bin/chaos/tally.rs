@@ -64,6 +64,8 @@ pub struct Tally {
     pub outages: Vec<(u64, u64)>,
     /// Failovers: (master killed, replica promoted, killed server an online replica again).
     pub failovers: Vec<(u64, u64, u64)>,
+    /// How many of them the sentinels started on their own.
+    pub unplanned_failovers: usize,
     pub processes: u64,
 }
 
@@ -89,6 +91,7 @@ impl Tally {
             pauses: HashMap::new(),
             outages: Vec::new(),
             failovers: Vec::new(),
+            unplanned_failovers: 0,
             processes: 0,
         }
     }
@@ -196,10 +199,13 @@ impl Tally {
                 let window = (num(1)?, num(2)?);
                 self.outages.push(window);
             }
-            // `failover <killed> <promoted> <rejoined> <old port> <new port>`
+            // `failover <killed> <promoted> <rejoined> <old port> <new port> [unplanned]`
             "failover" => {
                 let window = (num(1)?, num(2)?, num(3)?);
                 self.failovers.push(window);
+                if fields.get(6) == Some(&"unplanned") {
+                    self.unplanned_failovers += 1;
+                }
             }
             "amqp-cut" | "inject" => {}
             _ => return None,
@@ -359,5 +365,32 @@ impl Tally {
             "pid {} nonce {} begin {:?} effect {:?} outcome {outcome}{fate}{paused}",
             key.0, key.1, execution.begin, execution.effect
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_lines_open_windows_and_count_the_unplanned_ones() {
+        let mut tally = Tally::new(Path::new("unused.log"));
+        assert_eq!(tally.apply("failover 10 20 30 6379 6380"), Some(()));
+        assert_eq!(
+            tally.apply("failover 20 40 50 6380 6379 unplanned"),
+            Some(())
+        );
+        assert_eq!(
+            tally.apply("failover 60 70"),
+            None,
+            "a line without its rejoin time"
+        );
+        assert_eq!(tally.failovers, [(10, 20, 30), (20, 40, 50)]);
+        assert_eq!(tally.unplanned_failovers, 1);
+        assert!(
+            tally.failover_between(15, 25),
+            "the unplanned one's window starts at 20"
+        );
+        assert!(!tally.failover_between(21, 100));
     }
 }
