@@ -17,6 +17,9 @@ use tower::{Layer, service_fn};
 
 const LEASE: Duration = Duration::from_secs(30);
 const RETENTION: Duration = Duration::from_secs(600);
+/// How long the sentinels may take to promote the replica: down-after (3s),
+/// the election, and a TILT period (30s) a stalled machine may start.
+const PROMOTION: Duration = Duration::from_secs(60);
 
 async fn claim(store: &RedisStore, key: &str) -> amqp_idempotency::store::Claim {
     match store
@@ -67,7 +70,7 @@ async fn the_store_follows_the_master_that_sentinel_promotes() {
 
     let old = group.master().port;
     group.master().kill();
-    let new = group.wait_for_new_master(old, Duration::from_secs(30));
+    let new = group.wait_for_new_master(old, PROMOTION);
     assert_ne!(new, old);
 
     // With no replica left, every request is held: nothing is confirmed
@@ -248,7 +251,7 @@ async fn consumption_resumes_by_itself_after_sentinel_fails_the_master_over() {
     let publisher = publish_paced(&connection, &queue.name, "m").await;
     let old = group.master().port;
     group.master().kill();
-    group.wait_for_new_master(old, Duration::from_secs(30));
+    group.wait_for_new_master(old, PROMOTION);
     publisher.await.unwrap();
     let all_ran = common::eventually(Duration::from_secs(60), || {
         let runs = runs.clone();
@@ -421,7 +424,7 @@ async fn the_operator_cli_reads_through_sentinel_before_and_after_a_failover() {
     assert!(inspect(group.url()).contains("done"), "found on the master");
     let old = group.master().port;
     group.master().kill();
-    group.wait_for_new_master(old, Duration::from_secs(30));
+    group.wait_for_new_master(old, PROMOTION);
     assert!(
         inspect(group.url()).contains("done"),
         "found on the promoted master"

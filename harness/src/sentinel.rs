@@ -25,12 +25,12 @@ use crate::redis_server::{RedisServer, free_port, ping};
 pub const SENTINELS: usize = 3;
 /// How many sentinels must agree that the master is down.
 pub const QUORUM: usize = 2;
-/// `sentinel down-after-milliseconds`: longer than the 2s after which a
-/// sentinel whose own timer was held up (the whole machine stalled) enters
-/// TILT mode and does nothing for 30s. With 1s, a stall of the machine
-/// between 1s and 2s leaves every sentinel with an unanswered PING older
-/// than down-after and no TILT, and they fail over a master nobody killed
-/// (a CI run saw the promoted master turned back into a replica that way).
+/// `sentinel down-after-milliseconds`. With 1s, a CI run on 2 busy cores
+/// saw the sentinels fail over a master nobody killed (most likely one
+/// PING answered more than a second late by a starved `redis-server`):
+/// 3s makes that much rarer, and is longer than the 2s stall of a
+/// sentinel's own timer that puts it in TILT mode (acting on nothing for
+/// 30s) rather than judging a master it could not watch.
 pub const DOWN_AFTER_MS: u64 = 3000;
 /// `sentinel failover-timeout`.
 pub const FAILOVER_TIMEOUT_MS: u64 = 5000;
@@ -299,6 +299,13 @@ impl ReplicatedRedis {
             .ok_or_else(|| format!("sentinel {sentinel} answered {reply:?}"))
     }
 
+    /// Whether at least [`QUORUM`] sentinels name 127.0.0.1:`port` as the
+    /// master (the others may lag behind, or be in TILT mode).
+    async fn majority_names(&self, port: u16) -> bool {
+        let answers = self.masters().await;
+        answers.iter().filter(|a| a.as_ref() == Ok(&port)).count() >= QUORUM
+    }
+
     /// The master's port when every sentinel names the same one.
     pub async fn agreed_master(&self) -> Result<u16, String> {
         let answers = self.masters().await;
@@ -408,23 +415,23 @@ impl ReplicatedRedis {
         match (failover.new, failover.promoted) {
             (Some(new), Some(promoted)) => match self.settled(new, old).await {
                 Ok(()) => Ok(FailoverStep::Rejoined),
-                Err(reason) => match self.agreed_master().await {
-                    // Every sentinel names the other server: they failed
-                    // `new` over themselves. Follow them.
-                    Ok(now) if now != new => {
+                Err(reason) => match self.majority_names(old).await {
+                    // A quorum of sentinels names the other server: they
+                    // failed `new` over themselves. Follow them.
+                    true => {
                         failover.old = new;
-                        failover.new = Some(now);
+                        failover.new = Some(old);
                         failover.promoted = Some(Instant::now());
-                        Ok(FailoverStep::Unplanned(now))
+                        Ok(FailoverStep::Unplanned(old))
                     }
-                    _ if promoted.elapsed() > REJOIN_TIMEOUT => Err(format!(
+                    false if promoted.elapsed() > REJOIN_TIMEOUT => Err(format!(
                         "failover: 127.0.0.1:{old} did not become an online replica of \
                          127.0.0.1:{new} seen by every sentinel within {REJOIN_TIMEOUT:?}: \
                          {reason}; the sentinels' events: {} (logs in {})",
                         self.events(),
                         self.dir.display()
                     )),
-                    _ => Ok(FailoverStep::Waiting),
+                    false => Ok(FailoverStep::Waiting),
                 },
             },
             _ => match self.agreed_master().await {
@@ -458,16 +465,17 @@ impl ReplicatedRedis {
     }
 
     /// What the sentinels logged about who is up and who is master: their
-    /// `+sdown`, `+odown`, `+tilt`, `+switch-master`, `+convert-to-slave`,
+    /// `+sdown`, `-sdown`, `+odown`, `+tilt`, `-tilt`, `+switch-master`, `+convert-to-slave`,
     /// `+promoted-slave` and `-failover-abort-*` events, the last
     /// [`EVENTS_KEPT`] of each, as `sentinel <port>: <time> <event> | ...`.
     /// For error messages: a failover that went wrong says why.
     pub fn events(&self) -> String {
-        const WATCHED: [&str; 8] = [
+        const WATCHED: [&str; 9] = [
             "+sdown",
             "-sdown",
             "+odown",
             "+tilt",
+            "-tilt",
             "+switch-master",
             "+convert-to-slave",
             "+promoted-slave",

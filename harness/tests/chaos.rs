@@ -24,7 +24,7 @@ use harness::env::{DEFAULT_AMQP_URL, env_or};
 const LIMIT: Duration = Duration::from_secs(170);
 
 /// One suite at a time: two at once on a small machine would skew the
-/// sentinels' 1s down-after and the faults' timing.
+/// sentinels' 3s down-after and the faults' timing.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Fails (never skips) when the broker does not answer.

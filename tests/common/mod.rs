@@ -842,10 +842,10 @@ impl RedisProcess {
         this
     }
 
-    /// A sentinel watching `master` on `master_port`. Its down-after (3s)
-    /// is longer than the 2s stall of its own timer that puts it in TILT
-    /// mode: a stall of the whole machine either passes unnoticed or stops
-    /// every sentinel for 30s, and never fails over a master nobody killed.
+    /// A sentinel watching `master` on `master_port`. Its down-after is 3s:
+    /// with 1s, the fault suite's sentinels once failed over a master nobody
+    /// killed on this 2-core machine (a PING answered late), which would
+    /// lose a done mark these tests look for.
     pub fn sentinel(master: &str, master_port: u16) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(unique("sentinel"));

@@ -187,25 +187,28 @@ impl RedisSide {
                 Ok(false)
             }
             FailoverStep::Unplanned(now) => {
-                // The failover under way ends here for the ledger (its
-                // window closes now: `now` is the server it killed), and
-                // one the suite did not cause goes on in its place, from
-                // the promotion before (the master the sentinels left may
-                // have been unreachable since) to its own rejoin line.
+                // The failover under way ends here for the ledger: its
+                // window, from its kill until now, covers whatever made the
+                // sentinels act (`now` is the server it killed). The one
+                // the suite did not cause goes on in its place, from now
+                // (as its kill: a done mark written before and a copy
+                // begun after may be lost with it) to its own rejoin line.
                 let at = now_us();
-                let since = run.promoted_us.unwrap_or(run.killed_us);
                 ledger.append(&format!(
-                    "failover {} {since} {at} {now} {}",
-                    run.killed_us, run.state.old
+                    "failover {} {} {at} {now} {}",
+                    run.killed_us,
+                    run.promoted_us.unwrap_or(at),
+                    run.state.old
                 ));
-                run.killed_us = since;
+                run.killed_us = at;
                 run.promoted_us = Some(at);
                 run.unplanned = true;
                 clock.say(format!(
                     "failover: the sentinels failed 127.0.0.1:{} over to 127.0.0.1:{now} on their \
                      own (nobody killed it), before 127.0.0.1:{now} was seen as its online \
-                     replica: done marks written since its restart may be lost with it; waiting \
-                     for 127.0.0.1:{} to become a replica. Their events: {}",
+                     replica: if it had not synced, the done marks are lost (the master they \
+                     left resyncs from it); waiting for 127.0.0.1:{} to become a replica. \
+                     Their events: {}",
                     run.state.old,
                     run.state.old,
                     pair.events()
