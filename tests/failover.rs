@@ -340,8 +340,13 @@ async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
         "--cluster-master-id",
         &first_id,
     ]);
+    let replica_id = common::redis_cli_at(&nodes[3].url(), &["CLUSTER", "MYID"])
+        .trim()
+        .to_owned();
     let ready = common::eventually(Duration::from_secs(30), || {
         let (first, replica) = (nodes[0].url(), nodes[3].url());
+        let others = [nodes[1].url(), nodes[2].url()];
+        let (first_id, replica_id) = (first_id.clone(), replica_id.clone());
         async move {
             // Synced, not only connected: a replica killed mid-sync is
             // never promoted.
@@ -349,6 +354,20 @@ async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
                 && common::redis_cli_at(&replica, &["INFO", "replication"])
                     .contains("master_link_status:up")
                 && common::redis_cli_at(&replica, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                // The masters that will vote know it as the first one's
+                // replica (a vote request from a node they have not met yet
+                // is dropped, and the next election is 8 s later).
+                && others.iter().all(|other| {
+                    common::redis_cli_at(other, &["CLUSTER", "NODES"])
+                        .lines()
+                        .any(|line| {
+                            let fields: Vec<&str> = line.split(' ').collect();
+                            fields.first() == Some(&replica_id.as_str())
+                                && fields.get(2).is_some_and(|flags| *flags == "slave")
+                                && fields.get(3) == Some(&first_id.as_str())
+                                && fields.get(7) == Some(&"connected")
+                        })
+                })
         }
     })
     .await;
@@ -368,14 +387,25 @@ async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = spawn_consumer(&connection, &queue.name, store, config, &runs, &stop).await;
     let publisher = publish_paced(&connection, &queue.name, "c").await;
-    // The first master dies; the cluster promotes its replica.
+    // The first master dies; the cluster promotes its replica (an election
+    // that fails is retried after 4 × the node timeout: give it several).
     nodes[0].kill();
-    let promoted = common::eventually(Duration::from_secs(30), || {
+    let promoted = common::eventually(Duration::from_secs(60), || {
         let replica = nodes[3].url();
         async move { common::redis_cli_at(&replica, &["ROLE"]).starts_with("master") }
     })
     .await;
-    assert!(promoted, "the replica was promoted");
+    assert!(
+        promoted,
+        "the replica was not promoted within 60 s of the kill.\n\
+         CLUSTER NODES as the replica sees it:\n{}\nand as a master sees it:\n{}\n\
+         the replica's log:\n{}\nthe other masters' logs:\n{}\n{}",
+        common::redis_cli_at(&nodes[3].url(), &["CLUSTER", "NODES"]),
+        common::redis_cli_at(&nodes[1].url(), &["CLUSTER", "NODES"]),
+        nodes[3].log_tail(30),
+        nodes[1].log_tail(10),
+        nodes[2].log_tail(10)
+    );
     publisher.await.unwrap();
     let all_ran = common::eventually(Duration::from_secs(60), || {
         let runs = runs.clone();

@@ -831,6 +831,8 @@ impl RedisProcess {
             .map(String::from),
         );
         args.push(dir.display().to_string());
+        args.push("--logfile".into());
+        args.push(dir.join("redis.log").display().to_string());
         args.extend_from_slice(extra);
         let mut this = Self {
             port,
@@ -905,6 +907,18 @@ impl RedisProcess {
     /// Stops it (SIGKILL); [`restart`](Self::restart) brings it back.
     pub fn stop(&mut self) {
         self.kill();
+    }
+
+    /// The last `lines` lines of a data server's log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let path = self.dir.join("redis.log");
+        match std::fs::read_to_string(&path) {
+            Ok(log) => {
+                let all: Vec<&str> = log.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(err) => format!("({}: {err})", path.display()),
+        }
     }
 
     /// SIGKILL: no shutdown, nothing saved.
