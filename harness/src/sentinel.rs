@@ -50,6 +50,31 @@ pub const EVENTS_KEPT: usize = 12;
 /// One question to a server or a sentinel, connection included.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Whether a sentinel can run here: `redis-sentinel` (Debian's package,
+/// `redis-server` under another name) or `redis-server`, which runs as a
+/// sentinel with `--sentinel`, answers `--version`. The error says what to
+/// install.
+pub fn check_installed() -> Result<(), String> {
+    let runs = |program: &str| {
+        Command::new(program)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if runs("redis-sentinel") || runs("redis-server") {
+        Ok(())
+    } else {
+        Err(
+            "Redis Sentinel is needed: neither `redis-sentinel` nor `redis-server` (which runs \
+             as a sentinel with --sentinel) is on the PATH; install them with \
+             `apt-get install redis-server redis-sentinel`"
+                .to_owned(),
+        )
+    }
+}
+
 /// One sentinel process, killed when dropped.
 #[derive(Debug)]
 struct Sentinel {

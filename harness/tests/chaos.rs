@@ -56,22 +56,9 @@ fn require_rabbitmq() {
 
 /// Fails (never skips) when Redis Sentinel cannot run here.
 fn require_sentinel() {
-    let runs = |program: &str| {
-        Command::new(program)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-    };
-    // Debian's redis-sentinel is redis-server under another name; the
-    // suite falls back to `redis-server --sentinel` without it.
-    assert!(
-        runs("redis-sentinel") || runs("redis-server"),
-        "the --failover suite needs Redis Sentinel: neither `redis-sentinel` nor `redis-server` \
-         (which runs as a sentinel with --sentinel) is on the PATH; install them with \
-         `apt-get install redis-server redis-sentinel`"
-    );
+    if let Err(err) = harness::sentinel::check_installed() {
+        panic!("the --failover suite cannot run: {err}");
+    }
 }
 
 fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {

@@ -7,28 +7,9 @@
 //! `redis-server` that runs as a sentinel with `--sentinel`).
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use harness::sentinel::{Failover, FailoverStep, ReplicatedRedis};
-
-/// Fails (never skips) when Redis Sentinel cannot run here.
-fn require_sentinel() {
-    let runs = |program: &str| {
-        Command::new(program)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success())
-    };
-    assert!(
-        runs("redis-sentinel") || runs("redis-server"),
-        "this test needs Redis Sentinel: neither `redis-sentinel` nor `redis-server` (which runs \
-         as a sentinel with --sentinel) is on the PATH; install them with \
-         `apt-get install redis-server redis-sentinel`"
-    );
-}
 
 fn run_dir() -> PathBuf {
     let nanos = SystemTime::now()
@@ -39,7 +20,9 @@ fn run_dir() -> PathBuf {
 
 #[tokio::test]
 async fn a_failover_the_sentinels_start_on_their_own_is_followed_to_its_end() {
-    require_sentinel();
+    if let Err(err) = harness::sentinel::check_installed() {
+        panic!("this test cannot run: {err}");
+    }
     let dir = run_dir();
     let mut pair = ReplicatedRedis::start(&dir, "unplanned")
         .await
