@@ -32,7 +32,7 @@ use amqp_idempotency::store::{MemoryStore, RedisStore, Store};
 use amqp_idempotency::{BoxError, Config, IdempotencyLayer, OutcomeKind};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use harness::cpu::{clock_ticks_per_s, process_ticks};
+use harness::cpu::{process_ticks, ticks_us};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -142,11 +142,6 @@ async fn run<St: Store + Clone>(
         }
     }
     let wall_us = started.elapsed().as_secs_f64() * 1e6 / deliveries as f64;
-    let cpu_us = match (cpu_before, process_ticks()) {
-        (Some(before), Some(after)) => Some(
-            after.saturating_sub(before) as f64 * 1e6 / clock_ticks_per_s() / deliveries as f64,
-        ),
-        _ => None,
-    };
+    let cpu_us = ticks_us(cpu_before, process_ticks()).map(|us| us / deliveries as f64);
     Ok((wall_us, cpu_us))
 }

@@ -5,9 +5,8 @@
 //! ```no_run
 //! let before = harness::cpu::process_ticks();
 //! // ... the work to measure ...
-//! if let (Some(before), Some(after)) = (before, harness::cpu::process_ticks()) {
-//!     let seconds = (after - before) as f64 / harness::cpu::clock_ticks_per_s();
-//!     println!("{seconds:.3} s of CPU");
+//! if let Some(us) = harness::cpu::ticks_us(before, harness::cpu::process_ticks()) {
+//!     println!("{us:.0} µs of CPU");
 //! }
 //! ```
 
@@ -27,6 +26,12 @@ pub fn stat_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// The CPU time between two tick readings, in µs; `None` when either
+/// reading failed.
+pub fn ticks_us(before: Option<u64>, after: Option<u64>) -> Option<f64> {
+    Some(after?.saturating_sub(before?) as f64 * 1e6 / clock_ticks_per_s())
 }
 
 /// `getconf CLK_TCK`, read once; 100 (the usual value on Linux) if that fails.

@@ -522,18 +522,9 @@ impl ReplicatedRedis {
                     .lines()
                     .filter(|line| WATCHED.iter().any(|event| line.contains(event)))
                     .map(|line| {
-                        let fields: Vec<&str> = line.split_whitespace().collect();
-                        fields.get(4..).map_or_else(
-                            || line.to_owned(),
-                            |rest| {
-                                let rest: Vec<&str> = rest
-                                    .iter()
-                                    .filter(|f| **f != "#" && **f != "*")
-                                    .copied()
-                                    .collect();
-                                rest.join(" ")
-                            },
-                        )
+                        let fields = line.split_whitespace().skip(4);
+                        let kept: Vec<&str> = fields.filter(|f| !matches!(*f, "#" | "*")).collect();
+                        kept.join(" ")
                     })
                     .collect();
                 let kept = &lines[lines.len().saturating_sub(EVENTS_KEPT)..];

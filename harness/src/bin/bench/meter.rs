@@ -5,8 +5,7 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub use harness::cpu::clock_ticks_per_s;
-use harness::cpu::{process_ticks, stat_ticks};
+use harness::cpu::{process_ticks, stat_ticks, ticks_us};
 
 pub fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -39,13 +38,10 @@ impl Meter {
 
     pub fn stop(&self) -> Measured {
         let elapsed = self.started.elapsed();
-        let cpu_us = match (self.cpu, process_ticks()) {
-            (Some(before), Some(after)) => {
-                Some(after.saturating_sub(before) as f64 * 1e6 / clock_ticks_per_s())
-            }
-            _ => None,
-        };
-        Measured { elapsed, cpu_us }
+        Measured {
+            elapsed,
+            cpu_us: ticks_us(self.cpu, process_ticks()),
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::{oneshot, watch};
 
 use crate::footprint::bytes_per_done_record;
-use crate::meter::{Measured, ServerCpu, broker_cpu_ticks, broker_pids, clock_ticks_per_s, epoch};
+use crate::meter::{Measured, ServerCpu, broker_cpu_ticks, broker_pids, epoch};
 use crate::options::Options;
 use crate::pin::{CONSUMER_CPU, Pinned, REDIS_CPU, Target};
 use crate::plan::Plan;
@@ -217,12 +217,7 @@ pub async fn measure(
             (Some(before), Some(after)) => Some((after - before).max(0.0) * 1e6),
             _ => None,
         },
-        broker_us: match (broker_cpu_before, broker_cpu_ticks()) {
-            (Some(before), Some(after)) => {
-                Some(after.saturating_sub(before) as f64 * 1e6 / clock_ticks_per_s())
-            }
-            _ => None,
-        },
+        broker_us: harness::cpu::ticks_us(broker_cpu_before, broker_cpu_ticks()),
     };
     if let Some(publisher) = publisher {
         if drained.is_err() {
