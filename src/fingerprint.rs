@@ -277,6 +277,20 @@ pub(crate) fn probe_key(prefix: &str, scope: &str) -> String {
     format!("{prefix}:{}:{PROBE_NAME}", escape_scope(scope))
 }
 
+/// The key a held delivery's write probe uses after its claim of
+/// `record_key` was refused: `{prefix}:{<record key>}:\0probe`, in the
+/// record's cluster slot (so that on a cluster the probe asks the master
+/// that refused the claim) and under the prefix (so that an ACL granting
+/// `~{prefix}:*` covers it). A record key with a hash tag of its own keeps
+/// it: `<record key>:\0probe`.
+pub(crate) fn record_probe_key(prefix: &str, record_key: &str) -> String {
+    if hash_tag(record_key).is_some() {
+        format!("{record_key}:{PROBE_NAME}")
+    } else {
+        format!("{prefix}:{{{record_key}}}:{PROBE_NAME}")
+    }
+}
+
 /// The last segment of the key a paused consumer writes to learn that
 /// Redis accepts writes again (`{prefix}:{scope}:\0probe`): a NUL byte
 /// leads it, so no fingerprint can take it. Tools that list records skip it.
@@ -444,6 +458,18 @@ mod tests {
 
     fn slot_of(key: &str) -> u16 {
         cluster_slot(key)
+    }
+
+    #[test]
+    fn a_record_probe_shares_the_record_slot_and_prefix() {
+        for fingerprint in ["order-42", "{user-7}:register", "a}b"] {
+            let record = record_key("idem", "orders", fingerprint);
+            let probe = record_probe_key("idem", &record);
+            assert!(same_slot(&record, &probe), "{record} and {probe}");
+            assert!(probe.starts_with("idem:"), "{probe}");
+            assert!(probe.ends_with(PROBE_NAME), "{probe}");
+            assert_ne!(probe, record);
+        }
     }
 
     #[test]

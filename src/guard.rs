@@ -50,7 +50,7 @@
 //! ```
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::message::Delivery;
@@ -58,6 +58,7 @@ use lapin::types::AMQPValue;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::config::{Config, NoFingerprintPolicy};
 use crate::error::{ConfigError, StoreError};
 use crate::fingerprint::{self, Fingerprint, MessageIdOrBodyHash};
@@ -75,6 +76,8 @@ struct Shared<St, F> {
     config: Config,
     scope: String,
     store_down: AtomicBool,
+    /// Requests the store refused since the current pause began.
+    refusals: AtomicU64,
 }
 
 impl<St, F> Clone for Deduplicator<St, F> {
@@ -167,6 +170,7 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
                 config: shared.config.clone(),
                 scope: shared.scope.clone(),
                 store_down: AtomicBool::new(false),
+                refusals: AtomicU64::new(0),
             }),
         }
     }
@@ -196,13 +200,19 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
     /// A store error is returned as is; the message must then be requeued
     /// (or, if you chose to fail open, processed unprotected).
     pub async fn begin(&self, delivery: &Delivery) -> Result<Begin<St>, StoreError> {
-        self.begin_with(delivery, self.fingerprint(delivery)).await
+        self.begin_with(delivery, self.fingerprint(delivery), &Token::new())
+            .await
     }
 
+    /// [`begin`](Self::begin) with the delivery's fingerprint and claim
+    /// token: a delivery keeps one token across the claims it retries after
+    /// the store did not answer, so that a retry finds its own first claim
+    /// (written, but answered as unavailable) as ours.
     pub(crate) async fn begin_with(
         &self,
         delivery: &Delivery,
         fingerprint: Option<String>,
+        token: &Token,
     ) -> Result<Begin<St>, StoreError> {
         let Some(fingerprint) = fingerprint else {
             return Ok(match self.shared.config.on_missing_fingerprint {
@@ -216,7 +226,6 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
         } else {
             String::new()
         };
-        let token = Token::new();
         let lease = self.shared.config.lease_ttl;
         let deadline = Instant::now() + self.shared.config.in_progress_wait;
         let mut poll = Duration::from_millis(20);
@@ -225,7 +234,7 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
             let outcome = self
                 .shared
                 .store
-                .claim(&key, &token, &payload_hash, lease)
+                .claim(&key, token, &payload_hash, lease)
                 .await;
             crate::metrics::store_latency("claim", started);
             let outcome = outcome.inspect_err(|err| self.note_store_error("claim", err))?;
@@ -283,24 +292,56 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
     /// Blocks until the store accepts a write again after an outage (or a
     /// refusal that is not about one key) was seen. Returns at once when the
     /// store is believed up.
+    ///
+    /// The pause ends when a real request succeeds, not when the probe
+    /// does: a store may take the probe and still refuse a claim.
     pub async fn wait_for_store(&self) {
         if !self.shared.store_down.load(Ordering::Acquire) {
             return;
         }
-        let mut delay = Duration::from_millis(100);
         let probe = fingerprint::probe_key(&self.shared.config.key_prefix, &self.shared.scope);
+        let mut backoff = Backoff::store_pause();
+        while !self.probe(&probe).await {
+            backoff.wait().await;
+        }
+    }
+
+    /// After a claim of `fingerprint` was refused: waits the next delay of
+    /// `backoff`, then until a write probe on the same slot succeeds, the
+    /// delays growing whatever the probe says, so that a claim the store
+    /// keeps refusing is not retried at once after each passing probe.
+    pub(crate) async fn wait_to_claim_again(
+        &self,
+        fingerprint: Option<&str>,
+        backoff: &mut Backoff,
+    ) {
+        let probe = match fingerprint {
+            // On the record's slot, so that on a cluster it asks the master
+            // that refused the claim.
+            Some(fingerprint) => fingerprint::record_probe_key(
+                &self.shared.config.key_prefix,
+                &self.key(fingerprint),
+            ),
+            None => fingerprint::probe_key(&self.shared.config.key_prefix, &self.shared.scope),
+        };
         loop {
-            // A write, not a PING: a full or read-only Redis answers PING.
-            match self.shared.store.probe(&probe).await {
-                Ok(()) => {
-                    self.note_store_ok();
-                    return;
-                }
-                Err(err) => {
-                    tracing::debug!(error = %err, "store still refuses writes");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+            backoff.wait().await;
+            if self.probe(&probe).await {
+                return;
+            }
+        }
+    }
+
+    /// One write probe of `key`: true when the store took it.
+    async fn probe(&self, key: &str) -> bool {
+        // A write shaped like a claim, not a PING: a full or read-only
+        // Redis answers PING, and an ACL may allow a plain SET but not a claim.
+        match self.shared.store.probe(key).await {
+            Ok(()) => true,
+            Err(err) => {
+                self.note_store_error("probe", &err);
+                tracing::debug!(error = %err, "store still refuses writes");
+                false
             }
         }
     }
@@ -348,6 +389,7 @@ impl<St: Store> Deduplicator<St> {
                 config,
                 scope,
                 store_down: AtomicBool::new(false),
+                refusals: AtomicU64::new(0),
             }),
         })
     }
@@ -393,13 +435,23 @@ impl<St: Store, F: Fingerprint> Settle<St> for Shared<St, F> {
     }
     fn note_error(&self, operation: &'static str, err: &StoreError) {
         crate::metrics::store_error(operation);
-        if err.is_unavailable() && !self.store_down.swap(true, Ordering::AcqRel) {
-            tracing::error!(error = %err, "idempotency store unusable: pausing consumption until a write succeeds");
+        if !err.is_unavailable() {
+            return;
+        }
+        if self.store_down.swap(true, Ordering::AcqRel) {
+            self.refusals.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.refusals.store(1, Ordering::Release);
+            tracing::error!(error = %err, operation, "idempotency store unusable: pausing consumption until a write succeeds");
         }
     }
     fn note_ok(&self) {
         if self.store_down.swap(false, Ordering::AcqRel) {
-            tracing::info!("idempotency store answers again: resuming consumption");
+            let refused = self.refusals.swap(0, Ordering::AcqRel);
+            tracing::info!(
+                refused,
+                "idempotency store answers again: resuming consumption"
+            );
         }
     }
 }

@@ -38,13 +38,14 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
+use crate::backoff::Backoff;
 use crate::config::{Config, StoreFailurePolicy};
 use crate::error::{BoxError, ConfigError, FailureKind, HandlerError};
 use crate::fingerprint::{Fingerprint, MessageIdOrBodyHash};
 use crate::guard::{Begin, ClaimGuard, Deduplicator, Skip};
 use crate::outbox::{Mode, Outbox, OutboxLayer, OutboxPublisher, Plain, ReplyTarget};
 use crate::outcome::{Disposition, Outcome, OutcomeKind};
-use crate::store::{OutboxEntry, Store};
+use crate::store::{OutboxEntry, Store, Token};
 
 /// Wraps a handler (`Service<Delivery>`) in [`Idempotency`].
 pub struct IdempotencyLayer<St, F = MessageIdOrBodyHash> {
@@ -307,17 +308,27 @@ where
     }
     // While the store cannot be used, the delivery is held (not requeued:
     // a requeue would count against a quorum queue's delivery limit) until
-    // a write succeeds, at most half the broker's consumer timeout.
+    // a claim succeeds, at most half the broker's consumer timeout. Its
+    // claims back off, and keep one token: a claim that was written but
+    // answered as unavailable is found as ours by the next one.
     let hold_until = Instant::now() + config.consumer_timeout / 2;
+    let token = Token::new();
+    let mut backoff = Backoff::store_pause();
     let begun = loop {
-        match dedup.begin_with(&delivery, fingerprint.clone()).await {
+        match dedup
+            .begin_with(&delivery, fingerprint.clone(), &token)
+            .await
+        {
             Err(err)
                 if err.is_unavailable()
                     && config.on_store_error == StoreFailurePolicy::FailClosed =>
             {
-                tracing::error!(error = %err, "store unusable: handler not run, delivery held until a write succeeds");
+                // The pause's start and end are logged once each (with the
+                // refusals between) by the deduplicator, not per refusal.
+                tracing::debug!(error = %err, "store unusable: handler not run, delivery held until a claim succeeds");
+                let again = dedup.wait_to_claim_again(fingerprint.as_deref(), &mut backoff);
                 let recovered = tokio::select! {
-                    recovered = tokio::time::timeout_at(hold_until, dedup.wait_for_store()) => recovered.is_ok(),
+                    recovered = tokio::time::timeout_at(hold_until, again) => recovered.is_ok(),
                     () = crate::runner::runner_stopping() => false,
                 };
                 if !recovered {
@@ -688,14 +699,20 @@ async fn complete_until_answered<St: Store>(
     guard: &mut ClaimGuard<St>,
     outbox: Option<(&str, &[OutboxEntry])>,
 ) -> Result<bool, crate::error::StoreError> {
-    let mut delay = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    let mut refused = 0u32;
     loop {
         match guard.try_complete(outbox).await {
             Ok(ours) => return Ok(ours),
             Err(err) if err.is_unavailable() => {
-                tracing::error!(error = %err, retry_in = ?delay, "handler succeeded but the done mark could not be written yet: holding the message until the store takes it");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                let retry_in = backoff.next_delay();
+                if refused == 0 {
+                    tracing::warn!(error = %err, ?retry_in, "handler succeeded but the done mark could not be written yet: holding the message until the store takes it");
+                } else {
+                    tracing::debug!(error = %err, ?retry_in, refused, "the done mark is still not written");
+                }
+                refused += 1;
+                tokio::time::sleep(retry_in).await;
             }
             Err(err) => return Err(err),
         }

@@ -8,6 +8,7 @@
 )]
 
 pub mod amqp;
+mod backoff;
 mod batch;
 mod config;
 mod dead_letter;

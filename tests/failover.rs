@@ -503,3 +503,69 @@ async fn a_retried_completion_on_a_new_connection_still_waits_for_the_replicas()
     replica.resume();
     assert!(until_ok(|| fresh.complete(&claimed, RETENTION)).await);
 }
+
+/// A claim that reached the master but not the paused replica is answered
+/// as unavailable (`WAIT` falls short): the layer holds the delivery and
+/// claims again once the replica is back. That retry must find its own
+/// first claim (one token for the delivery's whole life) and run the
+/// handler at once, as attempt 1, instead of taking its own record for a
+/// crashed consumer's.
+#[tokio::test]
+async fn a_claim_retried_after_a_replica_shortfall_finds_its_own_record() {
+    let master = RedisProcess::server(&[]);
+    let replica = RedisProcess::server(&[
+        "--replicaof".into(),
+        "127.0.0.1".into(),
+        master.port.to_string(),
+    ]);
+    let config = Config::default()
+        .redis_url(master.url())
+        .min_replicas(1)
+        .replica_timeout(Duration::from_millis(200))
+        .lease_ttl(Duration::from_secs(2))
+        .handler_timeout(Duration::from_secs(1))
+        .max_attempts(1);
+    let store = RedisStore::connect_with(&config).await.expect("connect");
+    // The replica is in sync before the fault.
+    let token = Token::new();
+    let synced = until_ok(|| async {
+        match store.claim("idem:own:sync", &token, "", LEASE).await? {
+            ClaimOutcome::Acquired(claim) => Ok(claim),
+            other => panic!("expected to acquire, got {other:?}"),
+        }
+    })
+    .await;
+    assert!(until_ok(|| store.complete(&synced, RETENTION)).await);
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let service = IdempotencyLayer::new(store.clone(), "own", config)
+        .expect("layer")
+        .layer(service_fn(move |_d: Delivery| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, HandlerError>(()) }
+        }));
+    let mut delivery = Delivery::mock(1, "".into(), "own".into(), false, b"x".to_vec());
+    delivery.properties = lapin::BasicProperties::default().with_message_id("m-1".into());
+
+    replica.pause();
+    let call = tokio::spawn(tower::ServiceExt::oneshot(service, delivery));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "no run while the claim is unconfirmed"
+    );
+    replica.resume();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the delivery is settled once the replica is back")
+        .expect("no panic")
+        .expect("an outcome");
+    assert_eq!(
+        (outcome.kind(), outcome.attempt(), outcome.reason()),
+        (amqp_idempotency::OutcomeKind::Processed, 1, None),
+        "the retried claim is ours: processed as the first attempt"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+}

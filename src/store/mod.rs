@@ -670,9 +670,13 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Stored>, StoreError>> + Send;
 
     /// Proves that the store accepts a write, by writing a short-lived
-    /// `key` that no record uses. A `PING` is not enough: a Redis that is
-    /// full, read-only or unable to persist answers it while refusing
-    /// every write. Ends a pause.
+    /// `key` that no record uses, with the same kind of request as
+    /// [`insert_or_get`](Self::insert_or_get) (a `SET ... NX PX ms GET`
+    /// on Redis). A `PING` is not enough: a Redis that is full, read-only
+    /// or unable to persist answers it while refusing every write, and an
+    /// ACL may allow a plain `SET` but not a claim. After a refused claim,
+    /// `key` lies in the record's cluster slot. A passing probe lets a held
+    /// delivery claim again; the pause ends when a claim succeeds.
     fn probe(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Writes `to` where `key` holds what `from` expects, like

@@ -1912,10 +1912,18 @@ impl Store for RedisStore {
     }
 
     async fn probe(&self, key: &str) -> Result<(), StoreError> {
+        // Shaped like a claim (`SET ... NX PX ms GET`), so that whatever
+        // refuses claims (a full or read-only server, an ACL without read
+        // access to the keys) refuses the probe too.
         let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg("probe").arg("PX").arg(10_000);
+        cmd.arg(key)
+            .arg("probe")
+            .arg("NX")
+            .arg("PX")
+            .arg(10_000)
+            .arg("GET");
         let reply = self.send("probe", key, cmd).await?;
-        parse::<String>("probe", key, reply).map(drop)
+        parse::<Option<Vec<u8>>>("probe", key, reply).map(drop)
     }
 }
 
