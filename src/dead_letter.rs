@@ -138,8 +138,18 @@ fn fit_frame(
         })
         .collect();
     candidates.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-    let mut dropped: Vec<String> = Vec::new();
-    let mut freed = 0usize;
+    // A message parked before (and replayed) keeps naming what it lost.
+    let mut dropped: Vec<String> = match headers.get(HEADERS_DROPPED) {
+        Some(AMQPValue::LongString(earlier)) => {
+            vec![String::from_utf8_lossy(earlier.as_bytes()).into_owned()]
+        }
+        _ => Vec::new(),
+    };
+    let earlier = dropped.len();
+    // The earlier note is counted in `total`, and again in the new one.
+    let mut freed = headers
+        .get(HEADERS_DROPPED)
+        .map_or(0, |note| header_entry_bytes(&HEADERS_DROPPED.into(), note));
     for (_, bytes, name) in candidates {
         headers.remove(&name);
         dropped.push(name.to_string());
@@ -151,6 +161,7 @@ fn fit_frame(
         }
     }
     headers.insert(HEADERS_DROPPED.into(), dropped_note(&dropped));
+    let dropped = dropped.split_off(earlier);
     let mut fitted = properties.clone().with_headers(FieldTable::from(headers));
     if !fits(&fitted) {
         // Only the other properties are left to blame (they are short
@@ -321,8 +332,6 @@ impl DeadLetters {
             AMQPValue::LongLongInt(i64::from(outcome.attempt())),
         );
         headers.insert("x-idempotency-queue".into(), text(&self.queue));
-        // A copy parked before and replayed may carry an old note.
-        headers.remove(HEADERS_DROPPED);
         let (properties, dropped) = fit_frame(copy.properties, headers, self.frame_max);
         if !dropped.is_empty() {
             tracing::warn!(
@@ -470,6 +479,22 @@ mod tests {
         assert_eq!(dropped, ["bigger", "big", "tenant", "x-idempotency-reason"]);
         assert!(header_frame_bytes(&fitted).unwrap() <= 500);
         assert!(names(&fitted).contains(&"x-idempotency-queue".to_owned()));
+    }
+
+    #[test]
+    fn a_replayed_copy_keeps_naming_what_it_lost_before() {
+        let mut headers = BTreeMap::new();
+        headers.insert(HEADERS_DROPPED.into(), long("x-old"));
+        headers.insert("big".into(), long(&"b".repeat(9_000)));
+        let (fitted, dropped) = fit_frame(BasicProperties::default(), headers.clone(), 8192);
+        assert_eq!(dropped, ["big"]);
+        let note = fitted.headers().as_ref().unwrap().inner()[HEADERS_DROPPED].clone();
+        assert_eq!(note, long("x-old, big"));
+        headers.remove("big");
+        let (fitted, dropped) = fit_frame(BasicProperties::default(), headers, 8192);
+        assert!(dropped.is_empty());
+        let note = fitted.headers().as_ref().unwrap().inner()[HEADERS_DROPPED].clone();
+        assert_eq!(note, long("x-old"), "kept as it was");
     }
 
     #[test]

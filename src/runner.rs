@@ -18,7 +18,11 @@
 //! let store = RedisStore::connect_with(&config).await?;
 //! let service = IdempotencyLayer::new(store, "orders", config.clone())?
 //!     .layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
-//! let report = serve(consumer, service, ServeOptions::from_config(&config).close_channel(channel)).await?;
+//! let options = ServeOptions::from_config(&config)
+//!     // Dead-letter copies go out on this connection: they must fit its frame_max.
+//!     .frame_max(connection.configuration().frame_max())
+//!     .close_channel(channel);
+//! let report = serve(consumer, service, options).await?;
 //! println!("acked {}", report.acked);
 //! # Ok(())
 //! # }
