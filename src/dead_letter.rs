@@ -117,15 +117,16 @@ fn fit_frame(
 ) -> (BasicProperties, Vec<String>) {
     let limit = usize::try_from(frame_max).unwrap_or(usize::MAX);
     let fits = |properties: &BasicProperties| {
-        frame_max == 0 || header_frame_bytes(properties).is_some_and(|bytes| bytes <= limit)
+        header_frame_bytes(properties).is_some_and(|bytes| bytes <= limit)
     };
     let whole = properties
         .clone()
         .with_headers(FieldTable::from(headers.clone()));
-    if fits(&whole) {
+    // Unencodable counts as too large.
+    let total = header_frame_bytes(&whole).unwrap_or(usize::MAX);
+    if frame_max == 0 || total <= limit {
         return (whole, Vec::new());
     }
-    let total = header_frame_bytes(&whole).unwrap_or(usize::MAX);
     // Theirs, largest first, then our reason.
     let mut candidates: Vec<(bool, usize, ShortString)> = headers
         .iter()
