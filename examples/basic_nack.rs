@@ -164,10 +164,12 @@ async fn run() -> Result<(), String> {
     };
     // Dead letters are parked in `msgs.dead` (the default, `{queue}.dead`)
     // with headers saying why (x-idempotency-outcome, x-idempotency-reason,
-    // x-idempotency-attempts); if the broker does not confirm the copy, the
+    // x-idempotency-attempts), each at most 1 KiB, the copy within the
+    // connection's frame_max; if the broker does not confirm the copy, the
     // original is requeued, never dropped.
     let options = ServeOptions::from_config(&config)
         .shutdown_on(stop)
+        .frame_max(connection.configuration().frame_max())
         .close_channel(channel);
     let report = serve(consumer, service, options)
         .await

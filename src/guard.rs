@@ -48,6 +48,14 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! To dead-letter a claimed message yourself (a permanent failure, the
+//! last attempt), publish its copy in confirm mode (mandatory), and once
+//! the broker confirmed it, [`ClaimGuard::discard`] the record, then ack
+//! the original. Discard only after the confirm: when the copy is not
+//! confirmed, [`ClaimGuard::release`] the claim (it keeps the attempt
+//! count) and requeue the original, which is then never run again from
+//! attempt 1 nor lost.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -609,6 +617,13 @@ impl<St: Store> ClaimGuard<St> {
     /// Deletes the record after the message was dead-lettered, so that a
     /// later copy (replayed from the dead-letter queue) starts afresh.
     /// False if it was no longer ours.
+    ///
+    /// Call it only once the broker confirmed your dead-letter copy (a
+    /// publish in confirm mode, mandatory, acked and not returned), then
+    /// ack the original. When the copy was not confirmed, requeue the
+    /// original and [`release`](Self::release) instead: a discarded record
+    /// would let the requeued copy run again from attempt 1, and again
+    /// each time the copy fails.
     pub async fn discard(mut self) -> Result<bool, StoreError> {
         let Some(claim) = self.claim.take() else {
             return Ok(false);
@@ -675,6 +690,30 @@ impl<St: Store> Drop for ClaimGuard<St> {
                 }
             }
         });
+    }
+}
+
+/// How an [`Outcome`](crate::Outcome) of the layer holds the claim of a
+/// dead-lettered message until the runner knows whether the copy was
+/// confirmed.
+impl<St: Store> crate::outcome::HeldClaim for ClaimGuard<St> {
+    fn discard(
+        self: Box<Self>,
+    ) -> futures_util::future::BoxFuture<'static, Result<bool, StoreError>> {
+        Box::pin((*self).discard())
+    }
+
+    fn release(
+        self: Box<Self>,
+    ) -> futures_util::future::BoxFuture<'static, Result<bool, StoreError>> {
+        Box::pin((*self).release())
+    }
+
+    fn abandon(mut self: Box<Self>) {
+        // The handler has returned: nothing of its work still runs, so the
+        // drop releases the claim (counted for the shutdown's flush).
+        self.work_started = false;
+        self.work_done = false;
     }
 }
 

@@ -388,8 +388,7 @@ where
                 config.max_attempts
             ))
         };
-        Box::pin(settle_failed_claim(guard, &outcome)).await;
-        return outcome;
+        return Box::pin(settle_failed_claim(guard, outcome)).await;
     }
     guard.mark_started();
     let (request, outbox) = request::<M>(config, mode, delivery);
@@ -433,8 +432,7 @@ where
             let outcome = failed(config, attempt, failure);
             // Boxed, like the other paths off the common one, so that every
             // delivery's future stays small.
-            Box::pin(settle_failed_claim(guard, &outcome)).await;
-            outcome
+            Box::pin(settle_failed_claim(guard, outcome)).await
         }
     }
 }
@@ -495,8 +493,7 @@ async fn commit_and_dispatch<St: Store, F: Fingerprint>(
             tracing::error!(error = %err, "the store refused the outbox commit: nothing published, message dead-lettered");
             let outcome = Outcome::new(OutcomeKind::Failed, attempt)
                 .because(format!("the outbox could not be committed: {err}"));
-            settle_failed_claim(guard, &outcome).await;
-            return outcome;
+            return settle_failed_claim(guard, outcome).await;
         }
     }
     drop(guard);
@@ -657,21 +654,18 @@ async fn finish_duplicate<St: Store, F: Fingerprint>(
 /// took to reach Redis.
 const LEASE_MARGIN: Duration = Duration::from_millis(100);
 
-/// After a failure: releases the claim for the retry, or, for a message
-/// that is dead-lettered, discards the record so that a replay from the
-/// parking queue is processed afresh.
-async fn settle_failed_claim<St: Store>(guard: ClaimGuard<St>, outcome: &Outcome) {
-    let dead_lettered = outcome.disposition() == Disposition::DeadLetter;
-    let settled = if dead_lettered {
-        guard.discard().await
-    } else {
-        guard.release().await
-    };
-    match settled {
+/// After a failure: releases the claim for the retry; for a message that
+/// is dead-lettered, hands the claim to the outcome instead, whose record
+/// the runner discards once the dead-letter copy is confirmed (so that a
+/// replay from the parking queue is processed afresh) and releases
+/// otherwise ([`Outcome::discard_record`], [`Outcome::release_record`]).
+async fn settle_failed_claim<St: Store>(guard: ClaimGuard<St>, outcome: Outcome) -> Outcome {
+    if outcome.disposition() == Disposition::DeadLetter {
+        return outcome.holding(Box::new(guard));
+    }
+    match guard.release().await {
         Ok(true) => {
-            if !dead_lettered {
-                crate::metrics::released();
-            }
+            crate::metrics::released();
             tracing::info!(
                 outcome = outcome.kind().as_str(),
                 reason = outcome.reason(),
@@ -688,6 +682,7 @@ async fn settle_failed_claim<St: Store>(guard: ClaimGuard<St>, outcome: &Outcome
             tracing::warn!(error = %err, reason = outcome.reason(), "the claim could not be given up; it frees itself when the lease expires");
         }
     }
+    outcome
 }
 
 /// Writes the done mark, retrying while the store does not answer: the

@@ -13,7 +13,7 @@
 //! |---|---|---|---|
 //! | `idempotency_processed_total` | counter | | handlers that ran and were recorded done |
 //! | `idempotency_duplicates_total` | counter | `state` = `done` / `in_progress` | duplicates acked without running / requeued while in progress elsewhere |
-//! | `idempotency_released_total` | counter | | claims released after a handler failure, for a retry (a dead-lettered message's record is discarded, not counted here) |
+//! | `idempotency_released_total` | counter | | claims released after a handler failure, for a retry, or because a dead-letter copy was not confirmed (a dead-lettered message's record is discarded once its copy is confirmed, not counted here) |
 //! | `idempotency_dead_lettered_total` | counter | `outcome` | messages dead-lettered, by why |
 //! | `idempotency_store_errors_total` | counter | `operation` | store operations that failed |
 //! | `idempotency_lease_lost_total` | counter | | handlers that finished after losing their claim |

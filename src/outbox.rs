@@ -41,10 +41,12 @@
 //!    out commits nothing, and nothing it staged is ever published.
 //! 2. **Dispatch.** The messages are published on a confirm-mode channel,
 //!    each with a deterministic `message_id`: `{scope}:{fingerprint}:{n}`
-//!    for the n-th message (from 0) and `{scope}:{fingerprint}:reply` for
-//!    the reply (hashed when longer than AMQP's 255 bytes). As the broker
-//!    confirms them, they are marked dispatched (their bodies are dropped
-//!    from the outbox).
+//!    for the n-th message (from 0) and `{scope}:{fingerprint}:reply:{h}`
+//!    for the reply, where `{h}` is 16 hex digits of a SHA-256 of the
+//!    request's `correlation_id` (`{scope}:{fingerprint}:reply` for a
+//!    request without one); an id longer than AMQP's 255 bytes is hashed.
+//!    As the broker confirms them, they are marked dispatched (their
+//!    bodies are dropped from the outbox).
 //! 3. **Ack.** Only then is the incoming message acked. When a message was
 //!    not confirmed, the incoming one is held and what is left sent again,
 //!    for up to half of `IDEMPOTENCY_CONSUMER_TIMEOUT`, then requeued
@@ -60,6 +62,17 @@
 //! consumer of this crate does, by default) handles it once. The reply is
 //! kept for the done mark's retention; dispatched messages' bodies are
 //! dropped at once.
+//!
+//! # What a requester can deduplicate on
+//!
+//! A reply's `message_id` is one per request *attempt*: the same for
+//! every copy of the reply to one `correlation_id` (a crash may send it
+//! twice), different for a retried request that carries a new
+//! `correlation_id`, so a requester that deduplicates replies by
+//! `message_id` drops the extra copies and still gets the answer to its
+//! retry. Match a reply to its request by `correlation_id`, as usual. A
+//! requester that retries with the same `correlation_id` gets replies
+//! with the same `message_id`, which its deduplication treats as one.
 //!
 //! A handler that writes to a database is not made atomic with the done
 //! mark by this: only what goes through the outbox is.
@@ -346,6 +359,20 @@ fn message_id(scope: &str, fingerprint: &str, tail: &str) -> ShortString {
     let digest = Sha256::digest(id.as_bytes());
     let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     format!("{hex}:{tail}").into()
+}
+
+/// The `message_id` tail of a reply: `reply:{h}`, where `h` is the first
+/// 16 hex digits of the SHA-256 of the request's `correlation_id`, so
+/// that the replies to a request and to its retry (another
+/// `correlation_id`) have different ids, and the same `correlation_id`
+/// always gets the same one; `reply` for a request without one.
+fn reply_tail(correlation_id: Option<&ShortString>) -> String {
+    let Some(correlation_id) = correlation_id else {
+        return "reply".to_owned();
+    };
+    let digest = Sha256::digest(correlation_id.as_str().as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("reply:{hex}")
 }
 
 /// Where the reply of a delivery goes: its `reply_to`, with its
@@ -820,7 +847,10 @@ pub(crate) fn ready(
                 String::from_utf8_lossy(&field)
             ));
         };
-        let tail = position.map_or_else(|| "reply".to_owned(), |n| n.to_string());
+        let tail = match position {
+            Some(n) => n.to_string(),
+            None => reply_tail(target.correlation_id.as_ref()),
+        };
         message.properties =
             message
                 .properties
@@ -1070,6 +1100,43 @@ mod tests {
         assert!(id.as_str().len() <= 255);
         assert_eq!(id, message_id("orders", &long, "reply"));
         assert_ne!(id, message_id("orders", &long, "0"));
+    }
+
+    #[test]
+    fn reply_ids_are_one_per_correlation_id() {
+        let outbox = Outbox::new(1000);
+        outbox.reply(BasicProperties::default(), "r").unwrap();
+        let entries = outbox.seal().unwrap();
+        let reply_id = |correlation_id: Option<&str>| {
+            let target = ReplyTarget {
+                reply_to: Some("asker".into()),
+                correlation_id: correlation_id.map(Into::into),
+            };
+            let ready = ready(entries.clone(), "quotes", "q-1", &target).unwrap();
+            ready[0].message.properties.message_id().clone().unwrap()
+        };
+        let first = reply_id(Some("c-1"));
+        assert!(first.as_str().starts_with("quotes:q-1:reply:"), "{first}");
+        assert_eq!(first.as_str().len(), "quotes:q-1:reply:".len() + 16);
+        assert_eq!(first, reply_id(Some("c-1")), "deterministic");
+        assert_ne!(first, reply_id(Some("c-2")), "one per correlation id");
+        assert_eq!(reply_id(None).as_str(), "quotes:q-1:reply");
+        // A long correlation id still makes a short id.
+        let long = "c".repeat(255);
+        assert!(reply_id(Some(&long)).as_str().len() < 64);
+        let long_fingerprint = "f".repeat(300);
+        let target = ReplyTarget {
+            reply_to: Some("asker".into()),
+            correlation_id: Some("c-1".into()),
+        };
+        let ready = ready(entries, "quotes", &long_fingerprint, &target).unwrap();
+        let id = ready[0].message.properties.message_id().clone().unwrap();
+        assert!(id.as_str().len() <= 255, "{id}");
+        assert!(
+            id.as_str()
+                .ends_with(&first.as_str()["quotes:q-1:".len()..]),
+            "{id}"
+        );
     }
 
     #[test]

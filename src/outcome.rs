@@ -8,7 +8,12 @@
 //! assert_eq!(OutcomeKind::Duplicate.default_disposition(), Some(Disposition::Ack));
 //! ```
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use crate::error::StoreError;
 
 /// The broker action for a delivery, applied after the store write returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,12 +142,76 @@ impl std::fmt::Display for OutcomeKind {
 }
 
 /// The result of the idempotency layer for one delivery.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// A dead-lettered outcome of a claimed message still holds its claim:
+/// the record is discarded only once the dead-letter copy is confirmed
+/// ([`discard_record`](Self::discard_record)), and released otherwise
+/// ([`release_record`](Self::release_record)); [`serve`](crate::serve)
+/// does this. Clones share that claim; equality and `Debug` ignore it.
+#[derive(Clone)]
 pub struct Outcome {
     kind: OutcomeKind,
     disposition: Disposition,
     attempt: u32,
     reason: Option<String>,
+    record: Option<Arc<HeldRecord>>,
+}
+
+impl PartialEq for Outcome {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind
+            && self.disposition == other.disposition
+            && self.attempt == other.attempt
+            && self.reason == other.reason
+    }
+}
+
+impl Eq for Outcome {}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outcome")
+            .field("kind", &self.kind)
+            .field("disposition", &self.disposition)
+            .field("attempt", &self.attempt)
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+/// The claim of a dead-lettered message, given up once the runner knows
+/// whether the broker took the dead-letter copy. Implemented by
+/// [`ClaimGuard`](crate::ClaimGuard).
+pub(crate) trait HeldClaim: Send {
+    /// Deletes the record: the copy is parked, a replay starts afresh.
+    fn discard(self: Box<Self>) -> BoxFuture<'static, Result<bool, StoreError>>;
+    /// Releases the claim with its attempt count: the copy was not taken,
+    /// the original goes back to its queue.
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<bool, StoreError>>;
+    /// Dropped unsettled: released in the background.
+    fn abandon(self: Box<Self>);
+}
+
+/// Where an outcome keeps its claim until one of its clones settles it.
+struct HeldRecord(Mutex<Option<Box<dyn HeldClaim>>>);
+
+impl HeldRecord {
+    fn take(&self) -> Option<Box<dyn HeldClaim>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+}
+
+impl Drop for HeldRecord {
+    fn drop(&mut self) {
+        // Nobody said the copy was confirmed: keep the attempt count (a
+        // discarded record would let the original run again from attempt 1).
+        if let Some(claim) = self.take() {
+            claim.abandon();
+        }
+    }
 }
 
 impl Outcome {
@@ -157,6 +226,7 @@ impl Outcome {
             disposition,
             attempt,
             reason: None,
+            record: None,
         }
     }
 
@@ -167,12 +237,55 @@ impl Outcome {
             disposition: Disposition::Requeue { after },
             attempt,
             reason: None,
+            record: None,
         }
     }
 
     pub(crate) fn because(mut self, reason: impl Into<String>) -> Self {
         self.reason = Some(reason.into());
         self
+    }
+
+    /// Keeps the claim of a dead-lettered message until the copy is
+    /// confirmed or not.
+    pub(crate) fn holding(mut self, claim: Box<dyn HeldClaim>) -> Self {
+        self.record = Some(Arc::new(HeldRecord(Mutex::new(Some(claim)))));
+        self
+    }
+
+    /// For a dead-lettered outcome whose claim it holds: the broker
+    /// confirmed the dead-letter copy (or the message was rejected to the
+    /// queue's own dead-letter exchange), so the message's record is
+    /// deleted, and a copy replayed from the parking queue later runs
+    /// afresh from attempt 1. [`serve`](crate::serve) calls it; call it
+    /// yourself when you settle outcomes in a loop of your own, and only
+    /// once the copy is confirmed.
+    ///
+    /// `Ok(false)` when there was nothing to delete: not a dead-lettered
+    /// claim, already settled (by this outcome or a clone), or the claim
+    /// was lost. An error leaves the record to expire.
+    pub async fn discard_record(&self) -> Result<bool, StoreError> {
+        match self.record.as_ref().and_then(|record| record.take()) {
+            Some(claim) => claim.discard().await,
+            None => Ok(false),
+        }
+    }
+
+    /// For a dead-lettered outcome whose claim it holds: the dead-letter
+    /// copy was not confirmed and the original goes back to its queue, so
+    /// the claim is released with its attempt count: the redelivered copy
+    /// is the next attempt (bounded by `IDEMPOTENCY_MAX_ATTEMPTS`), never
+    /// attempt 1 again. [`serve`](crate::serve) calls it. An outcome
+    /// dropped without [`discard_record`](Self::discard_record) or this is
+    /// released the same way, in the background.
+    ///
+    /// `Ok(false)` when there was nothing to release (see
+    /// [`discard_record`](Self::discard_record)).
+    pub async fn release_record(&self) -> Result<bool, StoreError> {
+        match self.record.as_ref().and_then(|record| record.take()) {
+            Some(claim) => claim.release().await,
+            None => Ok(false),
+        }
     }
 
     /// What happened.

@@ -18,7 +18,11 @@
 //! let store = RedisStore::connect_with(&config).await?;
 //! let service = IdempotencyLayer::new(store, "orders", config.clone())?
 //!     .layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
-//! let report = serve(consumer, service, ServeOptions::from_config(&config).close_channel(channel)).await?;
+//! let options = ServeOptions::from_config(&config)
+//!     // Dead-letter copies go out on this connection: they must fit its frame_max.
+//!     .frame_max(connection.configuration().frame_max())
+//!     .close_channel(channel);
+//! let report = serve(consumer, service, options).await?;
 //! println!("acked {}", report.acked);
 //! # Ok(())
 //! # }
@@ -60,7 +64,12 @@ pub struct ServeOptions {
     dead_letters: DeadLetterTarget,
     channel: Option<Channel>,
     close_channel: bool,
+    frame_max: Option<u32>,
 }
+
+/// The `frame_max` assumed when none is given: the smallest lapin
+/// negotiates, so a copy that fits it fits every connection.
+const FRAME_MAX_FLOOR: u32 = lapin::protocol::constants::FRAME_MIN_SIZE;
 
 impl std::fmt::Debug for ServeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,6 +77,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("concurrency", &self.concurrency)
             .field("signals", &self.signals)
             .field("shutdown_deadline", &self.shutdown_deadline)
+            .field("frame_max", &self.frame_max)
             .finish_non_exhaustive()
     }
 }
@@ -85,6 +95,7 @@ impl Default for ServeOptions {
             dead_letters: DeadLetterTarget::default(),
             channel: None,
             close_channel: false,
+            frame_max: None,
         }
     }
 }
@@ -152,16 +163,36 @@ impl ServeOptions {
     /// Where dead letters go ([`DeadLetterTarget`]; default: the parking
     /// queue `{queue}.dead`, declared by the runner). A copy with
     /// `x-idempotency-outcome`, `x-idempotency-reason`,
-    /// `x-idempotency-attempts` and `x-idempotency-queue` headers is
-    /// published on the consumer's channel in confirm mode; the original is
-    /// acked once the broker confirmed the copy, and requeued (after
-    /// [`DEAD_LETTER_RETRY`]) when it did not, so nothing is dropped. Needs
+    /// `x-idempotency-attempts` and `x-idempotency-queue` headers (each at
+    /// most 1 KiB, a longer reason cut with a `…[truncated N bytes]`
+    /// marker; the copy fits [`frame_max`](Self::frame_max)) is published
+    /// on the consumer's channel in confirm mode; the original is acked
+    /// once the broker confirmed the copy, and the message's record is
+    /// discarded then (so that a replay runs afresh); when the broker did
+    /// not confirm it, the claim is released with its attempt count and
+    /// the original requeued (after [`DEAD_LETTER_RETRY`]), so nothing is
+    /// dropped and nothing starts again from attempt 1. Needs
     /// the channel given to [`channel`](Self::channel) or
     /// [`close_channel`](Self::close_channel), except for
     /// [`DeadLetterTarget::Broker`]; [`serve_reconnecting`] uses each
     /// session's channel.
     pub fn dead_letters(mut self, target: DeadLetterTarget) -> Self {
         self.dead_letters = target;
+        self
+    }
+
+    /// The `frame_max` the consumer's connection negotiated
+    /// (`connection.configuration().frame_max()`): every copy the runner
+    /// publishes on it (a dead letter with its reason headers) is made to
+    /// fit, because RabbitMQ closes the whole connection on a larger
+    /// content header frame. A copy that cannot fit with all the
+    /// original's headers goes without the largest, named in its
+    /// `x-idempotency-headers-dropped` header. Without it, the runner
+    /// assumes the smallest `frame_max` lapin negotiates (8192 bytes), which
+    /// fits every connection but drops such headers sooner.
+    /// [`serve_reconnecting`] reads it from each session's connection.
+    pub fn frame_max(mut self, frame_max: u32) -> Self {
+        self.frame_max = Some(frame_max);
         self
     }
 
@@ -272,9 +303,12 @@ where
         dead_letters,
         channel,
         close_channel,
+        frame_max,
     } = options;
     let queue = consumer.queue().to_string();
-    let dead_letters = match DeadLetters::prepare(&dead_letters, channel.as_ref(), &queue).await {
+    let frame_max = frame_max.unwrap_or(FRAME_MAX_FLOOR);
+    let prepared = DeadLetters::prepare(&dead_letters, channel.as_ref(), &queue, frame_max).await;
+    let dead_letters = match prepared {
         Ok(dead_letters) => dead_letters,
         Err(err) => return (Err(err), None),
     };
@@ -419,10 +453,14 @@ where
                 && let Some((dead_letters, copy)) = copy
             {
                 if dead_letters.publish(copy, &outcome).await {
-                    // The copy is confirmed: the original is finished.
+                    // The copy is confirmed: the original is finished, and
+                    // its record goes, so that a replay runs afresh.
+                    give_up_record(&outcome, true).await;
                     settler.settle(tag, acker, Disposition::Ack, disposition, kind);
                 } else {
-                    // Never dropped: the original goes back to its queue.
+                    // Never dropped: the original goes back to its queue,
+                    // and its claim is released with its attempt count.
+                    give_up_record(&outcome, false).await;
                     let requeue = Disposition::Requeue {
                         after: DEAD_LETTER_RETRY,
                     };
@@ -434,6 +472,10 @@ where
                 }
                 drop(slot);
                 return;
+            }
+            if disposition == Disposition::DeadLetter {
+                // The broker's own dead-lettering: nothing to confirm.
+                give_up_record(&outcome, true).await;
             }
             if let Disposition::Requeue { after } = disposition
                 && !after.is_zero()
@@ -511,6 +553,28 @@ where
     }
     tracing::info!(report = ?tally.snapshot(), "runner stopped");
     (result, finishing)
+}
+
+/// Gives up the claim a dead-lettered outcome holds: its record is
+/// discarded once the copy is `parked` (confirmed), and released with its
+/// attempt count otherwise, so that the requeued original is the next
+/// attempt rather than the first again.
+async fn give_up_record(outcome: &Outcome, parked: bool) {
+    let given_up = if parked {
+        outcome.discard_record().await
+    } else {
+        outcome.release_record().await
+    };
+    match given_up {
+        Ok(true) if !parked => crate::metrics::released(),
+        Ok(_) => {}
+        Err(err) if parked => {
+            tracing::warn!(error = %err, "the parked message's record could not be discarded: it expires on its own; a replay before then counts as its next attempt");
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "the claim of the message whose dead-letter copy was not confirmed could not be released; it frees itself when the lease expires");
+        }
+    }
 }
 
 /// Starts the settler of a recovered channel (its delivery tags start
@@ -675,6 +739,7 @@ where
         dead_letters,
         channel: _,
         close_channel: _,
+        frame_max: _,
     } = options;
     let shutdown = stop_signal(shutdown, signals);
     // One stop signal shared by every session.
@@ -730,6 +795,7 @@ where
             dead_letters: dead_letters.clone(),
             channel: Some(channel),
             close_channel: true,
+            frame_max: Some(connection.configuration().frame_max()),
         };
         let (result, background) =
             run(consumer, service.clone(), options, Arc::clone(&tally)).await;

@@ -143,6 +143,9 @@ async fn retries_are_bounded_by_max_attempts() {
     assert_eq!(kinds[2].kind(), OutcomeKind::AttemptsExhausted);
     assert_eq!(kinds[2].disposition(), Disposition::DeadLetter);
     assert_eq!(runs.load(Ordering::SeqCst), 3);
+    // The runner discards the record once the parked copy is confirmed.
+    assert!(kinds[2].discard_record().await.unwrap());
+    assert!(!kinds[2].discard_record().await.unwrap(), "only once");
     // Replayed from the dead-letter queue, it starts again from attempt 1.
     let replay = svc.oneshot(delivery(Some("poison"), b"x")).await.unwrap();
     assert_eq!(replay.kind(), OutcomeKind::Retry);
@@ -711,9 +714,74 @@ async fn a_message_that_kills_its_consumer_is_dead_lettered_after_the_last_attem
         "the handler did not run again"
     );
     assert!(
+        store.get("idem:q:m").await.unwrap().is_some(),
+        "the record stays until the parked copy is confirmed"
+    );
+    assert!(outcome.discard_record().await.unwrap());
+    assert!(
         store.get("idem:q:m").await.unwrap().is_none(),
         "a replay from the parking queue starts afresh"
     );
+}
+
+/// A dead-lettered outcome holds its claim until told whether the parked
+/// copy was confirmed: not confirmed (or never told), the claim is
+/// released with its attempt count, so the requeued original is the next
+/// attempt, not the first again.
+#[tokio::test]
+async fn a_dead_lettered_claim_is_released_with_its_attempts_unless_the_copy_is_confirmed() {
+    let store = MemoryStore::new();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(store.clone(), "q", config())
+        .unwrap()
+        .layer(counting(runs.clone(), |_| {
+            Err(HandlerError::permanent("unknown customer"))
+        }));
+    let attempts = |key: &'static str| {
+        let store = store.clone();
+        async move {
+            match store.get(key).await.unwrap() {
+                Some((value, _)) => match Record::parse(&value) {
+                    Some(Record::Released { attempts, .. }) => Some(attempts),
+                    _ => None,
+                },
+                None => None,
+            }
+        }
+    };
+
+    let outcome = svc
+        .clone()
+        .oneshot(delivery(Some("a"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.kind(), OutcomeKind::Failed);
+    assert_eq!(outcome, outcome.clone(), "equality ignores the claim");
+    assert!(outcome.release_record().await.unwrap(), "not confirmed");
+    assert_eq!(attempts("idem:q:a").await, Some(1));
+    assert!(!outcome.discard_record().await.unwrap(), "already settled");
+    let again = svc
+        .clone()
+        .oneshot(delivery(Some("a"), b"x"))
+        .await
+        .unwrap();
+    assert_eq!(again.attempt(), 2, "the requeued copy is the next attempt");
+    assert!(again.discard_record().await.unwrap());
+
+    // Dropped (every clone) without a word: released in the background.
+    let outcome = svc.oneshot(delivery(Some("b"), b"x")).await.unwrap();
+    let clone = outcome.clone();
+    drop(outcome);
+    assert!(
+        store.get("idem:q:b").await.unwrap().is_some() && attempts("idem:q:b").await.is_none(),
+        "a clone still holds the claim"
+    );
+    drop(clone);
+    assert!(
+        common_eventually(|| async { attempts("idem:q:b").await == Some(1) }).await,
+        "released with its attempt count"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]

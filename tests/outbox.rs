@@ -465,14 +465,23 @@ async fn a_duplicate_request_gets_the_stored_reply_at_its_own_reply_to() {
     consumer.stop().await;
 
     let scope = &queue.name;
-    let reply_id = format!("{scope}:quote-9:reply");
+    let reply_id = |hash: &str| format!("{scope}:quote-9:reply:{hash}");
+    // The first 16 hex digits of SHA-256("c-1") and of SHA-256("c-2").
     assert_eq!(
         first,
-        vec![(reply_id.clone(), Some("c-1".into()), b"quote q9".to_vec())]
+        vec![(
+            reply_id("a6f7ef47ee8dc84a"),
+            Some("c-1".into()),
+            b"quote q9".to_vec()
+        )]
     );
     assert_eq!(
         second,
-        vec![(reply_id, Some("c-2".into()), b"quote q9".to_vec())],
+        vec![(
+            reply_id("6260cd1bca682c8e"),
+            Some("c-2".into()),
+            b"quote q9".to_vec()
+        )],
         "the stored reply, at the duplicate's reply_to with its correlation_id"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
@@ -482,6 +491,71 @@ async fn a_duplicate_request_gets_the_stored_reply_at_its_own_reply_to() {
             .queue_delete(asker.as_str().into(), Default::default())
             .await;
     }
+    assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
+}
+
+/// A requester that deduplicates replies by `message_id` (as a consumer of
+/// this crate does) must get the answer to its retried request: the reply
+/// to a duplicate with another `correlation_id` has an id of its own, and
+/// the same `correlation_id` again gets the same id.
+#[tokio::test]
+async fn a_retried_request_gets_a_reply_id_of_its_own_correlation_id() {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&channel, "outbox-retried").await;
+    let downstream = downstream(&channel, "outbox-retried-down").await;
+    let asker = downstream_queue(&channel, "retried-asker").await;
+    let config = config("ob9");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let consumer = start(
+        redis_store().await,
+        &queue.name,
+        &config,
+        OutboxPublisher::connect(&config),
+        &downstream,
+        &runs,
+    )
+    .await;
+
+    let mut replies = Vec::new();
+    for correlation_id in ["try-1", "try-2", "try-1"] {
+        send(
+            &channel,
+            &queue.name,
+            "quote-r",
+            b"qr",
+            Some((&asker, correlation_id)),
+        )
+        .await;
+        replies.extend(collect(&channel, &asker, 1).await);
+    }
+    consumer.stop().await;
+
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    let correlations: Vec<Option<&str>> = replies.iter().map(|(_, c, _)| c.as_deref()).collect();
+    assert_eq!(
+        correlations,
+        [Some("try-1"), Some("try-2"), Some("try-1")],
+        "one reply per request, each with its own correlation_id: {replies:?}"
+    );
+    let ids: Vec<&str> = replies.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_ne!(
+        ids[0], ids[1],
+        "the retried request's reply is not a duplicate of the first by message_id"
+    );
+    assert_eq!(
+        ids[0], ids[2],
+        "the same correlation_id gets the same reply id (deterministic)"
+    );
+    for id in &ids {
+        assert!(
+            id.starts_with(&format!("{}:quote-r:reply", queue.name)),
+            "{id}"
+        );
+    }
+    let _ = channel
+        .queue_delete(asker.as_str().into(), Default::default())
+        .await;
     assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
 }
 

@@ -1479,3 +1479,318 @@ async fn a_cluster_reshard_while_messages_flow_loses_nothing_and_runs_nothing_tw
     assert_eq!(report.dead_lettered, 0);
     assert_eq!(finish(&connection, &queue).await, (0, 0));
 }
+
+/// Takes the first message parked in `dead`, waiting up to 5 s for it.
+async fn parked(connection: &Connection, dead: &str) -> Option<lapin::message::BasicGetMessage> {
+    use lapin::options::BasicGetOptions;
+    let reader = connection.create_channel().await.unwrap();
+    for _ in 0..100 {
+        let got = reader
+            .basic_get(dead.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if got.is_some() {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// A header of a parked copy, as text (`None` when absent or not a string).
+fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == name)
+        .and_then(|(_, v)| match v {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            _ => None,
+        })
+}
+
+/// A permanent failure whose error echoes a large body: before, the whole
+/// message went into `x-idempotency-reason`, the header frame passed
+/// `frame_max`, and RabbitMQ closed the connection (FRAME_ERROR).
+#[tokio::test]
+async fn a_huge_failure_reason_is_bounded_and_the_connection_stays_open() {
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "huge-reason").await;
+    publish(&setup, &queue.name, b"echo me", Some("huge-1")).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let journal = Journal::default();
+    let r = runs.clone();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(move |_d: Delivery| {
+        r.fetch_add(1, Ordering::SeqCst);
+        // 150 KB of two-byte characters: a cut in the middle of one would
+        // not be UTF-8.
+        let echo = "é".repeat(75_000);
+        async move { Err::<(), _>(HandlerError::permanent(format!("rejected body: {echo}"))) }
+    }));
+    let (channel, consumer) = consume(&connection, &queue.name, 4).await;
+    let stop = journal.until(|j| !j.events().is_empty());
+    let options = ServeOptions::new()
+        .concurrency(4)
+        .shutdown_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+        })
+        .close_channel(channel);
+    let served = serve(consumer, journal.clone().record(service), options).await;
+
+    assert!(
+        connection.status().connected(),
+        "the connection stays open: {served:?}"
+    );
+    let report = served.expect("serve");
+    assert_eq!(journal.events(), ["failed"]);
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let dead = parked(&connection, &queue.dead)
+        .await
+        .expect("the message is parked");
+    assert_eq!(dead.delivery.data, b"echo me");
+    let reason = header_text(&dead.delivery, "x-idempotency-reason").expect("a reason");
+    assert!(reason.len() <= 1024, "bounded: {} bytes", reason.len());
+    assert!(reason.contains("rejected body: é"), "{reason}");
+    assert!(reason.contains("[truncated "), "says it was cut: {reason}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(
+        finish(&connection, &queue).await,
+        (0, 0),
+        "the original was acked, its parked copy read"
+    );
+}
+
+/// The original's own headers can fill most of a frame: the parked copy
+/// then goes without the ones that do not fit, and says which, instead of
+/// killing the connection in a loop under `serve_reconnecting`.
+#[tokio::test]
+async fn a_parked_copy_that_cannot_fit_frame_max_drops_the_oversized_headers_and_says_so() {
+    use amqp_idempotency::{Session, serve_reconnecting};
+    use lapin::BasicProperties;
+    use lapin::types::{AMQPValue, LongString};
+
+    let direct = amqp().await;
+    let frame_max = direct.configuration().frame_max();
+    assert!(
+        (8192..=1 << 20).contains(&frame_max),
+        "this test needs the broker's frame_max bounded (RabbitMQ's default is 131072): {frame_max}"
+    );
+    let setup = direct.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "big-headers").await;
+    let mut headers = FieldTable::default();
+    // The original just fits the negotiated frame_max; with the reason
+    // headers added, its copy cannot.
+    let big = usize::try_from(frame_max).unwrap() - 600;
+    headers.insert(
+        "x-big".into(),
+        AMQPValue::LongString(LongString::from("b".repeat(big))),
+    );
+    headers.insert(
+        "tenant".into(),
+        AMQPValue::LongString(LongString::from("acme")),
+    );
+    let properties = BasicProperties::default()
+        .with_message_id("big-1".into())
+        .with_headers(headers);
+    common::publish_with(&setup, &queue.name, b"payload", properties).await;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let journal = Journal::default();
+    let r = runs.clone();
+    let service = IdempotencyLayer::new(
+        redis_store().await,
+        &queue.name,
+        config(&common::unique("p")),
+    )
+    .unwrap()
+    .layer(service_fn(move |_d: Delivery| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), _>(HandlerError::permanent("x".repeat(5_000))) }
+    }));
+    let queue_name = queue.name.clone();
+    let connect = move || {
+        let queue_name = queue_name.clone();
+        async move {
+            let connection = lapin::Connection::connect(
+                &common::amqp_url(),
+                lapin::ConnectionProperties::default(),
+            )
+            .await?;
+            let channel = connection.create_channel().await?;
+            channel.basic_qos(4, BasicQosOptions::default()).await?;
+            let consumer = channel
+                .basic_consume(
+                    queue_name.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok(Session {
+                connection,
+                channel,
+                consumer,
+            })
+        }
+    };
+    let stop = journal.until(|j| !j.events().is_empty());
+    let runner = tokio::spawn(serve_reconnecting(
+        connect,
+        journal.clone().record(service),
+        ServeOptions::new().concurrency(4).shutdown_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+        }),
+    ));
+    let dead = parked(&direct, &queue.dead).await;
+    let report = runner.await.unwrap().expect("serve_reconnecting");
+    let dead = dead.expect("the message is parked");
+    assert_eq!(report.reconnects, 0, "no connection was lost: {report:?}");
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(dead.delivery.data, b"payload");
+    assert_eq!(
+        header_text(&dead.delivery, "x-idempotency-headers-dropped").as_deref(),
+        Some("x-big"),
+        "the copy says which header it goes without"
+    );
+    assert_eq!(header_text(&dead.delivery, "x-big"), None);
+    assert_eq!(
+        header_text(&dead.delivery, "tenant").as_deref(),
+        Some("acme"),
+        "the headers that fit are kept"
+    );
+    assert_eq!(
+        header_text(&dead.delivery, "x-idempotency-outcome").as_deref(),
+        Some("failed")
+    );
+    assert_eq!(
+        header_text(&dead.delivery, "x-idempotency-queue").as_deref(),
+        Some(queue.name.as_str())
+    );
+    assert!(header_text(&dead.delivery, "x-idempotency-reason").is_some_and(|r| r.len() <= 1024));
+    assert_eq!(finish(&direct, &queue).await, (0, 0));
+}
+
+/// The record of a dead-lettered message is discarded only once its
+/// parked copy is confirmed: when the copy comes back unroutable (the
+/// parking queue was deleted), the claim is released with its attempt
+/// count, so the requeued original neither starts again from attempt 1
+/// nor is lost; once the parking queue is back, it is parked with the
+/// count kept, and only then is its record gone.
+#[tokio::test]
+async fn an_unconfirmed_parking_copy_keeps_the_record_and_its_attempt_count() {
+    use lapin::types::AMQPValue;
+
+    let connection = amqp().await;
+    let setup = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&setup, "kept").await;
+    let store = redis_store().await;
+    let prefix = common::unique("p");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let journal = Journal::default();
+    let r = runs.clone();
+    let service = journal.clone().record(
+        IdempotencyLayer::new(store.clone(), &queue.name, config(&prefix))
+            .unwrap()
+            .layer(service_fn(move |d: Delivery| {
+                let r = r.clone();
+                async move {
+                    if d.data == b"ok" {
+                        return Ok(());
+                    }
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Err(HandlerError::permanent("never valid"))
+                }
+            })),
+    );
+    let serve_until = |failures: usize| {
+        let stop = journal.until(move |j| j.count("failed") >= failures);
+        ServeOptions::new().concurrency(4).shutdown_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+        })
+    };
+    let (channel, consumer) = consume(&connection, &queue.name, 4).await;
+    let first = tokio::spawn(serve(
+        consumer,
+        service.clone(),
+        serve_until(1).close_channel(channel),
+    ));
+    // Once the runner runs (it declared the parking queue at start), the
+    // parking queue vanishes.
+    publish(&setup, &queue.name, b"ok", Some("ok-1")).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        journal.until(|j| j.count("processed") >= 1),
+    )
+    .await
+    .expect("the runner processed the first message");
+    setup
+        .queue_delete(queue.dead.as_str().into(), Default::default())
+        .await
+        .expect("delete the parking queue");
+    publish(&setup, &queue.name, b"invalid", Some("invalid-1")).await;
+    let report = first.await.unwrap().expect("serve");
+    assert_eq!(report.dead_lettered, 0, "no copy was confirmed: {report:?}");
+    let key = format!("{prefix}:{}:invalid-1", queue.name);
+    let record = store
+        .get(&key)
+        .await
+        .unwrap()
+        .and_then(|(value, _)| Record::parse(&value));
+    assert!(
+        matches!(record, Some(Record::Released { attempts: 1, .. })),
+        "the record is kept, released with its attempt count: {record:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let setup = setup.clone();
+            let name = queue.name.clone();
+            async move { ready_count(&setup, &name).await == 1 }
+        })
+        .await,
+        "the original is back in its queue, not dropped"
+    );
+
+    // The parking queue is back (the runner declares it at start): the
+    // message is parked with its attempt count kept, and only then is its
+    // record discarded.
+    let (channel, consumer) = consume(&connection, &queue.name, 4).await;
+    let report = serve(consumer, service, serve_until(2).close_channel(channel))
+        .await
+        .expect("serve");
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let dead = parked(&connection, &queue.dead)
+        .await
+        .expect("the message is parked");
+    let attempts = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default()
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == "x-idempotency-attempts")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        attempts,
+        Some(AMQPValue::LongLongInt(2)),
+        "the second run counts as the second attempt"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        None,
+        "discarded once the copy was confirmed"
+    );
+    assert_eq!(finish(&connection, &queue).await, (0, 0));
+}

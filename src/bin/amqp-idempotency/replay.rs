@@ -30,6 +30,7 @@ pub(crate) struct Replay {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The headers the runner adds to a dead letter, removed on the way back.
+/// (`x-idempotency-headers-dropped` stays: it says what the message lost.)
 const REASON_HEADERS: [&str; 4] = [
     "x-idempotency-outcome",
     "x-idempotency-reason",
@@ -140,6 +141,9 @@ async fn replay_async(replay: &Replay) -> Result<Done, Failure> {
                 cleaned.insert(name.clone(), value.clone());
             }
         }
+        // The one header replay adds is a queue name, which AMQP caps at
+        // 255 bytes: within the 1 KiB every added header keeps to; with the
+        // reason headers gone, the copy is smaller than the parked one was.
         cleaned.insert(
             "x-idempotency-replayed-from".into(),
             AMQPValue::LongString(LongString::from(replay.from.as_str())),
