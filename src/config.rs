@@ -487,12 +487,29 @@ impl Config {
                 ),
             ));
         }
-        if self.done_ttl < self.lease_ttl {
+        // The retention is also the lifetime of the released record that
+        // counts a failed message's attempts. After the release the delivery
+        // is held for its backoff (at most IDEMPOTENCY_RETRY_BACKOFF_MAX),
+        // then requeued, and the copy's claim must still read the count, or
+        // IDEMPOTENCY_MAX_ATTEMPTS never triggers. The copy may have to wait
+        // for a prefetch slot behind deliveries whose handlers run (each
+        // times out within a lease), or for a duplicate in progress
+        // elsewhere (whose claim is held up to a lease): one lease more
+        // covers that. The same bound keeps a done mark alive longer than
+        // the claim it replaces.
+        let shortest_done_ttl = self.retry_backoff_max.saturating_add(self.lease_ttl);
+        if self.done_ttl < shortest_done_ttl {
             return Err(ConfigError::invalid(
                 "IDEMPOTENCY_DONE_TTL",
                 secs(self.done_ttl),
                 format!(
-                    "at least IDEMPOTENCY_LEASE_TTL ({}): a done mark must outlive the claim it replaces",
+                    "at least {} (IDEMPOTENCY_RETRY_BACKOFF_MAX {} plus IDEMPOTENCY_LEASE_TTL {}): \
+                     the released record that counts a failed message's attempts lives this \
+                     long, and must outlive the backoff before its copy comes back, or \
+                     IDEMPOTENCY_MAX_ATTEMPTS never triggers; raise IDEMPOTENCY_DONE_TTL or \
+                     lower IDEMPOTENCY_RETRY_BACKOFF_MAX",
+                    secs(shortest_done_ttl),
+                    secs(self.retry_backoff_max),
                     secs(self.lease_ttl)
                 ),
             ));
@@ -869,6 +886,21 @@ impl Config {
         self.prefetch
     }
 
+    /// How long an outbox consumer keeps its done mark and outbox:
+    /// [`done_ttl`](Self::done_ttl), but never less than what can still
+    /// bring the message back. A committed delivery whose messages the
+    /// broker has not confirmed is held for up to half the consumer timeout
+    /// while they are sent again, then requeued after a backoff (at most
+    /// the backoff cap); its copy may then wait up to a lease behind a
+    /// claim in progress. Its done mark must still be there then, or the
+    /// copy runs the handler again.
+    pub(crate) fn outbox_retention(&self) -> Duration {
+        let horizon = (self.consumer_timeout / 2)
+            .saturating_add(self.retry_backoff_max)
+            .saturating_add(self.lease_ttl);
+        self.done_ttl.max(horizon)
+    }
+
     /// The delay before requeueing the `attempt`-th failure.
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
@@ -1109,6 +1141,71 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.variable(), "IDEMPOTENCY_HANDLER_TIMEOUT");
         assert!(err.expected().contains("LEASE_TTL"));
+    }
+
+    #[test]
+    fn a_retention_shorter_than_the_retries_is_refused_with_the_smallest_valid_value() {
+        // The issue's case: the released record (which counts the attempts)
+        // expired before the held copy came back, so max attempts never hit.
+        let err = Config::from_lookup(lookup(&[
+            ("IDEMPOTENCY_LEASE_TTL", "1s"),
+            ("IDEMPOTENCY_HANDLER_TIMEOUT", "500ms"),
+            ("IDEMPOTENCY_DONE_TTL", "1s"),
+            ("IDEMPOTENCY_RETRY_BACKOFF", "1500ms"),
+            ("IDEMPOTENCY_RETRY_BACKOFF_MAX", "1500ms"),
+            ("IDEMPOTENCY_MAX_ATTEMPTS", "2"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_DONE_TTL", "{err}");
+        assert_eq!(err.value(), "1s");
+        assert!(
+            err.expected().contains("IDEMPOTENCY_RETRY_BACKOFF_MAX"),
+            "{err}"
+        );
+        assert!(err.expected().contains("IDEMPOTENCY_LEASE_TTL"), "{err}");
+        assert!(err.expected().contains("at least 2500ms"), "{err}");
+        // The default backoff cap (30s) with a one-second lease.
+        let err = Config::default()
+            .lease_ttl(Duration::from_secs(1))
+            .handler_timeout(Duration::from_millis(500))
+            .done_ttl(Duration::from_secs(10))
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_DONE_TTL");
+        assert!(err.expected().contains("at least 31s"), "{err}");
+        // The smallest valid value is valid; a millisecond less is not.
+        let at = |done: Duration| {
+            Config::default()
+                .lease_ttl(Duration::from_secs(1))
+                .handler_timeout(Duration::from_millis(500))
+                .retry_backoff(Duration::from_millis(100))
+                .retry_backoff_max(Duration::from_millis(1500))
+                .done_ttl(done)
+                .validate()
+        };
+        assert_eq!(at(Duration::from_millis(2500)), Ok(()));
+        assert_eq!(
+            at(Duration::from_millis(2499)).map_err(|err| err.variable().to_owned()),
+            Err("IDEMPOTENCY_DONE_TTL".to_owned())
+        );
+    }
+
+    #[test]
+    fn an_outbox_commit_outlives_the_hold_of_an_undispatched_delivery() {
+        let config = Config::default()
+            .lease_ttl(Duration::from_secs(1))
+            .handler_timeout(Duration::from_millis(500))
+            .retry_backoff(Duration::from_millis(100))
+            .retry_backoff_max(Duration::from_secs(2))
+            .done_ttl(Duration::from_secs(5))
+            .consumer_timeout(Duration::from_secs(600));
+        assert_eq!(config.validate(), Ok(()));
+        // Held up to consumer_timeout / 2, then requeued with a backoff,
+        // then possibly behind a claim in progress: 300s + 2s + 1s.
+        assert_eq!(config.outbox_retention(), Duration::from_secs(303));
+        // A longer retention is kept as it is.
+        let long = config.done_ttl(Duration::from_secs(3600));
+        assert_eq!(long.outbox_retention(), Duration::from_secs(3600));
     }
 
     #[test]

@@ -521,7 +521,12 @@ impl<St: Store> ClaimGuard<St> {
         let Some(claim) = &self.claim else {
             return Ok(false);
         };
-        let retention = self.dedup.config().done_ttl;
+        // An outbox's delivery may be held, then requeued, after its commit:
+        // its mark is kept until that copy is back.
+        let retention = match outbox {
+            Some(_) => self.dedup.config().outbox_retention(),
+            None => self.dedup.config().done_ttl,
+        };
         let started = std::time::Instant::now();
         let store = self.dedup.store();
         let result = match outbox {
