@@ -19,6 +19,8 @@
 //! # Ok::<(), amqp_idempotency::ConfigError>(())
 //! ```
 
+use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -224,6 +226,53 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// Every environment variable [`Config::from_env`] reads: the one list that
+/// both the reading and the check for unknown names use (reading a name
+/// that is not here fails the tests).
+pub(crate) const VARIABLES: &[&str] = &[
+    "REDIS_URL",
+    "REDIS_CLUSTER_NODES",
+    "AMQP_URL",
+    "IDEMPOTENCY_KEY_PREFIX",
+    "IDEMPOTENCY_SCOPE",
+    "IDEMPOTENCY_LEASE_TTL",
+    "IDEMPOTENCY_DONE_TTL",
+    "IDEMPOTENCY_HANDLER_TIMEOUT",
+    "IDEMPOTENCY_IN_PROGRESS_WAIT",
+    "IDEMPOTENCY_RETRY_BACKOFF",
+    "IDEMPOTENCY_RETRY_BACKOFF_MAX",
+    "IDEMPOTENCY_CONSUMER_TIMEOUT",
+    "IDEMPOTENCY_REPLICA_TIMEOUT",
+    "IDEMPOTENCY_MIN_REPLICAS",
+    "IDEMPOTENCY_PREFETCH",
+    "IDEMPOTENCY_MAX_ATTEMPTS",
+    "IDEMPOTENCY_ON_STORE_ERROR",
+    "IDEMPOTENCY_ON_MISSING_FINGERPRINT",
+    "IDEMPOTENCY_MAX_BODY_BYTES",
+    "IDEMPOTENCY_OUTBOX_MAX_BYTES",
+    "IDEMPOTENCY_VERIFY_PAYLOAD",
+    "IDEMPOTENCY_DEAD_LETTERS",
+    "IDEMPOTENCY_DEAD_LETTER_QUEUE",
+    "IDEMPOTENCY_DEAD_LETTER_EXCHANGE",
+    "IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY",
+    "REDIS_TLS_CA_FILE",
+    "REDIS_TLS_CERT_FILE",
+    "REDIS_TLS_KEY_FILE",
+    "AMQP_TLS_CA_FILE",
+    "AMQP_TLS_CERT_FILE",
+    "AMQP_TLS_KEY_FILE",
+];
+
+/// Prefixes reserved for this library's settings: [`Config::from_env`]
+/// refuses a variable under one of them that is not in [`VARIABLES`].
+pub(crate) const RESERVED_PREFIXES: &[&str] = &[
+    "IDEMPOTENCY_",
+    "REDIS_TLS_",
+    "AMQP_TLS_",
+    "REDIS_CLUSTER_",
+    "REDIS_SENTINEL_",
+];
+
 /// Longest duration any setting accepts: a typo like `30d` for `30s` is refused.
 const MAX_DURATION: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -233,19 +282,73 @@ impl Config {
     /// variable, the value and what is expected, and on inconsistent values.
     /// The TLS files (`REDIS_TLS_*`, `AMQP_TLS_*`) are read to check them: an
     /// unreadable or malformed one fails here, naming the variable and path.
+    ///
+    /// A variable under `IDEMPOTENCY_`, `REDIS_TLS_`, `AMQP_TLS_`,
+    /// `REDIS_CLUSTER_` or `REDIS_SENTINEL_` that is not one of the settings
+    /// (a typo such as `IDEMPOTENCY_MIN_REPLICA`) fails too, naming it and
+    /// the closest known name: a misspelt setting would otherwise be off
+    /// without a word.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| match std::env::var(name) {
-            Ok(value) => Some(value),
-            Err(std::env::VarError::NotPresent) => None,
-            // Reported as a value that parses as nothing we accept.
-            Err(std::env::VarError::NotUnicode(raw)) => Some(raw.to_string_lossy().into_owned()),
-        })
+        Self::from_vars(std::env::vars_os())
+    }
+
+    /// Like [`from_env`](Self::from_env), from `vars`, the whole environment
+    /// as (name, value) pairs: `std::env::vars_os()`, or an environment of
+    /// your own (a test's, a file's).
+    ///
+    /// ```
+    /// use amqp_idempotency::Config;
+    ///
+    /// let config = Config::from_vars([("IDEMPOTENCY_MIN_REPLICAS", "1"), ("HOME", "/root")])?;
+    /// assert_eq!(config.replication().0, 1);
+    /// let typo = Config::from_vars([("IDEMPOTENCY_MIN_REPLICA", "1")]).unwrap_err();
+    /// assert_eq!(typo.variable(), "IDEMPOTENCY_MIN_REPLICA");
+    /// assert!(typo.expected().contains("IDEMPOTENCY_MIN_REPLICAS"));
+    /// # Ok::<(), amqp_idempotency::ConfigError>(())
+    /// ```
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        let mut known = HashMap::new();
+        let mut unknown = Vec::new();
+        for (name, value) in vars {
+            // A name that is not UTF-8 is never one of ours (they are all
+            // ASCII); its lossy form still starts with a reserved prefix
+            // exactly when the name does.
+            let shown = name.as_ref().to_string_lossy();
+            let value = || value.as_ref().to_string_lossy().into_owned();
+            if VARIABLES.contains(&shown.as_ref()) {
+                // A value that is not UTF-8 is read as one that parses as
+                // nothing we accept, and reported.
+                known.insert(shown.into_owned(), value());
+            } else if is_reserved(&shown) {
+                unknown.push((shown.into_owned(), value()));
+            }
+        }
+        // A typo is reported before any value: its setting is silently off.
+        unknown.sort();
+        if let Some((name, value)) = unknown.first() {
+            let others: Vec<&str> = unknown[1..].iter().map(|(n, _)| n.as_str()).collect();
+            return Err(unknown_variable(name, value, &others));
+        }
+        Self::from_lookup(|name| known.get(name).cloned())
     }
 
     /// Like [`from_env`](Self::from_env), reading variables through `lookup`.
+    /// It cannot see which other variables are set, so it refuses no
+    /// misspelt name: prefer [`from_vars`](Self::from_vars).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut config = Self::default();
-        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        let get = |name: &str| {
+            debug_assert!(
+                VARIABLES.contains(&name),
+                "{name} is read but missing from config::VARIABLES"
+            );
+            lookup(name).filter(|value| !value.trim().is_empty())
+        };
         let url = get("REDIS_URL");
         if let Some(nodes) = get("REDIS_CLUSTER_NODES") {
             if let Some(url) = &url {
@@ -988,6 +1091,67 @@ fn dead_letters_from(
     }
 }
 
+/// True for a name under one of [`RESERVED_PREFIXES`], in any case (a
+/// lower-case spelling is refused too rather than ignored).
+fn is_reserved(name: &str) -> bool {
+    RESERVED_PREFIXES.iter().any(|prefix| {
+        name.get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    })
+}
+
+/// The error for `name`, set under a reserved prefix but not a variable we
+/// read; `others` are more such names.
+fn unknown_variable(name: &str, value: &str, others: &[&str]) -> ConfigError {
+    let upper = name.to_ascii_uppercase();
+    let closest = VARIABLES
+        .iter()
+        .min_by_key(|known| edit_distance(&upper, known))
+        .copied()
+        .unwrap_or("IDEMPOTENCY_KEY_PREFIX");
+    let mut expected = format!(
+        "a variable this library reads: did you mean {closest}? Names under {} are reserved \
+         for its settings, and an unknown one is refused so that a typo cannot leave a \
+         setting off; rename it or unset it (the README's Configuration section lists them)",
+        RESERVED_PREFIXES.join(", ")
+    );
+    if upper.starts_with("REDIS_SENTINEL_") {
+        expected.push_str(
+            "; Sentinel is set through REDIS_URL=redis-sentinel://host:port,host:port#master",
+        );
+    }
+    if !others.is_empty() {
+        expected.push_str(&format!("; also unknown: {}", others.join(", ")));
+    }
+    // The value is shown, its URL password hidden, unless the name says it
+    // is a secret.
+    let secret = ["PASS", "SECRET", "TOKEN"]
+        .iter()
+        .any(|word| upper.contains(word));
+    let value = if secret {
+        "***".to_owned()
+    } else {
+        redact_url(value)
+    };
+    ConfigError::invalid(name, value, expected)
+}
+
+/// Levenshtein distance between two ASCII names, by bytes.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    let mut current = vec![0; b.len() + 1];
+    for (i, &x) in a.iter().enumerate() {
+        current[0] = i + 1;
+        for (j, &y) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(x != y);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        std::mem::swap(&mut previous, &mut current);
+    }
+    previous[b.len()]
+}
+
 /// Parses `500ms`, `30s`, `5m`, `24h` or `7d`. Zero and unitless values are refused.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
@@ -1036,6 +1200,103 @@ mod tests {
                 .iter()
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn an_unknown_variable_under_a_reserved_prefix_is_refused_with_the_closest_name() {
+        for (typo, meant) in [
+            ("IDEMPOTENCY_MIN_REPLICA", "IDEMPOTENCY_MIN_REPLICAS"),
+            ("IDEMPOTENCY_LEASE_TIME", "IDEMPOTENCY_LEASE_TTL"),
+            ("IDEMPOTENCY_RETRY_BACKOF_MAX", "IDEMPOTENCY_RETRY_BACKOFF_MAX"),
+            ("idempotency_min_replicas", "IDEMPOTENCY_MIN_REPLICAS"),
+            ("REDIS_TLS_CA", "REDIS_TLS_CA_FILE"),
+            ("AMQP_TLS_CERT_FIEL", "AMQP_TLS_CERT_FILE"),
+            ("REDIS_CLUSTER_NODE", "REDIS_CLUSTER_NODES"),
+        ] {
+            let err = Config::from_vars([(typo, "1"), ("HOME", "/root")])
+                .expect_err(typo);
+            assert_eq!(err.variable(), typo);
+            assert!(err.expected().contains(meant), "{typo}: {err}");
+        }
+        let err = Config::from_vars([("REDIS_SENTINEL_MASTER", "orders")]).unwrap_err();
+        assert_eq!(err.variable(), "REDIS_SENTINEL_MASTER");
+        assert!(err.expected().contains("redis-sentinel://"), "{err}");
+        // Several: all are named, the first (in name order) as the variable.
+        let err = Config::from_vars([
+            ("IDEMPOTENCY_SCOPES", "a"),
+            ("IDEMPOTENCY_LEASE", "1s"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_LEASE");
+        assert!(err.expected().contains("IDEMPOTENCY_SCOPES"), "{err}");
+        // A password in an unknown variable's URL is not shown.
+        let err = Config::from_vars([("REDIS_CLUSTER_URL", "redis://u:hunter2@h:1")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn variables_outside_the_reserved_prefixes_are_ignored_and_known_ones_read() {
+        let config = Config::from_vars([
+            ("IDEMPOTENCY_MIN_REPLICAS", "2"),
+            ("REDIS_HOST", "elsewhere"),
+            ("AMQP_URLS", "amqp://x"),
+            ("REDIS_TLS", "yes"),
+            ("MY_IDEMPOTENCY_SETTING", "1"),
+            ("PATH", "/usr/bin"),
+        ])
+        .unwrap();
+        assert_eq!(config.min_replicas, 2);
+        assert_eq!(
+            Config::from_vars(std::iter::empty::<(&str, &str)>()),
+            Ok(Config::default())
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_name_that_is_not_utf8_is_refused_only_under_a_reserved_prefix() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let under = OsString::from_vec(b"IDEMPOTENCY_LEASE_TTL\xff".to_vec());
+        let err = Config::from_vars([(under, OsString::from("1s"))]).unwrap_err();
+        assert!(err.variable().starts_with("IDEMPOTENCY_LEASE_TTL"), "{err}");
+        assert!(err.expected().contains("IDEMPOTENCY_LEASE_TTL"), "{err}");
+        let elsewhere = OsString::from_vec(b"\xffIDEMPOTENCY_LEASE_TTL".to_vec());
+        assert!(Config::from_vars([(elsewhere, OsString::from("1s"))]).is_ok());
+        // A value that is not UTF-8 is refused as malformed, with the variable.
+        let value = OsString::from_vec(b"30\xffs".to_vec());
+        let err = Config::from_vars([(OsString::from("IDEMPOTENCY_LEASE_TTL"), value)]).unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_LEASE_TTL");
+    }
+
+    #[test]
+    fn the_table_of_variables_is_what_from_lookup_reads_and_the_readme_lists() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_owned());
+            None
+        })
+        .unwrap();
+        let mut asked = asked.into_inner();
+        asked.sort();
+        asked.dedup();
+        let mut table: Vec<String> = VARIABLES.iter().map(|name| (*name).to_owned()).collect();
+        table.sort();
+        assert_eq!(asked, table, "config::VARIABLES and what from_lookup reads differ");
+        let readme = include_str!("../README.md");
+        for name in VARIABLES {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "the README's configuration table does not list {name}"
+            );
+        }
+        for name in VARIABLES {
+            assert!(
+                RESERVED_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+                    || ["REDIS_URL", "AMQP_URL"].contains(name),
+                "{name} is under no reserved prefix: a misspelling of it would go unnoticed"
+            );
         }
     }
 
