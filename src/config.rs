@@ -226,6 +226,71 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// Which Redis a [`Config`] names, from [`Config::redis`]. Only a
+/// standalone server comes with a URL to open a plain connection on: a
+/// Sentinel URL must be resolved to the master first
+/// ([`store::sentinel_master_url`](crate::store::sentinel_master_url)), and
+/// a cluster is reached through its nodes. `Debug` hides the passwords.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisDeployment<'a> {
+    /// One server (a standalone Redis or Valkey, or a primary) at this
+    /// `redis://` or `rediss://` URL (`REDIS_URL`).
+    Standalone(&'a str),
+    /// The master that Redis Sentinel names, from this
+    /// `redis-sentinel://` or `rediss-sentinel://` URL (`REDIS_URL`).
+    Sentinel(&'a str),
+    /// A Redis Cluster, from these seed nodes (`REDIS_CLUSTER_NODES`).
+    Cluster(&'a [String]),
+}
+
+impl<'a> RedisDeployment<'a> {
+    /// The URL of a standalone server; `None` for Sentinel or a cluster,
+    /// whose URLs are not a server to connect to directly.
+    pub fn standalone_url(&self) -> Option<&'a str> {
+        match *self {
+            Self::Standalone(url) => Some(url),
+            Self::Sentinel(_) | Self::Cluster(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RedisDeployment<'_> {
+    /// What to show in a message: the URL or the nodes, passwords hidden.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Standalone(url) => write!(f, "Redis at {}", redact_url(url)),
+            Self::Sentinel(url) => write!(f, "Redis through Sentinel at {}", redact_url(url)),
+            Self::Cluster(nodes) => {
+                write!(f, "the Redis Cluster of {}", redact_nodes(&nodes.join(",")))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisDeployment<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Standalone(url) => f.debug_tuple("Standalone").field(&redact_url(url)).finish(),
+            Self::Sentinel(url) => f.debug_tuple("Sentinel").field(&redact_url(url)).finish(),
+            Self::Cluster(nodes) => f
+                .debug_tuple("Cluster")
+                .field(
+                    &nodes
+                        .iter()
+                        .map(|node| redact_url(node))
+                        .collect::<Vec<_>>(),
+                )
+                .finish(),
+        }
+    }
+}
+
+/// True for a `redis-sentinel://` or `rediss-sentinel://` URL.
+pub(crate) fn is_sentinel_url(url: &str) -> bool {
+    url.starts_with("redis-sentinel://") || url.starts_with("rediss-sentinel://")
+}
+
 /// Every environment variable [`Config::from_env`] reads: the one list that
 /// both the reading and the check for unknown names use (reading a name
 /// that is not here fails the tests).
@@ -700,9 +765,7 @@ impl Config {
                 ));
             }
         }
-        if self.redis_url.starts_with("redis-sentinel://")
-            || self.redis_url.starts_with("rediss-sentinel://")
-        {
+        if is_sentinel_url(&self.redis_url) {
             crate::store::SentinelUrl::parse(&self.redis_url).map_err(|problem| {
                 ConfigError::invalid("REDIS_URL", redact_url(&self.redis_url), problem)
             })?;
@@ -744,8 +807,9 @@ impl Config {
     }
 
     /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_NODES`, comma-separated
-    /// `redis://` or `rediss://` URLs): the store then runs in cluster mode
-    /// and [`redis`](Self::redis) is not used.
+    /// `redis://` or `rediss://` URLs): the store then runs in cluster mode,
+    /// the URL of [`redis_url`](Self::redis_url) is not used, and
+    /// [`redis`](Self::redis) says [`RedisDeployment::Cluster`].
     pub fn redis_cluster<I, S>(mut self, nodes: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -954,9 +1018,28 @@ impl Config {
         &self.dead_letters
     }
 
-    /// The Redis URL (standalone mode).
-    pub fn redis(&self) -> &str {
-        &self.redis_url
+    /// The Redis this configuration names, and of which kind: a cluster
+    /// when it has seed nodes, else `REDIS_URL` (a standalone server, or
+    /// Sentinel for a `redis-sentinel://` URL). Only
+    /// [`RedisDeployment::Standalone`] is a URL to open a plain
+    /// connection on; [`RedisStore::connect`](crate::store::RedisStore::connect)
+    /// takes the whole `Config` and handles every kind.
+    ///
+    /// ```
+    /// use amqp_idempotency::{Config, RedisDeployment};
+    ///
+    /// let config = Config::default().redis_cluster(["redis://10.0.0.1:7000"]);
+    /// assert_eq!(config.redis().standalone_url(), None);
+    /// assert!(matches!(config.redis(), RedisDeployment::Cluster(nodes) if nodes.len() == 1));
+    /// ```
+    pub fn redis(&self) -> RedisDeployment<'_> {
+        if !self.redis_cluster_nodes.is_empty() {
+            RedisDeployment::Cluster(&self.redis_cluster_nodes)
+        } else if is_sentinel_url(&self.redis_url) {
+            RedisDeployment::Sentinel(&self.redis_url)
+        } else {
+            RedisDeployment::Standalone(&self.redis_url)
+        }
     }
 
     /// The Redis Cluster seed nodes; empty in standalone mode.
@@ -1208,14 +1291,16 @@ mod tests {
         for (typo, meant) in [
             ("IDEMPOTENCY_MIN_REPLICA", "IDEMPOTENCY_MIN_REPLICAS"),
             ("IDEMPOTENCY_LEASE_TIME", "IDEMPOTENCY_LEASE_TTL"),
-            ("IDEMPOTENCY_RETRY_BACKOF_MAX", "IDEMPOTENCY_RETRY_BACKOFF_MAX"),
+            (
+                "IDEMPOTENCY_RETRY_BACKOF_MAX",
+                "IDEMPOTENCY_RETRY_BACKOFF_MAX",
+            ),
             ("idempotency_min_replicas", "IDEMPOTENCY_MIN_REPLICAS"),
             ("REDIS_TLS_CA", "REDIS_TLS_CA_FILE"),
             ("AMQP_TLS_CERT_FIEL", "AMQP_TLS_CERT_FILE"),
             ("REDIS_CLUSTER_NODE", "REDIS_CLUSTER_NODES"),
         ] {
-            let err = Config::from_vars([(typo, "1"), ("HOME", "/root")])
-                .expect_err(typo);
+            let err = Config::from_vars([(typo, "1"), ("HOME", "/root")]).expect_err(typo);
             assert_eq!(err.variable(), typo);
             assert!(err.expected().contains(meant), "{typo}: {err}");
         }
@@ -1223,11 +1308,8 @@ mod tests {
         assert_eq!(err.variable(), "REDIS_SENTINEL_MASTER");
         assert!(err.expected().contains("redis-sentinel://"), "{err}");
         // Several: all are named, the first (in name order) as the variable.
-        let err = Config::from_vars([
-            ("IDEMPOTENCY_SCOPES", "a"),
-            ("IDEMPOTENCY_LEASE", "1s"),
-        ])
-        .unwrap_err();
+        let err = Config::from_vars([("IDEMPOTENCY_SCOPES", "a"), ("IDEMPOTENCY_LEASE", "1s")])
+            .unwrap_err();
         assert_eq!(err.variable(), "IDEMPOTENCY_LEASE");
         assert!(err.expected().contains("IDEMPOTENCY_SCOPES"), "{err}");
         // A password in an unknown variable's URL is not shown.
@@ -1266,7 +1348,8 @@ mod tests {
         assert!(Config::from_vars([(elsewhere, OsString::from("1s"))]).is_ok());
         // A value that is not UTF-8 is refused as malformed, with the variable.
         let value = OsString::from_vec(b"30\xffs".to_vec());
-        let err = Config::from_vars([(OsString::from("IDEMPOTENCY_LEASE_TTL"), value)]).unwrap_err();
+        let err =
+            Config::from_vars([(OsString::from("IDEMPOTENCY_LEASE_TTL"), value)]).unwrap_err();
         assert_eq!(err.variable(), "IDEMPOTENCY_LEASE_TTL");
     }
 
@@ -1283,7 +1366,10 @@ mod tests {
         asked.dedup();
         let mut table: Vec<String> = VARIABLES.iter().map(|name| (*name).to_owned()).collect();
         table.sort();
-        assert_eq!(asked, table, "config::VARIABLES and what from_lookup reads differ");
+        assert_eq!(
+            asked, table,
+            "config::VARIABLES and what from_lookup reads differ"
+        );
         let readme = include_str!("../README.md");
         for name in VARIABLES {
             assert!(
@@ -1293,11 +1379,39 @@ mod tests {
         }
         for name in VARIABLES {
             assert!(
-                RESERVED_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+                RESERVED_PREFIXES
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix))
                     || ["REDIS_URL", "AMQP_URL"].contains(name),
                 "{name} is under no reserved prefix: a misspelling of it would go unnoticed"
             );
         }
+    }
+
+    #[test]
+    fn a_config_naming_a_cluster_or_sentinel_hands_out_no_standalone_url() {
+        let cluster =
+            Config::from_vars([("REDIS_CLUSTER_NODES", "redis://:pw@b:2,redis://c:3")]).unwrap();
+        assert_eq!(cluster.redis().standalone_url(), None);
+        assert_eq!(
+            cluster.redis(),
+            RedisDeployment::Cluster(&["redis://:pw@b:2".to_owned(), "redis://c:3".to_owned()])
+        );
+        assert!(!format!("{:?} {}", cluster.redis(), cluster.redis()).contains("pw"));
+        let sentinel =
+            Config::from_vars([("REDIS_URL", "redis-sentinel://s1:26379#orders")]).unwrap();
+        assert_eq!(sentinel.redis().standalone_url(), None);
+        assert_eq!(
+            sentinel.redis(),
+            RedisDeployment::Sentinel("redis-sentinel://s1:26379#orders")
+        );
+        assert_eq!(
+            Config::default().redis().standalone_url(),
+            Some("redis://127.0.0.1:6379")
+        );
+        // The builder: a URL after the nodes clears them.
+        let url = cluster.redis_url("redis://d:4");
+        assert_eq!(url.redis(), RedisDeployment::Standalone("redis://d:4"));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = Config::from_env()?;
-//! let store = RedisStore::connect_with(&config).await?;
+//! let store = RedisStore::connect(&config).await?;
 //! let service = IdempotencyLayer::new(store, "orders", config.clone())?
 //!     .with_outbox(OutboxPublisher::connect(&config))
 //!     .layer(service_fn(|incoming: OutboxDelivery| async move {
