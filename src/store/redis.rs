@@ -899,7 +899,9 @@ impl RedisStore {
     }
 
     /// A store on `client` that connects on its first request. Must be
-    /// called within a Tokio runtime: it starts the writer task.
+    /// called within a Tokio runtime: it starts the writer task. Like
+    /// [`connect_url`](Self::connect_url), it takes no other setting (no
+    /// replicas to wait for); [`connect`](Self::connect) takes a `Config`.
     pub fn from_client(client: redis::Client) -> Self {
         let shown = format!("redis at {}", client.get_connection_info().addr());
         let cas = Cas::new();
