@@ -1187,18 +1187,21 @@ fn is_reserved(name: &str) -> bool {
 /// read; `others` are more such names.
 fn unknown_variable(name: &str, value: &str, others: &[&str]) -> ConfigError {
     let upper = name.to_ascii_uppercase();
+    // No setting lives under REDIS_SENTINEL_: Sentinel is a REDIS_URL.
+    let sentinel = upper.starts_with("REDIS_SENTINEL_");
     let closest = VARIABLES
         .iter()
+        .filter(|known| !sentinel || **known == "REDIS_URL")
         .min_by_key(|known| edit_distance(&upper, known))
         .copied()
-        .unwrap_or("IDEMPOTENCY_KEY_PREFIX");
+        .unwrap_or("REDIS_URL");
     let mut expected = format!(
         "a variable this library reads: did you mean {closest}? Names under {} are reserved \
          for its settings, and an unknown one is refused so that a typo cannot leave a \
          setting off; rename it or unset it (the README's Configuration section lists them)",
         RESERVED_PREFIXES.join(", ")
     );
-    if upper.starts_with("REDIS_SENTINEL_") {
+    if sentinel {
         expected.push_str(
             "; Sentinel is set through REDIS_URL=redis-sentinel://host:port,host:port#master",
         );
@@ -1306,6 +1309,7 @@ mod tests {
         }
         let err = Config::from_vars([("REDIS_SENTINEL_MASTER", "orders")]).unwrap_err();
         assert_eq!(err.variable(), "REDIS_SENTINEL_MASTER");
+        assert!(err.expected().contains("did you mean REDIS_URL?"), "{err}");
         assert!(err.expected().contains("redis-sentinel://"), "{err}");
         // Several: all are named, the first (in name order) as the variable.
         let err = Config::from_vars([("IDEMPOTENCY_SCOPES", "a"), ("IDEMPOTENCY_LEASE", "1s")])
