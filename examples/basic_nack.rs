@@ -103,7 +103,7 @@ async fn run() -> Result<(), String> {
         .await
         .map_err(|err| format!("cannot set the prefetch (basic.qos): {err}"))?;
 
-    let store = RedisStore::connect_with(&config)
+    let store = RedisStore::connect(&config)
         .await
         .map_err(|err| err.to_string())?;
 

@@ -158,7 +158,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         .await?
         .name()
         .to_string();
-    let store = RedisStore::connect_with(&config)
+    let store = RedisStore::connect(&config)
         .await
         .map_err(|err| format!("cannot use Redis: {err}"))?;
     let counts = Arc::new(Counts::default());

@@ -264,7 +264,7 @@ async fn run(args: Args) -> Result<bool, String> {
         )
         .await?
     } else {
-        let store = RedisStore::connect_with(&config)
+        let store = RedisStore::connect(&config)
             .await
             .map_err(|err| err.to_string())?;
         let layer = IdempotencyLayer::new(store, &queue, config.clone())
@@ -613,10 +613,9 @@ fn report(
 }
 
 async fn delete_keys(config: &Config, keys: &[String]) -> Result<u64, String> {
-    let shown = amqp_idempotency::redact_url(config.redis());
-    let unreachable = |err: redis::RedisError| {
-        format!("cannot reach Redis at {shown}: {err}; start it or set REDIS_URL")
-    };
+    let shown = config.redis().to_string();
+    let unreachable =
+        |err: redis::RedisError| format!("cannot reach {shown}: {err}; start it or set REDIS_URL");
     // The library's client: the same URL and TLS files as the store.
     let client = redis_client(config).map_err(|err| err.to_string())?;
     let mut redis = tokio::time::timeout(
@@ -624,7 +623,7 @@ async fn delete_keys(config: &Config, keys: &[String]) -> Result<u64, String> {
         client.get_multiplexed_async_connection(),
     )
     .await
-    .map_err(|_| format!("Redis at {shown} did not answer within 5s"))?
+    .map_err(|_| format!("{shown} did not answer within 5s"))?
     .map_err(unreachable)?;
     let mut deleted = 0;
     for chunk in keys.chunks(500) {

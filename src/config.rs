@@ -19,6 +19,8 @@
 //! # Ok::<(), amqp_idempotency::ConfigError>(())
 //! ```
 
+use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -224,6 +226,118 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// Which Redis a [`Config`] names, from [`Config::redis`]. Only a
+/// standalone server comes with a URL to open a plain connection on: a
+/// Sentinel URL must be resolved to the master first
+/// ([`store::sentinel_master_url`](crate::store::sentinel_master_url)), and
+/// a cluster is reached through its nodes. `Debug` hides the passwords.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisDeployment<'a> {
+    /// One server (a standalone Redis or Valkey, or a primary) at this
+    /// `redis://` or `rediss://` URL (`REDIS_URL`).
+    Standalone(&'a str),
+    /// The master that Redis Sentinel names, from this
+    /// `redis-sentinel://` or `rediss-sentinel://` URL (`REDIS_URL`).
+    Sentinel(&'a str),
+    /// A Redis Cluster, from these seed nodes (`REDIS_CLUSTER_NODES`).
+    Cluster(&'a [String]),
+}
+
+impl<'a> RedisDeployment<'a> {
+    /// The URL of a standalone server; `None` for Sentinel or a cluster,
+    /// whose URLs are not a server to connect to directly.
+    pub fn standalone_url(&self) -> Option<&'a str> {
+        match *self {
+            Self::Standalone(url) => Some(url),
+            Self::Sentinel(_) | Self::Cluster(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RedisDeployment<'_> {
+    /// What to show in a message: the URL or the nodes, passwords hidden.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Standalone(url) => write!(f, "Redis at {}", redact_url(url)),
+            Self::Sentinel(url) => write!(f, "Redis through Sentinel at {}", redact_url(url)),
+            Self::Cluster(nodes) => {
+                write!(f, "the Redis Cluster of {}", redact_nodes(&nodes.join(",")))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisDeployment<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Standalone(url) => f.debug_tuple("Standalone").field(&redact_url(url)).finish(),
+            Self::Sentinel(url) => f.debug_tuple("Sentinel").field(&redact_url(url)).finish(),
+            Self::Cluster(nodes) => f
+                .debug_tuple("Cluster")
+                .field(
+                    &nodes
+                        .iter()
+                        .map(|node| redact_url(node))
+                        .collect::<Vec<_>>(),
+                )
+                .finish(),
+        }
+    }
+}
+
+/// True for a `redis-sentinel://` or `rediss-sentinel://` URL.
+pub(crate) fn is_sentinel_url(url: &str) -> bool {
+    url.starts_with("redis-sentinel://") || url.starts_with("rediss-sentinel://")
+}
+
+/// Every environment variable [`Config::from_env`] reads: the one list that
+/// both the reading and the check for unknown names use (reading a name
+/// that is not here fails the tests).
+pub(crate) const VARIABLES: &[&str] = &[
+    "REDIS_URL",
+    "REDIS_CLUSTER_NODES",
+    "AMQP_URL",
+    "IDEMPOTENCY_KEY_PREFIX",
+    "IDEMPOTENCY_SCOPE",
+    "IDEMPOTENCY_LEASE_TTL",
+    "IDEMPOTENCY_DONE_TTL",
+    "IDEMPOTENCY_HANDLER_TIMEOUT",
+    "IDEMPOTENCY_IN_PROGRESS_WAIT",
+    "IDEMPOTENCY_RETRY_BACKOFF",
+    "IDEMPOTENCY_RETRY_BACKOFF_MAX",
+    "IDEMPOTENCY_CONSUMER_TIMEOUT",
+    "IDEMPOTENCY_REPLICA_TIMEOUT",
+    "IDEMPOTENCY_MIN_REPLICAS",
+    "IDEMPOTENCY_PREFETCH",
+    "IDEMPOTENCY_MAX_ATTEMPTS",
+    "IDEMPOTENCY_ON_STORE_ERROR",
+    "IDEMPOTENCY_ON_MISSING_FINGERPRINT",
+    "IDEMPOTENCY_MAX_BODY_BYTES",
+    "IDEMPOTENCY_OUTBOX_MAX_BYTES",
+    "IDEMPOTENCY_VERIFY_PAYLOAD",
+    "IDEMPOTENCY_DEAD_LETTERS",
+    "IDEMPOTENCY_DEAD_LETTER_QUEUE",
+    "IDEMPOTENCY_DEAD_LETTER_EXCHANGE",
+    "IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY",
+    "REDIS_TLS_CA_FILE",
+    "REDIS_TLS_CERT_FILE",
+    "REDIS_TLS_KEY_FILE",
+    "AMQP_TLS_CA_FILE",
+    "AMQP_TLS_CERT_FILE",
+    "AMQP_TLS_KEY_FILE",
+];
+
+/// Prefixes reserved for this library's settings: [`Config::from_env`]
+/// refuses a variable under one of them that is not in [`VARIABLES`].
+pub(crate) const RESERVED_PREFIXES: &[&str] = &[
+    "IDEMPOTENCY_",
+    "REDIS_TLS_",
+    "AMQP_TLS_",
+    "REDIS_CLUSTER_",
+    "REDIS_SENTINEL_",
+];
+
 /// Longest duration any setting accepts: a typo like `30d` for `30s` is refused.
 const MAX_DURATION: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -233,19 +347,73 @@ impl Config {
     /// variable, the value and what is expected, and on inconsistent values.
     /// The TLS files (`REDIS_TLS_*`, `AMQP_TLS_*`) are read to check them: an
     /// unreadable or malformed one fails here, naming the variable and path.
+    ///
+    /// A variable under `IDEMPOTENCY_`, `REDIS_TLS_`, `AMQP_TLS_`,
+    /// `REDIS_CLUSTER_` or `REDIS_SENTINEL_` that is not one of the settings
+    /// (a typo such as `IDEMPOTENCY_MIN_REPLICA`) fails too, naming it and
+    /// the closest known name: a misspelt setting would otherwise be off
+    /// without a word.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| match std::env::var(name) {
-            Ok(value) => Some(value),
-            Err(std::env::VarError::NotPresent) => None,
-            // Reported as a value that parses as nothing we accept.
-            Err(std::env::VarError::NotUnicode(raw)) => Some(raw.to_string_lossy().into_owned()),
-        })
+        Self::from_vars(std::env::vars_os())
+    }
+
+    /// Like [`from_env`](Self::from_env), from `vars`, the whole environment
+    /// as (name, value) pairs: `std::env::vars_os()`, or an environment of
+    /// your own (a test's, a file's).
+    ///
+    /// ```
+    /// use amqp_idempotency::Config;
+    ///
+    /// let config = Config::from_vars([("IDEMPOTENCY_MIN_REPLICAS", "1"), ("HOME", "/root")])?;
+    /// assert_eq!(config.replication().0, 1);
+    /// let typo = Config::from_vars([("IDEMPOTENCY_MIN_REPLICA", "1")]).unwrap_err();
+    /// assert_eq!(typo.variable(), "IDEMPOTENCY_MIN_REPLICA");
+    /// assert!(typo.expected().contains("IDEMPOTENCY_MIN_REPLICAS"));
+    /// # Ok::<(), amqp_idempotency::ConfigError>(())
+    /// ```
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        let mut known = HashMap::new();
+        let mut unknown = Vec::new();
+        for (name, value) in vars {
+            // A name that is not UTF-8 is never one of ours (they are all
+            // ASCII); its lossy form still starts with a reserved prefix
+            // exactly when the name does.
+            let shown = name.as_ref().to_string_lossy();
+            let value = || value.as_ref().to_string_lossy().into_owned();
+            if VARIABLES.contains(&shown.as_ref()) {
+                // A value that is not UTF-8 is read as one that parses as
+                // nothing we accept, and reported.
+                known.insert(shown.into_owned(), value());
+            } else if is_reserved(&shown) {
+                unknown.push((shown.into_owned(), value()));
+            }
+        }
+        // A typo is reported before any value: its setting is silently off.
+        unknown.sort();
+        if let Some((name, value)) = unknown.first() {
+            let others: Vec<&str> = unknown[1..].iter().map(|(n, _)| n.as_str()).collect();
+            return Err(unknown_variable(name, value, &others));
+        }
+        Self::from_lookup(|name| known.get(name).cloned())
     }
 
     /// Like [`from_env`](Self::from_env), reading variables through `lookup`.
+    /// It cannot see which other variables are set, so it refuses no
+    /// misspelt name: prefer [`from_vars`](Self::from_vars).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut config = Self::default();
-        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        let get = |name: &str| {
+            debug_assert!(
+                VARIABLES.contains(&name),
+                "{name} is read but missing from config::VARIABLES"
+            );
+            lookup(name).filter(|value| !value.trim().is_empty())
+        };
         let url = get("REDIS_URL");
         if let Some(nodes) = get("REDIS_CLUSTER_NODES") {
             if let Some(url) = &url {
@@ -487,12 +655,29 @@ impl Config {
                 ),
             ));
         }
-        if self.done_ttl < self.lease_ttl {
+        // The retention is also the lifetime of the released record that
+        // counts a failed message's attempts. After the release the delivery
+        // is held for its backoff (at most IDEMPOTENCY_RETRY_BACKOFF_MAX),
+        // then requeued, and the copy's claim must still read the count, or
+        // IDEMPOTENCY_MAX_ATTEMPTS never triggers. The copy may have to wait
+        // for a prefetch slot behind deliveries whose handlers run (each
+        // times out within a lease), or for a duplicate in progress
+        // elsewhere (whose claim is held up to a lease): one lease more
+        // covers that. The same bound keeps a done mark alive longer than
+        // the claim it replaces.
+        let shortest_done_ttl = self.retry_backoff_max.saturating_add(self.lease_ttl);
+        if self.done_ttl < shortest_done_ttl {
             return Err(ConfigError::invalid(
                 "IDEMPOTENCY_DONE_TTL",
                 secs(self.done_ttl),
                 format!(
-                    "at least IDEMPOTENCY_LEASE_TTL ({}): a done mark must outlive the claim it replaces",
+                    "at least {} (IDEMPOTENCY_RETRY_BACKOFF_MAX {} plus IDEMPOTENCY_LEASE_TTL {}): \
+                     the released record that counts a failed message's attempts lives this \
+                     long, and must outlive the backoff before its copy comes back, or \
+                     IDEMPOTENCY_MAX_ATTEMPTS never triggers; raise IDEMPOTENCY_DONE_TTL or \
+                     lower IDEMPOTENCY_RETRY_BACKOFF_MAX",
+                    secs(shortest_done_ttl),
+                    secs(self.retry_backoff_max),
                     secs(self.lease_ttl)
                 ),
             ));
@@ -580,9 +765,7 @@ impl Config {
                 ));
             }
         }
-        if self.redis_url.starts_with("redis-sentinel://")
-            || self.redis_url.starts_with("rediss-sentinel://")
-        {
+        if is_sentinel_url(&self.redis_url) {
             crate::store::SentinelUrl::parse(&self.redis_url).map_err(|problem| {
                 ConfigError::invalid("REDIS_URL", redact_url(&self.redis_url), problem)
             })?;
@@ -624,8 +807,9 @@ impl Config {
     }
 
     /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_NODES`, comma-separated
-    /// `redis://` or `rediss://` URLs): the store then runs in cluster mode
-    /// and [`redis`](Self::redis) is not used.
+    /// `redis://` or `rediss://` URLs): the store then runs in cluster mode,
+    /// the URL of [`redis_url`](Self::redis_url) is not used, and
+    /// [`redis`](Self::redis) says [`RedisDeployment::Cluster`].
     pub fn redis_cluster<I, S>(mut self, nodes: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -834,9 +1018,28 @@ impl Config {
         &self.dead_letters
     }
 
-    /// The Redis URL (standalone mode).
-    pub fn redis(&self) -> &str {
-        &self.redis_url
+    /// The Redis this configuration names, and of which kind: a cluster
+    /// when it has seed nodes, else `REDIS_URL` (a standalone server, or
+    /// Sentinel for a `redis-sentinel://` URL). Only
+    /// [`RedisDeployment::Standalone`] is a URL to open a plain
+    /// connection on; [`RedisStore::connect`](crate::store::RedisStore::connect)
+    /// takes the whole `Config` and handles every kind.
+    ///
+    /// ```
+    /// use amqp_idempotency::{Config, RedisDeployment};
+    ///
+    /// let config = Config::default().redis_cluster(["redis://10.0.0.1:7000"]);
+    /// assert_eq!(config.redis().standalone_url(), None);
+    /// assert!(matches!(config.redis(), RedisDeployment::Cluster(nodes) if nodes.len() == 1));
+    /// ```
+    pub fn redis(&self) -> RedisDeployment<'_> {
+        if !self.redis_cluster_nodes.is_empty() {
+            RedisDeployment::Cluster(&self.redis_cluster_nodes)
+        } else if is_sentinel_url(&self.redis_url) {
+            RedisDeployment::Sentinel(&self.redis_url)
+        } else {
+            RedisDeployment::Standalone(&self.redis_url)
+        }
     }
 
     /// The Redis Cluster seed nodes; empty in standalone mode.
@@ -867,6 +1070,21 @@ impl Config {
     /// The configured prefetch.
     pub fn prefetch_count(&self) -> u16 {
         self.prefetch
+    }
+
+    /// How long an outbox consumer keeps its done mark and outbox:
+    /// [`done_ttl`](Self::done_ttl), but never less than what can still
+    /// bring the message back. A committed delivery whose messages the
+    /// broker has not confirmed is held for up to half the consumer timeout
+    /// while they are sent again, then requeued after a backoff (at most
+    /// the backoff cap); its copy may then wait up to a lease behind a
+    /// claim in progress. Its done mark must still be there then, or the
+    /// copy runs the handler again.
+    pub(crate) fn outbox_retention(&self) -> Duration {
+        let horizon = (self.consumer_timeout / 2)
+            .saturating_add(self.retry_backoff_max)
+            .saturating_add(self.lease_ttl);
+        self.done_ttl.max(horizon)
     }
 
     /// The delay before requeueing the `attempt`-th failure.
@@ -956,6 +1174,70 @@ fn dead_letters_from(
     }
 }
 
+/// True for a name under one of [`RESERVED_PREFIXES`], in any case (a
+/// lower-case spelling is refused too rather than ignored).
+fn is_reserved(name: &str) -> bool {
+    RESERVED_PREFIXES.iter().any(|prefix| {
+        name.get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    })
+}
+
+/// The error for `name`, set under a reserved prefix but not a variable we
+/// read; `others` are more such names.
+fn unknown_variable(name: &str, value: &str, others: &[&str]) -> ConfigError {
+    let upper = name.to_ascii_uppercase();
+    // No setting lives under REDIS_SENTINEL_: Sentinel is a REDIS_URL.
+    let sentinel = upper.starts_with("REDIS_SENTINEL_");
+    let closest = VARIABLES
+        .iter()
+        .filter(|known| !sentinel || **known == "REDIS_URL")
+        .min_by_key(|known| edit_distance(&upper, known))
+        .copied()
+        .unwrap_or("REDIS_URL");
+    let mut expected = format!(
+        "a variable this library reads: did you mean {closest}? Names under {} are reserved \
+         for its settings, and an unknown one is refused so that a typo cannot leave a \
+         setting off; rename it or unset it (the README's Configuration section lists them)",
+        RESERVED_PREFIXES.join(", ")
+    );
+    if sentinel {
+        expected.push_str(
+            "; Sentinel is set through REDIS_URL=redis-sentinel://host:port,host:port#master",
+        );
+    }
+    if !others.is_empty() {
+        expected.push_str(&format!("; also unknown: {}", others.join(", ")));
+    }
+    // The value is shown, its URL password hidden, unless the name says it
+    // is a secret.
+    let secret = ["PASS", "SECRET", "TOKEN"]
+        .iter()
+        .any(|word| upper.contains(word));
+    let value = if secret {
+        "***".to_owned()
+    } else {
+        redact_url(value)
+    };
+    ConfigError::invalid(name, value, expected)
+}
+
+/// Levenshtein distance between two ASCII names, by bytes.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    let mut current = vec![0; b.len() + 1];
+    for (i, &x) in a.iter().enumerate() {
+        current[0] = i + 1;
+        for (j, &y) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(x != y);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        std::mem::swap(&mut previous, &mut current);
+    }
+    previous[b.len()]
+}
+
 /// Parses `500ms`, `30s`, `5m`, `24h` or `7d`. Zero and unitless values are refused.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
@@ -1005,6 +1287,135 @@ mod tests {
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| (*v).to_owned())
         }
+    }
+
+    #[test]
+    fn an_unknown_variable_under_a_reserved_prefix_is_refused_with_the_closest_name() {
+        for (typo, meant) in [
+            ("IDEMPOTENCY_MIN_REPLICA", "IDEMPOTENCY_MIN_REPLICAS"),
+            ("IDEMPOTENCY_LEASE_TIME", "IDEMPOTENCY_LEASE_TTL"),
+            (
+                "IDEMPOTENCY_RETRY_BACKOF_MAX",
+                "IDEMPOTENCY_RETRY_BACKOFF_MAX",
+            ),
+            ("idempotency_min_replicas", "IDEMPOTENCY_MIN_REPLICAS"),
+            ("REDIS_TLS_CA", "REDIS_TLS_CA_FILE"),
+            ("AMQP_TLS_CERT_FIEL", "AMQP_TLS_CERT_FILE"),
+            ("REDIS_CLUSTER_NODE", "REDIS_CLUSTER_NODES"),
+        ] {
+            let err = Config::from_vars([(typo, "1"), ("HOME", "/root")]).expect_err(typo);
+            assert_eq!(err.variable(), typo);
+            assert!(err.expected().contains(meant), "{typo}: {err}");
+        }
+        let err = Config::from_vars([("REDIS_SENTINEL_MASTER", "orders")]).unwrap_err();
+        assert_eq!(err.variable(), "REDIS_SENTINEL_MASTER");
+        assert!(err.expected().contains("did you mean REDIS_URL?"), "{err}");
+        assert!(err.expected().contains("redis-sentinel://"), "{err}");
+        // Several: all are named, the first (in name order) as the variable.
+        let err = Config::from_vars([("IDEMPOTENCY_SCOPES", "a"), ("IDEMPOTENCY_LEASE", "1s")])
+            .unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_LEASE");
+        assert!(err.expected().contains("IDEMPOTENCY_SCOPES"), "{err}");
+        // A password in an unknown variable's URL is not shown.
+        let err = Config::from_vars([("REDIS_CLUSTER_URL", "redis://u:hunter2@h:1")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn variables_outside_the_reserved_prefixes_are_ignored_and_known_ones_read() {
+        let config = Config::from_vars([
+            ("IDEMPOTENCY_MIN_REPLICAS", "2"),
+            ("REDIS_HOST", "elsewhere"),
+            ("AMQP_URLS", "amqp://x"),
+            ("REDIS_TLS", "yes"),
+            ("MY_IDEMPOTENCY_SETTING", "1"),
+            ("PATH", "/usr/bin"),
+        ])
+        .unwrap();
+        assert_eq!(config.min_replicas, 2);
+        assert_eq!(
+            Config::from_vars(std::iter::empty::<(&str, &str)>()),
+            Ok(Config::default())
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_name_that_is_not_utf8_is_refused_only_under_a_reserved_prefix() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let under = OsString::from_vec(b"IDEMPOTENCY_LEASE_TTL\xff".to_vec());
+        let err = Config::from_vars([(under, OsString::from("1s"))]).unwrap_err();
+        assert!(err.variable().starts_with("IDEMPOTENCY_LEASE_TTL"), "{err}");
+        assert!(err.expected().contains("IDEMPOTENCY_LEASE_TTL"), "{err}");
+        let elsewhere = OsString::from_vec(b"\xffIDEMPOTENCY_LEASE_TTL".to_vec());
+        assert!(Config::from_vars([(elsewhere, OsString::from("1s"))]).is_ok());
+        // A value that is not UTF-8 is refused as malformed, with the variable.
+        let value = OsString::from_vec(b"30\xffs".to_vec());
+        let err =
+            Config::from_vars([(OsString::from("IDEMPOTENCY_LEASE_TTL"), value)]).unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_LEASE_TTL");
+    }
+
+    #[test]
+    fn the_table_of_variables_is_what_from_lookup_reads_and_the_readme_lists() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_owned());
+            None
+        })
+        .unwrap();
+        let mut asked = asked.into_inner();
+        asked.sort();
+        asked.dedup();
+        let mut table: Vec<String> = VARIABLES.iter().map(|name| (*name).to_owned()).collect();
+        table.sort();
+        assert_eq!(
+            asked, table,
+            "config::VARIABLES and what from_lookup reads differ"
+        );
+        let readme = include_str!("../README.md");
+        for name in VARIABLES {
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "the README's configuration table does not list {name}"
+            );
+        }
+        for name in VARIABLES {
+            assert!(
+                RESERVED_PREFIXES
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix))
+                    || ["REDIS_URL", "AMQP_URL"].contains(name),
+                "{name} is under no reserved prefix: a misspelling of it would go unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_config_naming_a_cluster_or_sentinel_hands_out_no_standalone_url() {
+        let cluster =
+            Config::from_vars([("REDIS_CLUSTER_NODES", "redis://:pw@b:2,redis://c:3")]).unwrap();
+        assert_eq!(cluster.redis().standalone_url(), None);
+        assert_eq!(
+            cluster.redis(),
+            RedisDeployment::Cluster(&["redis://:pw@b:2".to_owned(), "redis://c:3".to_owned()])
+        );
+        assert!(!format!("{:?} {}", cluster.redis(), cluster.redis()).contains("pw"));
+        let sentinel =
+            Config::from_vars([("REDIS_URL", "redis-sentinel://s1:26379#orders")]).unwrap();
+        assert_eq!(sentinel.redis().standalone_url(), None);
+        assert_eq!(
+            sentinel.redis(),
+            RedisDeployment::Sentinel("redis-sentinel://s1:26379#orders")
+        );
+        assert_eq!(
+            Config::default().redis().standalone_url(),
+            Some("redis://127.0.0.1:6379")
+        );
+        // The builder: a URL after the nodes clears them.
+        let url = cluster.redis_url("redis://d:4");
+        assert_eq!(url.redis(), RedisDeployment::Standalone("redis://d:4"));
     }
 
     #[test]
@@ -1109,6 +1520,71 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.variable(), "IDEMPOTENCY_HANDLER_TIMEOUT");
         assert!(err.expected().contains("LEASE_TTL"));
+    }
+
+    #[test]
+    fn a_retention_shorter_than_the_retries_is_refused_with_the_smallest_valid_value() {
+        // The issue's case: the released record (which counts the attempts)
+        // expired before the held copy came back, so max attempts never hit.
+        let err = Config::from_lookup(lookup(&[
+            ("IDEMPOTENCY_LEASE_TTL", "1s"),
+            ("IDEMPOTENCY_HANDLER_TIMEOUT", "500ms"),
+            ("IDEMPOTENCY_DONE_TTL", "1s"),
+            ("IDEMPOTENCY_RETRY_BACKOFF", "1500ms"),
+            ("IDEMPOTENCY_RETRY_BACKOFF_MAX", "1500ms"),
+            ("IDEMPOTENCY_MAX_ATTEMPTS", "2"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_DONE_TTL", "{err}");
+        assert_eq!(err.value(), "1s");
+        assert!(
+            err.expected().contains("IDEMPOTENCY_RETRY_BACKOFF_MAX"),
+            "{err}"
+        );
+        assert!(err.expected().contains("IDEMPOTENCY_LEASE_TTL"), "{err}");
+        assert!(err.expected().contains("at least 2500ms"), "{err}");
+        // The default backoff cap (30s) with a one-second lease.
+        let err = Config::default()
+            .lease_ttl(Duration::from_secs(1))
+            .handler_timeout(Duration::from_millis(500))
+            .done_ttl(Duration::from_secs(10))
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.variable(), "IDEMPOTENCY_DONE_TTL");
+        assert!(err.expected().contains("at least 31s"), "{err}");
+        // The smallest valid value is valid; a millisecond less is not.
+        let at = |done: Duration| {
+            Config::default()
+                .lease_ttl(Duration::from_secs(1))
+                .handler_timeout(Duration::from_millis(500))
+                .retry_backoff(Duration::from_millis(100))
+                .retry_backoff_max(Duration::from_millis(1500))
+                .done_ttl(done)
+                .validate()
+        };
+        assert_eq!(at(Duration::from_millis(2500)), Ok(()));
+        assert_eq!(
+            at(Duration::from_millis(2499)).map_err(|err| err.variable().to_owned()),
+            Err("IDEMPOTENCY_DONE_TTL".to_owned())
+        );
+    }
+
+    #[test]
+    fn an_outbox_commit_outlives_the_hold_of_an_undispatched_delivery() {
+        let config = Config::default()
+            .lease_ttl(Duration::from_secs(1))
+            .handler_timeout(Duration::from_millis(500))
+            .retry_backoff(Duration::from_millis(100))
+            .retry_backoff_max(Duration::from_secs(2))
+            .done_ttl(Duration::from_secs(5))
+            .consumer_timeout(Duration::from_secs(600));
+        assert_eq!(config.validate(), Ok(()));
+        // Held up to consumer_timeout / 2, then requeued with a backoff,
+        // then possibly behind a claim in progress: 300s + 2s + 1s.
+        assert_eq!(config.outbox_retention(), Duration::from_secs(303));
+        // A longer retention is kept as it is.
+        let long = config.done_ttl(Duration::from_secs(3600));
+        assert_eq!(long.outbox_retention(), Duration::from_secs(3600));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! # async fn work(_: &lapin::message::Delivery, _token: &str) -> Result<(), Box<dyn std::error::Error>> { Ok(()) }
 //! # async fn run(mut consumer: lapin::Consumer) -> Result<(), Box<dyn std::error::Error>> {
 //! let config = Config::from_env()?;
-//! let store = RedisStore::connect_with(&config).await?; // REDIS_URL, REDIS_TLS_*
+//! // REDIS_URL or REDIS_CLUSTER_NODES, REDIS_TLS_*, IDEMPOTENCY_MIN_REPLICAS
+//! let store = RedisStore::connect(&config).await?;
 //! let dedup = Deduplicator::new(store, "orders", config)?;
 //! let requeue = BasicNackOptions { requeue: true, ..Default::default() };
 //! while let Some(delivery) = consumer.next().await {
@@ -581,7 +582,12 @@ impl<St: Store> ClaimGuard<St> {
         let Some(claim) = &self.claim else {
             return Ok(false);
         };
-        let retention = self.dedup.config().done_ttl;
+        // An outbox's delivery may be held, then requeued, after its commit:
+        // its mark is kept until that copy is back.
+        let retention = match outbox {
+            Some(_) => self.dedup.config().outbox_retention(),
+            None => self.dedup.config().done_ttl,
+        };
         let started = std::time::Instant::now();
         let store = self.dedup.store();
         let result = match outbox {

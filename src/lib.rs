@@ -26,7 +26,8 @@ pub mod store;
 pub mod tls;
 
 pub use config::{
-    Config, DeadLetterTarget, NoFingerprintPolicy, StoreFailurePolicy, parse_duration,
+    Config, DeadLetterTarget, NoFingerprintPolicy, RedisDeployment, StoreFailurePolicy,
+    parse_duration,
 };
 pub use error::{BoxError, ConfigError, FailureKind, HandlerError, StoreError, redact_url};
 pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};

@@ -10,7 +10,7 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = Config::from_env()?;
-//! let store = RedisStore::connect_with(&config).await?;
+//! let store = RedisStore::connect(&config).await?;
 //! let service = IdempotencyLayer::new(store, "orders", config.clone())?
 //!     .with_outbox(OutboxPublisher::connect(&config))
 //!     .layer(service_fn(|incoming: OutboxDelivery| async move {
@@ -61,7 +61,11 @@
 //! with the same `message_id`: a consumer that deduplicates by it (every
 //! consumer of this crate does, by default) handles it once. The reply is
 //! kept for the done mark's retention; dispatched messages' bodies are
-//! dropped at once.
+//! dropped at once. An outbox consumer's done marks (and outboxes) are kept
+//! at least half of `IDEMPOTENCY_CONSUMER_TIMEOUT` plus
+//! `IDEMPOTENCY_RETRY_BACKOFF_MAX` and `IDEMPOTENCY_LEASE_TTL`, even when
+//! `IDEMPOTENCY_DONE_TTL` is shorter: a delivery whose messages are not
+//! confirmed is held that long, then requeued, and its copy must find them.
 //!
 //! # What a requester can deduplicate on
 //!

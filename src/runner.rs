@@ -15,7 +15,7 @@
 //! let consumer = channel
 //!     .basic_consume("orders".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
 //!     .await?;
-//! let store = RedisStore::connect_with(&config).await?;
+//! let store = RedisStore::connect(&config).await?;
 //! let service = IdempotencyLayer::new(store, "orders", config.clone())?
 //!     .layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
 //! let options = ServeOptions::from_config(&config)
@@ -694,7 +694,7 @@ pub struct Session {
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let config = Config::from_env()?;
-/// let store = RedisStore::connect_with(&config).await?;
+/// let store = RedisStore::connect(&config).await?;
 /// let service = IdempotencyLayer::new(store, "orders", config.clone())?
 ///     .layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
 /// let url = config.amqp().to_owned();

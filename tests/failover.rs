@@ -62,7 +62,7 @@ where
 async fn the_store_follows_the_master_that_sentinel_promotes() {
     let mut group = SentinelGroup::start();
     let config = Config::default().redis_url(group.url()).min_replicas(1);
-    let store = RedisStore::connect_with(&config)
+    let store = RedisStore::connect(&config)
         .await
         .expect("connect through the sentinels");
     let before = claim(&store, "idem:failover:before").await;
@@ -129,7 +129,7 @@ async fn min_replicas_holds_writes_that_no_replica_confirmed() {
         .redis_url(master.url())
         .min_replicas(1)
         .replica_timeout(Duration::from_millis(200));
-    let store = RedisStore::connect_with(&config).await.expect("connect");
+    let store = RedisStore::connect(&config).await.expect("connect");
     let token = Token::new();
     let first = until_ok(|| async {
         match store.claim("idem:wait:1", &token, "", LEASE).await? {
@@ -242,7 +242,7 @@ async fn consumption_resumes_by_itself_after_sentinel_fails_the_master_over() {
             .redis_url(group.url())
             .key_prefix(&prefix)
             .retry_backoff(Duration::from_millis(20));
-        let store = RedisStore::connect_with(&config)
+        let store = RedisStore::connect(&config)
             .await
             .expect("connect through the sentinels");
         consumers.push(spawn_consumer(&connection, &queue.name, store, config, &runs, &stop).await);
@@ -380,7 +380,7 @@ async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
         .redis_cluster(nodes.iter().map(RedisProcess::url))
         .key_prefix(common::unique("p"))
         .retry_backoff(Duration::from_millis(20));
-    let store = RedisStore::connect_with(&config)
+    let store = RedisStore::connect(&config)
         .await
         .expect("connect to the cluster");
     let runs: Runs = Arc::default();
@@ -431,7 +431,7 @@ async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
 async fn the_operator_cli_reads_through_sentinel_before_and_after_a_failover() {
     let mut group = SentinelGroup::start();
     let config = Config::default().redis_url(group.url()).min_replicas(1);
-    let store = RedisStore::connect_with(&config)
+    let store = RedisStore::connect(&config)
         .await
         .expect("connect through the sentinels");
     let key = "idem:cli:order-1";
@@ -473,7 +473,7 @@ async fn a_retried_completion_on_a_new_connection_still_waits_for_the_replicas()
         .redis_url(master.url())
         .min_replicas(1)
         .replica_timeout(Duration::from_millis(200));
-    let store = RedisStore::connect_with(&config).await.expect("connect");
+    let store = RedisStore::connect(&config).await.expect("connect");
     let token = Token::new();
     let claimed = until_ok(|| async {
         match store.claim("idem:rewait:1", &token, "", LEASE).await? {
@@ -492,9 +492,7 @@ async fn a_retried_completion_on_a_new_connection_still_waits_for_the_replicas()
     assert!(err.is_unavailable(), "{err}");
     // The retry comes on a new connection (the old one dropped), which
     // has written nothing yet: WAIT there must still wait for the mark.
-    let fresh = RedisStore::connect_with(&config)
-        .await
-        .expect("connect again");
+    let fresh = RedisStore::connect(&config).await.expect("connect again");
     let retried = fresh.complete(&claimed, RETENTION).await;
     assert!(
         matches!(&retried, Err(err) if err.is_unavailable()),
@@ -525,7 +523,7 @@ async fn a_claim_retried_after_a_replica_shortfall_finds_its_own_record() {
         .lease_ttl(Duration::from_secs(2))
         .handler_timeout(Duration::from_secs(1))
         .max_attempts(1);
-    let store = RedisStore::connect_with(&config).await.expect("connect");
+    let store = RedisStore::connect(&config).await.expect("connect");
     // The replica is in sync before the fault.
     let token = Token::new();
     let synced = until_ok(|| async {

@@ -37,7 +37,7 @@ fn text(output: &Output) -> String {
 
 /// A done record at `key`, written by the library as the default user.
 async fn done_record(redis: &PrivateRedis, key: &str) {
-    let store = RedisStore::connect(&redis.url())
+    let store = RedisStore::connect_url(&redis.url())
         .await
         .unwrap_or_else(|err| panic!("connect to the private redis-server: {err}"));
     let ClaimOutcome::Acquired(claim) = store

@@ -334,6 +334,58 @@ on_every_deployment!(
     outgoing_messages_are_published_after_the_commit_and_a_duplicate_sends_nothing_again,
 );
 
+/// A delivery whose outbox is committed but not yet confirmed is held up
+/// to half the consumer timeout, then requeued: its done mark and outbox
+/// must still be there when the copy comes back, whatever the retention of
+/// plain done marks, or the copy would run the handler again.
+#[tokio::test]
+async fn an_outbox_commit_outlives_the_hold_of_an_undispatched_delivery() {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.unwrap();
+    let queue = declare_queue(&channel, "outbox-retention").await;
+    let downstream = downstream(&channel, "outbox-retention-down").await;
+    let consumer_timeout = Duration::from_secs(600);
+    let config = config("obret")
+        .done_ttl(Duration::from_secs(5))
+        .consumer_timeout(consumer_timeout);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let consumer = start(
+        redis_store().await,
+        &queue.name,
+        &config,
+        OutboxPublisher::connect(&config),
+        &downstream,
+        &runs,
+    )
+    .await;
+    send(&channel, &queue.name, "order-r", b"or", None).await;
+    let sent = collect(&channel, &downstream, 2).await;
+    consumer.stop().await;
+    assert_eq!(sent.len(), 2, "{sent:?}");
+
+    let key = format!("obret:{}:order-r", queue.name);
+    let hold = consumer_timeout / 2;
+    let client = redis::Client::open(common::redis_url()).expect("the Redis URL");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    for key in [key.clone(), amqp_idempotency::outbox::outbox_key(&key)] {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_else(|err| panic!("PTTL {key:?}: {err}"));
+        assert!(
+            pttl > hold.as_millis() as i64,
+            "{key:?} expires in {pttl} ms, before a delivery held for {hold:?} comes back \
+             (IDEMPOTENCY_DONE_TTL is {:?})",
+            Duration::from_secs(5)
+        );
+    }
+    assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
+}
+
 #[tokio::test]
 async fn nothing_a_failed_attempt_staged_is_published() {
     let connection = amqp().await;

@@ -436,7 +436,7 @@ async fn two_consumers_with_the_same_fingerprint_run_the_handler_once() {
 #[tokio::test]
 async fn with_redis_unreachable_the_handler_does_not_run_and_the_message_stays_queued() {
     let mut redis = common::PrivateRedis::start();
-    let store = RedisStore::connect(&redis.url())
+    let store = RedisStore::connect_url(&redis.url())
         .await
         .expect("connect to the private redis");
     let connection = amqp().await;
@@ -1294,7 +1294,7 @@ async fn a_full_redis_does_not_burn_a_quorum_queues_delivery_limit() {
     // is set explicitly, and low: each requeue while Redis refuses writes
     // would count against it, and the broker would drop the message.
     let redis = common::PrivateRedis::start();
-    let store = RedisStore::connect(&redis.url())
+    let store = RedisStore::connect_url(&redis.url())
         .await
         .expect("connect to the private redis");
     let connection = amqp().await;

@@ -48,7 +48,12 @@ fn require_services(config: &Config) {
             ),
         }
 
-        let url = config.redis();
+        let url = config.redis().standalone_url().unwrap_or_else(|| {
+            panic!(
+                "this test checks a standalone Redis (REDIS_URL), but the environment names {}",
+                config.redis()
+            )
+        });
         let start = "Start it with `redis-server --daemonize yes --port 6379` \
                      (or `docker-compose up -d redis`), or set REDIS_URL to a running Redis 7+. \
                      This test needs it and does not skip.";

@@ -500,7 +500,7 @@ outbox_contract!(
 #[tokio::test]
 async fn redis_store_recovers_when_redis_forgets_its_scripts() {
     let redis = common::PrivateRedis::start();
-    let store = amqp_idempotency::store::RedisStore::connect(&redis.url())
+    let store = amqp_idempotency::store::RedisStore::connect_url(&redis.url())
         .await
         .expect("connect to the private redis");
     let key = key();
@@ -663,7 +663,7 @@ async fn redis_store_answers_a_key_of_another_type_alone_and_as_permanent() {
 #[tokio::test]
 async fn redis_store_treats_a_full_redis_as_unavailable() {
     let redis = common::PrivateRedis::start();
-    let store = amqp_idempotency::store::RedisStore::connect(&redis.url())
+    let store = amqp_idempotency::store::RedisStore::connect_url(&redis.url())
         .await
         .expect("connect to the private redis");
     redis_cli(
@@ -711,7 +711,7 @@ async fn a_done_mark_takes_at_most_150_bytes_of_redis_memory() {
     // The yardstick: the default prefix, a 6-character scope and
     // 16-character message ids, INFO memory's delta over 50,000 records.
     let redis = common::PrivateRedis::start();
-    let store = amqp_idempotency::store::RedisStore::connect(&redis.url())
+    let store = amqp_idempotency::store::RedisStore::connect_url(&redis.url())
         .await
         .expect("connect to the private redis");
     let used = || {

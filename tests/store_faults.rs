@@ -26,7 +26,7 @@ fn delivery(id: &str) -> Delivery {
 }
 
 async fn connect(redis: &PrivateRedis) -> RedisStore {
-    RedisStore::connect(&redis.url())
+    RedisStore::connect_url(&redis.url())
         .await
         .unwrap_or_else(|err| panic!("connect to the private redis-server: {err}"))
 }
@@ -94,7 +94,9 @@ async fn a_missing_acl_permission_pauses_and_names_the_permission() {
         ],
     );
     let url = format!("redis://limited:pw@127.0.0.1:{}", redis.port);
-    let store = RedisStore::connect(&url).await.expect("connect as limited");
+    let store = RedisStore::connect_url(&url)
+        .await
+        .expect("connect as limited");
     let err = store
         .claim("idem:q:a", &Token::new(), "", LEASE)
         .await
@@ -286,7 +288,7 @@ async fn the_readme_acl_grants_every_command_and_each_one_is_needed_and_named() 
             .collect();
         common::apply_acl(redis.port, &without, "pw");
         let url = format!("redis://idem-consumer:pw@127.0.0.1:{}", redis.port);
-        let store = RedisStore::connect(&url)
+        let store = RedisStore::connect_url(&url)
             .await
             .unwrap_or_else(|err| panic!("connect without +{command}: {err}"));
         let err = every_request(&store)

@@ -80,7 +80,9 @@ async fn a_claim_refused_while_the_probe_passes_backs_off() {
         &["ACL", "SETUSER", "writer", "on", ">pw", "%W~*", "+@all"],
     );
     let url = format!("redis://writer:pw@127.0.0.1:{}", redis.port);
-    let store = RedisStore::connect(&url).await.expect("connect as writer");
+    let store = RedisStore::connect_url(&url)
+        .await
+        .expect("connect as writer");
     let logs = Captured::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()

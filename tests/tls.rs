@@ -62,7 +62,7 @@ async fn the_store_works_over_rediss_with_a_private_ca() {
         ("REDIS_URL", redis.url()),
         ("REDIS_TLS_CA_FILE", path(pki.ca())),
     ]);
-    let store = RedisStore::connect_with(&config)
+    let store = RedisStore::connect(&config)
         .await
         .unwrap_or_else(|err| panic!("connect over TLS with the private CA: {err}"));
     claim_complete_duplicate(&store).await;
@@ -92,7 +92,7 @@ async fn the_readme_least_privilege_user_works_over_rediss() {
         ),
         ("REDIS_TLS_CA_FILE", path(pki.ca())),
     ]);
-    let store = RedisStore::connect_with(&config)
+    let store = RedisStore::connect(&config)
         .await
         .unwrap_or_else(|err| panic!("connect over TLS as idem-consumer: {err}"));
     claim_complete_duplicate(&store).await;
@@ -104,7 +104,7 @@ async fn the_readme_least_privilege_user_works_over_rediss() {
         ),
         ("REDIS_TLS_CA_FILE", path(pki.ca())),
     ]);
-    let err = RedisStore::connect_with(&wrong)
+    let err = RedisStore::connect(&wrong)
         .await
         .expect_err("a wrong password is refused");
     let text = err.to_string();
@@ -121,7 +121,7 @@ async fn a_redis_certificate_from_an_unrelated_ca_is_refused_naming_what_to_set(
         ("REDIS_URL", url),
         ("REDIS_TLS_CA_FILE", path(pki.other_ca())),
     ]);
-    let err = RedisStore::connect_with(&config)
+    let err = RedisStore::connect(&config)
         .await
         .expect_err("a certificate the configured CA did not sign is refused");
     let text = err.to_string();
@@ -144,7 +144,7 @@ async fn a_redis_certificate_from_an_unrelated_ca_is_refused_naming_what_to_set(
 async fn without_a_ca_file_a_private_ca_is_not_trusted() {
     let pki = Pki::new();
     let redis = TlsRedis::start(&pki, pki.server(), false);
-    let err = RedisStore::connect(&redis.url())
+    let err = RedisStore::connect_url(&redis.url())
         .await
         .expect_err("the platform roots do not hold the test CA");
     let text = err.to_string();
@@ -163,7 +163,7 @@ async fn a_redis_certificate_for_another_host_is_refused_naming_the_host() {
         ("REDIS_URL", redis.url()),
         ("REDIS_TLS_CA_FILE", path(pki.ca())),
     ]);
-    let err = RedisStore::connect_with(&config)
+    let err = RedisStore::connect(&config)
         .await
         .expect_err("a certificate for elsewhere.example is refused for 127.0.0.1");
     let text = err.to_string();
@@ -184,7 +184,7 @@ async fn a_redis_that_requires_client_certificates_accepts_ours_and_refuses_none
         ("REDIS_URL", redis.url()),
         ("REDIS_TLS_CA_FILE", path(pki.ca())),
     ]);
-    let err = match RedisStore::connect_with(&without).await {
+    let err = match RedisStore::connect(&without).await {
         Err(err) => err,
         // TLS 1.3: the server may only refuse after the handshake, on the
         // first request.
@@ -204,7 +204,7 @@ async fn a_redis_that_requires_client_certificates_accepts_ours_and_refuses_none
         ("REDIS_TLS_CERT_FILE", path(cert)),
         ("REDIS_TLS_KEY_FILE", path(key)),
     ]);
-    let store = RedisStore::connect_with(&with)
+    let store = RedisStore::connect(&with)
         .await
         .unwrap_or_else(|err| panic!("connect with the client certificate: {err}"));
     claim_complete_duplicate(&store).await;
@@ -233,7 +233,7 @@ async fn serve_runs_end_to_end_over_amqps_and_rediss() {
         .await
         .unwrap_or_else(|err| panic!("connect to RabbitMQ through stunnel: {err}"));
     let (channel, consumer) = common::consume(&connection, &queue.name, 8).await;
-    let store = RedisStore::connect_with(&config)
+    let store = RedisStore::connect(&config)
         .await
         .unwrap_or_else(|err| panic!("connect to Redis over TLS: {err}"));
     let runs = Arc::new(AtomicUsize::new(0));

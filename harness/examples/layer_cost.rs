@@ -85,7 +85,7 @@ fn main() -> ExitCode {
         if redis {
             let url =
                 std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-            let store = RedisStore::connect(&url)
+            let store = RedisStore::connect_url(&url)
                 .await
                 .map_err(|err| format!("cannot use REDIS_URL={url}: {err}"))?;
             let config = Config::default()

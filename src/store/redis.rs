@@ -17,7 +17,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Expect, OutboxEntry, Store};
 use crate::batch::send_in_batches;
-use crate::config::Config;
+use crate::config::{Config, RedisDeployment, is_sentinel_url};
 use crate::error::{StoreError, redact_url};
 use crate::tls::{self, Side, TlsFiles};
 
@@ -122,8 +122,8 @@ const MAX_IN_FLIGHT: usize = 4;
 /// of many deliveries and the done marks of earlier ones share a round
 /// trip. No timer is involved: a lone request is sent at once.
 ///
-/// **Cluster** ([`connect_cluster`](Self::connect_cluster),
-/// `REDIS_CLUSTER_NODES`): the requests that wait together travel as one
+/// **Cluster** ([`connect`](Self::connect) with `REDIS_CLUSTER_NODES`,
+/// or [`connect_cluster`](Self::connect_cluster)): the requests that wait together travel as one
 /// pipeline per master, found from the `CLUSTER SLOTS` map. A request
 /// redirected meanwhile (MOVED, ASK: a resharded slot, a failed-over
 /// master) is sent again alone through redis-rs's cluster client, which
@@ -143,11 +143,12 @@ const MAX_IN_FLIGHT: usize = 4;
 /// use amqp_idempotency::{Config, store::RedisStore};
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
-/// // With TLS and an ACL user: REDIS_URL=rediss://idem:secret@redis.internal:6380,
+/// // REDIS_URL; with TLS and an ACL user: REDIS_URL=rediss://idem:secret@redis.internal:6380,
 /// // REDIS_TLS_CA_FILE=/etc/idem/redis-ca.pem; or a cluster:
 /// // REDIS_CLUSTER_NODES=redis://10.0.0.1:7000,redis://10.0.0.2:7000
-/// let store = RedisStore::connect_with(&Config::from_env()?).await?;
+/// let store = RedisStore::connect(&Config::from_env()?).await?;
+/// // One URL, every other setting left out:
+/// let local = RedisStore::connect_url("redis://127.0.0.1:6379").await?;
 /// # Ok(())
 /// # }
 /// ```
@@ -760,42 +761,41 @@ impl RedisStore {
     /// How long a pipeline may wait for its replies before its requests count as unanswered.
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-    /// Connects to Redis at `url` (`redis://host:port/db`, with
-    /// `redis://user:password@host:port/db` for an ACL user, `rediss://`
-    /// for TLS verified against the platform's trusted roots).
+    /// Connects to the Redis that `config` names, with all of its Redis
+    /// settings: a Redis Cluster when it has seed nodes
+    /// ([`Config::redis_cluster`], `REDIS_CLUSTER_NODES`), else its URL
+    /// ([`Config::redis_url`], `REDIS_URL`: a standalone server, or the
+    /// master Sentinel names for `redis-sentinel://`); for `rediss://`, its
+    /// TLS files ([`Config::redis_tls`]: `REDIS_TLS_CA_FILE`,
+    /// `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE`); and the replicas each
+    /// write must reach ([`Config::min_replicas`], `IDEMPOTENCY_MIN_REPLICAS`).
     ///
-    /// Fails when the URL is malformed, Redis does not answer or refuses the
-    /// credentials; the error names the URL (password hidden) and what to
-    /// fix. Once connected, a failed connection is replaced on the next
-    /// request, and requests in between fail as unavailable. For a CA file
-    /// or a client certificate, use [`connect_with`](Self::connect_with).
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::connect_with(&Config::default().redis_url(url)).await
-    }
-
-    /// Connects to Redis as `config` says: a Redis Cluster when it names
-    /// seed nodes ([`Config::redis_cluster`], `REDIS_CLUSTER_NODES`), its
-    /// URL otherwise ([`Config::redis`], `REDIS_URL`); and, for
-    /// `rediss://`, its TLS files ([`Config::redis_tls`]:
-    /// `REDIS_TLS_CA_FILE`, `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE`).
+    /// ```no_run
+    /// use amqp_idempotency::{Config, store::RedisStore};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::connect(&Config::from_env()?).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
-    /// Fails like [`connect`](Self::connect), and also when a TLS file is
-    /// unreadable or the server's certificate is not trusted or not valid
-    /// for its host name; the error names the URL (password hidden) and the
-    /// variable to set. The files are read again for each new connection.
-    pub async fn connect_with(config: &Config) -> Result<Self, StoreError> {
-        if !config.redis_cluster_nodes().is_empty() {
-            return Self::cluster(
-                config.redis_cluster_nodes(),
-                config.redis_tls(),
-                Replication::of(config),
-            )
-            .await;
-        }
-        let url = config.redis();
-        let shown = redact_url(url);
+    /// Fails when a URL is malformed, Redis does not answer or refuses the
+    /// credentials, a TLS file is unreadable, or the server's certificate is
+    /// not trusted or not valid for its host name; the error names the URL
+    /// (password hidden) and the variable to set. Once connected, a failed
+    /// connection is replaced on the next request, and requests in between
+    /// fail as unavailable. The TLS files are read again for each new
+    /// connection.
+    pub async fn connect(config: &Config) -> Result<Self, StoreError> {
         let replication = Replication::of(config);
-        if url.starts_with("redis-sentinel://") || url.starts_with("rediss-sentinel://") {
+        let url = match config.redis() {
+            RedisDeployment::Cluster(nodes) => {
+                return Self::cluster(nodes, config.redis_tls(), replication).await;
+            }
+            RedisDeployment::Standalone(url) | RedisDeployment::Sentinel(url) => url,
+        };
+        let shown = redact_url(url);
+        if is_sentinel_url(url) {
             let mut sentinel = SentinelUrl::parse(url)
                 .map_err(|message| StoreError::new("connect", "", false, message))?;
             sentinel.tls_files = config.redis_tls().clone();
@@ -828,10 +828,25 @@ impl RedisStore {
         Ok(Self::start(link, cas))
     }
 
+    /// Connects to the Redis at `url` and nothing else: `redis://host:port/db`
+    /// (`redis://user:password@host:port/db` for an ACL user), `rediss://`
+    /// verified against the platform's trusted roots, or
+    /// `redis-sentinel://host:port,...#master`. Every other setting is
+    /// ignored: no cluster, no TLS files, no replicas to wait for. To
+    /// connect as a [`Config`] says (`REDIS_CLUSTER_NODES`, `REDIS_TLS_*`,
+    /// `IDEMPOTENCY_MIN_REPLICAS`), use [`connect`](Self::connect).
+    ///
+    /// Fails like [`connect`](Self::connect).
+    pub async fn connect_url(url: &str) -> Result<Self, StoreError> {
+        Self::connect(&Config::default().redis_url(url)).await
+    }
+
     /// Connects to the Redis Cluster (or cluster-mode Valkey) that `nodes`
     /// belong to: `redis://` or `rediss://` URLs of some of its nodes, from
     /// which the client learns the rest; credentials in the first URL apply
-    /// to every node, and `tls` as for [`connect_with`](Self::connect_with).
+    /// to every node, and `tls` as for [`connect`](Self::connect). Waits
+    /// for no replica: [`connect`](Self::connect) with
+    /// [`Config::redis_cluster`] takes every setting.
     ///
     /// Fails when a URL is malformed, no node answers, or the cluster is
     /// not ready; the error names the nodes (passwords hidden).
@@ -884,7 +899,9 @@ impl RedisStore {
     }
 
     /// A store on `client` that connects on its first request. Must be
-    /// called within a Tokio runtime: it starts the writer task.
+    /// called within a Tokio runtime: it starts the writer task. Like
+    /// [`connect_url`](Self::connect_url), it takes no other setting (no
+    /// replicas to wait for); [`connect`](Self::connect) takes a `Config`.
     pub fn from_client(client: redis::Client) -> Self {
         let shown = format!("redis at {}", client.get_connection_info().addr());
         let cas = Cas::new();
@@ -1537,9 +1554,9 @@ fn failure(err: RedisError) -> Failure {
     }
 }
 
-/// A client for `config`'s Redis URL, with TLS for `rediss://` as
+/// A client for `config`'s standalone Redis, with TLS for `rediss://` as
 /// [`Config::redis_tls`] says: for code of your own that talks to the same
-/// Redis (the operator CLI, a maintenance job).
+/// Redis (a maintenance job, a test).
 ///
 /// ```no_run
 /// use amqp_idempotency::{Config, store::redis_client};
@@ -1554,9 +1571,38 @@ fn failure(err: RedisError) -> Failure {
 ///
 /// A malformed URL, TLS files with a `redis://` URL, or an unreadable or
 /// malformed TLS file; the message names the URL (password hidden) or the
-/// variable and path.
+/// variable and path. A `Config` that names a Redis Cluster or Sentinel
+/// is refused too: a `redis::Client` talks to one server, and that is not
+/// one (for Sentinel, ask [`sentinel_master_url`] for the master's URL).
 pub fn redis_client(config: &Config) -> Result<redis::Client, StoreError> {
-    client_for(config.redis(), config.redis_tls())
+    let url = match config.redis() {
+        RedisDeployment::Standalone(url) => url,
+        deployment @ RedisDeployment::Cluster(_) => {
+            return Err(StoreError::new(
+                "connect",
+                "",
+                false,
+                format!(
+                    "{deployment} is named (REDIS_CLUSTER_NODES), and a redis::Client talks to \
+                     one server: use redis::cluster::ClusterClient with these nodes, or \
+                     RedisStore::connect(&config)"
+                ),
+            ));
+        }
+        deployment @ RedisDeployment::Sentinel(_) => {
+            return Err(StoreError::new(
+                "connect",
+                "",
+                false,
+                format!(
+                    "{deployment} is named (REDIS_URL), which is not a server's URL: ask the \
+                     sentinels for the master's with store::sentinel_master_url, or use \
+                     RedisStore::connect(&config)"
+                ),
+            ));
+        }
+    };
+    client_for(url, config.redis_tls())
         .map_err(|message| StoreError::new("connect", "", false, message))
 }
 
@@ -1614,7 +1660,7 @@ fn client_for(url: &str, files: &TlsFiles) -> Result<redis::Client, String> {
 /// A malformed Sentinel URL, or no sentinel naming the master; the message
 /// names the sentinels (passwords hidden) and what to check.
 pub fn sentinel_master_url(url: &str, timeout: Duration) -> Result<Option<String>, StoreError> {
-    if !url.starts_with("redis-sentinel://") && !url.starts_with("rediss-sentinel://") {
+    if !is_sentinel_url(url) {
         return Ok(None);
     }
     let sentinel = SentinelUrl::parse(url)

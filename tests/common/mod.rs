@@ -38,7 +38,7 @@ pub fn unique(label: &str) -> String {
 
 pub async fn redis_store() -> RedisStore {
     let url = redis_url();
-    match RedisStore::connect(&url).await {
+    match RedisStore::connect_url(&url).await {
         Ok(store) => store,
         Err(err) => panic!(
             "these tests need Redis at {url} (set REDIS_URL): {err}\n\
@@ -655,7 +655,7 @@ pub async fn least_privilege_store_as(user: &str) -> (PrivateRedis, RedisStore) 
     let redis = PrivateRedis::start();
     apply_acl(redis.port, &readme_acl_line(user), "consumer-pw");
     let url = format!("redis://{user}:consumer-pw@127.0.0.1:{}", redis.port);
-    let store = RedisStore::connect(&url)
+    let store = RedisStore::connect_url(&url)
         .await
         .unwrap_or_else(|err| panic!("connect as the README's {user} user: {err}"));
     (redis, store)
@@ -781,7 +781,7 @@ pub fn redis_cli_at(url: &str, args: &[&str]) -> String {
 pub async fn cluster_store() -> RedisStore {
     let nodes = cluster_nodes();
     let config = amqp_idempotency::Config::default().redis_cluster(nodes.clone());
-    RedisStore::connect_with(&config)
+    RedisStore::connect(&config)
         .await
         .unwrap_or_else(|err| panic!("connect to the Redis Cluster at {nodes:?}: {err}"))
 }
@@ -790,7 +790,7 @@ pub async fn cluster_store() -> RedisStore {
 #[allow(dead_code)]
 pub async fn valkey_store() -> RedisStore {
     let url = valkey_url();
-    RedisStore::connect(&url)
+    RedisStore::connect_url(&url)
         .await
         .unwrap_or_else(|err| panic!("connect to Valkey at {url}: {err}"))
 }

@@ -103,7 +103,7 @@ pub async fn bytes_per_done_record(
             "found {removed} of the {RECORDS} records on the {} afterwards{}",
             servers.kind(),
             if servers.cluster {
-                ": the store wrote elsewhere (does this amqp-idempotency connect RedisStore::connect_with to REDIS_CLUSTER_NODES?)"
+                ": the store wrote elsewhere (does this amqp-idempotency connect RedisStore::connect to REDIS_CLUSTER_NODES?)"
             } else {
                 ""
             }

@@ -259,7 +259,7 @@ pub async fn connect_store(options: &Options) -> Result<RedisStore, String> {
         format!("Redis at {}", redact_url(&options.redis_url))
     };
     let fail = |err: String| format!("cannot connect the store to {shown}: {REDIS_HINT} ({err})");
-    tokio::time::timeout(CONNECT_TIMEOUT, RedisStore::connect_with(&config))
+    tokio::time::timeout(CONNECT_TIMEOUT, RedisStore::connect(&config))
         .await
         .map_err(|_| fail(format!("no answer within {CONNECT_TIMEOUT:?}")))?
         .map_err(|err| fail(err.to_string()))
@@ -306,8 +306,8 @@ pub async fn check_store_on_cluster(
         return Ok(());
     }
     // Written elsewhere: most likely to REDIS_URL. Delete it there.
-    if let Ok(config) = Config::from_env()
-        && let Ok(client) = redis::Client::open(config.redis())
+    if let Ok(url) = harness::env::env_or("REDIS_URL", harness::env::DEFAULT_REDIS_URL)
+        && let Ok(client) = redis::Client::open(url)
         && let Ok(mut conn) = client.get_multiplexed_async_connection().await
     {
         let _ = redis::cmd("UNLINK")
@@ -315,7 +315,7 @@ pub async fn check_store_on_cluster(
             .query_async::<u64>(&mut conn)
             .await;
     }
-    Err("REDIS_CLUSTER_NODES is set, but RedisStore::connect_with(&Config::from_env()) wrote its record to another server (REDIS_URL?): this amqp-idempotency does not connect to a Redis Cluster".into())
+    Err("REDIS_CLUSTER_NODES is set, but RedisStore::connect(&Config::from_env()?) wrote its record to another server (REDIS_URL?): this amqp-idempotency does not connect to a Redis Cluster".into())
 }
 
 /// `--pin-redis`: every Redis server of the store on CPU 1, the local

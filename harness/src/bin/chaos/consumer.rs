@@ -232,7 +232,7 @@ fn exit_with_parent() {
 async fn connect_store(config: &Config) -> Result<RedisStore, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match RedisStore::connect_with(config).await {
+        match RedisStore::connect(config).await {
             Ok(store) => return Ok(store),
             Err(err) if Instant::now() < deadline => {
                 tracing::warn!(error = %err, "cannot connect to Redis yet; retrying");
