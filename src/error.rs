@@ -250,6 +250,15 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Comma-separated URLs with their passwords hidden.
+pub(crate) fn redact_nodes(nodes: &str) -> String {
+    nodes
+        .split(',')
+        .map(|node| redact_url(node.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
