@@ -41,7 +41,7 @@ use lapin::{BasicProperties, Channel, ExchangeKind};
 
 use crate::config::DeadLetterTarget;
 use crate::outcome::Outcome;
-use crate::runner::ServeError;
+use crate::error::ServeError;
 
 /// How long the exchange check, confirm.select and a confirm may take.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);

@@ -259,6 +259,51 @@ pub(crate) fn redact_nodes(nodes: &str) -> String {
         .join(",")
 }
 
+/// Why [`serve`](crate::serve) stopped early.
+#[derive(Debug)]
+pub enum ServeError {
+    /// The consumer failed (connection or channel lost). Unsettled
+    /// deliveries return to the queue; reconnect and serve again.
+    Consumer(lapin::Error),
+    /// The service failed to become ready.
+    Service(BoxError),
+    /// The dead-letter target cannot be used: the parking queue cannot be
+    /// declared, the exchange does not exist (the check closes the
+    /// channel), or there is no channel to publish on. Checked at start,
+    /// before any delivery is taken.
+    DeadLetters {
+        /// The parking queue or exchange, as shown in the message.
+        target: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+}
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Consumer(err) => write!(
+                f,
+                "the RabbitMQ consumer stopped: {err}; unacked messages return to the queue, reconnect to resume"
+            ),
+            Self::Service(err) => write!(f, "the handler service failed to become ready: {err}"),
+            Self::DeadLetters { target, problem } => {
+                write!(f, "dead letters cannot go to {target}: {problem}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ServeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Consumer(err) => Some(err),
+            Self::Service(err) => Some(&**err),
+            Self::DeadLetters { .. } => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,9 +29,9 @@ pub use config::{
     Config, DeadLetterTarget, NoFingerprintPolicy, RedisDeployment, StoreFailurePolicy,
     parse_duration,
 };
-pub use error::{BoxError, ConfigError, FailureKind, HandlerError, StoreError, redact_url};
+pub use error::{BoxError, ConfigError, FailureKind, HandlerError, ServeError, StoreError, redact_url};
 pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};
 pub use report::ServeReport;
-pub use runner::{DEAD_LETTER_RETRY, ServeError, ServeOptions, Session, serve, serve_reconnecting};
+pub use runner::{DEAD_LETTER_RETRY, ServeOptions, Session, serve, serve_reconnecting};

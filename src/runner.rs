@@ -43,7 +43,7 @@ use tower::{Service, ServiceExt};
 
 use crate::config::{Config, DeadLetterTarget};
 use crate::dead_letter::{DeadLetterCopy, DeadLetters};
-use crate::error::BoxError;
+use crate::error::{BoxError, ServeError};
 use crate::outcome::{Disposition, Outcome};
 use crate::report::{ServeReport, Tally};
 use crate::settle::Settler;
@@ -204,51 +204,6 @@ impl ServeOptions {
             exchange: exchange.into(),
             routing_key: None,
         })
-    }
-}
-
-/// Why [`serve`] stopped early.
-#[derive(Debug)]
-pub enum ServeError {
-    /// The consumer failed (connection or channel lost). Unsettled
-    /// deliveries return to the queue; reconnect and serve again.
-    Consumer(lapin::Error),
-    /// The service failed to become ready.
-    Service(BoxError),
-    /// The dead-letter target cannot be used: the parking queue cannot be
-    /// declared, the exchange does not exist (the check closes the
-    /// channel), or there is no channel to publish on. Checked at start,
-    /// before any delivery is taken.
-    DeadLetters {
-        /// The parking queue or exchange, as shown in the message.
-        target: String,
-        /// What is wrong and what to do.
-        problem: String,
-    },
-}
-
-impl std::fmt::Display for ServeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Consumer(err) => write!(
-                f,
-                "the RabbitMQ consumer stopped: {err}; unacked messages return to the queue, reconnect to resume"
-            ),
-            Self::Service(err) => write!(f, "the handler service failed to become ready: {err}"),
-            Self::DeadLetters { target, problem } => {
-                write!(f, "dead letters cannot go to {target}: {problem}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for ServeError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::Consumer(err) => Some(err),
-            Self::Service(err) => Some(&**err),
-            Self::DeadLetters { .. } => None,
-        }
     }
 }
 

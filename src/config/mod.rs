@@ -32,7 +32,7 @@ use crate::error::{redact_nodes, redact_url};
 use crate::tls::TlsFiles;
 
 pub use self::deployment::RedisDeployment;
-pub(crate) use self::deployment::is_sentinel_url;
+pub(crate) use self::deployment::{SentinelUrl, is_sentinel_url};
 pub(crate) use self::env::format_duration;
 pub use self::env::parse_duration;
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{Config, MAX_DURATION, format_duration, is_sentinel_url};
+use super::{Config, MAX_DURATION, SentinelUrl, format_duration, is_sentinel_url};
 use crate::error::{ConfigError, redact_nodes, redact_url};
 use crate::tls::Side;
 
@@ -173,7 +173,7 @@ impl Config {
             }
         }
         if is_sentinel_url(&self.redis_url) {
-            crate::store::SentinelUrl::parse(&self.redis_url).map_err(|problem| {
+            SentinelUrl::parse(&self.redis_url).map_err(|problem| {
                 ConfigError::invalid("REDIS_URL", redact_url(&self.redis_url), problem)
             })?;
         }

@@ -71,7 +71,6 @@ mod memory;
 mod redis;
 
 pub use self::memory::MemoryStore;
-pub(crate) use self::redis::SentinelUrl;
 pub use self::redis::{RedisStore, redis_client, sentinel_master_url};
 
 /// How often an unanswered insert is retried with the same token.
