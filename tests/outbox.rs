@@ -666,13 +666,23 @@ async fn killed_at(checkpoint: Checkpoint, prefix: &str) -> (Received, Received,
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut sent = Vec::new();
     let mut replies = Vec::new();
-    // Done once the outbox exists and holds no message not marked sent.
+    // Done once the outbox exists and holds no message not marked sent,
+    // and the survivor sent its reply (after the doomed consumer's own, if
+    // it got as far as publishing): killed after the mark, the outbox
+    // already looks done before the redelivered copy reaches the survivor.
     let outbox = amqp_idempotency::outbox::outbox_key(&format!("{prefix}:{}:order-k", queue.name));
+    let replies_expected = match checkpoint {
+        Checkpoint::Published | Checkpoint::Marked => 2,
+        _ => 1,
+    };
     while tokio::time::Instant::now() < deadline {
         sent.extend(drain(&channel, &downstream).await);
         replies.extend(drain(&channel, &asker).await);
         let left = store_view.outbox(&outbox).await.expect("read the outbox");
-        if !left.is_empty() && !left.iter().any(|(field, _)| field.starts_with(b"m")) {
+        if !left.is_empty()
+            && !left.iter().any(|(field, _)| field.starts_with(b"m"))
+            && replies.len() >= replies_expected
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
