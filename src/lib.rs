@@ -11,7 +11,6 @@ pub mod amqp;
 mod backoff;
 mod batch;
 mod config;
-mod dead_letter;
 mod error;
 pub mod fingerprint;
 mod guard;
@@ -21,7 +20,6 @@ pub mod outbox;
 mod outcome;
 mod report;
 mod runner;
-mod settle;
 pub mod store;
 pub mod tls;
 
@@ -29,7 +27,9 @@ pub use config::{
     Config, DeadLetterTarget, NoFingerprintPolicy, RedisDeployment, StoreFailurePolicy,
     parse_duration,
 };
-pub use error::{BoxError, ConfigError, FailureKind, HandlerError, ServeError, StoreError, redact_url};
+pub use error::{
+    BoxError, ConfigError, FailureKind, HandlerError, ServeError, StoreError, redact_url,
+};
 pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};

@@ -377,7 +377,6 @@ enum Source {
 }
 
 impl SentinelUrl {
-
     /// `SENTINEL get-master-addr-by-name <master>`.
     fn question(&self) -> Cmd {
         let mut question = redis::cmd("SENTINEL");
