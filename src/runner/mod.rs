@@ -1,4 +1,4 @@
-//! The consumer runner: [`serve`] drives a lapin [`Consumer`] through a service.
+//! The consumer runner: [`serve`](super::serve) drives a lapin [`Consumer`] through a service.
 //!
 //! ```no_run
 //! use std::convert::Infallible;

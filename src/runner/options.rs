@@ -8,7 +8,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Config, DeadLetterTarget};
 
-/// How [`serve`] runs and stops.
+/// How [`serve`](super::serve) runs and stops.
 pub struct ServeOptions {
     pub(super) concurrency: usize,
     pub(super) shutdown: Option<BoxFuture<'static, ()>>,
@@ -123,11 +123,11 @@ impl ServeOptions {
     /// once the broker confirmed the copy, and the message's record is
     /// discarded then (so that a replay runs afresh); when the broker did
     /// not confirm it, the claim is released with its attempt count and
-    /// the original requeued (after [`DEAD_LETTER_RETRY`]), so nothing is
+    /// the original requeued (after [`DEAD_LETTER_RETRY`](super::DEAD_LETTER_RETRY)), so nothing is
     /// dropped and nothing starts again from attempt 1. Needs
     /// the channel given to [`channel`](Self::channel) or
     /// [`close_channel`](Self::close_channel), except for
-    /// [`DeadLetterTarget::Broker`]; [`serve_reconnecting`] uses each
+    /// [`DeadLetterTarget::Broker`]; [`serve_reconnecting`](super::serve_reconnecting) uses each
     /// session's channel.
     pub fn dead_letters(mut self, target: DeadLetterTarget) -> Self {
         self.dead_letters = target;
@@ -143,7 +143,7 @@ impl ServeOptions {
     /// `x-idempotency-headers-dropped` header. Without it, the runner
     /// assumes the smallest `frame_max` lapin negotiates (8192 bytes), which
     /// fits every connection but drops such headers sooner.
-    /// [`serve_reconnecting`] reads it from each session's connection.
+    /// [`serve_reconnecting`](super::serve_reconnecting) reads it from each session's connection.
     pub fn frame_max(mut self, frame_max: u32) -> Self {
         self.frame_max = Some(frame_max);
         self

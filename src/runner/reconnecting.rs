@@ -1,4 +1,4 @@
-//! [`serve_reconnecting`]: serving across lost broker connections.
+//! [`serve_reconnecting`](super::serve_reconnecting): serving across lost broker connections.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use crate::outcome::Outcome;
 use crate::report::{ServeReport, Tally};
 
 /// A consumer and what keeps it alive, as returned by the `connect`
-/// closure of [`serve_reconnecting`].
+/// closure of [`serve_reconnecting`](super::serve_reconnecting).
 #[derive(Debug)]
 pub struct Session {
     /// The connection; closed when the session ends.
@@ -28,7 +28,7 @@ pub struct Session {
     pub consumer: Consumer,
 }
 
-/// Like [`serve`], but survives the loss of the broker connection.
+/// Like [`serve`](super::serve), but survives the loss of the broker connection.
 ///
 /// `connect` opens a connection and a channel, sets QoS and starts the
 /// consumer (the queue is yours: it need not be declared here); it is called
