@@ -31,14 +31,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::Confirmation;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
-};
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::protocol::basic::gen_properties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 
+use crate::amqp::{Published, publish_confirmed};
 use crate::config::DeadLetterTarget;
 use crate::error::ServeError;
 use crate::outcome::Outcome;
@@ -343,45 +341,28 @@ impl DeadLetters {
             );
         }
         let routing_key = match &self.routing_key {
-            Some(key) => key.as_str().into(),
-            None => copy.routing_key,
+            Some(key) => key.as_str(),
+            None => copy.routing_key.as_str(),
         };
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let confirmed = async {
-            self.channel
-                .basic_publish(
-                    self.exchange.as_str().into(),
-                    routing_key,
-                    options,
-                    &copy.data,
-                    properties,
-                )
-                .await?
-                .await
-        };
-        let shown = &self.shown;
-        let Ok(confirmed) = tokio::time::timeout(CONFIRM_TIMEOUT, confirmed).await else {
-            tracing::warn!(target = %shown, "no publisher confirm for the dead-letter copy in time: requeueing the original");
-            return false;
-        };
-        match confirmed {
-            Ok(Confirmation::Ack(None)) => true,
-            Ok(Confirmation::Ack(Some(_))) => {
-                tracing::error!(target = %shown, "the dead-letter copy could not be routed (was the parking queue deleted?): requeueing the original");
-                false
+        let published = publish_confirmed(
+            &self.channel,
+            &self.exchange,
+            routing_key,
+            &copy.data,
+            properties,
+            CONFIRM_TIMEOUT,
+        )
+        .await;
+        match &published {
+            Published::Confirmed => {}
+            Published::Returned => {
+                tracing::error!(target = %self.shown, "the dead-letter copy could not be routed (was the parking queue deleted?): requeueing the original");
             }
-            Ok(_) => {
-                tracing::warn!(target = %shown, "the broker refused the dead-letter copy: requeueing the original");
-                false
-            }
-            Err(err) => {
-                tracing::warn!(target = %shown, error = %err, "publishing the dead-letter copy failed: requeueing the original");
-                false
+            other => {
+                tracing::warn!(target = %self.shown, problem = %other, "the dead-letter copy was not confirmed: requeueing the original");
             }
         }
+        published.is_confirmed()
     }
 }
 

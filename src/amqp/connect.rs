@@ -1,28 +1,4 @@
-//! Connecting to RabbitMQ as a [`Config`] says: `amqp://`, or `amqps://`
-//! with the TLS files of `AMQP_TLS_CA_FILE`, `AMQP_TLS_CERT_FILE` and
-//! `AMQP_TLS_KEY_FILE`.
-//!
-//! ```no_run
-//! use amqp_idempotency::{amqp, Config};
-//! use lapin::ConnectionProperties;
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // AMQP_URL=amqps://app:secret@rabbit.internal:5671/%2f
-//! // AMQP_TLS_CA_FILE=/etc/idem/rabbit-ca.pem
-//! let config = Config::from_env()?;
-//! let connection = amqp::connect(&config, ConnectionProperties::default()).await?;
-//! let channel = connection.create_channel().await?;
-//! # drop(channel);
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! The broker's certificate is always verified, against `AMQP_TLS_CA_FILE`
-//! when it is set and the platform's trusted roots otherwise (see
-//! [`crate::tls`]). A failed connection says which URL (password
-//! hidden) and what to fix; a certificate that is not trusted names
-//! `AMQP_TLS_CA_FILE`.
+//! Opening a connection as a [`Config`](crate::Config) says, with TLS for `amqps://`.
 
 use std::fmt;
 use std::sync::Arc;
