@@ -12,6 +12,7 @@ use super::CLOSE_TIMEOUT;
 use super::consume::run;
 use super::options::ServeOptions;
 use super::shutdown::stop_signal;
+use crate::backoff::Backoff;
 use crate::error::{BoxError, ServeError};
 use crate::outcome::Outcome;
 use crate::report::{ServeReport, Tally};
@@ -82,8 +83,7 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    const FIRST_DELAY: Duration = Duration::from_millis(100);
-    const MAX_DELAY: Duration = Duration::from_secs(10);
+    let reconnecting = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let ServeOptions {
         concurrency,
         shutdown,
@@ -108,7 +108,7 @@ where
     // finish in the background still count.
     let tally = Arc::new(Tally::default());
     let mut finishing = Vec::new();
-    let mut delay = FIRST_DELAY;
+    let mut backoff = reconnecting;
     let mut sessions = 0u64;
     let outcome = loop {
         if *stop.borrow() {
@@ -125,12 +125,12 @@ where
         } = match session {
             Ok(session) => session,
             Err(err) => {
-                tracing::warn!(error = %err, retry_in = ?delay, "cannot connect to RabbitMQ or declare the topology; retrying");
+                let retry_in = backoff.next_delay();
+                tracing::warn!(error = %err, ?retry_in, "cannot connect to RabbitMQ or declare the topology; retrying");
                 tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
+                    () = tokio::time::sleep(retry_in) => {}
                     () = stopped(stop.clone()) => break Ok(()),
                 }
-                delay = (delay * 2).min(MAX_DELAY);
                 continue;
             }
         };
@@ -139,7 +139,7 @@ where
             tracing::info!("reconnected to RabbitMQ: consuming again");
         }
         sessions += 1;
-        delay = FIRST_DELAY;
+        backoff = reconnecting;
         let options = ServeOptions {
             concurrency,
             shutdown: Some(Box::pin(stopped(stop.clone()))),
@@ -155,19 +155,19 @@ where
         finishing.extend(background);
         // A dead connection may never answer the close: bounded.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "OK".into())).await;
+        let retry_in = backoff.next_delay();
         match result {
             Ok(()) if *stop.borrow() => break Ok(()),
             Ok(()) => tracing::warn!("the broker cancelled the consumer; reconnecting"),
             Err(ServeError::Consumer(err)) => {
-                tracing::warn!(error = %err, retry_in = ?delay, "lost the RabbitMQ connection; reconnecting");
+                tracing::warn!(error = %err, ?retry_in, "lost the RabbitMQ connection; reconnecting");
             }
             Err(err) => break Err(err),
         }
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
+            () = tokio::time::sleep(retry_in) => {}
             () = stopped(stop.clone()) => break Ok(()),
         }
-        delay = (delay * 2).min(MAX_DELAY);
     };
     watcher.abort();
     // Handlers of lost sessions finish (each within the shutdown deadline).
