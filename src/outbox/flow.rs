@@ -16,6 +16,7 @@ use super::ids::outbox_key;
 use super::publisher::{Checkpoint, OutboxPublisher};
 use super::ready::{Ready, ReplyTarget, ready};
 use super::staging::{since_commit, undispatched};
+use crate::backoff::Backoff;
 use crate::error::HandlerError;
 use crate::fingerprint::Fingerprint;
 use crate::finish::{already_done, complete_until_answered, lease_lost, settle_failed_claim};
@@ -85,7 +86,7 @@ async fn dispatch_until_sent<St: Store, F: Fingerprint>(
     again: bool,
 ) -> Result<(), String> {
     let hold_until = Instant::now() + dedup.config().consumer_timeout / 2;
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let dispatched = publisher.dispatch(&ready).await;
         let sent = dispatched.confirmed.len();
@@ -114,6 +115,7 @@ async fn dispatch_until_sent<St: Store, F: Fingerprint>(
                     .any(|field| field == ready.field())
             }
         });
+        let delay = backoff.next_delay();
         if Instant::now() + delay >= hold_until {
             tracing::error!(%problem, "outbox messages still not confirmed: requeueing; the redelivered copy sends them");
             return Err(problem);
@@ -123,7 +125,6 @@ async fn dispatch_until_sent<St: Store, F: Fingerprint>(
             () = tokio::time::sleep(delay) => {}
             () = crate::runner::runner_stopping() => return Err(problem),
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -143,7 +144,7 @@ pub(crate) async fn finish_duplicate<St: Store, F: Fingerprint>(
     // everything a second time; past that, the first run is taken to have
     // died, and what is left is sent.
     let wait_until = Instant::now() + config.in_progress_wait;
-    let mut delay = Duration::from_millis(10);
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
     let entries = loop {
         let entries = match dedup.store().outbox(&outbox_key).await {
             Ok(entries) => entries,
@@ -165,14 +166,13 @@ pub(crate) async fn finish_duplicate<St: Store, F: Fingerprint>(
             break entries;
         }
         tokio::select! {
-            () = tokio::time::sleep(delay.min(wait_until - now)) => {}
+            () = tokio::time::sleep(backoff.next_delay().min(wait_until - now)) => {}
             () = crate::runner::runner_stopping() => {
                 // The first run may still be sending: let the broker
                 // deliver this copy again rather than send it all twice.
                 return Outcome::requeue(OutcomeKind::InProgressElsewhere, 0, Duration::ZERO);
             }
         }
-        delay = (delay * 2).min(Duration::from_millis(200));
     };
     let ready = match ready(entries, dedup.scope(), fingerprint, target) {
         Ok(ready) => ready,
