@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use tokio::time::Instant;
-use tower::Service;
 
-use super::run::{HandlerRun, run_claimed, timed_out};
+use super::run::{Handler, HandlerRun, run_claimed, timed_out};
 use crate::backoff::Backoff;
 use crate::config::{Config, StoreFailurePolicy};
-use crate::error::{BoxError, FailureKind, HandlerError};
+use crate::error::{FailureKind, HandlerError};
 use crate::fingerprint::Fingerprint;
 use crate::finish::{already_done, complete_until_answered, lease_lost, settle_failed_claim};
 use crate::guard::{Begin, Deduplicator, Skip};
@@ -33,10 +32,7 @@ pub(super) async fn decide<S, St, F, M>(
 ) -> Outcome
 where
     M: Mode,
-    S: Service<M::Request> + Send + 'static,
-    S::Error: Into<BoxError> + Send,
-    S::Response: Send + 'static,
-    S::Future: Send + 'static,
+    S: Handler<M::Request>,
     St: Store,
     F: Fingerprint,
 {
@@ -224,10 +220,7 @@ async fn run_unprotected<S, St, F, M>(
 ) -> Outcome
 where
     M: Mode,
-    S: Service<M::Request> + Send + 'static,
-    S::Error: Into<BoxError> + Send,
-    S::Response: Send + 'static,
-    S::Future: Send + 'static,
+    S: Handler<M::Request>,
     St: Store,
     F: Fingerprint,
 {

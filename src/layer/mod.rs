@@ -28,6 +28,8 @@
 mod decide;
 mod run;
 
+use run::Handler;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -252,10 +254,7 @@ async fn process<S, St, F, M>(
 ) -> Outcome
 where
     M: Mode,
-    S: Service<M::Request> + Send + 'static,
-    S::Error: Into<BoxError> + Send,
-    S::Response: Send + 'static,
-    S::Future: Send + 'static,
+    S: Handler<M::Request>,
     St: Store,
     F: Fingerprint,
 {

@@ -26,6 +26,25 @@ use crate::error::{BoxError, HandlerError};
 use crate::guard::ClaimGuard;
 use crate::store::Store;
 
+/// What the layer asks of a handler, in one name: a service it can move
+/// into a task of its own, whose failures it can box. Every handler that
+/// `Idempotency`'s `Service` impl accepts is one.
+pub(super) trait Handler<R>:
+    Service<R, Error: Into<BoxError> + Send, Response: Send + 'static, Future: Send + 'static>
+    + Send
+    + 'static
+{
+}
+
+impl<S, R> Handler<R> for S
+where
+    S: Service<R> + Send + 'static,
+    S::Error: Into<BoxError> + Send,
+    S::Response: Send + 'static,
+    S::Future: Send + 'static,
+{
+}
+
 /// How a claimed handler run ended.
 pub(super) struct Run {
     pub(super) result: Result<(), HandlerError>,
@@ -48,10 +67,7 @@ pub(super) async fn run_claimed<S, St, R>(
 ) -> Run
 where
     R: Send + 'static,
-    S: Service<R> + Send + 'static,
-    S::Error: Into<BoxError> + Send,
-    S::Response: Send + 'static,
-    S::Future: Send + 'static,
+    S: Handler<R>,
     St: Store,
 {
     let lease_lost = AtomicBool::new(false);
@@ -165,10 +181,7 @@ impl HandlerRun {
     pub(super) fn start<S, R>(inner: S, request: R) -> Self
     where
         R: Send + 'static,
-        S: Service<R> + Send + 'static,
-        S::Error: Into<BoxError> + Send,
-        S::Response: Send + 'static,
-        S::Future: Send + 'static,
+        S: Handler<R>,
     {
         let work = async move { inner.oneshot(request).await.map(drop).map_err(Into::into) };
         let one_thread = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
