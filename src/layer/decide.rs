@@ -24,6 +24,9 @@ use crate::outbox::{self, Mode, Outbox, ReplyTarget};
 use crate::outcome::{Outcome, OutcomeKind};
 use crate::store::{OutboxEntry, Store, Token};
 
+/// What becomes of one delivery, from the body-size check to the outcome the
+/// runner settles it by. Rare paths are boxed where they are awaited, so
+/// that every delivery's future stays the size of the common one.
 pub(super) async fn decide<S, St, F, M>(
     dedup: &Deduplicator<St, F>,
     mode: &M,

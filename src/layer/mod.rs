@@ -28,8 +28,6 @@
 mod decide;
 mod run;
 
-use run::Handler;
-
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -46,6 +44,7 @@ use crate::guard::Deduplicator;
 use crate::outbox::{Mode, OutboxLayer, OutboxPublisher, Plain, WithOutbox};
 use crate::outcome::Outcome;
 use crate::store::Store;
+use run::Handler;
 
 /// Wraps a handler (`Service<Delivery>`) in [`Idempotency`].
 pub struct IdempotencyLayer<St, F = MessageIdOrBodyHash> {
@@ -133,7 +132,7 @@ impl<S, St, F> Layer<S> for OutboxLayer<St, F> {
 /// deliveries until the store answers again.
 ///
 /// `M` says what the handler receives: [`Plain`] the delivery,
-/// [`WithOutbox`](crate::outbox::WithOutbox) the delivery and an outbox.
+/// [`WithOutbox`] the delivery and an outbox.
 pub struct Idempotency<S, St, F = MessageIdOrBodyHash, M = Plain> {
     inner: S,
     dedup: Deduplicator<St, F>,

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::error::HandlerError;
 use crate::store::OutboxEntry;
 
-/// What a handler behind [`OutboxLayer`] receives: the delivery, and the
+/// What a handler behind [`OutboxLayer`](super::OutboxLayer) receives: the delivery, and the
 /// outbox it publishes through.
 #[derive(Debug)]
 pub struct OutboxDelivery {
