@@ -4,10 +4,10 @@
 //! lease was lost and of a copy of a message already done.
 //!
 //! ```ignore
-//! match complete_until_answered(&mut guard, None).await {
-//!     Ok(true) => Outcome::new(OutcomeKind::Processed, attempt),
-//!     Ok(false) => lease_lost(attempt),
-//!     Err(err) => settle_failed_claim(guard, failed(err)).await,
+//! match complete_until_answered(&mut guard, Some((&outbox_key, &entries))).await {
+//!     Ok(true) => { /* dispatch, then ack */ }
+//!     Ok(false) => return lease_lost(attempt),
+//!     Err(err) => return settle_failed_claim(guard, Outcome::new(OutcomeKind::Failed, attempt)).await,
 //! }
 //! ```
 
