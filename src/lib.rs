@@ -13,6 +13,7 @@ mod batch;
 mod config;
 mod error;
 pub mod fingerprint;
+mod finish;
 mod guard;
 mod layer;
 pub mod metrics;

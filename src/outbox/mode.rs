@@ -1,0 +1,121 @@
+//! What the handler receives ([`Mode`]): the delivery alone ([`Plain`]), or
+//! the delivery and an outbox ([`WithOutbox`]), and [`OutboxLayer`], the
+//! layer of the latter. The layer that turns it into an
+//! [`Idempotency`](crate::Idempotency) service is implemented beside that
+//! service; this side knows nothing of it.
+//!
+//! ```ignore
+//! let layer: OutboxLayer<_> = IdempotencyLayer::new(store, "orders", config)?.with_outbox(publisher);
+//! let service = layer.layer(handler); // Idempotency<_, _, _, WithOutbox>
+//! ```
+
+use std::sync::Arc;
+
+use lapin::message::Delivery;
+
+use super::publisher::OutboxPublisher;
+use super::staging::{Outbox, OutboxDelivery};
+use crate::fingerprint::MessageIdOrBodyHash;
+use crate::guard::Deduplicator;
+
+/// Wraps a handler of [`OutboxDelivery`] in [`Idempotency`](crate::Idempotency): made by
+/// [`IdempotencyLayer::with_outbox`](crate::IdempotencyLayer::with_outbox).
+pub struct OutboxLayer<St, F = MessageIdOrBodyHash> {
+    dedup: Deduplicator<St, F>,
+    mode: WithOutbox,
+}
+
+impl<St, F> Clone for OutboxLayer<St, F> {
+    fn clone(&self) -> Self {
+        Self {
+            dedup: self.dedup.clone(),
+            mode: self.mode.clone(),
+        }
+    }
+}
+
+impl<St, F> std::fmt::Debug for OutboxLayer<St, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxLayer")
+            .field("dedup", &self.dedup)
+            .field("publisher", &self.mode.publisher)
+            .finish()
+    }
+}
+
+impl<St, F> OutboxLayer<St, F> {
+    pub(crate) fn new(dedup: Deduplicator<St, F>, publisher: OutboxPublisher) -> Self {
+        Self {
+            dedup,
+            mode: WithOutbox {
+                publisher: Arc::new(publisher),
+            },
+        }
+    }
+
+    /// The deduplicator, e.g. to look up a key.
+    pub fn deduplicator(&self) -> &Deduplicator<St, F> {
+        &self.dedup
+    }
+
+    /// How the services it makes call their handler.
+    pub(crate) fn mode(&self) -> &WithOutbox {
+        &self.mode
+    }
+}
+
+/// How [`Idempotency`](crate::Idempotency) calls its handler: with the delivery alone
+/// ([`Plain`]) or with an outbox ([`WithOutbox`]). Sealed.
+pub trait Mode: Clone + Send + Sync + 'static + sealed::Sealed {
+    /// What the handler receives.
+    type Request: Send + 'static;
+
+    #[doc(hidden)]
+    fn request(delivery: Delivery, outbox: Option<Outbox>) -> Self::Request;
+
+    #[doc(hidden)]
+    fn publisher(&self) -> Option<&Arc<OutboxPublisher>>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Plain {}
+    impl Sealed for super::WithOutbox {}
+}
+
+/// The handler is a `Service<Delivery>`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Plain;
+
+impl Mode for Plain {
+    type Request = Delivery;
+
+    fn request(delivery: Delivery, _outbox: Option<Outbox>) -> Delivery {
+        delivery
+    }
+
+    fn publisher(&self) -> Option<&Arc<OutboxPublisher>> {
+        None
+    }
+}
+
+/// The handler is a `Service<OutboxDelivery>`.
+#[derive(Clone, Debug)]
+pub struct WithOutbox {
+    publisher: Arc<OutboxPublisher>,
+}
+
+impl Mode for WithOutbox {
+    type Request = OutboxDelivery;
+
+    fn request(delivery: Delivery, outbox: Option<Outbox>) -> OutboxDelivery {
+        OutboxDelivery {
+            delivery,
+            outbox: outbox.unwrap_or_else(|| Outbox::new(0)),
+        }
+    }
+
+    fn publisher(&self) -> Option<&Arc<OutboxPublisher>> {
+        Some(&self.publisher)
+    }
+}
