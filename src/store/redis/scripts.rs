@@ -1,0 +1,106 @@
+//! The Lua scripts of the compare-and-set path: on servers without
+//! `SET ... IFEQ` (see `native`), every transition after a claim runs as
+//! one script call that compares the whole stored value first.
+//!
+//! ```ignore
+//! let mut cmd = redis::cmd("EVALSHA");
+//! cmd.arg(transition_sha()).arg(1).arg(key).arg(from).arg(to).arg(ttl_ms).arg("").arg(0);
+//! // A server that answers NOSCRIPT gets LUA_SCRIPTS loaded and the call again.
+//! ```
+
+use redis::Script;
+
+/// Compare-and-set on one key. ARGV: `from`, `to`, `ttl` (PX), `mode` and
+/// `grace`. The key is written (set to `to` with the ttl, or deleted when
+/// `to` is empty) when it holds `from`; with mode `a` also when it is
+/// absent; with mode `e` only when, besides, its PTTL is at most `grace`
+/// (an in-progress record whose lease is over). A key that already holds
+/// its target also answers 1, so a retried transition is harmless. An
+/// error names the command that failed (an ACL user's missing permission
+/// is otherwise reported without it).
+pub(super) const TRANSITION: &str = r"
+local function failed(reply, command)
+  if type(reply) == 'table' and reply.err then
+    return {err = reply.err .. ' (the transition script\'s \'' .. command .. '\' command)'}
+  end
+  return nil
+end
+local from, to, ttl, mode, grace = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local current = redis.pcall('GET', KEYS[1])
+local answer = failed(current, 'get')
+if answer then return answer end
+local matches = current == from
+if matches and mode == 'e' then
+  local left = redis.pcall('PTTL', KEYS[1])
+  answer = failed(left, 'pttl')
+  if answer then return answer end
+  matches = left >= 0 and left <= tonumber(grace)
+elseif not matches and mode == 'a' then
+  matches = current == false
+end
+if matches then
+  if to == '' then
+    answer = failed(redis.pcall('DEL', KEYS[1]), 'del')
+  else
+    answer = failed(redis.pcall('SET', KEYS[1], to, 'PX', ttl), 'set')
+  end
+  return answer or 1
+elseif to ~= '' and current == to then
+  -- Already done (a retried transition): write it again, so that a WAIT
+  -- on this connection waits until the replicas hold it too.
+  return failed(redis.pcall('SET', KEYS[1], to, 'KEEPTTL'), 'set') or 1
+end
+return 0
+";
+
+/// The outbox commit: KEYS[1] the record, KEYS[2] its outbox hash; ARGV
+/// from, to, ttl, mode (as [`TRANSITION`]), then the outbox's field/value
+/// pairs. Where the record holds `from` (or, with mode `a`, is absent) the
+/// outbox is replaced and the done mark written last, so that a refused
+/// write leaves no mark without its outbox. A record that already holds
+/// `to` (a retried commit) is written again and its outbox left alone:
+/// dispatch may have begun.
+pub(super) const COMMIT: &str = r"
+local function failed(reply, command)
+  if type(reply) == 'table' and reply.err then
+    return {err = reply.err .. ' (the outbox commit script\'s \'' .. command .. '\' command)'}
+  end
+  return nil
+end
+local from, to, ttl, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local current = redis.pcall('GET', KEYS[1])
+local answer = failed(current, 'get')
+if answer then return answer end
+if current == to then
+  return failed(redis.pcall('SET', KEYS[1], to, 'KEEPTTL'), 'set') or 1
+end
+if current ~= from and not (mode == 'a' and current == false) then
+  return 0
+end
+answer = failed(redis.pcall('DEL', KEYS[2]), 'del')
+if answer then return answer end
+if #ARGV > 4 then
+  for first = 5, #ARGV, 256 do
+    answer = failed(redis.pcall('HSET', KEYS[2], unpack(ARGV, first, math.min(first + 255, #ARGV))), 'hset')
+    if answer then return answer end
+  end
+  answer = failed(redis.pcall('PEXPIRE', KEYS[2], ttl), 'pexpire')
+  if answer then return answer end
+end
+return failed(redis.pcall('SET', KEYS[1], to, 'PX', ttl), 'set') or 1
+";
+
+/// The scripts loaded again when a server answers `NOSCRIPT`.
+pub(super) const LUA_SCRIPTS: [&str; 2] = [TRANSITION, COMMIT];
+
+/// The SHA1 of [`COMMIT`], computed once.
+pub(super) fn commit_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| Script::new(COMMIT).get_hash().to_owned())
+}
+
+/// The SHA1 of [`TRANSITION`], computed once.
+pub(super) fn transition_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| Script::new(TRANSITION).get_hash().to_owned())
+}
