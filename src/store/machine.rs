@@ -58,180 +58,164 @@ pub const CRASH_MEMORY: Duration = Duration::from_secs(24 * 3600);
 /// acquired, never as a duplicate. A record whose lease ran out without
 /// an outcome is taken over, as the next attempt
 /// ([`Claim::after_crash`]).
-pub fn claim<S: Store>(
+pub async fn claim<S: Store>(
     store: &S,
     key: &str,
     token: &Token,
     payload_hash: &str,
     lease: Duration,
-) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
-    async move {
-        let ttl = lease.saturating_add(CRASH_MEMORY);
-        let fresh = Claim::new(key, token.as_str(), 1, payload_hash);
-        for _ in 0..TAKEOVER_RETRIES {
-            let previous = retry_ambiguous(|| store.insert_or_get(key, fresh.value(), ttl)).await?;
-            let Some(previous) = previous else {
-                return Ok(ClaimOutcome::Acquired(fresh));
-            };
-            let Some(record) = Record::parse(&previous) else {
-                let value = String::from_utf8_lossy(&previous).into_owned();
-                return Ok(ClaimOutcome::Unrecognized { value });
-            };
-            let stored = record.payload_hash();
-            if !same_payload(stored, payload_hash) {
-                return Ok(ClaimOutcome::PayloadMismatch {
-                    stored: stored.to_owned(),
-                });
-            }
-            let (from, next) = match record {
-                Record::InProgress {
-                    token: owner,
-                    attempt,
-                    ..
-                } if owner == token.as_str() => {
-                    let mut ours = Claim::new(key, token.as_str(), attempt, payload_hash);
-                    // Our own earlier claim, whose reply was lost: the
-                    // stored value is the one every later write checks.
-                    // Renewed now, so that the claim is written on this
-                    // connection (a WAIT for replicas then covers it).
-                    let renewed = retry_ambiguous(|| {
-                        store.transition(key, Expect::Value(&previous), Some(&previous[..]), ttl)
-                    })
-                    .await?;
-                    if !renewed {
-                        continue;
-                    }
-                    ours.value = previous;
-                    return Ok(ClaimOutcome::Acquired(ours));
-                }
-                Record::InProgress {
-                    attempt, lingers, ..
-                } => {
-                    // The lease left tells waiting from taking over; a
-                    // failure to read it must not fail the claim.
-                    let ttl_left = match store.get(key).await {
-                        Ok(Some((value, ttl))) if value == previous => ttl,
-                        Ok(_) => continue,
-                        Err(_) => None,
-                    };
-                    let remaining = match (lingers, ttl_left) {
-                        (true, Some(left)) => left.saturating_sub(CRASH_MEMORY),
-                        (false, Some(left)) => left,
-                        (_, None) => return Ok(ClaimOutcome::InProgress { remaining: None }),
-                    };
-                    if !lingers || !remaining.is_zero() {
-                        return Ok(ClaimOutcome::InProgress {
-                            remaining: Some(remaining),
-                        });
-                    }
-                    let mut next =
-                        Claim::new(key, token.as_str(), attempt.saturating_add(1), payload_hash);
-                    next.after_crash = true;
-                    let from = Expect::Expired {
-                        value: &previous,
-                        grace: CRASH_MEMORY,
-                    };
-                    (from, next)
-                }
-                Record::Done { .. } => return Ok(ClaimOutcome::Done),
-                Record::Released { attempts, .. } => {
-                    let next = Claim::new(
-                        key,
-                        token.as_str(),
-                        attempts.saturating_add(1),
-                        payload_hash,
-                    );
-                    (Expect::Value(&previous), next)
-                }
-            };
-            let taken =
-                retry_ambiguous(|| store.transition(key, from, Some(next.value()), ttl)).await?;
-            if taken {
-                return Ok(ClaimOutcome::Acquired(next));
-            }
-            // Someone else changed the record meanwhile: look again.
+) -> Result<ClaimOutcome, StoreError> {
+    let ttl = lease.saturating_add(CRASH_MEMORY);
+    let fresh = Claim::new(key, token.as_str(), 1, payload_hash);
+    for _ in 0..TAKEOVER_RETRIES {
+        let previous = retry_ambiguous(|| store.insert_or_get(key, fresh.value(), ttl)).await?;
+        let Some(previous) = previous else {
+            return Ok(ClaimOutcome::Acquired(fresh));
+        };
+        let Some(record) = Record::parse(&previous) else {
+            let value = String::from_utf8_lossy(&previous).into_owned();
+            return Ok(ClaimOutcome::Unrecognized { value });
+        };
+        let stored = record.payload_hash();
+        if !same_payload(stored, payload_hash) {
+            return Ok(ClaimOutcome::PayloadMismatch {
+                stored: stored.to_owned(),
+            });
         }
-        Ok(ClaimOutcome::InProgress { remaining: None })
+        let (from, next) = match record {
+            Record::InProgress {
+                token: owner,
+                attempt,
+                ..
+            } if owner == token.as_str() => {
+                let mut ours = Claim::new(key, token.as_str(), attempt, payload_hash);
+                // Our own earlier claim, whose reply was lost: the
+                // stored value is the one every later write checks.
+                // Renewed now, so that the claim is written on this
+                // connection (a WAIT for replicas then covers it).
+                let renewed = retry_ambiguous(|| {
+                    store.transition(key, Expect::Value(&previous), Some(&previous[..]), ttl)
+                })
+                .await?;
+                if !renewed {
+                    continue;
+                }
+                ours.value = previous;
+                return Ok(ClaimOutcome::Acquired(ours));
+            }
+            Record::InProgress {
+                attempt, lingers, ..
+            } => {
+                // The lease left tells waiting from taking over; a
+                // failure to read it must not fail the claim.
+                let ttl_left = match store.get(key).await {
+                    Ok(Some((value, ttl))) if value == previous => ttl,
+                    Ok(_) => continue,
+                    Err(_) => None,
+                };
+                let remaining = match (lingers, ttl_left) {
+                    (true, Some(left)) => left.saturating_sub(CRASH_MEMORY),
+                    (false, Some(left)) => left,
+                    (_, None) => return Ok(ClaimOutcome::InProgress { remaining: None }),
+                };
+                if !lingers || !remaining.is_zero() {
+                    return Ok(ClaimOutcome::InProgress {
+                        remaining: Some(remaining),
+                    });
+                }
+                let mut next =
+                    Claim::new(key, token.as_str(), attempt.saturating_add(1), payload_hash);
+                next.after_crash = true;
+                let from = Expect::Expired {
+                    value: &previous,
+                    grace: CRASH_MEMORY,
+                };
+                (from, next)
+            }
+            Record::Done { .. } => return Ok(ClaimOutcome::Done),
+            Record::Released { attempts, .. } => {
+                let next = Claim::new(
+                    key,
+                    token.as_str(),
+                    attempts.saturating_add(1),
+                    payload_hash,
+                );
+                (Expect::Value(&previous), next)
+            }
+        };
+        let taken =
+            retry_ambiguous(|| store.transition(key, from, Some(next.value()), ttl)).await?;
+        if taken {
+            return Ok(ClaimOutcome::Acquired(next));
+        }
+        // Someone else changed the record meanwhile: look again.
     }
+    Ok(ClaimOutcome::InProgress { remaining: None })
 }
 
 /// Extends our lease; false if the key is no longer ours.
-pub fn renew<S: Store>(
+pub async fn renew<S: Store>(
     store: &S,
     claim: &Claim,
     lease: Duration,
-) -> impl Future<Output = Result<bool, StoreError>> + Send {
-    async move {
-        let ttl = lease.saturating_add(CRASH_MEMORY);
-        let from = Expect::Value(claim.value());
-        retry_ambiguous(|| store.transition(claim.key(), from, Some(claim.value()), ttl)).await
-    }
+) -> Result<bool, StoreError> {
+    let ttl = lease.saturating_add(CRASH_MEMORY);
+    let from = Expect::Value(claim.value());
+    retry_ambiguous(|| store.transition(claim.key(), from, Some(claim.value()), ttl)).await
 }
 
 /// Marks the message done for `retention`; false if the key is no
 /// longer ours. Also writes the mark where the key is gone (our lease
 /// expired and nobody took over), so the effect that happened is
 /// recorded and a later duplicate is recognised.
-pub fn complete<S: Store>(
+pub async fn complete<S: Store>(
     store: &S,
     claim: &Claim,
     retention: Duration,
-) -> impl Future<Output = Result<bool, StoreError>> + Send {
-    async move {
-        let done = claim.done_value();
-        let from = Expect::ValueOrAbsent(claim.value());
-        retry_ambiguous(|| store.transition(claim.key(), from, Some(&done[..]), retention)).await
-    }
+) -> Result<bool, StoreError> {
+    let done = claim.done_value();
+    let from = Expect::ValueOrAbsent(claim.value());
+    retry_ambiguous(|| store.transition(claim.key(), from, Some(&done[..]), retention)).await
 }
 
 /// Like [`complete`], and commits the staged outgoing
 /// messages at `outbox_key` in the same atomic step
 /// ([`Store::commit_outbox`]).
-pub fn complete_with_outbox<S: Store>(
+pub async fn complete_with_outbox<S: Store>(
     store: &S,
     claim: &Claim,
     retention: Duration,
     outbox_key: &str,
     entries: &[OutboxEntry],
-) -> impl Future<Output = Result<bool, StoreError>> + Send {
-    async move {
-        let done = claim.done_value();
-        let from = Expect::ValueOrAbsent(claim.value());
-        retry_ambiguous(|| {
-            store.commit_outbox(claim.key(), from, &done, retention, outbox_key, entries)
-        })
-        .await
-    }
+) -> Result<bool, StoreError> {
+    let done = claim.done_value();
+    let from = Expect::ValueOrAbsent(claim.value());
+    retry_ambiguous(|| {
+        store.commit_outbox(claim.key(), from, &done, retention, outbox_key, entries)
+    })
+    .await
 }
 
 /// Gives the key up after a failure so that a redelivery can claim it.
 /// The record keeps the attempt count for `retention`, which bounds
 /// retries on queues that do not count deliveries. False if the key is
 /// no longer ours.
-pub fn release<S: Store>(
+pub async fn release<S: Store>(
     store: &S,
     claim: &Claim,
     retention: Duration,
-) -> impl Future<Output = Result<bool, StoreError>> + Send {
-    async move {
-        let released = claim.released_value();
-        let from = Expect::Value(claim.value());
-        retry_ambiguous(|| store.transition(claim.key(), from, Some(&released[..]), retention))
-            .await
-    }
+) -> Result<bool, StoreError> {
+    let released = claim.released_value();
+    let from = Expect::Value(claim.value());
+    retry_ambiguous(|| store.transition(claim.key(), from, Some(&released[..]), retention)).await
 }
 
 /// Deletes our record after the message was dead-lettered, so that a later
 /// copy (say, replayed from the dead-letter queue) starts from attempt 1.
 /// False if the key is no longer ours.
-pub fn discard<S: Store>(
-    store: &S,
-    claim: &Claim,
-) -> impl Future<Output = Result<bool, StoreError>> + Send {
-    async move {
-        let from = Expect::Value(claim.value());
-        retry_ambiguous(|| store.transition(claim.key(), from, None, Duration::ZERO)).await
-    }
+pub async fn discard<S: Store>(store: &S, claim: &Claim) -> Result<bool, StoreError> {
+    let from = Expect::Value(claim.value());
+    retry_ambiguous(|| store.transition(claim.key(), from, None, Duration::ZERO)).await
 }
 
 /// Retries an operation whose outcome is unknown (timeout, dropped
@@ -250,5 +234,24 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layer spawns these futures: they must be `Send` for any store,
+    /// which the compiler checks here, once, for a generic one.
+    #[allow(dead_code)]
+    fn futures_are_send<S: Store>(store: &S, claim: &Claim, token: &Token) {
+        fn send<T: Send>(_: T) {}
+        let d = Duration::ZERO;
+        send(super::claim(store, "k", token, "", d));
+        send(renew(store, claim, d));
+        send(complete(store, claim, d));
+        send(complete_with_outbox(store, claim, d, "o", &[]));
+        send(release(store, claim, d));
+        send(discard(store, claim));
     }
 }
