@@ -40,8 +40,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 
 use crate::config::DeadLetterTarget;
-use crate::outcome::Outcome;
 use crate::error::ServeError;
+use crate::outcome::Outcome;
 
 /// How long the exchange check, confirm.select and a confirm may take.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);

@@ -29,7 +29,9 @@ pub use config::{
     Config, DeadLetterTarget, NoFingerprintPolicy, RedisDeployment, StoreFailurePolicy,
     parse_duration,
 };
-pub use error::{BoxError, ConfigError, FailureKind, HandlerError, ServeError, StoreError, redact_url};
+pub use error::{
+    BoxError, ConfigError, FailureKind, HandlerError, ServeError, StoreError, redact_url,
+};
 pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};
