@@ -174,7 +174,7 @@ impl RedisStore {
 /// malformed TLS file; the message names the URL (password hidden) or the
 /// variable and path. A `Config` that names a Redis Cluster or Sentinel
 /// is refused too: a `redis::Client` talks to one server, and that is not
-/// one (for Sentinel, ask [`sentinel_master_url`] for the master's URL).
+/// one (for Sentinel, ask [`sentinel_master_url`](super::sentinel_master_url) for the master's URL).
 pub fn redis_client(config: &Config) -> Result<redis::Client, StoreError> {
     let url = match config.redis() {
         RedisDeployment::Standalone(url) => url,
