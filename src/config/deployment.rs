@@ -3,7 +3,7 @@
 use crate::error::{redact_nodes, redact_url};
 use crate::tls::TlsFiles;
 
-/// Which Redis a [`Config`] names, from [`Config::redis`]. Only a
+/// Which Redis a [`Config`](super::Config) names, from [`Config::redis`](super::Config::redis). Only a
 /// standalone server comes with a URL to open a plain connection on: a
 /// Sentinel URL must be resolved to the master first
 /// ([`store::sentinel_master_url`](crate::store::sentinel_master_url)), and
