@@ -402,14 +402,7 @@ pub(super) async fn send_to_node(
             // forget it and the map, and let the client route each request.
             link.drop_direct(&host, port).await;
             link.forget_slots();
-            let resent = requests.into_iter().map(|request| {
-                let (link, stats) = (Arc::clone(&link), Arc::clone(&stats));
-                async move {
-                    let answer = send_alone(&link, &request, &stats).await;
-                    let _ = request.reply.send(answer);
-                }
-            });
-            futures_util::future::join_all(resent).await;
+            send_each_alone(&link, requests, &stats).await;
             return;
         }
     };
@@ -445,12 +438,14 @@ pub(super) async fn send_to_node(
         };
         let _ = request.reply.send(answer);
     }
-    let resent = moved.into_iter().map(|request| {
-        let (link, stats) = (Arc::clone(&link), Arc::clone(&stats));
-        async move {
-            let answer = send_alone(&link, &request, &stats).await;
-            let _ = request.reply.send(answer);
-        }
+    send_each_alone(&link, moved, &stats).await;
+}
+
+/// Sends `requests` each alone, at once, and answers each.
+async fn send_each_alone(link: &ClusterLink, requests: Vec<Request>, stats: &Stats) {
+    let resent = requests.into_iter().map(|request| async move {
+        let answer = send_alone(link, &request, stats).await;
+        let _ = request.reply.send(answer);
     });
     futures_util::future::join_all(resent).await;
 }
