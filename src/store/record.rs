@@ -8,45 +8,16 @@
 //! must stay readable by the next. Change an encoding only by adding one
 //! (a new tag above 0x80), never by changing what a byte means.
 //!
-//! ```ignore
+//! ```
+//! use amqp_idempotency::store::Record;
+//!
 //! let done = Record::Done { payload_hash: String::new(), token: "0123456789ab".into() };
 //! assert_eq!(Record::parse(&done.encode()), Some(done));
 //! // A value of 0.1 or 0.2 still parses.
 //! assert!(Record::parse(b"d:00112233:0123456789abcdef").is_some());
 //! ```
 //!
-//! # Records
-//!
-//! One key per message, `<prefix>:<scope>:<fingerprint>` (see
-//! [`record_key`](crate::fingerprint::record_key)), holding one of these
-//! values. Since 0.3 they are written in a compact binary encoding
-//! (version 2, first byte at or above 0x80); the text values of 0.1 and
-//! 0.2 (version 1) are still read and honoured.
-//!
-//! | state | version 2 (bytes) | version 1 (text) | expiry |
-//! |---|---|---|---|
-//! | in progress | `0x81`, token (8), attempt (varint), payload hash (0 or 6) | `p:<token>+:<attempt>:<payload hash>` | the lease, then [`CRASH_MEMORY`](super::CRASH_MEMORY) more |
-//! | in progress (0.1.0) | | `p:<token>:<attempt>:<payload hash>` | the lease |
-//! | done | `-n`: one negative decimal integer, n = marker (15 bits), token (first 16 bits), payload hash (32 bits), or marker and token (48 bits) when the payload is not checked | `d:<payload hash>:<token>` | the retention |
-//! | released | `0x83`, token (8), failed attempts (varint), payload hash (0 or 6) | `f:<attempts>:<payload hash>:<token>` | the retention |
-//!
-//! Redis keeps an integer inside the value object, with no string
-//! allocation: about 135 bytes of memory per done message with a 28-byte
-//! key (see the README's Redis Cluster and Valkey section). The payload
-//! hash is the first 48 bits of the body's SHA-256 (32 in a done mark;
-//! 0.2 kept 128 bits; they compare over their common length).
-//!
-//! The done and released values name the token that wrote them, so a
-//! retried transition can tell its own earlier write from another
-//! consumer's. Every write after a claim compares the whole stored value
-//! with the claim's ([`Claim::value`](super::Claim::value)), which is what `SET ... IFEQ`
-//! does natively on Valkey 8.1 and Redis 8.4.
-//!
-//! An in-progress record outlives its lease by [`CRASH_MEMORY`](super::CRASH_MEMORY): when its
-//! owner dies mid-handler (kill -9, OOM kill, an abort), the next claim
-//! finds the record with its lease over, takes it over (atomically, only if
-//! the lease is still over) and counts the dead attempt, so a message that
-//! kills its consumer is dead-lettered after the configured attempts
+//! The encodings are tabled on [`Record`].
 
 /// Tags of the compact (version 2) encoding: the first byte of the value.
 /// Version 1 values are text and start with `p`, `d` or `f`, so the two
@@ -70,7 +41,41 @@ pub(super) const DONE_HASH_DIGITS: usize = 8;
 /// Hexadecimal digits of the token in an unchecked done mark.
 pub(super) const DONE_UNCHECKED_TOKEN_DIGITS: usize = 12;
 
-/// A parsed record.
+/// A parsed record: one key's value, in whichever encoding it was written.
+///
+/// # Encodings
+///
+/// One key per message, `<prefix>:<scope>:<fingerprint>` (see
+/// [`record_key`](crate::fingerprint::record_key)), holding one of these
+/// values. Since 0.3 they are written in a compact binary encoding
+/// (version 2, first byte at or above 0x80); the text values of 0.1 and
+/// 0.2 (version 1) are still read and honoured.
+///
+/// | state | version 2 (bytes) | version 1 (text) | expiry |
+/// |---|---|---|---|
+/// | in progress | `0x81`, token (8), attempt (varint), payload hash (0 or 6) | `p:<token>+:<attempt>:<payload hash>` | the lease, then [`CRASH_MEMORY`](super::CRASH_MEMORY) more |
+/// | in progress (0.1.0) | | `p:<token>:<attempt>:<payload hash>` | the lease |
+/// | done | `-n`: one negative decimal integer, n = marker (15 bits), token (first 16 bits), payload hash (32 bits), or marker and token (48 bits) when the payload is not checked | `d:<payload hash>:<token>` | the retention |
+/// | released | `0x83`, token (8), failed attempts (varint), payload hash (0 or 6) | `f:<attempts>:<payload hash>:<token>` | the retention |
+///
+/// Redis keeps an integer inside the value object, with no string
+/// allocation: about 135 bytes of memory per done message with a 28-byte
+/// key (see the README's Redis Cluster and Valkey section). The payload
+/// hash is the first 48 bits of the body's SHA-256 (32 in a done mark;
+/// 0.2 kept 128 bits; they compare over their common length).
+///
+/// The done and released values name the token that wrote them, so a
+/// retried transition can tell its own earlier write from another
+/// consumer's. Every write after a claim compares the whole stored value
+/// with the claim's ([`Claim::value`](super::Claim::value)), which is what `SET ... IFEQ`
+/// does natively on Valkey 8.1 and Redis 8.4.
+///
+/// An in-progress record outlives its lease by [`CRASH_MEMORY`](super::CRASH_MEMORY): when its
+/// owner dies mid-handler (kill -9, OOM kill, an abort), the next claim
+/// finds the record with its lease over, takes it over (atomically, only if
+/// the lease is still over) and counts the dead attempt, so a message that
+/// kills its consumer is dead-lettered after the configured attempts
+/// instead of looping.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     /// Claimed by `token`, in its `attempt`-th attempt.
