@@ -38,8 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use self::connect::redis_client;
 use self::errors::{Failure, parse};
-use self::native::{Cas, NATIVE, SCRIPTS, UNKNOWN};
-use self::scripts::{commit_sha, transition_sha};
+use self::native::Cas;
 pub use self::sentinel::sentinel_master_url;
 use super::{Expect, OutboxEntry, Store};
 use crate::error::StoreError;
@@ -152,8 +151,7 @@ impl RedisStore {
     /// True when transitions use `SET ... IFEQ` (Valkey 8.1+, Redis 8.4+,
     /// unless [`scripts_only`](Self::scripts_only)); known once connected.
     pub fn native_compare_and_set(&self) -> bool {
-        self.cas.server.load(Ordering::Relaxed) == NATIVE
-            && self.cas.allowed.load(Ordering::Relaxed)
+        self.cas.is_native()
     }
 
     /// Requests sent to Redis so far, by all clones: pipelines on a
@@ -245,39 +243,22 @@ impl Store for RedisStore {
                     // is, or a mixed-version cluster mid-upgrade): scripts
                     // from now on.
                     tracing::debug!(%key, "the server refused SET ... IFEQ; using the transition script");
-                    self.cas.server.store(SCRIPTS, Ordering::Relaxed);
+                    self.cas.use_scripts();
                 }
                 Err(Some(err)) => return Err(err),
                 Ok(done) => {
-                    let _ = self.cas.server.compare_exchange(
-                        UNKNOWN,
-                        NATIVE,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
+                    self.cas.native_confirmed();
                     return Ok(done);
                 }
             }
         }
-        let (mode, grace_ms) = match from {
-            Expect::Value(_) => ("", 0),
-            Expect::ValueOrAbsent(_) => ("a", 0),
-            Expect::Expired { grace, .. } => ("e", millis(grace)),
-        };
-        let mut cmd = command(
-            "EVALSHA",
-            9,
-            key.len() + from.value().len() + to.map_or(0, <[u8]>::len),
-        );
-        cmd.arg(transition_sha())
-            .arg(1)
-            .arg(key)
-            .arg(from.value())
-            .arg(to.unwrap_or(b""))
-            .arg(millis(ttl))
-            .arg(mode)
-            .arg(grace_ms);
-        let reply = self.send("transition", key, cmd).await?;
+        let reply = self
+            .send(
+                "transition",
+                key,
+                scripts::transition_call(key, from, to, ttl),
+            )
+            .await?;
         Ok(parse::<i64>("transition", key, reply)? == 1)
     }
 
@@ -313,30 +294,7 @@ impl Store for RedisStore {
                 ),
             ));
         }
-        let mode = match from {
-            Expect::ValueOrAbsent(_) => "a",
-            Expect::Value(_) | Expect::Expired { .. } => "",
-        };
-        let bytes: usize = entries
-            .iter()
-            .map(|(field, value)| field.len() + value.len())
-            .sum();
-        let mut cmd = command(
-            "EVALSHA",
-            9 + 2 * entries.len(),
-            key.len() + outbox_key.len() + from.value().len() + to.len() + bytes,
-        );
-        cmd.arg(commit_sha())
-            .arg(2)
-            .arg(key)
-            .arg(outbox_key)
-            .arg(from.value())
-            .arg(to)
-            .arg(millis(ttl))
-            .arg(mode);
-        for (field, value) in entries {
-            cmd.arg(&field[..]).arg(&value[..]);
-        }
+        let cmd = scripts::commit_call(key, from, to, ttl, outbox_key, entries);
         let reply = self.send("commit", key, cmd).await?;
         Ok(parse::<i64>("commit", key, reply)? == 1)
     }

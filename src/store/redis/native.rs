@@ -45,6 +45,25 @@ impl Cas {
         self.server.load(Ordering::Relaxed) != SCRIPTS && self.allowed.load(Ordering::Relaxed)
     }
 
+    /// True when transitions use `SET ... IFEQ`: the server has it and
+    /// the user did not ask for scripts only.
+    pub(super) fn is_native(&self) -> bool {
+        self.server.load(Ordering::Relaxed) == NATIVE && self.allowed.load(Ordering::Relaxed)
+    }
+
+    /// The server refused `SET ... IFEQ`: scripts from now on.
+    pub(super) fn use_scripts(&self) {
+        self.server.store(SCRIPTS, Ordering::Relaxed);
+    }
+
+    /// A `SET ... IFEQ` was answered: the server has it, unless `HELLO`
+    /// already said otherwise.
+    pub(super) fn native_confirmed(&self) {
+        let _ = self
+            .server
+            .compare_exchange(UNKNOWN, NATIVE, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
     /// Records what `HELLO` said about the server (`None`: it refused).
     pub(super) fn detect(&self, hello: Option<&Value>) {
         let Some(hello) = hello else {

@@ -3,12 +3,17 @@
 //! one script call that compares the whole stored value first.
 //!
 //! ```ignore
-//! let mut cmd = redis::cmd("EVALSHA");
-//! cmd.arg(transition_sha()).arg(1).arg(key).arg(from).arg(to).arg(ttl_ms).arg("").arg(0);
-//! // A server that answers NOSCRIPT gets LUA_SCRIPTS loaded and the call again.
+//! let call = transition_call(key, Expect::Value(claimed), Some(&done), retention);
+//! // EVALSHA <sha> 1 key claimed done <ms> "" 0; a server that answers
+//! // NOSCRIPT gets LUA_SCRIPTS loaded and the call sent again.
 //! ```
 
-use redis::Script;
+use std::time::Duration;
+
+use redis::{Cmd, Script};
+
+use super::{command, millis};
+use crate::store::{Expect, OutboxEntry};
 
 /// Compare-and-set on one key. ARGV: `from`, `to`, `ttl` (PX), `mode` and
 /// `grace`. The key is written (set to `to` with the ttl, or deleted when
@@ -94,13 +99,79 @@ return failed(redis.pcall('SET', KEYS[1], to, 'PX', ttl), 'set') or 1
 pub(super) const LUA_SCRIPTS: [&str; 2] = [TRANSITION, COMMIT];
 
 /// The SHA1 of [`COMMIT`], computed once.
-pub(super) fn commit_sha() -> &'static str {
+fn commit_sha() -> &'static str {
     static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SHA.get_or_init(|| Script::new(COMMIT).get_hash().to_owned())
 }
 
 /// The SHA1 of [`TRANSITION`], computed once.
-pub(super) fn transition_sha() -> &'static str {
+fn transition_sha() -> &'static str {
     static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SHA.get_or_init(|| Script::new(TRANSITION).get_hash().to_owned())
+}
+
+/// The [`TRANSITION`] call for `key`: from what `from` expects to `to`
+/// (deleted when `None`) with `ttl`.
+pub(super) fn transition_call(
+    key: &str,
+    from: Expect<'_>,
+    to: Option<&[u8]>,
+    ttl: Duration,
+) -> Cmd {
+    let (mode, grace_ms) = match from {
+        Expect::Value(_) => ("", 0),
+        Expect::ValueOrAbsent(_) => ("a", 0),
+        Expect::Expired { grace, .. } => ("e", millis(grace)),
+    };
+    let mut cmd = command(
+        "EVALSHA",
+        9,
+        key.len() + from.value().len() + to.map_or(0, <[u8]>::len),
+    );
+    cmd.arg(transition_sha())
+        .arg(1)
+        .arg(key)
+        .arg(from.value())
+        .arg(to.unwrap_or(b""))
+        .arg(millis(ttl))
+        .arg(mode)
+        .arg(grace_ms);
+    cmd
+}
+
+/// The [`COMMIT`] call: the done mark `to` at `key` and the outbox
+/// `entries` at `outbox_key`, both with `ttl`.
+pub(super) fn commit_call(
+    key: &str,
+    from: Expect<'_>,
+    to: &[u8],
+    ttl: Duration,
+    outbox_key: &str,
+    entries: &[OutboxEntry],
+) -> Cmd {
+    let mode = match from {
+        Expect::ValueOrAbsent(_) => "a",
+        Expect::Value(_) | Expect::Expired { .. } => "",
+    };
+    let bytes: usize = entries
+        .iter()
+        .map(|(field, value)| field.len() + value.len())
+        .sum();
+    let mut cmd = command(
+        "EVALSHA",
+        9 + 2 * entries.len(),
+        key.len() + outbox_key.len() + from.value().len() + to.len() + bytes,
+    );
+    cmd.arg(commit_sha())
+        .arg(2)
+        .arg(key)
+        .arg(outbox_key)
+        .arg(from.value())
+        .arg(to)
+        .arg(millis(ttl))
+        .arg(mode);
+    for (field, value) in entries {
+        cmd.arg(&field[..]).arg(&value[..]);
+    }
+    cmd
 }
