@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, RedisError, Value};
+use redis::{Cmd, RedisError, Value};
 use tokio::sync::{Mutex, mpsc};
 
 use super::connect::{client_for, tls_certificates};
@@ -269,11 +269,7 @@ impl ClusterLink {
         url.set_port(Some(port))
             .map_err(|()| unavailable("not a port".into()))?;
         let client = client_for(url.as_str(), &self.tls).map_err(unavailable)?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(RedisStore::RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(
-                RedisStore::RESPONSE_TIMEOUT + self.replication.timeout,
-            ));
+        let config = self.replication.connection_config();
         let connection = client
             .get_multiplexed_async_connection_with_config(&config)
             .await

@@ -19,7 +19,7 @@ use super::errors::{Failure, breaks_connection, failure, remedy};
 use super::native::Cas;
 use super::replication::Replication;
 use super::scripts::LUA_SCRIPTS;
-use super::{RedisStore, Request, Stats};
+use super::{Request, Stats};
 use crate::config::SentinelUrl;
 use crate::tls::{self, Side, TlsFiles};
 
@@ -60,9 +60,7 @@ impl Link {
         cas: Arc<Cas>,
         replication: Replication,
     ) -> Self {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(RedisStore::RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(RedisStore::RESPONSE_TIMEOUT + replication.timeout));
+        let config = replication.connection_config();
         Self {
             client,
             replication,
@@ -80,33 +78,21 @@ impl Link {
         if let Some((generation, connection)) = &*current {
             return Ok((*generation, connection.clone()));
         }
+        let cannot = |err: String| {
+            Failure::unavailable(format!("cannot connect to Redis at {}: {err}", self.shown))
+        };
         let built;
         let sentinel_master;
         let (client, tls_files, host) = match &self.client {
             Source::Fixed(client) => (client, None, ""),
             Source::Sentinel(sentinel) => {
-                let url = sentinel.master(&self.config).await.map_err(|err| {
-                    Failure::unavailable(format!(
-                        "cannot connect to Redis at {}: {err}",
-                        self.shown
-                    ))
-                })?;
-                built = client_for(&url, &sentinel.tls_files).map_err(|err| {
-                    Failure::unavailable(format!(
-                        "cannot connect to Redis at {}: {err}",
-                        self.shown
-                    ))
-                })?;
+                let url = sentinel.master(&self.config).await.map_err(cannot)?;
+                built = client_for(&url, &sentinel.tls_files).map_err(cannot)?;
                 sentinel_master = host_of(&url);
                 (&built, Some(&sentinel.tls_files), sentinel_master.as_str())
             }
             Source::Config { url, tls, host } => {
-                built = client_for(url, tls).map_err(|err| {
-                    Failure::unavailable(format!(
-                        "cannot connect to Redis at {}: {err}",
-                        self.shown
-                    ))
-                })?;
+                built = client_for(url, tls).map_err(cannot)?;
                 (&built, Some(tls), host.as_str())
             }
         };

@@ -10,10 +10,10 @@
 
 use std::time::Duration;
 
-use redis::{Cmd, Value};
+use redis::{AsyncConnectionConfig, Cmd, Value};
 
 use super::errors::Failure;
-use super::millis;
+use super::{RedisStore, millis};
 use crate::config::Config;
 
 /// How many replicas must acknowledge each write (`WAIT`), and for how long
@@ -28,6 +28,14 @@ impl Replication {
     pub(super) fn of(config: &Config) -> Self {
         let (replicas, timeout) = config.replication();
         Self { replicas, timeout }
+    }
+
+    /// The timeouts of a plain connection whose writes wait for these
+    /// replicas: a reply may take the `WAIT` on top of the usual time.
+    pub(super) fn connection_config(&self) -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(RedisStore::RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(RedisStore::RESPONSE_TIMEOUT + self.timeout))
     }
 
     /// `WAIT replicas timeout`, or nothing when no replica is asked for.
