@@ -71,7 +71,7 @@ use crate::backoff::Backoff;
 use crate::config::{Config, NoFingerprintPolicy};
 use crate::error::{ConfigError, StoreError};
 use crate::fingerprint::{self, Fingerprint, MessageIdOrBodyHash};
-use crate::store::{Claim, ClaimOutcome, Store, Token};
+use crate::store::{Claim, ClaimOutcome, Store, Token, machine};
 
 /// Claims messages before they are processed: the engine under both the
 /// tower layer and the guard API. Clones share the store and settings.
@@ -240,11 +240,8 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
         let mut poll = Duration::from_millis(20);
         loop {
             let started = std::time::Instant::now();
-            let outcome = self
-                .shared
-                .store
-                .claim(&key, token, &payload_hash, lease)
-                .await;
+            let outcome =
+                machine::claim(&self.shared.store, &key, token, &payload_hash, lease).await;
             crate::metrics::store_latency("claim", started);
             let outcome = outcome.inspect_err(|err| self.note_store_error("claim", err))?;
             self.note_store_ok();
@@ -556,7 +553,7 @@ impl<St: Store> ClaimGuard<St> {
         self.observe(
             "renew",
             started,
-            self.dedup.store().renew(claim, lease).await,
+            machine::renew(self.dedup.store(), claim, lease).await,
         )
     }
 
@@ -592,11 +589,9 @@ impl<St: Store> ClaimGuard<St> {
         let store = self.dedup.store();
         let result = match outbox {
             Some((key, entries)) => {
-                store
-                    .complete_with_outbox(claim, retention, key, entries)
-                    .await
+                machine::complete_with_outbox(store, claim, retention, key, entries).await
             }
-            None => store.complete(claim, retention).await,
+            None => machine::complete(store, claim, retention).await,
         };
         let result = self.observe("complete", started, result);
         if result.is_ok() {
@@ -616,7 +611,7 @@ impl<St: Store> ClaimGuard<St> {
         self.observe(
             "release",
             started,
-            self.dedup.store().release(&claim, retention).await,
+            machine::release(self.dedup.store(), &claim, retention).await,
         )
     }
 
@@ -635,7 +630,7 @@ impl<St: Store> ClaimGuard<St> {
             return Ok(false);
         };
         let started = std::time::Instant::now();
-        let result = self.dedup.store().discard(&claim).await;
+        let result = machine::discard(self.dedup.store(), &claim).await;
         self.observe("discard", started, result)
     }
 
@@ -687,7 +682,7 @@ impl<St: Store> Drop for ClaimGuard<St> {
         runtime.spawn(async move {
             let _pending = pending;
             let retention = dedup.config().done_ttl;
-            match dedup.store().release(&claim, retention).await {
+            match machine::release(dedup.store(), &claim, retention).await {
                 Ok(released) => {
                     tracing::debug!(key = claim.key(), released, "released an abandoned claim");
                 }

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use amqp_idempotency::Config;
-use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
 
 #[tokio::test]
 async fn a_store_built_from_a_cluster_config_writes_its_records_on_the_cluster() {
@@ -25,8 +25,7 @@ async fn a_store_built_from_a_cluster_config_writes_its_records_on_the_cluster()
         .await
         .expect("connect the store");
     let key = format!("idem:{}:fp", common::unique("connect-cluster"));
-    let claimed = store
-        .claim(&key, &Token::new(), "", Duration::from_secs(30))
+    let claimed = machine::claim(&store, &key, &Token::new(), "", Duration::from_secs(30))
         .await
         .expect("claim");
     assert!(matches!(claimed, ClaimOutcome::Acquired(_)), "{claimed:?}");

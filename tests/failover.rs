@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, serve};
 use common::{RedisProcess, SentinelGroup};
 use lapin::message::Delivery;
@@ -22,8 +22,7 @@ const RETENTION: Duration = Duration::from_secs(600);
 const PROMOTION: Duration = Duration::from_secs(60);
 
 async fn claim(store: &RedisStore, key: &str) -> amqp_idempotency::store::Claim {
-    match store
-        .claim(key, &Token::new(), "", LEASE)
+    match machine::claim(store, key, &Token::new(), "", LEASE)
         .await
         .expect("claim")
     {
@@ -66,7 +65,7 @@ async fn the_store_follows_the_master_that_sentinel_promotes() {
         .await
         .expect("connect through the sentinels");
     let before = claim(&store, "idem:failover:before").await;
-    assert!(store.complete(&before, RETENTION).await.unwrap());
+    assert!(machine::complete(&store, &before, RETENTION).await.unwrap());
 
     let old = group.master().port;
     group.master().kill();
@@ -76,8 +75,7 @@ async fn the_store_follows_the_master_that_sentinel_promotes() {
     // With no replica left, every request is held: nothing is confirmed
     // on one copy alone.
     let retried = Token::new();
-    let err = store
-        .claim("idem:failover:after", &retried, "", LEASE)
+    let err = machine::claim(&store, "idem:failover:after", &retried, "", LEASE)
         .await
         .expect_err("no replica confirms the claim");
     assert!(err.is_unavailable(), "{err}");
@@ -97,7 +95,7 @@ async fn the_store_follows_the_master_that_sentinel_promotes() {
     // The replica confirmed the done mark before the store answered, so
     // the promoted master has it.
     let token = Token::new();
-    let seen = until_ok(|| store.claim("idem:failover:before", &token, "", LEASE)).await;
+    let seen = until_ok(|| machine::claim(&store, "idem:failover:before", &token, "", LEASE)).await;
     assert_eq!(
         seen,
         ClaimOutcome::Done,
@@ -105,16 +103,13 @@ async fn the_store_follows_the_master_that_sentinel_promotes() {
     );
     // The consumer retries its unconfirmed claim with the same token.
     let after = until_ok(|| async {
-        match store
-            .claim("idem:failover:after", &retried, "", LEASE)
-            .await?
-        {
+        match machine::claim(&store, "idem:failover:after", &retried, "", LEASE).await? {
             ClaimOutcome::Acquired(claim) => Ok(claim),
             other => panic!("expected to acquire, got {other:?}"),
         }
     })
     .await;
-    assert!(store.complete(&after, RETENTION).await.unwrap());
+    assert!(machine::complete(&store, &after, RETENTION).await.unwrap());
 }
 
 #[tokio::test]
@@ -132,15 +127,14 @@ async fn min_replicas_holds_writes_that_no_replica_confirmed() {
     let store = RedisStore::connect(&config).await.expect("connect");
     let token = Token::new();
     let first = until_ok(|| async {
-        match store.claim("idem:wait:1", &token, "", LEASE).await? {
+        match machine::claim(&store, "idem:wait:1", &token, "", LEASE).await? {
             ClaimOutcome::Acquired(claim) => Ok(claim),
             other => panic!("expected to acquire, got {other:?}"),
         }
     })
     .await;
     replica.kill();
-    let err = store
-        .complete(&first, RETENTION)
+    let err = machine::complete(&store, &first, RETENTION)
         .await
         .expect_err("a done mark on the master alone is not confirmed");
     assert!(err.is_unavailable(), "held, not dead-lettered: {err}");
@@ -150,7 +144,7 @@ async fn min_replicas_holds_writes_that_no_replica_confirmed() {
     );
     replica.restart();
     // Once the replica is back, the retried completion is confirmed.
-    assert!(until_ok(|| store.complete(&first, RETENTION)).await);
+    assert!(until_ok(|| machine::complete(&store, &first, RETENTION)).await);
     let value = common::redis_cli_at(&replica.url(), &["GET", "idem:wait:1"]);
     assert!(
         value.trim().starts_with('-'),
@@ -436,7 +430,7 @@ async fn the_operator_cli_reads_through_sentinel_before_and_after_a_failover() {
         .expect("connect through the sentinels");
     let key = "idem:cli:order-1";
     let done = claim(&store, key).await;
-    assert!(store.complete(&done, RETENTION).await.unwrap());
+    assert!(machine::complete(&store, &done, RETENTION).await.unwrap());
     let inspect = |url: String| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_amqp-idempotency"))
             .args(["inspect", key])
@@ -476,7 +470,7 @@ async fn a_retried_completion_on_a_new_connection_still_waits_for_the_replicas()
     let store = RedisStore::connect(&config).await.expect("connect");
     let token = Token::new();
     let claimed = until_ok(|| async {
-        match store.claim("idem:rewait:1", &token, "", LEASE).await? {
+        match machine::claim(&store, "idem:rewait:1", &token, "", LEASE).await? {
             ClaimOutcome::Acquired(claim) => Ok(claim),
             other => panic!("expected to acquire, got {other:?}"),
         }
@@ -485,21 +479,20 @@ async fn a_retried_completion_on_a_new_connection_still_waits_for_the_replicas()
     // The replica stays connected but acknowledges nothing: the done mark
     // reaches the master only.
     replica.pause();
-    let err = store
-        .complete(&claimed, RETENTION)
+    let err = machine::complete(&store, &claimed, RETENTION)
         .await
         .expect_err("not confirmed");
     assert!(err.is_unavailable(), "{err}");
     // The retry comes on a new connection (the old one dropped), which
     // has written nothing yet: WAIT there must still wait for the mark.
     let fresh = RedisStore::connect(&config).await.expect("connect again");
-    let retried = fresh.complete(&claimed, RETENTION).await;
+    let retried = machine::complete(&fresh, &claimed, RETENTION).await;
     assert!(
         matches!(&retried, Err(err) if err.is_unavailable()),
         "a mark that only the master holds is never reported confirmed: {retried:?}"
     );
     replica.resume();
-    assert!(until_ok(|| fresh.complete(&claimed, RETENTION)).await);
+    assert!(until_ok(|| machine::complete(&fresh, &claimed, RETENTION)).await);
 }
 
 /// A claim that reached the master but not the paused replica is answered
@@ -527,13 +520,13 @@ async fn a_claim_retried_after_a_replica_shortfall_finds_its_own_record() {
     // The replica is in sync before the fault.
     let token = Token::new();
     let synced = until_ok(|| async {
-        match store.claim("idem:own:sync", &token, "", LEASE).await? {
+        match machine::claim(&store, "idem:own:sync", &token, "", LEASE).await? {
             ClaimOutcome::Acquired(claim) => Ok(claim),
             other => panic!("expected to acquire, got {other:?}"),
         }
     })
     .await;
-    assert!(until_ok(|| store.complete(&synced, RETENTION)).await);
+    assert!(until_ok(|| machine::complete(&store, &synced, RETENTION)).await);
 
     let runs = Arc::new(AtomicUsize::new(0));
     let counted = runs.clone();

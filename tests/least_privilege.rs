@@ -9,7 +9,7 @@ mod common;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
 use common::{PrivateRedis, apply_acl, readme_acl_line};
 
 const BIN: &str = env!("CARGO_BIN_EXE_amqp-idempotency");
@@ -40,16 +40,15 @@ async fn done_record(redis: &PrivateRedis, key: &str) {
     let store = RedisStore::connect_url(&redis.url())
         .await
         .unwrap_or_else(|err| panic!("connect to the private redis-server: {err}"));
-    let ClaimOutcome::Acquired(claim) = store
-        .claim(key, &Token::new(), "h", Duration::from_secs(30))
-        .await
-        .expect("claim")
+    let ClaimOutcome::Acquired(claim) =
+        machine::claim(&store, key, &Token::new(), "h", Duration::from_secs(30))
+            .await
+            .expect("claim")
     else {
         panic!("a fresh key is ours");
     };
     assert!(
-        store
-            .complete(&claim, Duration::from_secs(600))
+        machine::complete(&store, &claim, Duration::from_secs(600))
             .await
             .expect("complete")
     );

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use amqp_idempotency::store::{ClaimOutcome, Expect, MemoryStore, Record, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, Expect, MemoryStore, Record, Store, Token, machine};
 
 const LEASE: Duration = Duration::from_millis(300);
 const RETENTION: Duration = Duration::from_secs(60);
@@ -23,7 +23,10 @@ fn key() -> String {
 }
 
 async fn acquire<S: Store>(store: &S, key: &str, token: &Token) -> amqp_idempotency::store::Claim {
-    match store.claim(key, token, H1, LEASE).await.expect("claim") {
+    match machine::claim(store, key, token, H1, LEASE)
+        .await
+        .expect("claim")
+    {
         ClaimOutcome::Acquired(claim) => claim,
         other => panic!("expected to acquire {key}, got {other:?}"),
     }
@@ -33,7 +36,9 @@ async fn first_claim_wins<S: Store>(store: S) {
     let key = key();
     let claim = acquire(&store, &key, &Token::new()).await;
     assert_eq!(claim.attempt(), 1);
-    let second = store.claim(&key, &Token::new(), H1, LEASE).await.unwrap();
+    let second = machine::claim(&store, &key, &Token::new(), H1, LEASE)
+        .await
+        .unwrap();
     assert!(
         matches!(second, ClaimOutcome::InProgress { remaining: Some(left) } if left <= LEASE),
         "{second:?}"
@@ -52,7 +57,7 @@ async fn retried_claim_with_our_token_is_acquired<S: Store>(store: S) {
 async fn complete_makes_duplicates_done<S: Store>(store: S) {
     let key = key();
     let claim = acquire(&store, &key, &Token::new()).await;
-    assert!(store.complete(&claim, RETENTION).await.unwrap());
+    assert!(machine::complete(&store, &claim, RETENTION).await.unwrap());
     let (value, ttl) = store.get(&key).await.unwrap().expect("a done record");
     assert_eq!(
         Record::parse(&value),
@@ -66,30 +71,32 @@ async fn complete_makes_duplicates_done<S: Store>(store: S) {
         ttl.expect("retention set") > LEASE,
         "retention replaces the lease"
     );
-    let dup = store.claim(&key, &Token::new(), H1, LEASE).await.unwrap();
+    let dup = machine::claim(&store, &key, &Token::new(), H1, LEASE)
+        .await
+        .unwrap();
     assert_eq!(dup, ClaimOutcome::Done);
 }
 
 async fn release_lets_the_next_attempt_claim<S: Store>(store: S) {
     let key = key();
     let claim = acquire(&store, &key, &Token::new()).await;
-    assert!(store.release(&claim, RETENTION).await.unwrap());
+    assert!(machine::release(&store, &claim, RETENTION).await.unwrap());
     let next = acquire(&store, &key, &Token::new()).await;
     assert_eq!(next.attempt(), 2, "the attempt count survives the release");
-    assert!(store.release(&next, RETENTION).await.unwrap());
+    assert!(machine::release(&store, &next, RETENTION).await.unwrap());
     assert_eq!(acquire(&store, &key, &Token::new()).await.attempt(), 3);
 }
 
 async fn discard_forgets_the_attempts<S: Store>(store: S) {
     let key = key();
     let claim = acquire(&store, &key, &Token::new()).await;
-    assert!(store.release(&claim, RETENTION).await.unwrap());
+    assert!(machine::release(&store, &claim, RETENTION).await.unwrap());
     let second = acquire(&store, &key, &Token::new()).await;
     assert_eq!(second.attempt(), 2);
-    assert!(store.discard(&second).await.unwrap());
+    assert!(machine::discard(&store, &second).await.unwrap());
     assert_eq!(store.get(&key).await.unwrap(), None);
     assert!(
-        !store.discard(&second).await.unwrap(),
+        !machine::discard(&store, &second).await.unwrap(),
         "only once, and only by the owner"
     );
     assert_eq!(acquire(&store, &key, &Token::new()).await.attempt(), 1);
@@ -102,9 +109,17 @@ async fn a_stranger_cannot_complete_release_or_renew<S: Store>(store: S) {
     // whose lease expired and was taken over holds.
     let other_store = MemoryStore::new();
     let stranger = acquire(&other_store, &key, &Token::new()).await;
-    assert!(!store.complete(&stranger, RETENTION).await.unwrap());
-    assert!(!store.release(&stranger, RETENTION).await.unwrap());
-    assert!(!store.renew(&stranger, LEASE).await.unwrap());
+    assert!(
+        !machine::complete(&store, &stranger, RETENTION)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !machine::release(&store, &stranger, RETENTION)
+            .await
+            .unwrap()
+    );
+    assert!(!machine::renew(&store, &stranger, LEASE).await.unwrap());
     let (value, _) = store.get(&key).await.unwrap().expect("record kept");
     assert_eq!(value, owner.value(), "the owner's record is untouched");
 }
@@ -116,8 +131,12 @@ async fn an_expired_lease_can_be_taken_over<S: Store>(store: S) {
     let heir = acquire(&store, &key, &Token::new()).await;
     assert_ne!(heir.token(), crashed.token());
     // The crashed consumer wakes up: it owns nothing any more.
-    assert!(!store.complete(&crashed, RETENTION).await.unwrap());
-    assert!(store.complete(&heir, RETENTION).await.unwrap());
+    assert!(
+        !machine::complete(&store, &crashed, RETENTION)
+            .await
+            .unwrap()
+    );
+    assert!(machine::complete(&store, &heir, RETENTION).await.unwrap());
 }
 
 async fn a_late_complete_after_another_consumer_finished_is_not_ours<S: Store>(store: S) {
@@ -125,9 +144,9 @@ async fn a_late_complete_after_another_consumer_finished_is_not_ours<S: Store>(s
     let paused = acquire(&store, &key, &Token::new()).await;
     tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
     let heir = acquire(&store, &key, &Token::new()).await;
-    assert!(store.complete(&heir, RETENTION).await.unwrap());
+    assert!(machine::complete(&store, &heir, RETENTION).await.unwrap());
     // The paused consumer wakes up: the key is done, but not by it.
-    assert!(!store.complete(&paused, RETENTION).await.unwrap());
+    assert!(!machine::complete(&store, &paused, RETENTION).await.unwrap());
     let (value, _) = store.get(&key).await.unwrap().unwrap();
     match Record::parse(&value) {
         Some(Record::Done { token, .. }) => {
@@ -145,9 +164,14 @@ async fn renew_extends_the_lease<S: Store>(store: S) {
     let claim = acquire(&store, &key, &Token::new()).await;
     for _ in 0..4 {
         tokio::time::sleep(LEASE / 2).await;
-        assert!(store.renew(&claim, LEASE).await.unwrap(), "still ours");
+        assert!(
+            machine::renew(&store, &claim, LEASE).await.unwrap(),
+            "still ours"
+        );
     }
-    let other = store.claim(&key, &Token::new(), H1, LEASE).await.unwrap();
+    let other = machine::claim(&store, &key, &Token::new(), H1, LEASE)
+        .await
+        .unwrap();
     assert!(
         matches!(other, ClaimOutcome::InProgress { .. }),
         "{other:?}"
@@ -157,24 +181,28 @@ async fn renew_extends_the_lease<S: Store>(store: S) {
 async fn retried_complete_and_release_are_harmless<S: Store>(store: S) {
     let key = key();
     let claim = acquire(&store, &key, &Token::new()).await;
-    assert!(store.complete(&claim, RETENTION).await.unwrap());
+    assert!(machine::complete(&store, &claim, RETENTION).await.unwrap());
     assert!(
-        store.complete(&claim, RETENTION).await.unwrap(),
+        machine::complete(&store, &claim, RETENTION).await.unwrap(),
         "a retry after a lost reply"
     );
     let key2 = format!("{key}2");
     let claim2 = acquire(&store, &key2, &Token::new()).await;
-    assert!(store.release(&claim2, RETENTION).await.unwrap());
-    assert!(store.release(&claim2, RETENTION).await.unwrap());
+    assert!(machine::release(&store, &claim2, RETENTION).await.unwrap());
+    assert!(machine::release(&store, &claim2, RETENTION).await.unwrap());
 }
 
 async fn a_different_payload_is_a_mismatch<S: Store>(store: S) {
     let key = key();
     let claim = acquire(&store, &key, &Token::new()).await;
-    let other = store.claim(&key, &Token::new(), H2, LEASE).await.unwrap();
+    let other = machine::claim(&store, &key, &Token::new(), H2, LEASE)
+        .await
+        .unwrap();
     assert_eq!(other, ClaimOutcome::PayloadMismatch { stored: H1.into() });
-    assert!(store.complete(&claim, RETENTION).await.unwrap());
-    let unchecked = store.claim(&key, &Token::new(), "", LEASE).await.unwrap();
+    assert!(machine::complete(&store, &claim, RETENTION).await.unwrap());
+    let unchecked = machine::claim(&store, &key, &Token::new(), "", LEASE)
+        .await
+        .unwrap();
     assert_eq!(
         unchecked,
         ClaimOutcome::Done,
@@ -191,7 +219,9 @@ async fn foreign_values_are_reported_not_overwritten<S: Store>(store: S) {
             .unwrap(),
         None
     );
-    let outcome = store.claim(&key, &Token::new(), H1, LEASE).await.unwrap();
+    let outcome = machine::claim(&store, &key, &Token::new(), H1, LEASE)
+        .await
+        .unwrap();
     assert_eq!(
         outcome,
         ClaimOutcome::Unrecognized {
@@ -209,7 +239,9 @@ async fn an_expired_lease_is_taken_over_as_the_next_attempt<S: Store>(store: S) 
     let key = key();
     let crashed = acquire(&store, &key, &Token::new()).await;
     assert!(!crashed.after_crash());
-    let early = store.claim(&key, &Token::new(), H1, LEASE).await.unwrap();
+    let early = machine::claim(&store, &key, &Token::new(), H1, LEASE)
+        .await
+        .unwrap();
     assert!(
         matches!(early, ClaimOutcome::InProgress { remaining: Some(left) } if left <= LEASE),
         "during the lease the record is in progress: {early:?}"
@@ -233,8 +265,10 @@ async fn complete_writes_the_mark_where_the_key_vanished<S: Store>(store: S) {
             .await
             .unwrap()
     );
-    assert!(store.complete(&claim, RETENTION).await.unwrap());
-    let dup = store.claim(&key, &Token::new(), H1, LEASE).await.unwrap();
+    assert!(machine::complete(&store, &claim, RETENTION).await.unwrap());
+    let dup = machine::claim(&store, &key, &Token::new(), H1, LEASE)
+        .await
+        .unwrap();
     assert_eq!(
         dup,
         ClaimOutcome::Done,
@@ -247,8 +281,8 @@ async fn complete_writes_the_mark_where_the_key_vanished<S: Store>(store: S) {
         .transition(&key, Expect::Value(claim.value()), None, Duration::ZERO)
         .await
         .unwrap();
-    assert!(!store.release(&claim, RETENTION).await.unwrap());
-    assert!(!store.renew(&claim, LEASE).await.unwrap());
+    assert!(!machine::release(&store, &claim, RETENTION).await.unwrap());
+    assert!(!machine::renew(&store, &claim, LEASE).await.unwrap());
 }
 
 async fn a_record_of_the_previous_format_expires_with_its_lease<S: Store>(store: S) {
@@ -269,7 +303,9 @@ async fn a_record_of_the_previous_format_expires_with_its_lease<S: Store>(store:
         .insert_or_get(&key, &old.encode(), LEASE)
         .await
         .unwrap();
-    let seen = store.claim(&key, &Token::new(), H1, LEASE).await.unwrap();
+    let seen = machine::claim(&store, &key, &Token::new(), H1, LEASE)
+        .await
+        .unwrap();
     assert!(
         matches!(seen, ClaimOutcome::InProgress { remaining: Some(left) } if left <= LEASE),
         "{seen:?}"
@@ -383,8 +419,7 @@ async fn an_outbox_commits_with_the_done_mark<S: Store>(store: S) {
     );
     let claim = acquire(&store, &key, &Token::new()).await;
     assert!(
-        store
-            .complete_with_outbox(&claim, RETENTION, &outbox, &entries())
+        machine::complete_with_outbox(&store, &claim, RETENTION, &outbox, &entries())
             .await
             .unwrap()
     );
@@ -394,7 +429,9 @@ async fn an_outbox_commits_with_the_done_mark<S: Store>(store: S) {
         "{value:?}"
     );
     assert_eq!(store.outbox(&outbox).await.unwrap(), entries());
-    let dup = store.claim(&key, &Token::new(), H1, LEASE).await.unwrap();
+    let dup = machine::claim(&store, &key, &Token::new(), H1, LEASE)
+        .await
+        .unwrap();
     assert_eq!(dup, ClaimOutcome::Done);
 }
 
@@ -403,8 +440,7 @@ async fn a_retried_commit_leaves_the_outbox_as_dispatch_left_it<S: Store>(store:
     let outbox = outbox_key(&key);
     let claim = acquire(&store, &key, &Token::new()).await;
     assert!(
-        store
-            .complete_with_outbox(&claim, RETENTION, &outbox, &entries())
+        machine::complete_with_outbox(&store, &claim, RETENTION, &outbox, &entries())
             .await
             .unwrap()
     );
@@ -414,8 +450,7 @@ async fn a_retried_commit_leaves_the_outbox_as_dispatch_left_it<S: Store>(store:
         .unwrap();
     // As after a lost reply: the same commit again.
     assert!(
-        store
-            .complete_with_outbox(&claim, RETENTION, &outbox, &entries())
+        machine::complete_with_outbox(&store, &claim, RETENTION, &outbox, &entries())
             .await
             .unwrap()
     );
@@ -443,8 +478,7 @@ async fn a_claim_taken_over_commits_no_outbox<S: Store>(store: S) {
     let second = acquire(&store, &key, &Token::new()).await;
     assert_eq!(second.attempt(), 2, "taken over");
     assert!(
-        !store
-            .complete_with_outbox(&first, RETENTION, &outbox, &entries())
+        !machine::complete_with_outbox(&store, &first, RETENTION, &outbox, &entries())
             .await
             .unwrap(),
         "not ours any more"
@@ -505,18 +539,20 @@ async fn redis_store_recovers_when_redis_forgets_its_scripts() {
         .expect("connect to the private redis");
     let key = key();
     let claim = acquire(&store, &key, &Token::new()).await;
-    assert!(store.renew(&claim, LEASE).await.unwrap());
+    assert!(machine::renew(&store, &claim, LEASE).await.unwrap());
     let status = std::process::Command::new("redis-cli")
         .args(["-p", &redis.port.to_string(), "SCRIPT", "FLUSH"])
         .status()
         .expect("run redis-cli");
     assert!(status.success());
     assert!(
-        store.complete(&claim, RETENTION).await.unwrap(),
+        machine::complete(&store, &claim, RETENTION).await.unwrap(),
         "reloaded and ran"
     );
     assert_eq!(
-        store.claim(&key, &Token::new(), H1, LEASE).await.unwrap(),
+        machine::claim(&store, &key, &Token::new(), H1, LEASE)
+            .await
+            .unwrap(),
         ClaimOutcome::Done
     );
 }
@@ -561,7 +597,7 @@ async fn redis_store_batched_transitions_answer_each_key_on_its_own() {
         } else {
             strangers[n].clone()
         };
-        async move { store.complete(&claim, RETENTION).await.unwrap() }
+        async move { machine::complete(&store, &claim, RETENTION).await.unwrap() }
     });
     let answers = futures_util::future::join_all(attempts).await;
     for (n, answer) in answers.iter().enumerate() {
@@ -644,7 +680,7 @@ async fn redis_store_answers_a_key_of_another_type_alone_and_as_permanent() {
     redis_cli(None, &["HSET", &middle, "f", "v"]);
     let answers = futures_util::future::join_all(claims.iter().map(|claim| {
         let store = store.clone();
-        async move { store.complete(claim, RETENTION).await }
+        async move { machine::complete(&store, claim, RETENTION).await }
     }))
     .await;
     assert!(matches!(answers[0], Ok(true)), "{:?}", answers[0]);
@@ -652,7 +688,7 @@ async fn redis_store_answers_a_key_of_another_type_alone_and_as_permanent() {
     let err = answers[1].as_ref().expect_err("the hash key fails alone");
     assert!(!err.is_unavailable(), "WRONGTYPE is not an outage: {err}");
     assert!(err.to_string().contains("WRONGTYPE"), "{err}");
-    let claim = store.claim(&middle, &Token::new(), H1, LEASE).await;
+    let claim = machine::claim(&store, &middle, &Token::new(), H1, LEASE).await;
     assert!(
         matches!(&claim, Err(err) if !err.is_unavailable()),
         "{claim:?}"
@@ -671,8 +707,7 @@ async fn redis_store_treats_a_full_redis_as_unavailable() {
         &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
     );
     redis_cli(Some(redis.port), &["CONFIG", "SET", "maxmemory", "1"]);
-    let err = store
-        .claim(&key(), &Token::new(), H1, LEASE)
+    let err = machine::claim(&store, &key(), &Token::new(), H1, LEASE)
         .await
         .expect_err("a full Redis refuses writes");
     assert!(
@@ -699,10 +734,10 @@ async fn redis_7_uses_the_scripts_and_valkey_8_1_compares_natively() {
     };
     let before = evalsha_calls();
     let claim = acquire(&valkey, &key(), &Token::new()).await;
-    assert!(valkey.renew(&claim, LEASE).await.unwrap());
-    assert!(valkey.complete(&claim, RETENTION).await.unwrap());
+    assert!(machine::renew(&valkey, &claim, LEASE).await.unwrap());
+    assert!(machine::complete(&valkey, &claim, RETENTION).await.unwrap());
     let other = acquire(&valkey, &key(), &Token::new()).await;
-    assert!(valkey.release(&other, RETENTION).await.unwrap());
+    assert!(machine::release(&valkey, &other, RETENTION).await.unwrap());
     assert_eq!(evalsha_calls(), before, "no script ran on the native path");
 }
 
@@ -734,8 +769,7 @@ async fn a_done_mark_takes_at_most_150_bytes_of_redis_memory() {
                 );
                 let claim = acquire(&store, &key, &Token::new()).await;
                 assert!(
-                    store
-                        .complete(&claim, Duration::from_secs(86_400))
+                    machine::complete(&store, &claim, Duration::from_secs(86_400))
                         .await
                         .unwrap()
                 );

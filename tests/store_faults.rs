@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token, machine};
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, OutcomeKind};
 use common::{PrivateRedis, redis_cli};
 use lapin::BasicProperties;
@@ -35,7 +35,7 @@ async fn connect(redis: &PrivateRedis) -> RedisStore {
 async fn claim_when_back(store: &RedisStore, key: &str) -> ClaimOutcome {
     let mut last = None;
     for _ in 0..40 {
-        match store.claim(key, &Token::new(), "", LEASE).await {
+        match machine::claim(store, key, &Token::new(), "", LEASE).await {
             Ok(outcome) => return outcome,
             Err(err) => last = Some(err),
         }
@@ -59,8 +59,7 @@ async fn a_refused_password_pauses_and_the_store_recovers_by_itself() {
         Some("s3cret"),
         &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
     );
-    let err = store
-        .claim("idem:q:a", &Token::new(), "", LEASE)
+    let err = machine::claim(&store, "idem:q:a", &Token::new(), "", LEASE)
         .await
         .expect_err("the reconnect cannot authenticate");
     assert!(
@@ -97,8 +96,7 @@ async fn a_missing_acl_permission_pauses_and_names_the_permission() {
     let store = RedisStore::connect_url(&url)
         .await
         .expect("connect as limited");
-    let err = store
-        .claim("idem:q:a", &Token::new(), "", LEASE)
+    let err = machine::claim(&store, "idem:q:a", &Token::new(), "", LEASE)
         .await
         .expect_err("SET is not allowed");
     assert!(err.is_unavailable(), "NOPERM pauses: {err}");
@@ -136,8 +134,7 @@ async fn held_while_writes_are_refused(fault: &[&[&str]], fix: &[&[&str]]) {
     let refused = common::eventually(Duration::from_secs(10), || {
         let store = store.clone();
         async move {
-            store
-                .claim("idem:q:probe-refused", &Token::new(), "", LEASE)
+            machine::claim(&store, "idem:q:probe-refused", &Token::new(), "", LEASE)
                 .await
                 .is_err()
         }
@@ -211,8 +208,7 @@ async fn a_password_flip_holds_the_delivery_until_the_password_is_right() {
     let refused = common::eventually(Duration::from_secs(10), || {
         let store = store.clone();
         async move {
-            store
-                .claim("idem:q:probe-refused", &Token::new(), "", LEASE)
+            machine::claim(&store, "idem:q:probe-refused", &Token::new(), "", LEASE)
                 .await
                 .is_err()
         }
@@ -240,10 +236,12 @@ async fn a_password_flip_holds_the_delivery_until_the_password_is_right() {
 async fn every_request(store: &RedisStore) -> Result<(), amqp_idempotency::StoreError> {
     use amqp_idempotency::store::Expect;
     let key = format!("idem:q:{}", common::unique("acl"));
-    let ClaimOutcome::Acquired(claim) = store.claim(&key, &Token::new(), "h", LEASE).await? else {
+    let ClaimOutcome::Acquired(claim) =
+        machine::claim(store, &key, &Token::new(), "h", LEASE).await?
+    else {
         panic!("a fresh key is ours");
     };
-    store.renew(&claim, LEASE).await?;
+    machine::renew(store, &claim, LEASE).await?;
     store.get(&key).await?;
     store
         .transition(
@@ -256,7 +254,7 @@ async fn every_request(store: &RedisStore) -> Result<(), amqp_idempotency::Store
             LEASE,
         )
         .await?;
-    store.discard(&claim).await?;
+    machine::discard(store, &claim).await?;
     store.probe("idem:q:\0probe").await?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, amqp, serve};
 use common::{Pki, Stunnel, TlsRedis};
 use lapin::ConnectionProperties;
@@ -39,16 +39,18 @@ fn path(p: std::path::PathBuf) -> String {
 /// Claim, complete, and a duplicate seen as done: the store works.
 async fn claim_complete_duplicate(store: &RedisStore) {
     let key = format!("idem:{}:order-1", common::unique("tls"));
-    let ClaimOutcome::Acquired(claim) = store
-        .claim(&key, &Token::new(), "h", LEASE)
+    let ClaimOutcome::Acquired(claim) = machine::claim(store, &key, &Token::new(), "h", LEASE)
         .await
         .expect("claim over TLS")
     else {
         panic!("a fresh key is ours");
     };
-    assert!(store.complete(&claim, RETENTION).await.expect("complete"));
-    let duplicate = store
-        .claim(&key, &Token::new(), "h", LEASE)
+    assert!(
+        machine::complete(store, &claim, RETENTION)
+            .await
+            .expect("complete")
+    );
+    let duplicate = machine::claim(store, &key, &Token::new(), "h", LEASE)
         .await
         .expect("claim the duplicate");
     assert_eq!(duplicate, ClaimOutcome::Done, "the duplicate is recognised");
@@ -188,8 +190,7 @@ async fn a_redis_that_requires_client_certificates_accepts_ours_and_refuses_none
         Err(err) => err,
         // TLS 1.3: the server may only refuse after the handshake, on the
         // first request.
-        Ok(store) => store
-            .claim("idem:q:no-cert", &Token::new(), "h", LEASE)
+        Ok(store) => machine::claim(&store, "idem:q:no-cert", &Token::new(), "h", LEASE)
             .await
             .expect_err("a connection without a client certificate is refused"),
     };

@@ -2,7 +2,7 @@
 //! measured once per run on the store the run uses.
 //!
 //! 50,000 records go through the library's public API, as the layer writes
-//! them: [`Store::claim`] then [`Store::complete`] with the default lease
+//! them: [`machine::claim`] then [`machine::complete`] with the default lease
 //! and retention, under the default key prefix `idem`, a 6-character scope
 //! (`bench1`) and 16-character message ids, i.e. the keys
 //! [`record_key`]`("idem", "bench1", id)`, each with a payload hash as long
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use amqp_idempotency::Config;
 use amqp_idempotency::fingerprint::record_key;
-use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
 use futures_util::StreamExt;
 
 use crate::servers::Servers;
@@ -63,9 +63,9 @@ pub async fn bytes_per_done_record(
             async move {
                 // As long as the layer's payload hash (128 bits in hex).
                 let payload_hash = format!("{base:016x}{i:016x}");
-                match store.claim(key, &Token::new(), &payload_hash, lease).await {
+                match machine::claim(store, key, &Token::new(), &payload_hash, lease).await {
                     Ok(ClaimOutcome::Acquired(claim)) => {
-                        if !store.complete(&claim, RETENTION).await? {
+                        if !machine::complete(store, &claim, RETENTION).await? {
                             unexpected.fetch_add(1, Ordering::Relaxed);
                         }
                     }

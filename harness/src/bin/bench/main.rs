@@ -82,7 +82,7 @@
 //!   `redis_server_cpu_us_per_msg` and `broker_cpu_us_per_msg`;
 //! - `bytes_per_done_record`: `INFO memory` `used_memory` growth (summed
 //!   over the masters of a cluster) over 50,000 done records written
-//!   through `RedisStore` (`Store::claim` then `Store::complete`, default
+//!   through `RedisStore` (`machine::claim` then `machine::complete`, default
 //!   lease and retention, keys `idem:bench1:<16 hex digits>`, deleted
 //!   afterwards), measured once per run before the rounds; `null`, with the
 //!   reason on stderr, when it cannot be measured. Other clients of the

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
 use amqp_idempotency::{Config, redact_url};
 use futures_util::StreamExt;
 use harness::CONNECT_TIMEOUT;
@@ -293,7 +293,7 @@ pub async fn check_store_on_cluster(
 ) -> Result<(), String> {
     let key = format!("{base}-cluster-check");
     let lease = Config::default().lease();
-    match store.claim(&key, &Token::new(), "", lease).await {
+    match machine::claim(store, &key, &Token::new(), "", lease).await {
         Ok(ClaimOutcome::Acquired(_)) => {}
         Ok(other) => {
             return Err(format!(

@@ -33,12 +33,9 @@ use crate::variants::consume;
 /// outbox) and delegates them.
 ///
 /// `claim`/`renew`/`complete`/`release` (and `complete_with_outbox`) are
-/// provided methods of [`Store`] built on the primitives, and `RedisStore`
-/// does one round trip per primitive, so the count is the number of Redis
-/// round trips. If the
-/// library ever overrides a provided method in `RedisStore` (a pipelined
-/// claim, say), this wrapper must delegate that method too, or the benchmark
-/// would measure the provided fallback instead of the override.
+/// the free functions of `store::machine`, built on these primitives (no
+/// store can override them), and `RedisStore` does one request per
+/// primitive, so the count is the number of Redis requests.
 struct CountingStore<S> {
     inner: S,
     stats: Arc<RunStats>,

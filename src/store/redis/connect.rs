@@ -1,0 +1,260 @@
+//! Connecting: [`RedisStore::connect`] and its shorter forms, and the one
+//! place a `redis::Client` is built from a URL and TLS files.
+//!
+//! ```no_run
+//! use amqp_idempotency::{Config, store::RedisStore};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = RedisStore::connect(&Config::from_env()?).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::sync::Arc;
+
+use redis::RedisError;
+use tokio::sync::mpsc;
+
+use super::link::{Link, Source, send_batch};
+use super::native::Cas;
+use super::replication::Replication;
+use super::{MAX_BATCH, MAX_IN_FLIGHT, RedisStore, Stats};
+use crate::batch::send_in_batches;
+use crate::config::{Config, RedisDeployment, SentinelUrl, is_sentinel_url};
+use crate::error::{StoreError, redact_url};
+use crate::tls::{self, Side, TlsFiles};
+
+impl RedisStore {
+    /// Connects to the Redis that `config` names, with all of its Redis
+    /// settings: a Redis Cluster when it has seed nodes
+    /// ([`Config::redis_cluster`], `REDIS_CLUSTER_NODES`), else its URL
+    /// ([`Config::redis_url`], `REDIS_URL`: a standalone server, or the
+    /// master Sentinel names for `redis-sentinel://`); for `rediss://`, its
+    /// TLS files ([`Config::redis_tls`]: `REDIS_TLS_CA_FILE`,
+    /// `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE`); and the replicas each
+    /// write must reach ([`Config::min_replicas`], `IDEMPOTENCY_MIN_REPLICAS`).
+    ///
+    /// ```no_run
+    /// use amqp_idempotency::{Config, store::RedisStore};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::connect(&Config::from_env()?).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Fails when a URL is malformed, Redis does not answer or refuses the
+    /// credentials, a TLS file is unreadable, or the server's certificate is
+    /// not trusted or not valid for its host name; the error names the URL
+    /// (password hidden) and the variable to set. Once connected, a failed
+    /// connection is replaced on the next request, and requests in between
+    /// fail as unavailable. The TLS files are read again for each new
+    /// connection.
+    pub async fn connect(config: &Config) -> Result<Self, StoreError> {
+        let replication = Replication::of(config);
+        let url = match config.redis() {
+            RedisDeployment::Cluster(nodes) => {
+                return Self::cluster(nodes, config.redis_tls(), replication).await;
+            }
+            RedisDeployment::Standalone(url) | RedisDeployment::Sentinel(url) => url,
+        };
+        let shown = redact_url(url);
+        if is_sentinel_url(url) {
+            let mut sentinel = SentinelUrl::parse(url)
+                .map_err(|message| StoreError::new("connect", "", false, message))?;
+            sentinel.tls_files = config.redis_tls().clone();
+            let cas = Cas::new();
+            let link = Link::new(
+                Source::Sentinel(sentinel),
+                shown,
+                Arc::clone(&cas),
+                replication,
+            );
+            link.get()
+                .await
+                .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
+            return Ok(Self::start(link, cas));
+        }
+        let source = match client_for(url, config.redis_tls()) {
+            Ok(_) if Side::Redis.is_tls_url(url) => Source::Config {
+                url: url.to_owned(),
+                tls: config.redis_tls().clone(),
+                host: host_of(url),
+            },
+            Ok(client) => Source::Fixed(client),
+            Err(err) => return Err(StoreError::new("connect", "", false, err)),
+        };
+        let cas = Cas::new();
+        let link = Link::new(source, shown.clone(), Arc::clone(&cas), replication);
+        link.get()
+            .await
+            .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
+        Ok(Self::start(link, cas))
+    }
+
+    /// Connects to the Redis at `url` and nothing else: `redis://host:port/db`
+    /// (`redis://user:password@host:port/db` for an ACL user), `rediss://`
+    /// verified against the platform's trusted roots, or
+    /// `redis-sentinel://host:port,...#master`. Every other setting is
+    /// ignored: no cluster, no TLS files, no replicas to wait for. To
+    /// connect as a [`Config`] says (`REDIS_CLUSTER_NODES`, `REDIS_TLS_*`,
+    /// `IDEMPOTENCY_MIN_REPLICAS`), use [`connect`](Self::connect).
+    ///
+    /// Fails like [`connect`](Self::connect).
+    pub async fn connect_url(url: &str) -> Result<Self, StoreError> {
+        Self::connect(&Config::default().redis_url(url)).await
+    }
+
+    /// Connects to the Redis Cluster (or cluster-mode Valkey) that `nodes`
+    /// belong to: `redis://` or `rediss://` URLs of some of its nodes, from
+    /// which the client learns the rest; credentials in the first URL apply
+    /// to every node, and `tls` as for [`connect`](Self::connect). Waits
+    /// for no replica: [`connect`](Self::connect) with
+    /// [`Config::redis_cluster`] takes every setting.
+    ///
+    /// Fails when a URL is malformed, no node answers, or the cluster is
+    /// not ready; the error names the nodes (passwords hidden).
+    pub async fn connect_cluster(nodes: &[String], tls: &TlsFiles) -> Result<Self, StoreError> {
+        Self::cluster(nodes, tls, Replication::default()).await
+    }
+
+    /// A store on `client` that connects on its first request. Must be
+    /// called within a Tokio runtime: it starts the writer task. Like
+    /// [`connect_url`](Self::connect_url), it takes no other setting (no
+    /// replicas to wait for); [`connect`](Self::connect) takes a `Config`.
+    pub fn from_client(client: redis::Client) -> Self {
+        let shown = format!("redis at {}", client.get_connection_info().addr());
+        let cas = Cas::new();
+        Self::start(
+            Link::new(
+                Source::Fixed(client),
+                shown,
+                Arc::clone(&cas),
+                Replication::default(),
+            ),
+            cas,
+        )
+    }
+
+    pub(super) fn start(link: Link, cas: Arc<Cas>) -> Self {
+        let stats = Arc::new(Stats::default());
+        let (requests, queue) = mpsc::unbounded_channel();
+        let (writer, counted) = (Arc::new(link), Arc::clone(&stats));
+        tokio::spawn(send_in_batches(
+            queue,
+            MAX_BATCH,
+            MAX_IN_FLIGHT,
+            move |batch| send_batch(Arc::clone(&writer), batch, Arc::clone(&counted)),
+        ));
+        Self {
+            requests,
+            cluster: false,
+            stats,
+            cas,
+        }
+    }
+}
+
+/// A client for `config`'s standalone Redis, with TLS for `rediss://` as
+/// [`Config::redis_tls`] says: for code of your own that talks to the same
+/// Redis (a maintenance job, a test).
+///
+/// ```no_run
+/// use amqp_idempotency::{Config, store::redis_client};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = redis_client(&Config::from_env()?)?;
+/// let mut connection = client.get_connection()?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// A malformed URL, TLS files with a `redis://` URL, or an unreadable or
+/// malformed TLS file; the message names the URL (password hidden) or the
+/// variable and path. A `Config` that names a Redis Cluster or Sentinel
+/// is refused too: a `redis::Client` talks to one server, and that is not
+/// one (for Sentinel, ask [`sentinel_master_url`](super::sentinel_master_url) for the master's URL).
+pub fn redis_client(config: &Config) -> Result<redis::Client, StoreError> {
+    let url = match config.redis() {
+        RedisDeployment::Standalone(url) => url,
+        deployment @ RedisDeployment::Cluster(_) => {
+            return Err(StoreError::new(
+                "connect",
+                "",
+                false,
+                format!(
+                    "{deployment} is named (REDIS_CLUSTER_NODES), and a redis::Client talks to \
+                     one server: use redis::cluster::ClusterClient with these nodes, or \
+                     RedisStore::connect(&config)"
+                ),
+            ));
+        }
+        deployment @ RedisDeployment::Sentinel(_) => {
+            return Err(StoreError::new(
+                "connect",
+                "",
+                false,
+                format!(
+                    "{deployment} is named (REDIS_URL), which is not a server's URL: ask the \
+                     sentinels for the master's with store::sentinel_master_url, or use \
+                     RedisStore::connect(&config)"
+                ),
+            ));
+        }
+    };
+    client_for(url, config.redis_tls())
+        .map_err(|message| StoreError::new("connect", "", false, message))
+}
+
+/// The client for `url` with `files`, or a message saying what is wrong.
+pub(super) fn client_for(url: &str, files: &TlsFiles) -> Result<redis::Client, String> {
+    let shown = redact_url(url);
+    let invalid = |err: RedisError| {
+        format!(
+            "`{shown}` is not a valid Redis URL ({err}); expected redis://[user:password@]host:port/db, \
+             or rediss://... for TLS; set REDIS_URL"
+        )
+    };
+    if !Side::Redis.is_tls_url(url) {
+        if let Some((var, path)) = files.first_set(Side::Redis) {
+            return Err(format!(
+                "{var}={} is set but REDIS_URL `{shown}` has no TLS: use rediss:// (or unset {var})",
+                path.display()
+            ));
+        }
+        return redis::Client::open(url).map_err(invalid);
+    }
+    match tls_certificates(files)? {
+        Some(certificates) => redis::Client::build_with_tls(url, certificates).map_err(invalid),
+        None => redis::Client::open(url).map_err(invalid),
+    }
+}
+
+/// The TLS material of a `rediss://` connection, standalone or cluster:
+/// the CA and client identity from `files`, read now (so a renewed
+/// certificate is used from the next connection on); `None` when no file
+/// is set and the platform's trusted roots apply. Installs the process's
+/// TLS provider first, which every TLS client needs.
+pub(super) fn tls_certificates(files: &TlsFiles) -> Result<Option<redis::TlsCertificates>, String> {
+    tls::ensure_process_provider();
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let material = files.load(Side::Redis).map_err(|err| err.to_string())?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: material.identity.map(|identity| redis::ClientTlsConfig {
+            client_cert: identity.cert_pem,
+            client_key: identity.key_pem,
+        }),
+        root_cert: material.ca_pem,
+    }))
+}
+
+/// The host of `url`, for error messages about its certificate.
+pub(super) fn host_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_owned))
+        .unwrap_or_default()
+}
