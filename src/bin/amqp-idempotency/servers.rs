@@ -337,3 +337,52 @@ pub(crate) fn redis_failure(shown: &str, err: &RedisError) -> Failure {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_master_url_keeps_the_seeds_scheme_credentials_and_database() {
+        let seed = "rediss://user:pw@node-a:7000/0";
+        assert_eq!(
+            at_address(seed, "10.0.0.2", 7001),
+            "rediss://user:pw@10.0.0.2:7001/0"
+        );
+        assert_eq!(
+            at_address("redis://127.0.0.1:7000", "::1", 7002),
+            "redis://[::1]:7002"
+        );
+        // A node that does not know its address: the seed's host.
+        assert_eq!(
+            at_address("redis://:pw@[::1]:7000", "", 7003),
+            "redis://:pw@[::1]:7003"
+        );
+    }
+
+    #[test]
+    fn cluster_slots_give_each_master_once_with_all_its_ranges() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let range = |from: i64, to: i64, master: Value| {
+            Value::Array(vec![Value::Int(from), Value::Int(to), master])
+        };
+        let slots = Value::Array(vec![
+            range(0, 5460, node("127.0.0.1", 7000)),
+            range(5461, 10922, node("127.0.0.1", 7001)),
+            range(10923, 16383, node("127.0.0.1", 7000)),
+        ]);
+        let masters = masters_of(&slots, "redis://127.0.0.1:7000")
+            .unwrap_or_else(|err| panic!("a well-formed reply: {err}"));
+        assert_eq!(masters.len(), 2);
+        assert_eq!(masters[0].url, "redis://127.0.0.1:7000");
+        assert_eq!(masters[0].slots, [(0, 5460), (10923, 16383)]);
+        assert_eq!(masters[1].url, "redis://127.0.0.1:7001");
+        assert!(masters_of(&Value::Nil, "redis://127.0.0.1:7000").is_err());
+    }
+}
