@@ -85,6 +85,8 @@ fn check(lines: &[Value], published: u64, unique: u64) -> (Vec<String>, Value) {
         "bytes_per_done_record",
         "outbox_msgs_per_s",
         "outbox_redis_roundtrips_per_msg",
+        "raw_consumer_cpu_us_per_msg",
+        "redis_floor_cpu_us_per_msg",
     ] {
         assert!(summary.get(key).is_some(), "`{key}` missing in {summary}");
     }
@@ -118,8 +120,24 @@ fn quick_run_counts_every_message_once() {
     let (names, summary) = check(&lines, 1000, 1000);
     assert_eq!(
         names,
-        ["raw_single", "raw_multi", "naive", "ours", "ours_outbox"]
+        [
+            "raw_single",
+            "raw_multi",
+            "naive",
+            "redis_floor",
+            "ours",
+            "ours_outbox"
+        ]
     );
+    // The consumer CPU of raw multiple-ack and the Redis CPU of the floor
+    // variant, both measured in this run: a real count of CPU time, so
+    // above zero (1000 messages cost well over a clock tick).
+    for key in ["raw_consumer_cpu_us_per_msg", "redis_floor_cpu_us_per_msg"] {
+        let value = summary[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("`{key}` is not a number in {summary}"));
+        assert!(value > 0.0, "`{key}` is not positive in {summary}");
+    }
     for key in [
         "raw_msgs_per_s",
         "ours_msgs_per_s",
@@ -140,8 +158,13 @@ fn quick_run_with_duplicates_suppresses_them() {
         "--duplicates",
         "0.1",
         "--variants",
-        "naive,ours,ours_outbox",
+        "naive,redis_floor,ours,ours_outbox",
     ]);
-    let (names, _) = check(&lines, 1000, 900);
-    assert_eq!(names, ["naive", "ours", "ours_outbox"]);
+    let (names, summary) = check(&lines, 1000, 900);
+    assert_eq!(names, ["naive", "redis_floor", "ours", "ours_outbox"]);
+    // raw_multi did not run: its figure is there, and null.
+    assert!(
+        summary["raw_consumer_cpu_us_per_msg"].is_null(),
+        "{summary}"
+    );
 }

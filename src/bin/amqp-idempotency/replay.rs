@@ -5,17 +5,18 @@
 
 use std::time::Duration;
 
-use amqp_idempotency::redact_url;
+use amqp_idempotency::{Config, redact_url};
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Confirmation, Connection, ConnectionProperties};
+use lapin::{Confirmation, ConnectionProperties};
 
 use crate::Failure;
 
 /// What `replay` was asked to do.
 #[derive(Debug)]
 pub(crate) struct Replay {
-    pub(crate) amqp_url: String,
+    /// The broker (`AMQP_URL`, `AMQP_TLS_*`, or `--amqp-url`).
+    pub(crate) config: Config,
     /// The parking queue to read.
     pub(crate) from: String,
     /// Overrides the queue named in each message's `x-idempotency-queue`.
@@ -56,7 +57,7 @@ pub(crate) fn run(replay: &Replay) -> Result<Done, Failure> {
 fn amqp_failure(replay: &Replay, what: &str, err: impl std::fmt::Display) -> Failure {
     Failure::Amqp(format!(
         "{what} on RabbitMQ at {}: {err}",
-        redact_url(&replay.amqp_url)
+        redact_url(replay.config.amqp())
     ))
 }
 
@@ -84,7 +85,7 @@ async fn replay_async(replay: &Replay) -> Result<Done, Failure> {
     let connection = within(
         replay,
         "cannot connect",
-        Connection::connect(&replay.amqp_url, ConnectionProperties::default()),
+        amqp_idempotency::amqp::connect(&replay.config, ConnectionProperties::default()),
     )
     .await?;
     let channel = within(replay, "cannot open a channel", connection.create_channel()).await?;

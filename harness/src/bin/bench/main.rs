@@ -12,6 +12,12 @@
 //! - `naive`: the obvious implementation: a deadpool-redis pool, one
 //!   connection checked out per command, `SET key 1 NX EX 86400` to claim,
 //!   then `SET key done EX 86400` to mark done, one ack per message;
+//! - `redis_floor`: the Redis CPU any claim-then-mark design pays: per
+//!   message `SET key p NX PX 30000` before the handler and
+//!   `SET key d PX 86400000` after it, with no other logic (a key that
+//!   exists is a duplicate), the requests that wait together sent as one
+//!   pipeline with the store's limits (512 a pipeline, 4 under way), and the
+//!   deliveries acked like `raw_multi`;
 //! - `ours`: the crate's [`serve`] runner + [`IdempotencyLayer`] on a
 //!   [`RedisStore`], default [`Config`] apart from the prefetch and a key
 //!   prefix unique to the run;
@@ -78,6 +84,12 @@
 //! - `pinned`: whether `--pin-redis` pinned the processes;
 //! - `consumer_overhead_us_per_msg`: median `consumer_cpu_us_per_msg` of
 //!   `ours` minus that of `raw_multi`, in the same run (`null` unless both ran);
+//! - `raw_consumer_cpu_us_per_msg`: `raw_multi`'s median
+//!   `consumer_cpu_us_per_msg`, the base of that overhead (`null` when it
+//!   did not run);
+//! - `redis_floor_cpu_us_per_msg`: `redis_floor`'s median
+//!   `redis_server_cpu_us_per_msg`, to hold `redis_cpu_us_per_msg` against
+//!   (`null` when it did not run);
 //! - `redis_cpu_us_per_msg`, `broker_cpu_us_per_msg`: `ours`' medians of
 //!   `redis_server_cpu_us_per_msg` and `broker_cpu_us_per_msg`;
 //! - `bytes_per_done_record`: `INFO memory` `used_memory` growth (summed
@@ -87,7 +99,8 @@
 //!   afterwards), measured once per run before the rounds; `null`, with the
 //!   reason on stderr, when it cannot be measured. Other clients of the
 //!   same Redis make it noisy;
-//! - `skipped`: variants asked for but not run (`naive` on a cluster);
+//! - `skipped`: variants asked for but not run (`naive` and `redis_floor`
+//!   on a cluster);
 //! - `outbox_msgs_per_s`, `outbox_redis_roundtrips_per_msg`: `ours_outbox`'s
 //!   medians of `msgs_per_s` and `redis_roundtrips_per_msg` (pipelines, from
 //!   `RedisStore::round_trips`, as for `ours`), `null` when it did not run.
@@ -115,7 +128,7 @@
 //! Options: `--messages N` (100000), `--payload BYTES` (64), `--prefetch P`
 //! (256), `--duplicates F` (fraction of the messages that re-publish an
 //! earlier message id with the same body, 0), `--handler-delay-ms D` (0),
-//! `--rounds R` (3), `--variants raw,naive,ours,ours_outbox` (all; `raw_single` and
+//! `--rounds R` (3), `--variants raw,naive,redis_floor,ours,ours_outbox` (all; `raw_single` and
 //! `raw_multi` select one raw sub-variant; `ours_mem`, never run by default,
 //! is ours over a plain in-process map instead of Redis: what the runner and
 //! layer cost by themselves), `--open-loop-rate MSGS_PER_S`
@@ -130,14 +143,15 @@
 //! (comma-separated `redis://` URLs of the cluster's nodes) set, `ours`'
 //! store is built from `Config::from_env()` and must write to that cluster
 //! (checked with one record first), the `INFO` counters are read on those
-//! nodes, and `naive`, which sends plain `SET`s to one server, is skipped.
+//! nodes, and `naive` and `redis_floor`, which send plain `SET`s to one
+//! server, are skipped.
 //!
 //! # Where things are
 //!
 //! - [`options`]: the command line;
 //! - [`plan`]: the message ids to publish and their bodies;
 //! - [`publish`]: pre-filling a queue, or publishing in open loop;
-//! - [`variants`]: the consumers under test (`raw`, `naive`, `ours`, `ours_outbox`);
+//! - [`variants`]: the consumers under test (`raw`, `naive`, `redis_floor`, `ours`, `ours_outbox`);
 //! - [`stats`]: what a drain counts, and when it is done;
 //! - [`meter`]: wall clock and CPU (this process, Redis, the broker);
 //! - [`servers`]: the Redis server(s) of the store: `INFO`, their processes, clean-up;
@@ -169,14 +183,14 @@ use crate::options::parse_args;
 use crate::run::{INTERRUPTED, run};
 
 const USAGE: &str = "usage: bench [--messages N] [--payload BYTES] [--prefetch P] [--duplicates F]
-             [--handler-delay-ms D] [--rounds R] [--variants raw,naive,ours,ours_outbox]
+             [--handler-delay-ms D] [--rounds R] [--variants raw,naive,redis_floor,ours,ours_outbox]
              [--open-loop-rate MSGS_PER_S] [--runtime current|multi] [--pin-redis] [--quick]
 --runtime: the tokio runtime every variant runs on (default current: one thread,
            fewer wakeups, the faster choice on a small machine)
 --pin-redis: Redis on CPU 1, the RabbitMQ node and the benchmark on CPU 0 (taskset;
            needs 2 CPUs and a local Redis; the affinities are restored at the end)
 env: AMQP_URL (amqp://guest:guest@127.0.0.1:5672/%2f), REDIS_URL (redis://127.0.0.1:6379),
-     REDIS_CLUSTER_NODES (redis://host:port,...: the store is that cluster; naive is skipped)";
+     REDIS_CLUSTER_NODES (redis://host:port,...: the store is that cluster; naive and redis_floor are skipped)";
 
 fn main() -> ExitCode {
     let options = match parse_args(std::env::args().skip(1)) {

@@ -38,6 +38,7 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
         Variant::RawSingle,
         Variant::RawMulti,
         Variant::Naive,
+        Variant::RedisFloor,
         Variant::Ours,
         Variant::OursOutbox,
     ];
@@ -112,12 +113,13 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
                         "raw_single" => &[Variant::RawSingle],
                         "raw_multi" => &[Variant::RawMulti],
                         "naive" => &[Variant::Naive],
+                        "redis_floor" => &[Variant::RedisFloor],
                         "ours" => &[Variant::Ours],
                         "ours_outbox" => &[Variant::OursOutbox],
                         "ours_mem" => &[Variant::OursMemory],
                         other => {
                             return Err(format!(
-                                "--variants: unknown variant `{other}` (expected raw, raw_single, raw_multi, naive, ours, ours_outbox, ours_mem)"
+                                "--variants: unknown variant `{other}` (expected raw, raw_single, raw_multi, naive, redis_floor, ours, ours_outbox, ours_mem)"
                             ));
                         }
                     };

@@ -44,7 +44,8 @@ pub struct RunFacts {
     /// Whether `--pin-redis` pinned the processes.
     pub pinned: bool,
     pub bytes_per_done_record: Option<f64>,
-    /// Variants asked for but not run (naive on a cluster), comma-separated.
+    /// Variants asked for but not run (naive and redis_floor on a
+    /// cluster), comma-separated.
     pub skipped: String,
     /// `IDEMPOTENCY_MIN_REPLICAS` of the store `ours` used.
     pub min_replicas: u32,
@@ -307,12 +308,20 @@ pub fn summary(options: &Options, rows: &[Row], facts: &RunFacts) -> String {
         ("min_replicas", Json::Int(u64::from(facts.min_replicas))),
         ("consumer_overhead_us_per_msg", Json::opt(overhead, 2)),
         (
+            "raw_consumer_cpu_us_per_msg",
+            Json::opt(med(Variant::RawMulti, consumer_cpu), 2),
+        ),
+        (
             "redis_cpu_us_per_msg",
             Json::opt(med(Variant::Ours, |r| r.redis_cpu_us_per_msg), 2),
         ),
         (
             "broker_cpu_us_per_msg",
             Json::opt(med(Variant::Ours, |r| r.broker_cpu_us_per_msg), 2),
+        ),
+        (
+            "redis_floor_cpu_us_per_msg",
+            Json::opt(med(Variant::RedisFloor, |r| r.redis_cpu_us_per_msg), 2),
         ),
         (
             "bytes_per_done_record",

@@ -363,12 +363,15 @@ pub async fn run(options: Options, stop: watch::Receiver<bool>) -> Result<bool, 
     let mut variants = options.variants.clone();
     let mut skipped = Vec::new();
     let pool = if redis.cluster {
-        if variants.contains(&Variant::Naive) {
-            eprintln!(
-                "bench: naive skipped: it sends plain SETs to one server, and REDIS_CLUSTER_NODES is set (its fields are null)"
-            );
-            variants.retain(|v| *v != Variant::Naive);
-            skipped.push(Variant::Naive.name());
+        for one_server in [Variant::Naive, Variant::RedisFloor] {
+            if variants.contains(&one_server) {
+                eprintln!(
+                    "bench: {} skipped: it sends plain SETs to one server, and REDIS_CLUSTER_NODES is set (its fields are null)",
+                    one_server.name()
+                );
+                variants.retain(|v| *v != one_server);
+                skipped.push(one_server.name());
+            }
         }
         None
     } else if variants.contains(&Variant::Naive) {

@@ -3,8 +3,11 @@
 //!
 //! - `raw_single` (here) and `raw_multi` ([`raw`]): plain lapin consumers;
 //! - [`naive`]: a deadpool-redis connection per command;
+//! - `redis_floor` ([`floor`]): the two cheapest writes per message,
+//!   pipelined like ours, acked like `raw_multi`: the Redis CPU floor;
 //! - [`ours`]: the crate's runner and layer (`ours_outbox`: with an outbox).
 
+pub mod floor;
 pub mod naive;
 pub mod ours;
 pub mod raw;
@@ -29,6 +32,8 @@ pub enum Variant {
     RawSingle,
     RawMulti,
     Naive,
+    /// `SET NX PX` then `SET PX` per message, pipelined, no other logic.
+    RedisFloor,
     Ours,
     /// ours with an outbox: the handler stages one message per delivery
     /// for a downstream queue.
@@ -44,6 +49,7 @@ impl Variant {
             Self::RawSingle => "raw_single",
             Self::RawMulti => "raw_multi",
             Self::Naive => "naive",
+            Self::RedisFloor => "redis_floor",
             Self::Ours => "ours",
             Self::OursOutbox => "ours_outbox",
             Self::OursMemory => "ours_mem",
@@ -54,7 +60,7 @@ impl Variant {
     pub fn deduplicates(self) -> bool {
         matches!(
             self,
-            Self::Naive | Self::Ours | Self::OursOutbox | Self::OursMemory
+            Self::Naive | Self::RedisFloor | Self::Ours | Self::OursOutbox | Self::OursMemory
         )
     }
 }
@@ -82,7 +88,7 @@ pub async fn stop_consumer(channel: &Channel, consumer: &Consumer) {
     let _ = channel.close(200, "OK".into()).await;
 }
 
-/// raw_single, raw_multi and naive: a consume loop that spawns one task per
+/// raw_single, raw_multi, naive and redis_floor: a consume loop that spawns one task per
 /// delivery, at most `prefetch` at once, until every message is settled.
 pub async fn drain_plain(
     ctx: &Ctx,
@@ -98,13 +104,21 @@ pub async fn drain_plain(
         }
         (_, pool) => pool.clone(),
     };
+    let floor = match variant {
+        Variant::RedisFloor => Some(floor::Floor::start(
+            floor_connection(ctx).await?,
+            Arc::clone(stats),
+        )),
+        _ => None,
+    };
     let channel = new_channel(&ctx.consume_conn).await?;
     let meter = Meter::start();
     let mut consumer = consume(&channel, queue, ctx.options.prefetch).await?;
     let _ = ready.send(());
     let slots = Arc::new(Semaphore::new(usize::from(ctx.options.prefetch)));
     let (finished_tx, finished_rx) = mpsc::unbounded_channel();
-    let tracker = (variant == Variant::RawMulti).then(|| {
+    let acks_multiple = matches!(variant, Variant::RawMulti | Variant::RedisFloor);
+    let tracker = acks_multiple.then(|| {
         tokio::spawn(raw::ack_contiguous_prefix(
             channel.clone(),
             finished_rx,
@@ -152,6 +166,18 @@ pub async fn drain_plain(
                         drop(slot);
                     });
                 }
+                Variant::RedisFloor => {
+                    let Some(floor) = floor.clone() else {
+                        return "redis_floor has no connection".to_owned();
+                    };
+                    let finished = finished_tx.clone();
+                    let key = format!("{key_prefix}:{}", floor_key(&delivery));
+                    tokio::spawn(async move {
+                        let start = latency_start(&delivery);
+                        floor::run(&floor, key, &delivery, &stats, start, &finished).await;
+                        drop(slot);
+                    });
+                }
                 Variant::Ours | Variant::OursOutbox | Variant::OursMemory => {
                     unreachable!("ours runs through `serve`")
                 }
@@ -164,11 +190,39 @@ pub async fn drain_plain(
     };
     let measured = meter.stop();
     drop(finished_tx);
+    drop(floor);
     stop_consumer(&channel, &consumer).await;
     if let Some(tracker) = tracker {
         tracker.abort();
     }
     result.map(|()| measured)
+}
+
+/// redis_floor's own connection to the standalone Redis of `REDIS_URL`.
+async fn floor_connection(ctx: &Ctx) -> Result<redis::aio::MultiplexedConnection, String> {
+    if ctx.redis.cluster {
+        return Err("redis_floor needs a standalone Redis (REDIS_URL)".into());
+    }
+    let shown = amqp_idempotency::redact_url(&ctx.options.redis_url);
+    let client = redis::Client::open(ctx.options.redis_url.as_str())
+        .map_err(|err| format!("REDIS_URL: `{shown}` is not a valid Redis URL: {err}"))?;
+    tokio::time::timeout(
+        harness::CONNECT_TIMEOUT,
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| format!("cannot reach Redis at {shown} for redis_floor: no answer"))?
+    .map_err(|err| format!("cannot reach Redis at {shown} for redis_floor: {err}"))
+}
+
+/// The part of a redis_floor key that names the message: its
+/// `message_id`, as in naive.
+fn floor_key(delivery: &Delivery) -> String {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map_or_else(|| "none".to_owned(), |id| id.as_str().to_owned())
 }
 
 pub async fn ack_one(delivery: &Delivery, stats: &RunStats, start: u64) {
