@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use amqp_idempotency::Config;
 use amqp_idempotency::fingerprint::record_key;
-use amqp_idempotency::store::{ClaimOutcome, RedisStore, Store, Token};
+use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
 use common::{Pki, TlsRedis};
 
 const BIN: &str = env!("CARGO_BIN_EXE_amqp-idempotency");
@@ -690,19 +690,27 @@ async fn write_records(
     for (kind, n) in plan {
         for i in 0..n {
             let key = record_key(prefix, "orders", &format!("{kind}{i}"));
-            let ClaimOutcome::Acquired(claim) = store
-                .claim(&key, &Token::new(), "h", LEASE)
-                .await
-                .unwrap_or_else(|err| panic!("claim {key}: {err}"))
+            let ClaimOutcome::Acquired(claim) =
+                machine::claim(store, &key, &Token::new(), "h", LEASE)
+                    .await
+                    .unwrap_or_else(|err| panic!("claim {key}: {err}"))
             else {
                 panic!("{key} is fresh, so the claim is ours");
             };
             match kind {
                 "d" => {
-                    assert!(store.complete(&claim, RETENTION).await.expect("complete"));
+                    assert!(
+                        machine::complete(store, &claim, RETENTION)
+                            .await
+                            .expect("complete")
+                    );
                     done_keys.push(key);
                 }
-                "r" => assert!(store.release(&claim, RETENTION).await.expect("release")),
+                "r" => assert!(
+                    machine::release(store, &claim, RETENTION)
+                        .await
+                        .expect("release")
+                ),
                 _ => {}
             }
         }
