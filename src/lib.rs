@@ -21,6 +21,7 @@ pub mod outbox;
 mod outcome;
 mod report;
 mod runner;
+mod stopping;
 pub mod store;
 pub mod tls;
 

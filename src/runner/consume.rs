@@ -19,7 +19,7 @@ use super::dead_letter::{DeadLetterCopy, DeadLetters};
 use super::deliver::{self, Settling};
 use super::options::{FRAME_MAX_FLOOR, ServeOptions};
 use super::settle::Settler;
-use super::shutdown::{Finish, STOPPING, stop_signal};
+use super::shutdown::{Finish, stop_signal};
 use crate::error::{BoxError, ServeError};
 use crate::outcome::{Disposition, Outcome};
 use crate::report::{ServeReport, Tally};
@@ -198,7 +198,7 @@ where
         });
         // A delivery the layer holds (the store refusing writes) is given
         // back once the runner stops, instead of holding up the shutdown.
-        let call = STOPPING.scope(stopping.clone(), service.call(delivery));
+        let call = crate::stopping::scope(stopping.clone(), service.call(delivery));
         let settler = settler.clone();
         let stopping = stopping.clone();
         tasks.spawn(deliver::settle(

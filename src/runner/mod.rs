@@ -41,7 +41,6 @@ use std::time::Duration;
 pub use self::consume::serve;
 pub use self::options::ServeOptions;
 pub use self::reconnecting::{Session, serve_reconnecting};
-pub(crate) use self::shutdown::runner_stopping;
 
 /// How long a message whose dead-letter copy was not confirmed is held
 /// before it is requeued.

@@ -1,34 +1,15 @@
-//! Stopping: the signal that asks for it, the task-local that tells a held
-//! delivery, and what is left to finish once no delivery is taken.
+//! Stopping: the signal that asks for it, and what is left to finish once
+//! no delivery is taken.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::consume::log_join;
 use super::settle::Settler;
 use crate::report::Tally;
-
-tokio::task_local! {
-    /// Set by the runner around each delivery: true once it stops.
-    pub(super) static STOPPING: watch::Receiver<bool>;
-}
-
-/// Completes once the runner that called the layer stops; never when the
-/// layer was called by something else.
-pub(crate) async fn runner_stopping() {
-    match STOPPING.try_with(watch::Receiver::clone) {
-        Ok(mut stopping) => {
-            if stopping.wait_for(|stopping| *stopping).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        Err(_) => std::future::pending().await,
-    }
-}
 
 /// What is left of a runner once it stopped taking deliveries.
 pub(super) struct Finish {

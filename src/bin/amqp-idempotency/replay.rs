@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
+use amqp_idempotency::amqp::{Published, publish_confirmed};
 use amqp_idempotency::{Config, redact_url};
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Confirmation, ConnectionProperties};
+use lapin::ConnectionProperties;
+use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use crate::Failure;
 
@@ -150,25 +151,30 @@ async fn replay_async(replay: &Replay) -> Result<Done, Failure> {
             AMQPValue::LongString(LongString::from(replay.from.as_str())),
         );
         let properties = delivery.properties.clone().with_headers(cleaned);
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let routing_key: ShortString = target.as_str().into();
-        let confirm = within(
-            replay,
-            &format!("cannot publish {id} to `{target}`"),
-            channel.basic_publish("".into(), routing_key, options, &delivery.data, properties),
+        let published = publish_confirmed(
+            &channel,
+            "",
+            &target,
+            &delivery.data,
+            properties,
+            REQUEST_TIMEOUT,
         )
-        .await?;
-        let confirmation = within(replay, &format!("no confirm for {id}"), confirm).await?;
-        if !matches!(confirmation, Confirmation::Ack(None)) {
-            // Left in the parking queue: it returns there when the channel closes.
-            return Err(Failure::Amqp(format!(
-                "{report}the broker did not take {id} into `{target}` (does the queue exist?); \
-                 it stays in `{}`. Moved {moved} before it.",
-                replay.from
-            )));
+        .await;
+        match published {
+            Published::Confirmed => {}
+            Published::Failed(_) | Published::Unconfirmed(_) => {
+                let what = format!("cannot publish {id} to `{target}`");
+                return Err(amqp_failure(replay, &what, published));
+            }
+            // Returned or refused: left in the parking queue, where it
+            // returns when the channel closes.
+            _ => {
+                return Err(Failure::Amqp(format!(
+                    "{report}the broker did not take {id} into `{target}` ({published}); \
+                     it stays in `{}`. Moved {moved} before it.",
+                    replay.from
+                )));
+            }
         }
         within(
             replay,
