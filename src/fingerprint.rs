@@ -157,7 +157,7 @@ fn escape_colons(part: &str) -> std::borrow::Cow<'_, str> {
 ///
 /// The record key carries no hash tag of its own, so on Redis Cluster
 /// the whole key picks its slot and messages spread over every master;
-/// a companion key ([`companion_key`]) names the whole record key as its
+/// a companion key (an outbox's) names the whole record key as its
 /// tag and lands in the same slot. A fingerprint that would leave a `}`
 /// in the key without a complete tag (which would defeat that) is hashed
 /// too.
@@ -199,13 +199,7 @@ pub fn record_key(prefix: &str, scope: &str, fingerprint: &str) -> String {
 /// write both. When the record key has a hash tag of its own (a
 /// fingerprint like `{user-7}:register`), `<record key>:<suffix>` keeps
 /// that tag.
-///
-/// ```
-/// use amqp_idempotency::fingerprint::{companion_key, record_key};
-/// let key = record_key("idem", "orders", "order-42");
-/// assert_eq!(companion_key(&key, "outbox"), "{idem:orders:order-42}:outbox");
-/// ```
-pub fn companion_key(record_key: &str, suffix: &str) -> String {
+pub(crate) fn companion_key(record_key: &str, suffix: &str) -> String {
     if hash_tag(record_key).is_some() {
         format!("{record_key}:{suffix}")
     } else {
@@ -215,7 +209,7 @@ pub fn companion_key(record_key: &str, suffix: &str) -> String {
 
 /// The part of `key` that Redis Cluster hashes when it is not the whole
 /// key: between the first `{` and the first `}` after it, when not empty.
-pub fn hash_tag(key: &str) -> Option<&str> {
+pub(crate) fn hash_tag(key: &str) -> Option<&str> {
     let open = key.find('{')?;
     let rest = &key[open + 1..];
     let close = rest.find('}')?;
@@ -226,16 +220,7 @@ pub fn hash_tag(key: &str) -> Option<&str> {
 /// script may touch both. A record and its
 /// [`companion_key`] always do, except for a record key
 /// with a `}` but no complete `{...}` tag before it.
-///
-/// ```
-/// use amqp_idempotency::fingerprint::{companion_key, same_slot};
-///
-/// let record = "idem:orders:order-42";
-/// assert!(same_slot(record, &companion_key(record, "outbox")));
-/// let odd = "idem:orders:a}b";
-/// assert!(!same_slot(odd, &companion_key(odd, "outbox")));
-/// ```
-pub fn same_slot(a: &str, b: &str) -> bool {
+pub(crate) fn same_slot(a: &str, b: &str) -> bool {
     cluster_slot(a) == cluster_slot(b)
 }
 

@@ -36,4 +36,4 @@ pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};
 pub use report::ServeReport;
-pub use runner::{DEAD_LETTER_RETRY, ServeOptions, Session, serve, serve_reconnecting};
+pub use runner::{ServeOptions, Session, serve, serve_reconnecting};

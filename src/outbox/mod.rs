@@ -98,7 +98,9 @@ mod staging;
 
 pub use ids::outbox_key;
 pub use mode::{Mode, OutboxLayer, Plain, WithOutbox};
-pub use publisher::{Checkpoint, OutboxPublisher};
+#[cfg(feature = "testing")]
+pub use publisher::Checkpoint;
+pub use publisher::OutboxPublisher;
 pub use staging::{Outbox, OutboxDelivery};
 
 pub(crate) use flow::{commit_and_dispatch, dispatch_unrecorded, finish_duplicate};

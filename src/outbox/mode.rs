@@ -65,29 +65,40 @@ impl<St, F> OutboxLayer<St, F> {
 }
 
 /// How [`Idempotency`](crate::Idempotency) calls its handler: with the delivery alone
-/// ([`Plain`]) or with an outbox ([`WithOutbox`]). Sealed.
-pub trait Mode: Clone + Send + Sync + 'static + sealed::Sealed {
-    /// What the handler receives.
-    type Request: Send + 'static;
+/// ([`Plain`]) or with an outbox ([`WithOutbox`]). Sealed: its methods are
+/// the library's own.
+pub trait Mode: sealed::Calls {}
 
-    #[doc(hidden)]
-    fn request(delivery: Delivery, outbox: Option<Outbox>) -> Self::Request;
+impl Mode for Plain {}
+impl Mode for WithOutbox {}
 
-    #[doc(hidden)]
-    fn publisher(&self) -> Option<&Arc<OutboxPublisher>>;
-}
+pub(crate) mod sealed {
+    use std::sync::Arc;
 
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for super::Plain {}
-    impl Sealed for super::WithOutbox {}
+    use lapin::message::Delivery;
+
+    use super::super::publisher::OutboxPublisher;
+    use super::super::staging::Outbox;
+
+    /// What the layer asks of a [`Mode`](super::Mode); not nameable outside
+    /// the crate, so no other mode can be written.
+    pub trait Calls: Clone + Send + Sync + 'static {
+        /// What the handler receives.
+        type Request: Send + 'static;
+
+        /// The handler's request for `delivery`, with `outbox` in outbox mode.
+        fn request(delivery: Delivery, outbox: Option<Outbox>) -> Self::Request;
+
+        /// Where staged messages go; `None` without an outbox.
+        fn publisher(&self) -> Option<&Arc<OutboxPublisher>>;
+    }
 }
 
 /// The handler is a `Service<Delivery>`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Plain;
 
-impl Mode for Plain {
+impl sealed::Calls for Plain {
     type Request = Delivery;
 
     fn request(delivery: Delivery, _outbox: Option<Outbox>) -> Delivery {
@@ -105,7 +116,7 @@ pub struct WithOutbox {
     publisher: Arc<OutboxPublisher>,
 }
 
-impl Mode for WithOutbox {
+impl sealed::Calls for WithOutbox {
     type Request = OutboxDelivery;
 
     fn request(delivery: Delivery, outbox: Option<Outbox>) -> OutboxDelivery {

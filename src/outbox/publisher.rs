@@ -32,6 +32,8 @@ pub struct OutboxPublisher {
     channels: Arc<Channels>,
     /// The dispatcher task's queue, started at the first dispatch.
     jobs: std::sync::OnceLock<mpsc::UnboundedSender<Job>>,
+    /// Where a fault-injection test stops its deliveries.
+    #[cfg(feature = "testing")]
     halt: Option<(Checkpoint, Arc<tokio::sync::Notify>)>,
 }
 
@@ -58,9 +60,10 @@ const MAX_BATCH: usize = 256;
 const MAX_IN_FLIGHT: usize = 4;
 
 /// A point of the outbox's sequence, where fault-injection tests stop a
-/// consumer as if it crashed there ([`OutboxPublisher::halt_at`]).
-#[doc(hidden)]
+/// consumer as if it crashed there (`OutboxPublisher::halt_at`, with the
+/// `testing` feature; without it, nothing stops there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum Checkpoint {
     /// The handler succeeded; nothing is committed yet.
     BeforeCommit,
@@ -125,6 +128,7 @@ impl OutboxPublisher {
                 confirm_timeout: Duration::from_secs(5),
             }),
             jobs: std::sync::OnceLock::new(),
+            #[cfg(feature = "testing")]
             halt: None,
         }
     }
@@ -143,13 +147,18 @@ impl OutboxPublisher {
     /// For fault-injection tests: every delivery that reaches `checkpoint`
     /// stops there for good (as if its consumer crashed) after notifying
     /// the returned `Notify`. Not for production use.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn halt_at(mut self, checkpoint: Checkpoint) -> (Self, Arc<tokio::sync::Notify>) {
         let reached = Arc::new(tokio::sync::Notify::new());
         self.halt = Some((checkpoint, Arc::clone(&reached)));
         (self, reached)
     }
 
+    #[cfg(not(feature = "testing"))]
+    pub(crate) async fn checkpoint(&self, _at: Checkpoint) {}
+
+    /// Stops here for good when [`halt_at`](Self::halt_at) named `at`.
+    #[cfg(feature = "testing")]
     pub(crate) async fn checkpoint(&self, at: Checkpoint) {
         if let Some((checkpoint, reached)) = &self.halt
             && *checkpoint == at

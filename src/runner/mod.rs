@@ -44,7 +44,7 @@ pub use self::reconnecting::{Session, serve_reconnecting};
 
 /// How long a message whose dead-letter copy was not confirmed is held
 /// before it is requeued.
-pub const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 /// How long closing a channel or connection may take (a dead one may never answer).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -123,7 +123,7 @@ impl ServeOptions {
     /// once the broker confirmed the copy, and the message's record is
     /// discarded then (so that a replay runs afresh); when the broker did
     /// not confirm it, the claim is released with its attempt count and
-    /// the original requeued (after [`DEAD_LETTER_RETRY`](super::DEAD_LETTER_RETRY)), so nothing is
+    /// the original requeued (after a second), so nothing is
     /// dropped and nothing starts again from attempt 1. Needs
     /// the channel given to [`channel`](Self::channel) or
     /// [`close_channel`](Self::close_channel), except for

@@ -30,7 +30,9 @@ mod scripts;
 mod sentinel;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+#[cfg(feature = "testing")]
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::{Cmd, Value};
@@ -76,7 +78,7 @@ const MAX_IN_FLIGHT: usize = 4;
 /// each new connection, or from the first transition's answer where
 /// `HELLO` is not granted ([`native_compare_and_set`](Self::native_compare_and_set)),
 /// and by a token-checked script (called by SHA, loaded again after a
-/// restart) elsewhere, or always with [`scripts_only`](Self::scripts_only).
+/// restart) elsewhere, or always with `scripts_only` (a `testing` hook).
 ///
 /// ```no_run
 /// use amqp_idempotency::{Config, store::RedisStore};
@@ -131,7 +133,13 @@ impl std::fmt::Debug for RedisStore {
                 },
             )
             .field("native_compare_and_set", &self.native_compare_and_set())
-            .field("round_trips", &self.round_trips())
+            .field(
+                "round_trips",
+                &self
+                    .stats
+                    .round_trips
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -143,24 +151,27 @@ impl RedisStore {
     /// This store (and its clones) compare-and-set with the token-checked
     /// scripts only, even on a server with `SET ... IFEQ`: for servers that
     /// announce a version they do not fully implement, and for tests.
+    #[cfg(feature = "testing")]
     pub fn scripts_only(self) -> Self {
         self.cas.allowed.store(false, Ordering::Relaxed);
         self
     }
 
     /// True when transitions use `SET ... IFEQ` (Valkey 8.1+, Redis 8.4+,
-    /// unless [`scripts_only`](Self::scripts_only)); known once connected.
+    /// unless `scripts_only`, a `testing` hook); known once connected.
     pub fn native_compare_and_set(&self) -> bool {
         self.cas.is_native()
     }
 
     /// Requests sent to Redis so far, by all clones: pipelines on a
     /// standalone server (each is one round trip), commands on a cluster.
+    #[cfg(feature = "testing")]
     pub fn round_trips(&self) -> u64 {
         self.stats.round_trips.load(Ordering::Relaxed)
     }
 
     /// Commands sent to Redis so far, by all clones.
+    #[cfg(feature = "testing")]
     pub fn commands(&self) -> u64 {
         self.stats.commands.load(Ordering::Relaxed)
     }
