@@ -237,7 +237,8 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
         };
         let lease = self.shared.config.lease_ttl;
         let deadline = Instant::now() + self.shared.config.in_progress_wait;
-        let mut poll = Duration::from_millis(20);
+        let mut poll = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+        let mut polls = 0u32;
         loop {
             let started = std::time::Instant::now();
             let outcome =
@@ -274,20 +275,20 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
                     Skip::Unrecognized { key }
                 }
                 ClaimOutcome::InProgress { remaining } => {
-                    if poll == Duration::from_millis(20) {
+                    if polls == 0 {
                         tracing::debug!(%key, ?remaining, "duplicate in progress elsewhere: waiting for it to finish");
                     }
                     let now = Instant::now();
                     if now >= deadline {
                         return Ok(Begin::Skip(Skip::InProgress { remaining }));
                     }
-                    let mut wait = poll.min(deadline - now);
+                    polls += 1;
+                    let mut wait = poll.next_delay().min(deadline - now);
                     if let Some(left) = remaining {
                         // No point polling long before the lease can expire.
                         wait = wait.min(left + Duration::from_millis(1));
                     }
                     tokio::time::sleep(wait).await;
-                    poll = (poll * 2).min(Duration::from_millis(500));
                     continue;
                 }
             };
