@@ -208,8 +208,40 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
     /// answer is [`Skip::Done`], if it releases it the claim is ours.
     /// A store error is returned as is; the message must then be requeued
     /// (or, if you chose to fail open, processed unprotected).
+    ///
+    /// To try again for the same delivery after an error (instead of
+    /// requeueing it), use [`begin_with_token`](Self::begin_with_token)
+    /// with one token for all the tries.
     pub async fn begin(&self, delivery: &Delivery) -> Result<Begin<St>, StoreError> {
         self.begin_with(delivery, self.fingerprint(delivery), &Token::new())
+            .await
+    }
+
+    /// Like [`begin`](Self::begin), claiming with `token`: pass the same
+    /// token each time you try again for one delivery after an error, so
+    /// that a claim the store wrote but did not confirm (a timeout, a
+    /// `WAIT` shortfall) is found as yours, instead of being waited out as
+    /// another consumer's and taken over as a crashed attempt.
+    ///
+    /// ```no_run
+    /// use amqp_idempotency::{Begin, Deduplicator, store::{RedisStore, Token}};
+    /// # async fn run(dedup: Deduplicator<RedisStore>, delivery: lapin::message::Delivery) {
+    /// let token = Token::new();
+    /// let begun = loop {
+    ///     match dedup.begin_with_token(&delivery, &token).await {
+    ///         Err(_) => dedup.wait_for_store().await, // the store is down: try again
+    ///         Ok(begun) => break begun,
+    ///     }
+    /// };
+    /// # let _ = begun;
+    /// # }
+    /// ```
+    pub async fn begin_with_token(
+        &self,
+        delivery: &Delivery,
+        token: &Token,
+    ) -> Result<Begin<St>, StoreError> {
+        self.begin_with(delivery, self.fingerprint(delivery), token)
             .await
     }
 

@@ -983,3 +983,32 @@ async fn a_panicking_handler_backs_off_and_is_dead_lettered_after_the_last_attem
     assert_eq!(second.kind(), OutcomeKind::AttemptsExhausted);
     assert_eq!(second.disposition(), Disposition::DeadLetter);
 }
+
+/// A guard-API consumer that tries again for one delivery keeps its token:
+/// a claim the store wrote (here: its answer was lost to the caller) is
+/// found as its own, as the same attempt, never as another consumer's.
+#[tokio::test]
+async fn the_guard_finds_its_own_claim_when_it_tries_again_with_its_token() {
+    use amqp_idempotency::store::Token;
+    use amqp_idempotency::{Begin, Deduplicator};
+    let dedup = Deduplicator::new(MemoryStore::new(), "q", config()).unwrap();
+    let token = Token::new();
+    let message = delivery(Some("again"), b"x");
+    let Begin::Process(mut first) = dedup.begin_with_token(&message, &token).await.unwrap() else {
+        panic!("a new message is ours to process");
+    };
+    // The caller never saw that answer (a timeout, say) and tries again;
+    // a guard dropped after its work started keeps the claim.
+    first.mark_started();
+    drop(first);
+    let Begin::Process(again) = dedup.begin_with_token(&message, &token).await.unwrap() else {
+        panic!("the claim written with our token is ours");
+    };
+    assert_eq!((again.attempt(), again.token()), (1, token.as_str()));
+    assert!(again.complete().await.unwrap());
+    // Another token (another consumer, or a new try without the token) finds it done.
+    assert!(matches!(
+        dedup.begin(&message).await.unwrap(),
+        Begin::Skip(amqp_idempotency::Skip::Done)
+    ));
+}

@@ -401,7 +401,36 @@ fn is_reserved(name: &str) -> bool {
     RESERVED_PREFIXES.iter().any(|prefix| {
         name.get(..prefix.len())
             .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
-    })
+    }) && !is_service_link(name)
+}
+
+/// True for the variables Kubernetes (and Docker's legacy links) set for
+/// every Service of a pod's namespace: `<SERVICE>_SERVICE_HOST`,
+/// `<SERVICE>_SERVICE_PORT[_<NAME>]` and `<SERVICE>_PORT[_<N>_<PROTO>[_ADDR|_PORT|_PROTO]]`.
+/// A Service named `redis-cluster` or `redis-sentinel` sets
+/// `REDIS_CLUSTER_SERVICE_HOST` and the like, which are not typos of ours.
+fn is_service_link(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    if upper.ends_with("_SERVICE_HOST") || upper.contains("_SERVICE_PORT") {
+        return true;
+    }
+    // `<SERVICE>_PORT`, or `<SERVICE>_PORT_<N>_<PROTO>` with an optional
+    // `_ADDR`, `_PORT` or `_PROTO` after it.
+    let Some((_, after)) = upper.rsplit_once("_PORT") else {
+        return false;
+    };
+    if after.is_empty() {
+        return true;
+    }
+    let mut parts = after.trim_start_matches('_').split('_');
+    let number = parts
+        .next()
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let protocol = parts
+        .next()
+        .is_some_and(|p| matches!(p, "TCP" | "UDP" | "SCTP"));
+    let rest: Vec<&str> = parts.collect();
+    number && protocol && (rest.is_empty() || matches!(rest[..], ["ADDR"] | ["PORT"] | ["PROTO"]))
 }
 
 /// The error for `name`, set under a reserved prefix but not a variable we

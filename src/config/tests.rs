@@ -62,6 +62,33 @@ fn variables_outside_the_reserved_prefixes_are_ignored_and_known_ones_read() {
     );
 }
 
+#[test]
+fn the_variables_kubernetes_sets_for_a_service_are_not_typos() {
+    // A Service named `redis-cluster`, `redis-sentinel` or `idempotency`.
+    let config = Config::from_vars([
+        ("REDIS_CLUSTER_SERVICE_HOST", "10.0.0.7"),
+        ("REDIS_CLUSTER_SERVICE_PORT", "6379"),
+        ("REDIS_CLUSTER_SERVICE_PORT_REDIS", "6379"),
+        ("REDIS_CLUSTER_PORT", "tcp://10.0.0.7:6379"),
+        ("REDIS_CLUSTER_PORT_6379_TCP", "tcp://10.0.0.7:6379"),
+        ("REDIS_CLUSTER_PORT_6379_TCP_ADDR", "10.0.0.7"),
+        ("REDIS_CLUSTER_PORT_6379_TCP_PORT", "6379"),
+        ("REDIS_CLUSTER_PORT_6379_TCP_PROTO", "tcp"),
+        ("REDIS_SENTINEL_SERVICE_HOST", "10.0.0.8"),
+        ("IDEMPOTENCY_PORT_9000_TCP", "tcp://10.0.0.9:9000"),
+    ]);
+    assert_eq!(config, Ok(Config::default()));
+    // Near misses are still typos.
+    for typo in [
+        "REDIS_CLUSTER_NODE",
+        "REDIS_CLUSTER_PORTS",
+        "IDEMPOTENCY_PORT_X_TCP",
+    ] {
+        let err = Config::from_vars([(typo, "x")]).unwrap_err();
+        assert_eq!(err.variable(), typo, "{err}");
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn a_name_that_is_not_utf8_is_refused_only_under_a_reserved_prefix() {
