@@ -266,14 +266,10 @@ pub(crate) fn probe_key(prefix: &str, scope: &str) -> String {
 /// `record_key` was refused: `{prefix}:{<record key>}:\0probe`, in the
 /// record's cluster slot (so that on a cluster the probe asks the master
 /// that refused the claim) and under the prefix (so that an ACL granting
-/// `~{prefix}:*` covers it). A record key with a hash tag of its own keeps
-/// it: `<record key>:\0probe`.
+/// `~{prefix}:*` covers it): the record's [`companion_key`] under the
+/// prefix, whose own segment holds no brace.
 pub(crate) fn record_probe_key(prefix: &str, record_key: &str) -> String {
-    if hash_tag(record_key).is_some() {
-        format!("{record_key}:{PROBE_NAME}")
-    } else {
-        format!("{prefix}:{{{record_key}}}:{PROBE_NAME}")
-    }
+    format!("{prefix}:{}", companion_key(record_key, PROBE_NAME))
 }
 
 /// The last segment of the key a paused consumer writes to learn that
