@@ -99,7 +99,7 @@ async fn run() -> Result<(), String> {
         .map_err(|err| format!("cannot open a RabbitMQ channel: {err}"))?;
     declare_topology(&connection, &channel).await?;
     channel
-        .basic_qos(config.prefetch_count(), BasicQosOptions::default())
+        .basic_qos(config.prefetch(), BasicQosOptions::default())
         .await
         .map_err(|err| format!("cannot set the prefetch (basic.qos): {err}"))?;
 
@@ -351,7 +351,7 @@ fn human(duration: Duration) -> String {
 
 /// Connects as `AMQP_URL` says, with `AMQP_TLS_*` for `amqps://`.
 async fn connect_amqp(config: &Config) -> Result<Connection, String> {
-    let shown = redact_url(config.amqp());
+    let shown = redact_url(config.amqp_url());
     let connect = amqp_idempotency::amqp::connect(config, ConnectionProperties::default());
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(connection)) => Ok(connection),

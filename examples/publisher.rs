@@ -138,7 +138,7 @@ async fn publish(args: Args) -> Result<(), String> {
             .flatten()
     })
     .map_err(|err| format!("{err}\n       fix or unset that variable"))?;
-    let shown = amqp_idempotency::redact_url(config.amqp());
+    let shown = amqp_idempotency::redact_url(config.amqp_url());
     let connection = match tokio::time::timeout(
         Duration::from_secs(10),
         amqp::connect(&config, ConnectionProperties::default()),

@@ -452,7 +452,7 @@ async fn consume_with_middleware(
     });
 
     channel
-        .basic_qos(config.prefetch_count(), BasicQosOptions::default())
+        .basic_qos(config.prefetch(), BasicQosOptions::default())
         .await
         .map_err(|err| format!("cannot set the prefetch (basic.qos): {err}"))?;
     let consumer = channel
@@ -613,7 +613,7 @@ fn report(
 }
 
 async fn delete_keys(config: &Config, keys: &[String]) -> Result<u64, String> {
-    let shown = config.redis().to_string();
+    let shown = config.redis_deployment().to_string();
     let unreachable =
         |err: redis::RedisError| format!("cannot reach {shown}: {err}; start it or set REDIS_URL");
     // The library's client: the same URL and TLS files as the store.
@@ -650,7 +650,7 @@ fn is_precondition_failed(err: &lapin::Error) -> bool {
 /// moment before it accepts logins.
 async fn connect_amqp(config: &Config) -> Result<Connection, String> {
     const TRIES: u32 = 5;
-    let shown = amqp_idempotency::redact_url(config.amqp());
+    let shown = amqp_idempotency::redact_url(config.amqp_url());
     for attempt in 1..=TRIES {
         let connect = amqp::connect(config, ConnectionProperties::default());
         match tokio::time::timeout(Duration::from_secs(10), connect).await {

@@ -6,13 +6,13 @@
 //! use amqp_idempotency::Config;
 //!
 //! let config = Config::default()
-//!     .redis_url("rediss://idem:secret@redis.internal:6380")
-//!     .redis_tls_ca_file("/etc/idem/redis-ca.pem");
-//! assert_eq!(config.redis_tls().ca_file(), Some(Path::new("/etc/idem/redis-ca.pem")));
+//!     .with_redis_url("rediss://idem:secret@redis.internal:6380")
+//!     .with_redis_tls_ca_file("/etc/idem/redis-ca.pem");
+//! assert_eq!(config.redis_tls_ca_file(), Some(Path::new("/etc/idem/redis-ca.pem")));
 //! assert!(config.validate().is_ok());
 //!
 //! // A client certificate needs its key.
-//! let err = config.redis_tls_cert_file("/etc/idem/client.pem").validate().unwrap_err();
+//! let err = config.with_redis_tls_cert_file("/etc/idem/client.pem").validate().unwrap_err();
 //! assert_eq!(err.variable(), "REDIS_TLS_KEY_FILE");
 //! ```
 //!

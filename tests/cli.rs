@@ -649,7 +649,7 @@ fn a_fingerprint_maps_to_the_key_the_library_uses() {
     let dedup = Deduplicator::new(
         MemoryStore::new(),
         "orders",
-        Config::default().key_prefix(space.prefix.clone()),
+        Config::default().with_key_prefix(space.prefix.clone()),
     )
     .unwrap_or_else(|err| panic!("deduplicator: {err}"));
     // Verbatim, too long (hashed) and with a control character (hashed).
@@ -779,7 +779,7 @@ async fn stats_inspect_and_forget_reach_every_master_of_a_cluster() {
     // REDIS_URL blank: unset, as the library reads it.
     let joined = nodes.join(",");
     let env = [("REDIS_URL", ""), ("REDIS_CLUSTER_NODES", joined.as_str())];
-    let config = Config::default().redis_cluster(nodes.iter().cloned());
+    let config = Config::default().with_redis_cluster_nodes(nodes.iter().cloned());
     let store = RedisStore::connect(&config)
         .await
         .unwrap_or_else(|err| panic!("the store connects to the cluster: {err}"));

@@ -25,8 +25,8 @@ fn delivery(id: Option<&str>, body: &[u8]) -> Delivery {
 
 fn config() -> Config {
     Config::default()
-        .retry_backoff(Duration::from_millis(10))
-        .in_progress_wait(Duration::ZERO)
+        .with_retry_backoff(Duration::from_millis(10))
+        .with_in_progress_wait(Duration::ZERO)
 }
 
 /// A handler that counts its runs and answers what `behaviour` says.
@@ -121,7 +121,8 @@ async fn permanent_failure_is_dead_lettered() {
 #[tokio::test]
 async fn retries_are_bounded_by_max_attempts() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().max_attempts(3)).unwrap();
+    let layer =
+        IdempotencyLayer::new(MemoryStore::new(), "q", config().with_max_attempts(3)).unwrap();
     let svc = layer.layer(counting(runs.clone(), |_| {
         Err(HandlerError::retryable("always"))
     }));
@@ -168,7 +169,7 @@ async fn missing_fingerprint_follows_the_policy() {
     let pass = IdempotencyLayer::new(
         MemoryStore::new(),
         "q",
-        config().on_missing_fingerprint(NoFingerprintPolicy::PassThrough),
+        config().with_on_missing_fingerprint(NoFingerprintPolicy::PassThrough),
     )
     .unwrap();
     let outcome = pass
@@ -230,7 +231,7 @@ async fn body_hash_makes_identical_bodies_duplicates() {
 #[tokio::test(start_paused = true)]
 async fn in_progress_duplicate_waits_and_is_never_acked_early() {
     let store = MemoryStore::new();
-    let cfg = config().in_progress_wait(Duration::from_secs(1));
+    let cfg = config().with_in_progress_wait(Duration::from_secs(1));
     let slow = IdempotencyLayer::new(store.clone(), "q", cfg.clone())
         .unwrap()
         .layer(service_fn(|_d: Delivery| async {
@@ -248,10 +249,13 @@ async fn in_progress_duplicate_waits_and_is_never_acked_early() {
     assert_eq!(second.kind(), OutcomeKind::InProgressElsewhere);
     assert!(matches!(second.disposition(), Disposition::Requeue { .. }));
     // Waiting long enough, the duplicate sees it done.
-    let long_wait =
-        IdempotencyLayer::new(store, "q", cfg.in_progress_wait(Duration::from_secs(10)))
-            .unwrap()
-            .layer(service_fn(|_d: Delivery| async { Ok::<_, Infallible>(()) }));
+    let long_wait = IdempotencyLayer::new(
+        store,
+        "q",
+        cfg.with_in_progress_wait(Duration::from_secs(10)),
+    )
+    .unwrap()
+    .layer(service_fn(|_d: Delivery| async { Ok::<_, Infallible>(()) }));
     let third = long_wait.oneshot(delivery(Some("m"), b"x")).await.unwrap();
     assert_eq!(third.kind(), OutcomeKind::Duplicate);
     assert_eq!(first.await.unwrap().unwrap().kind(), OutcomeKind::Processed);
@@ -261,15 +265,16 @@ async fn in_progress_duplicate_waits_and_is_never_acked_early() {
 async fn a_slow_handler_keeps_its_lease_by_renewing() {
     let store = MemoryStore::new();
     let cfg = config()
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_secs(2))
-        .in_progress_wait(Duration::ZERO);
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_secs(2))
+        .with_in_progress_wait(Duration::ZERO);
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let svc = IdempotencyLayer::new(
         store.clone(),
         "q",
-        cfg.clone().handler_timeout(Duration::from_millis(2900)),
+        cfg.clone()
+            .with_handler_timeout(Duration::from_millis(2900)),
     )
     .unwrap()
     .layer(service_fn(move |_d: Delivery| {
@@ -295,8 +300,8 @@ async fn a_slow_handler_keeps_its_lease_by_renewing() {
 #[tokio::test(start_paused = true)]
 async fn a_hung_handler_times_out_and_is_retried() {
     let cfg = config()
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_secs(1));
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_secs(1));
     let svc = IdempotencyLayer::new(MemoryStore::new(), "q", cfg)
         .unwrap()
         .layer(service_fn(|_d: Delivery| async {
@@ -398,7 +403,7 @@ async fn fail_closed_holds_the_delivery_and_pauses_until_the_store_takes_writes(
 async fn a_delivery_is_held_at_most_half_the_brokers_consumer_timeout() {
     let store = FlakyStore::default();
     store.down.store(true, Ordering::SeqCst);
-    let cfg = config().consumer_timeout(Duration::from_secs(600));
+    let cfg = config().with_consumer_timeout(Duration::from_secs(600));
     let started = tokio::time::Instant::now();
     let outcome = IdempotencyLayer::new(store, "q", cfg)
         .unwrap()
@@ -495,7 +500,7 @@ async fn fail_open_runs_the_handler_unprotected() {
     let svc = IdempotencyLayer::new(
         store,
         "q",
-        config().on_store_error(StoreFailurePolicy::FailOpen),
+        config().with_on_store_error(StoreFailurePolicy::FailOpen),
     )
     .unwrap()
     .layer(counting(runs.clone(), |_| Ok(())));
@@ -508,8 +513,8 @@ async fn fail_open_runs_the_handler_unprotected() {
 async fn a_lost_lease_is_reported_and_still_acked() {
     let store = MemoryStore::new();
     let cfg = config()
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_millis(2900));
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_millis(2900));
     let thief_store = store.clone();
     let svc = IdempotencyLayer::new(store.clone(), "q", cfg)
         .unwrap()
@@ -548,8 +553,8 @@ async fn an_abandoned_call_keeps_its_claim_until_the_lease_ends() {
     // redelivered copy before the lease ends.
     let store = MemoryStore::new();
     let cfg = config()
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_secs(2));
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_secs(2));
     let svc = IdempotencyLayer::new(store.clone(), "q", cfg)
         .unwrap()
         .layer(service_fn(|_d: Delivery| async {
@@ -604,8 +609,8 @@ async fn a_timed_out_handler_keeps_its_claim_until_the_lease_ends() {
         MemoryStore::new(),
         "q",
         config()
-            .lease_ttl(Duration::from_secs(3))
-            .handler_timeout(Duration::from_secs(1)),
+            .with_lease_ttl(Duration::from_secs(3))
+            .with_handler_timeout(Duration::from_secs(1)),
     )
     .unwrap()
     .layer(service_fn(move |_d: Delivery| {
@@ -671,9 +676,9 @@ async fn attempts_count_handler_runs_not_broker_deliveries() {
 async fn a_message_that_kills_its_consumer_is_dead_lettered_after_the_last_attempt() {
     let store = MemoryStore::new();
     let cfg = config()
-        .max_attempts(3)
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_secs(2));
+        .with_max_attempts(3)
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_secs(2));
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let svc = IdempotencyLayer::new(store.clone(), "q", cfg)
@@ -880,7 +885,7 @@ async fn bad_input_is_dead_lettered_with_a_reason_not_a_panic() {
     }
 
     // A nonsensical x-delivery-count is ignored, not trusted.
-    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().max_body_bytes(16))
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().with_max_body_bytes(16))
         .unwrap()
         .layer(counting(runs.clone(), |_| Ok(())));
     let mut headers = FieldTable::default();
@@ -964,7 +969,8 @@ async fn the_guard_api_claims_completes_and_releases() {
 
 #[tokio::test]
 async fn a_panicking_handler_backs_off_and_is_dead_lettered_after_the_last_attempt() {
-    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().max_attempts(2)).unwrap();
+    let layer =
+        IdempotencyLayer::new(MemoryStore::new(), "q", config().with_max_attempts(2)).unwrap();
     let svc = layer.layer(service_fn(|_d: Delivery| async {
         if true {
             panic!("index out of bounds");

@@ -22,12 +22,12 @@ use tower::{Layer, service_fn};
 
 fn config(prefix: &str) -> Config {
     Config::default()
-        .key_prefix(prefix)
-        .lease_ttl(Duration::from_secs(1))
-        .in_progress_wait(Duration::from_secs(1))
-        .handler_timeout(Duration::from_millis(800))
-        .retry_backoff(Duration::from_millis(20))
-        .retry_backoff_max(Duration::from_millis(100))
+        .with_key_prefix(prefix)
+        .with_lease_ttl(Duration::from_secs(1))
+        .with_in_progress_wait(Duration::from_secs(1))
+        .with_handler_timeout(Duration::from_millis(800))
+        .with_retry_backoff(Duration::from_millis(20))
+        .with_retry_backoff_max(Duration::from_millis(100))
 }
 
 /// A downstream queue the handler publishes to (through the default
@@ -346,8 +346,8 @@ async fn an_outbox_commit_outlives_the_hold_of_an_undispatched_delivery() {
     let downstream = downstream(&channel, "outbox-retention-down").await;
     let consumer_timeout = Duration::from_secs(600);
     let config = config("obret")
-        .done_ttl(Duration::from_secs(5))
-        .consumer_timeout(consumer_timeout);
+        .with_done_ttl(Duration::from_secs(5))
+        .with_consumer_timeout(consumer_timeout);
     let runs = Arc::new(AtomicUsize::new(0));
     let consumer = start(
         redis_store().await,
@@ -439,7 +439,7 @@ async fn staging_past_the_limit_dead_letters_and_publishes_nothing() {
     let queue = declare_queue(&channel, "outbox-limit").await;
     let downstream = downstream(&channel, "outbox-limit-down").await;
     // Two 40-byte bodies and their framing fit; the reply does not.
-    let config = config("ob3").outbox_max_bytes(100);
+    let config = config("ob3").with_outbox_max_bytes(100);
     let runs = Arc::new(AtomicUsize::new(0));
     let consumer = start(
         redis_store().await,

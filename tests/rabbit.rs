@@ -23,9 +23,9 @@ use tower::{Layer, Service, service_fn};
 
 fn config(prefix: &str) -> Config {
     Config::default()
-        .key_prefix(prefix)
-        .retry_backoff(Duration::from_millis(20))
-        .retry_backoff_max(Duration::from_millis(100))
+        .with_key_prefix(prefix)
+        .with_retry_backoff(Duration::from_millis(20))
+        .with_retry_backoff_max(Duration::from_millis(100))
 }
 
 /// Records every outcome, in order, and lets a test wait for a count.
@@ -566,7 +566,7 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_with_reason_header
     let service = IdempotencyLayer::new(
         redis_store().await,
         &queue.name,
-        config(&common::unique("p")).max_attempts(3),
+        config(&common::unique("p")).with_max_attempts(3),
     )
     .unwrap()
     .layer(service_fn(|_d: Delivery| async {

@@ -28,7 +28,7 @@ pub async fn connect(
     config: &Config,
     properties: ConnectionProperties,
 ) -> Result<Connection, ConnectError> {
-    let url = config.amqp();
+    let url = config.amqp_url();
     let shown = redact_url(url);
     let fail = |message: String| ConnectError {
         url: shown.clone(),
@@ -240,7 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn tls_files_with_a_plain_url_are_refused() {
-        let config = Config::default().amqp_tls_ca_file("/etc/ca.pem");
+        let config = Config::default().with_amqp_tls_ca_file("/etc/ca.pem");
         let err = connect(&config, ConnectionProperties::default())
             .await
             .unwrap_err();

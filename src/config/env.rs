@@ -81,7 +81,7 @@ impl Config {
     /// use amqp_idempotency::Config;
     ///
     /// let config = Config::from_vars([("IDEMPOTENCY_MIN_REPLICAS", "1"), ("HOME", "/root")])?;
-    /// assert_eq!(config.replication().0, 1);
+    /// assert_eq!(config.min_replicas(), 1);
     /// let typo = Config::from_vars([("IDEMPOTENCY_MIN_REPLICA", "1")]).unwrap_err();
     /// assert_eq!(typo.variable(), "IDEMPOTENCY_MIN_REPLICA");
     /// assert!(typo.expected().contains("IDEMPOTENCY_MIN_REPLICAS"));

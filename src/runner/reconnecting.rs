@@ -51,8 +51,8 @@ pub struct Session {
 /// let store = RedisStore::connect(&config).await?;
 /// let service = IdempotencyLayer::new(store, "orders", config.clone())?
 ///     .layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
-/// let url = config.amqp().to_owned();
-/// let prefetch = config.prefetch_count();
+/// let url = config.amqp_url().to_owned();
+/// let prefetch = config.prefetch();
 /// serve_reconnecting(
 ///     move || {
 ///         let url = url.clone();

@@ -780,7 +780,7 @@ pub fn redis_cli_at(url: &str, args: &[&str]) -> String {
 #[allow(dead_code)]
 pub async fn cluster_store() -> RedisStore {
     let nodes = cluster_nodes();
-    let config = amqp_idempotency::Config::default().redis_cluster(nodes.clone());
+    let config = amqp_idempotency::Config::default().with_redis_cluster_nodes(nodes.clone());
     RedisStore::connect(&config)
         .await
         .unwrap_or_else(|err| panic!("connect to the Redis Cluster at {nodes:?}: {err}"))

@@ -58,7 +58,7 @@ pub(crate) fn run(replay: &Replay) -> Result<Done, Failure> {
 fn amqp_failure(replay: &Replay, what: &str, err: impl std::fmt::Display) -> Failure {
     Failure::Amqp(format!(
         "{what} on RabbitMQ at {}: {err}",
-        redact_url(replay.config.amqp())
+        redact_url(replay.config.amqp_url())
     ))
 }
 

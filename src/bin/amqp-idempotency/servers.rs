@@ -54,7 +54,7 @@ impl Servers {
     /// what to do.
     pub(crate) fn connect(settings: &Settings) -> Result<Self, Failure> {
         let config = &settings.config;
-        match config.redis() {
+        match config.redis_deployment() {
             RedisDeployment::Cluster(nodes) => cluster(config, nodes),
             RedisDeployment::Sentinel(url) => {
                 // Through Sentinel: the master it names now.
@@ -93,7 +93,7 @@ impl Servers {
     pub(crate) fn shown(&self) -> String {
         match self {
             Self::One(server) => server.shown.clone(),
-            Self::Cluster(cluster) => cluster.config.redis().to_string(),
+            Self::Cluster(cluster) => cluster.config.redis_deployment().to_string(),
         }
     }
 
@@ -286,16 +286,15 @@ fn at_address(url: &str, host: &str, port: u16) -> String {
 /// configuration's TLS files, built by the library's `redis_client`.
 fn open(config: &Config, url: &str, source: &str) -> Result<Server, Failure> {
     let shown = redact_url(url);
-    let mut one = Config::default().redis_url(url);
-    let files = config.redis_tls();
-    if let Some(path) = files.ca_file() {
-        one = one.redis_tls_ca_file(path);
+    let mut one = Config::default().with_redis_url(url);
+    if let Some(path) = config.redis_tls_ca_file() {
+        one = one.with_redis_tls_ca_file(path);
     }
-    if let Some(path) = files.cert_file() {
-        one = one.redis_tls_cert_file(path);
+    if let Some(path) = config.redis_tls_cert_file() {
+        one = one.with_redis_tls_cert_file(path);
     }
-    if let Some(path) = files.key_file() {
-        one = one.redis_tls_key_file(path);
+    if let Some(path) = config.redis_tls_key_file() {
+        one = one.with_redis_tls_key_file(path);
     }
     let client = redis_client(&one).map_err(|err| {
         Failure::Usage(format!(

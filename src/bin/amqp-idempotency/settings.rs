@@ -39,10 +39,10 @@ pub(crate) fn settings(args: &Args) -> Result<Settings, Failure> {
             ))
         })?;
     if let Some(url) = &args.redis_url {
-        config = config.redis_url(url.as_str());
+        config = config.with_redis_url(url.as_str());
     }
     if let Some(url) = &args.amqp_url {
-        config = config.amqp_url(url.as_str());
+        config = config.with_amqp_url(url.as_str());
     }
     // `Config` keeps the prefix and scope without a getter: they come from
     // the same variables it just checked, blank counting as unset as there.

@@ -52,7 +52,7 @@ impl RedisStore {
     /// connection.
     pub async fn connect(config: &Config) -> Result<Self, StoreError> {
         let replication = Replication::of(config);
-        let url = match config.redis() {
+        let url = match config.redis_deployment() {
             RedisDeployment::Cluster(nodes) => {
                 return Self::cluster(nodes, config.redis_tls(), replication).await;
             }
@@ -102,7 +102,7 @@ impl RedisStore {
     ///
     /// Fails like [`connect`](Self::connect).
     pub async fn connect_url(url: &str) -> Result<Self, StoreError> {
-        Self::connect(&Config::default().redis_url(url)).await
+        Self::connect(&Config::default().with_redis_url(url)).await
     }
 
     /// Connects to the Redis Cluster (or cluster-mode Valkey) that `nodes`
@@ -176,7 +176,7 @@ impl RedisStore {
 /// is refused too: a `redis::Client` talks to one server, and that is not
 /// one (for Sentinel, ask [`sentinel_master_url`](super::sentinel_master_url) for the master's URL).
 pub fn redis_client(config: &Config) -> Result<redis::Client, StoreError> {
-    let url = match config.redis() {
+    let url = match config.redis_deployment() {
         RedisDeployment::Standalone(url) => url,
         deployment @ RedisDeployment::Cluster(_) => {
             return Err(StoreError::new(
