@@ -277,6 +277,16 @@ pub enum ServeError {
         /// What is wrong and what to do.
         problem: String,
     },
+    /// A delay queue for retries through the broker cannot be used
+    /// (`IDEMPOTENCY_RETRY=broker`): it exists with other arguments, the
+    /// user may not declare it, or there is no channel to publish on.
+    /// Checked at start, before any delivery is taken.
+    RetryQueue {
+        /// The delay queue, `{queue}.retry.<delay>`.
+        queue: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
 }
 
 impl std::fmt::Display for ServeError {
@@ -290,6 +300,12 @@ impl std::fmt::Display for ServeError {
             Self::DeadLetters { target, problem } => {
                 write!(f, "dead letters cannot go to {target}: {problem}")
             }
+            Self::RetryQueue { queue, problem } => {
+                write!(
+                    f,
+                    "retries cannot wait in the delay queue `{queue}`: {problem}"
+                )
+            }
         }
     }
 }
@@ -299,7 +315,7 @@ impl std::error::Error for ServeError {
         match self {
             Self::Consumer(err) => Some(err),
             Self::Service(err) => Some(&**err),
-            Self::DeadLetters { .. } => None,
+            Self::DeadLetters { .. } | Self::RetryQueue { .. } => None,
         }
     }
 }

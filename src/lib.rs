@@ -26,7 +26,7 @@ pub mod store;
 pub mod tls;
 
 pub use config::{
-    Config, DeadLetterTarget, NoFingerprintPolicy, RedisDeployment, StoreFailurePolicy,
+    Config, DeadLetterTarget, NoFingerprintPolicy, RedisDeployment, RetryMode, StoreFailurePolicy,
     parse_duration,
 };
 pub use error::{

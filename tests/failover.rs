@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
-use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, serve};
+use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, RetryMode, ServeOptions, serve};
 use common::{RedisProcess, SentinelGroup};
 use lapin::message::Delivery;
 use tower::{Layer, service_fn};
@@ -183,6 +183,7 @@ async fn spawn_consumer(
     let (channel, consumer) = common::consume(connection, queue, 16).await;
     let stop = stop.clone();
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .concurrency(16)
         .shutdown_on(async move {
             while !stop.load(Ordering::SeqCst) {

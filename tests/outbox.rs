@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use amqp_idempotency::outbox::{Checkpoint, OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::store::{RedisStore, Store};
-use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, ServeReport, serve};
+use amqp_idempotency::{
+    Config, HandlerError, IdempotencyLayer, RetryMode, ServeOptions, ServeReport, serve,
+};
 use common::{TestQueue, amqp, consume, declare_queue, eventually, ready_count, redis_store};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -185,6 +187,7 @@ impl Consumer {
         let stop = Arc::new(tokio::sync::Notify::new());
         let stopped = Arc::clone(&stop);
         let options = ServeOptions::new()
+            .retry(RetryMode::Hold)
             .concurrency(8)
             .shutdown_on(async move { stopped.notified().await })
             .close_channel(channel);

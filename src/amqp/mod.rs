@@ -31,6 +31,8 @@
 
 mod connect;
 mod publish;
+mod request;
 
 pub use self::connect::{ConnectError, connect};
 pub use self::publish::{Published, publish_confirmed};
+pub(crate) use self::request::within;

@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Config, DeadLetterTarget, NoFingerprintPolicy, StoreFailurePolicy};
+use super::{Config, DeadLetterTarget, NoFingerprintPolicy, RetryMode, StoreFailurePolicy};
 use crate::error::{ConfigError, redact_nodes, redact_url};
 use crate::tls::{Side, TlsFiles};
 
@@ -36,6 +36,7 @@ pub(crate) const VARIABLES: &[&str] = &[
     "IDEMPOTENCY_OUTBOX_MAX_BYTES",
     "IDEMPOTENCY_VERIFY_PAYLOAD",
     "IDEMPOTENCY_DEAD_LETTERS",
+    "IDEMPOTENCY_RETRY",
     "IDEMPOTENCY_DEAD_LETTER_QUEUE",
     "IDEMPOTENCY_DEAD_LETTER_EXCHANGE",
     "IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY",
@@ -231,6 +232,19 @@ impl Config {
                         "an integer from 1 to 1000",
                     )
                 })?;
+        }
+        if let Some(value) = get("IDEMPOTENCY_RETRY") {
+            config.retry = match value.trim() {
+                "broker" => RetryMode::Broker,
+                "hold" => RetryMode::Hold,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "IDEMPOTENCY_RETRY",
+                        &value,
+                        "`broker` (a copy waits in a delay queue) or `hold` (the delivery is held, then requeued)",
+                    ));
+                }
+            };
         }
         if let Some(value) = get("IDEMPOTENCY_ON_STORE_ERROR") {
             config.on_store_error = match value.trim() {

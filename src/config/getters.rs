@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Config, DeadLetterTarget, NoFingerprintPolicy, StoreFailurePolicy};
+use super::{Config, DeadLetterTarget, NoFingerprintPolicy, RetryMode, StoreFailurePolicy};
 use crate::tls::TlsFiles;
 
 impl Config {
@@ -169,5 +169,10 @@ impl Config {
     /// `_EXCHANGE` and `_ROUTING_KEY`.
     pub fn dead_letters(&self) -> &DeadLetterTarget {
         &self.dead_letters
+    }
+
+    /// `IDEMPOTENCY_RETRY`.
+    pub fn retry(&self) -> RetryMode {
+        self.retry
     }
 }

@@ -57,6 +57,32 @@ pub enum StoreFailurePolicy {
     FailOpen,
 }
 
+/// How the runner retries a message whose handler failed with a
+/// retryable error (`IDEMPOTENCY_RETRY`).
+///
+/// ```
+/// use amqp_idempotency::{Config, RetryMode};
+/// assert_eq!(Config::default().retry(), RetryMode::Broker);
+/// let config = Config::from_lookup(|name| (name == "IDEMPOTENCY_RETRY").then(|| "hold".to_owned()))?;
+/// assert_eq!(config.retry(), RetryMode::Hold);
+/// # Ok::<(), amqp_idempotency::ConfigError>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RetryMode {
+    /// `broker` (default): a copy waits out the backoff in a delay queue,
+    /// `{queue}.retry.<delay>`, that the runner declares (one per step of
+    /// the backoff schedule, each dead-lettering back to `{queue}` when its
+    /// TTL ends); the original is acked once the broker confirmed the copy
+    /// and requeued otherwise. The prefetch window stays free for healthy
+    /// messages.
+    #[default]
+    Broker,
+    /// `hold`: the delivery is held for the backoff, then requeued with
+    /// `basic.nack`. It keeps a prefetch slot meanwhile, and each requeue
+    /// counts against a quorum queue's delivery limit.
+    Hold,
+}
+
 /// Where the runner sends a message the middleware dead-letters (attempts
 /// exhausted, permanent failure, no fingerprint, payload mismatch, too
 /// large, crashed).
@@ -136,6 +162,7 @@ pub struct Config {
     pub(crate) min_replicas: u32,
     pub(crate) replica_timeout: Duration,
     pub(crate) dead_letters: DeadLetterTarget,
+    pub(crate) retry: RetryMode,
     pub(crate) redis_tls: TlsFiles,
     pub(crate) amqp_tls: TlsFiles,
 }
@@ -168,6 +195,7 @@ impl Default for Config {
             min_replicas: 0,
             replica_timeout: Duration::from_secs(1),
             dead_letters: DeadLetterTarget::default(),
+            retry: RetryMode::default(),
             redis_tls: TlsFiles::default(),
             amqp_tls: TlsFiles::default(),
         }
@@ -201,6 +229,7 @@ impl std::fmt::Debug for Config {
             min_replicas,
             replica_timeout,
             dead_letters,
+            retry,
             redis_tls,
             amqp_tls,
         } = self;
@@ -230,6 +259,7 @@ impl std::fmt::Debug for Config {
             .field("min_replicas", min_replicas)
             .field("replica_timeout", replica_timeout)
             .field("dead_letters", dead_letters)
+            .field("retry", retry)
             .field("redis_tls", redis_tls)
             .field("amqp_tls", amqp_tls)
             .finish()
@@ -487,6 +517,29 @@ impl Config {
             .saturating_add(self.retry_backoff_max)
             .saturating_add(self.lease_ttl);
         self.done_ttl.max(horizon)
+    }
+
+    /// How retryable failures are retried (`IDEMPOTENCY_RETRY`: `broker`,
+    /// the default, or `hold`; see [`RetryMode`]).
+    pub fn with_retry(mut self, mode: RetryMode) -> Self {
+        self.retry = mode;
+        self
+    }
+
+    /// The steps of the backoff schedule: `IDEMPOTENCY_RETRY_BACKOFF`
+    /// doubling up to `IDEMPOTENCY_RETRY_BACKOFF_MAX`, each once; the
+    /// delays [`backoff`](Self::backoff) gives. One delay queue each.
+    pub(crate) fn retry_schedule(&self) -> Vec<Duration> {
+        let mut steps = Vec::new();
+        let mut attempt = 1;
+        loop {
+            let step = self.backoff(attempt);
+            if steps.last() == Some(&step) || steps.len() >= 64 {
+                return steps;
+            }
+            steps.push(step);
+            attempt += 1;
+        }
     }
 
     /// The delay before requeueing the `attempt`-th failure.

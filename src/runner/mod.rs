@@ -29,10 +29,12 @@
 //! ```
 
 mod consume;
+mod copy;
 mod dead_letter;
 mod deliver;
 mod options;
 mod reconnecting;
+mod retry;
 mod settle;
 mod shutdown;
 
