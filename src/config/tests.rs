@@ -538,3 +538,27 @@ fn cluster_sentinel_and_replica_settings_are_read_and_checked() {
     let bad = Config::from_lookup(env(&[("IDEMPOTENCY_MIN_REPLICAS", "two")])).unwrap_err();
     assert_eq!(bad.variable(), "IDEMPOTENCY_MIN_REPLICAS");
 }
+
+#[test]
+fn the_retry_schedule_doubles_up_to_the_cap_with_each_step_once() {
+    let ms = Duration::from_millis;
+    assert_eq!(
+        Config::default().retry_schedule(),
+        [
+            ms(500),
+            ms(1000),
+            ms(2000),
+            ms(4000),
+            ms(8000),
+            ms(16000),
+            ms(30000)
+        ]
+    );
+    let flat = Config::default()
+        .with_retry_backoff(ms(100))
+        .with_retry_backoff_max(ms(100));
+    assert_eq!(flat.retry_schedule(), [ms(100)]);
+    for step in Config::default().retry_schedule() {
+        assert!((1..=30).any(|n| Config::default().backoff(n) == step));
+    }
+}
