@@ -591,3 +591,56 @@ async fn hold_keeps_todays_behaviour_and_declares_no_delay_queue() {
         .delete(&connection.create_channel().await.unwrap())
         .await;
 }
+
+/// A message that runs unprotected (no fingerprint, pass-through) has no
+/// record to count its attempts: its copy's `x-idempotency-attempts` does,
+/// or an always-failing one would go round the delay queues for ever.
+#[tokio::test]
+async fn an_unprotected_message_still_reaches_its_last_attempt_through_the_broker() {
+    use amqp_idempotency::NoFingerprintPolicy;
+    use amqp_idempotency::fingerprint::MessageId;
+
+    let connection = amqp().await;
+    let (queue, delays) = fixed_queue(&connection, "unprotected", &["100ms"]).await;
+    let setup = connection.create_channel().await.unwrap();
+    // No message id: with the MessageId strategy, no fingerprint.
+    common::publish(&setup, &queue.name, b"no id", None).await;
+
+    let config = config(Duration::from_millis(100), Duration::from_millis(100))
+        .with_max_attempts(3)
+        .with_on_missing_fingerprint(NoFingerprintPolicy::PassThrough);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let service = IdempotencyLayer::new(redis_store().await, &queue.name, config.clone())
+        .unwrap()
+        .fingerprint(MessageId)
+        .layer(service_fn(move |_d: Delivery| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(HandlerError::retryable("always fails")) }
+        }));
+    let (channel, consumer) = consume(&connection, &queue.name, 4).await;
+    let parked_probe = connection.create_channel().await.unwrap();
+    let dead = queue.dead.clone();
+    let options = ServeOptions::from_config(&config)
+        .shutdown_on(async move {
+            let parked = eventually(Duration::from_secs(15), || {
+                let (probe, dead) = (parked_probe.clone(), dead.clone());
+                async move { ready_count(&probe, &dead).await >= 1 }
+            })
+            .await;
+            if !parked {
+                eprintln!("not parked within 15 s: stopping");
+            }
+        })
+        .close_channel(channel);
+    let report = serve(consumer, service, options).await.expect("serve");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "three runs, then parked: {report:?}"
+    );
+    assert_eq!(report.retried, 2, "{report:?}");
+    let probe = connection.create_channel().await.unwrap();
+    assert_eq!(ready_count(&probe, &queue.dead).await, 1, "parked once");
+    cleanup(&connection, &queue, &delays).await;
+}
