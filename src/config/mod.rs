@@ -35,6 +35,7 @@ use crate::tls::TlsFiles;
 pub use self::deployment::RedisDeployment;
 pub(crate) use self::deployment::{SentinelUrl, is_sentinel_url};
 pub(crate) use self::env::format_duration;
+#[cfg(feature = "testing")]
 pub use self::env::parse_duration;
 
 /// What to do with a message that has no usable fingerprint.

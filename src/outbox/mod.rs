@@ -96,7 +96,10 @@ mod publisher;
 mod ready;
 mod staging;
 
+#[cfg(feature = "testing")]
 pub use ids::outbox_key;
+#[cfg(not(feature = "testing"))]
+pub(crate) use ids::outbox_key;
 pub use mode::{Mode, OutboxLayer, Plain, WithOutbox};
 #[cfg(feature = "testing")]
 pub use publisher::Checkpoint;

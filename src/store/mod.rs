@@ -46,9 +46,10 @@ mod redis;
 mod token;
 
 pub use self::claim::{Claim, ClaimOutcome};
-pub use self::machine::CRASH_MEMORY;
+pub(crate) use self::machine::CRASH_MEMORY;
 pub use self::memory::MemoryStore;
 pub use self::primitives::{Expect, OutboxEntry, Store, Stored};
-pub use self::record::Record;
-pub use self::redis::{RedisStore, redis_client, sentinel_master_url};
+pub(crate) use self::record::Record;
+pub use self::redis::RedisStore;
+pub(crate) use self::redis::client_for;
 pub use self::token::Token;
