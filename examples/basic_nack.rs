@@ -358,9 +358,7 @@ async fn connect_amqp(config: &Config) -> Result<Connection, String> {
              `docker-compose up -d rabbitmq`) or set AMQP_URL"
         )),
         Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!(
-            "RabbitMQ (AMQP_URL) did not answer within 10s; check AMQP_URL and that the broker is up"
-        )),
+        Err(_) => Err("RabbitMQ (AMQP_URL) did not answer within 10s; check AMQP_URL and that the broker is up".to_owned()),
     }
 }
 

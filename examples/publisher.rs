@@ -152,9 +152,7 @@ async fn publish(args: Args) -> Result<(), String> {
         }
         Ok(Err(err)) => return Err(err.to_string()),
         Err(_) => {
-            return Err(format!(
-                "RabbitMQ (AMQP_URL) did not answer within 10s; check AMQP_URL"
-            ));
+            return Err("RabbitMQ (AMQP_URL) did not answer within 10s; check AMQP_URL".to_owned());
         }
     };
     let channel = connection

@@ -657,9 +657,7 @@ async fn connect_amqp(config: &Config) -> Result<Connection, String> {
             }
             Ok(Err(err)) => return Err(err.to_string()),
             Err(_) => {
-                return Err(format!(
-                    "RabbitMQ (AMQP_URL) did not answer within 10s; check AMQP_URL and that the broker is up"
-                ));
+                return Err("RabbitMQ (AMQP_URL) did not answer within 10s; check AMQP_URL and that the broker is up".to_owned());
             }
         }
     }

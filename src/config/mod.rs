@@ -252,7 +252,7 @@ impl Config {
     /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_NODES`, comma-separated
     /// `redis://` or `rediss://` URLs): the store then runs in cluster mode,
     /// the URL of [`redis_url`](Self::redis_url) is not used, and
-    /// [`redis`](Self::redis) says [`RedisDeployment::Cluster`].
+    /// [`redis_deployment`](Self::redis_deployment) says [`RedisDeployment::Cluster`].
     pub fn with_redis_cluster_nodes<I, S>(mut self, nodes: I) -> Self
     where
         I: IntoIterator<Item = S>,

@@ -36,7 +36,7 @@
 //!
 //! 1. **Commit.** When the handler succeeded, its done mark and the staged
 //!    messages are written in one atomic step (a script over the record's
-//!    key and its companion [`outbox_key`], which share a hash tag,
+//!    key and its companion outbox key, `{<record key>}:\0outbox`, which share a hash tag,
 //!    so it holds on a Redis Cluster too). A handler that failed or timed
 //!    out commits nothing, and nothing it staged is ever published.
 //! 2. **Dispatch.** The messages are published on a confirm-mode channel,

@@ -34,8 +34,9 @@
 //!   transition, a read, a write probe, and the outbox's three).
 //! - `redis/` ([`RedisStore`]) and `memory` ([`MemoryStore`]): the backends.
 //! - `claim` ([`Claim`], [`ClaimOutcome`]), `token` ([`Token`]) and
-//!   `record` ([`Record`]): the values, and the wire format every version
-//!   of this library reads, a compatibility contract described there.
+//!   `record`: the values, and the wire format every version of this
+//!   library reads, a compatibility contract described there (read it
+//!   from code with [`records`](crate::records)).
 
 mod claim;
 pub mod machine;

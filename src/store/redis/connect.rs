@@ -27,10 +27,10 @@ use crate::tls::{self, Side, TlsFiles};
 impl RedisStore {
     /// Connects to the Redis that `config` names, with all of its Redis
     /// settings: a Redis Cluster when it has seed nodes
-    /// ([`Config::redis_cluster`], `REDIS_CLUSTER_NODES`), else its URL
+    /// ([`Config::redis_cluster_nodes`], `REDIS_CLUSTER_NODES`), else its URL
     /// ([`Config::redis_url`], `REDIS_URL`: a standalone server, or the
     /// master Sentinel names for `redis-sentinel://`); for `rediss://`, its
-    /// TLS files ([`Config::redis_tls`]: `REDIS_TLS_CA_FILE`,
+    /// TLS files ([`Config::redis_tls_ca_file`]: `REDIS_TLS_CA_FILE`,
     /// `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE`); and the replicas each
     /// write must reach ([`Config::min_replicas`], `IDEMPOTENCY_MIN_REPLICAS`).
     ///
