@@ -41,7 +41,7 @@ use crate::error::ConfigError;
 /// one (mutual TLS). All PEM. See [`Config::redis_tls`](crate::Config::redis_tls)
 /// and [`Config::amqp_tls`](crate::Config::amqp_tls).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) cert_file: Option<PathBuf>,
     pub(crate) key_file: Option<PathBuf>,
@@ -49,22 +49,22 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     /// The CA certificates (PEM) trusted instead of the platform roots.
-    pub fn ca_file(&self) -> Option<&Path> {
+    pub(crate) fn ca_file(&self) -> Option<&Path> {
         self.ca_file.as_deref()
     }
 
     /// The client certificate chain (PEM), presented to servers that ask for one.
-    pub fn cert_file(&self) -> Option<&Path> {
+    pub(crate) fn cert_file(&self) -> Option<&Path> {
         self.cert_file.as_deref()
     }
 
     /// The client certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
-    pub fn key_file(&self) -> Option<&Path> {
+    pub(crate) fn key_file(&self) -> Option<&Path> {
         self.key_file.as_deref()
     }
 
     /// True when no file is set: platform roots, no client certificate.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.ca_file.is_none() && self.cert_file.is_none() && self.key_file.is_none()
     }
 

@@ -43,18 +43,3 @@ async fn a_store_built_from_a_cluster_config_writes_its_records_on_the_cluster()
     );
     assert_eq!(on_cluster.trim(), "1", "the record is not on the cluster");
 }
-
-#[test]
-fn a_plain_client_is_refused_for_a_cluster_or_sentinel_config() {
-    let cluster = Config::default().with_redis_cluster_nodes(["redis://127.0.0.1:7000"]);
-    let err = amqp_idempotency::store::redis_client(&cluster)
-        .expect_err("a redis::Client for a cluster configuration");
-    assert!(err.to_string().contains("REDIS_CLUSTER_NODES"), "{err}");
-    assert!(err.to_string().contains("RedisStore::connect"), "{err}");
-    let sentinel = Config::default().with_redis_url("redis-sentinel://127.0.0.1:26379#orders");
-    let err = amqp_idempotency::store::redis_client(&sentinel)
-        .expect_err("a redis::Client for a Sentinel configuration");
-    assert!(err.to_string().contains("sentinel_master_url"), "{err}");
-    let standalone = Config::default().with_redis_url(common::redis_url());
-    assert!(amqp_idempotency::store::redis_client(&standalone).is_ok());
-}

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use amqp_idempotency::store::{Expect, MemoryStore, Record, Store};
+use amqp_idempotency::records::{Record, State};
+use amqp_idempotency::store::{Expect, MemoryStore, Store};
 use amqp_idempotency::{
     BoxError, Config, Disposition, HandlerError, IdempotencyLayer, NoFingerprintPolicy,
     OutcomeKind, StoreError, StoreFailurePolicy,
@@ -14,6 +15,11 @@ use amqp_idempotency::{
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tower::{Layer, Service, ServiceExt, service_fn};
+
+/// What a stored value says, read through the public records API.
+fn state(value: &[u8]) -> State {
+    Record::decode("", (value.to_vec(), None)).state().clone()
+}
 
 fn delivery(id: Option<&str>, body: &[u8]) -> Delivery {
     let mut d = Delivery::mock(1, "".into(), "q".into(), false, body.to_vec());
@@ -570,10 +576,7 @@ async fn an_abandoned_call_keeps_its_claim_until_the_lease_ends() {
     }
     let (value, _) = store.get("idem:q:m").await.unwrap().expect("record kept");
     assert!(
-        matches!(
-            Record::parse(&value),
-            Some(Record::InProgress { attempt: 1, .. })
-        ),
+        matches!(state(&value), State::InProgress { attempt: 1, .. }),
         "the abandoned claim is kept, not released: {value:?}"
     );
     let copy = svc
@@ -698,7 +701,7 @@ async fn a_message_that_kills_its_consumer_is_dead_lettered_after_the_last_attem
         call.abort();
         let _ = call.await;
         let (value, _) = store.get("idem:q:m").await.unwrap().expect("record");
-        if let Some(Record::InProgress { attempt, .. }) = Record::parse(&value) {
+        if let State::InProgress { attempt, .. } = state(&value) {
             attempts.push(attempt);
         }
         tokio::time::sleep(Duration::from_secs(4)).await;
@@ -746,8 +749,8 @@ async fn a_dead_lettered_claim_is_released_with_its_attempts_unless_the_copy_is_
         let store = store.clone();
         async move {
             match store.get(key).await.unwrap() {
-                Some((value, _)) => match Record::parse(&value) {
-                    Some(Record::Released { attempts, .. }) => Some(attempts),
+                Some((value, _)) => match state(&value) {
+                    State::Released { attempts, .. } => Some(attempts),
                     _ => None,
                 },
                 None => None,
@@ -854,7 +857,7 @@ async fn a_done_mark_that_cannot_be_written_holds_the_message_until_the_store_an
     assert_eq!(outcome.kind(), OutcomeKind::Processed);
     let (value, _) = store.inner.get("idem:q:m").await.unwrap().unwrap();
     assert!(
-        matches!(Record::parse(&value), Some(Record::Done { .. })),
+        matches!(state(&value), State::Done { .. }),
         "the done mark was written: {value:?}"
     );
 }
@@ -954,7 +957,7 @@ async fn the_guard_api_claims_completes_and_releases() {
         common_eventually(|| {
             let store = store.clone();
             async move {
-                matches!(store.get("idem:q:g2").await, Ok(Some((v, _))) if matches!(Record::parse(&v), Some(Record::Released { attempts: 2, .. })))
+                matches!(store.get("idem:q:g2").await, Ok(Some((v, _))) if matches!(state(&v), State::Released { attempts: 2, .. }))
             }
         })
         .await;

@@ -12,7 +12,9 @@ use crate::error::redact_url;
 use crate::tls::{self, Side};
 
 /// Opens a connection to the broker at `config`'s AMQP URL
-/// ([`Config::amqp`]), with TLS for `amqps://` as [`Config::amqp_tls`] says.
+/// ([`Config::amqp_url`]), with TLS for `amqps://` as
+/// [`Config::amqp_tls_ca_file`], [`Config::amqp_tls_cert_file`] and
+/// [`Config::amqp_tls_key_file`] say.
 ///
 /// Works like [`lapin::Connection::connect`] otherwise, and supports
 /// lapin's automatic recovery (`properties.enable_auto_recover()`), which

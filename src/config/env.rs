@@ -502,21 +502,23 @@ fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
-/// Parses `500ms`, `30s`, `5m`, `24h` or `7d`. Zero and unitless values are refused.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().ok()?;
-    let duration = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60)?),
-        "h" => Duration::from_secs(n.checked_mul(3600)?),
-        "d" => Duration::from_secs(n.checked_mul(86_400)?),
-        _ => return None,
-    };
-    (!duration.is_zero()).then_some(duration)
+pub_for_testing! {
+    /// Parses `500ms`, `30s`, `5m`, `24h` or `7d`. Zero and unitless values are refused.
+    fn parse_duration(text: &str) -> Option<Duration> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit())?;
+        let (digits, unit) = text.split_at(split);
+        let n: u64 = digits.parse().ok()?;
+        let duration = match unit.trim() {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60)?),
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            "d" => Duration::from_secs(n.checked_mul(86_400)?),
+            _ => return None,
+        };
+        (!duration.is_zero()).then_some(duration)
+    }
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.

@@ -35,6 +35,7 @@ use crate::tls::TlsFiles;
 pub use self::deployment::RedisDeployment;
 pub(crate) use self::deployment::{SentinelUrl, is_sentinel_url};
 pub(crate) use self::env::format_duration;
+#[cfg(feature = "testing")]
 pub use self::env::parse_duration;
 
 /// What to do with a message that has no usable fingerprint.
@@ -281,7 +282,7 @@ impl Config {
     /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_NODES`, comma-separated
     /// `redis://` or `rediss://` URLs): the store then runs in cluster mode,
     /// the URL of [`redis_url`](Self::redis_url) is not used, and
-    /// [`redis`](Self::redis) says [`RedisDeployment::Cluster`].
+    /// [`redis_deployment`](Self::redis_deployment) says [`RedisDeployment::Cluster`].
     pub fn with_redis_cluster_nodes<I, S>(mut self, nodes: I) -> Self
     where
         I: IntoIterator<Item = S>,
