@@ -14,7 +14,8 @@
 #                               point elsewhere
 #
 # Only a Redis started here (its pid, checked to still be that redis-server)
-# and a RabbitMQ node started here (rabbitmqctl shutdown) are ever stopped.
+# and a RabbitMQ node started here (rabbitmqctl shutdown, then `epmd -kill`
+# when no Erlang port mapper ran before it) are ever stopped.
 
 SCRIPT="${0##*/}"
 say() { printf '%s: %s\n' "$SCRIPT" "$*" >&2; }
@@ -92,9 +93,11 @@ install_needed() {
 STARTED_REDIS_PID=""
 STARTED_REDIS_DIR=""
 STARTED_RABBIT=""
+STARTED_EPMD=""
 
 redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
 rabbit_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+epmd_up() { (exec 3<>/dev/tcp/127.0.0.1/4369) 2>/dev/null; }
 
 stop_started() {
   # The EXIT trap: stop what start_services started, newest first.
@@ -104,6 +107,11 @@ stop_started() {
     say "stopping the RabbitMQ started here"
     as_root rabbitmqctl -q shutdown >/dev/null 2>&1 || say "rabbitmqctl shutdown failed"
     STARTED_RABBIT=""
+    # The Erlang port mapper that node started (none ran before), if it still runs.
+    if [ -n "$STARTED_EPMD" ]; then
+      epmd -kill >/dev/null 2>&1 || true
+      STARTED_EPMD=""
+    fi
   fi
   if [ -n "$STARTED_REDIS_PID" ]; then
     if [[ "$(readlink "/proc/$STARTED_REDIS_PID/exe" 2>/dev/null)" == *redis* ]]; then
@@ -149,6 +157,7 @@ start_services() {
     say "RabbitMQ answers on 127.0.0.1:5672: using it"
   else
     say "starting rabbitmq-server (rabbitmq-server -detached)"
+    epmd_up || STARTED_EPMD=1
     as_root rabbitmq-server -detached >/dev/null
     STARTED_RABBIT=1
     for _ in $(seq 1 120); do
