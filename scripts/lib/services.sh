@@ -82,8 +82,10 @@ install_needed() {
       "then rerun: $RERUN (Redis and RabbitMQ that already run are used as they are)"
   fi
   say "installing ${NEEDED[*]}"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${NEEDED[@]}" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq ||
+    die "apt-get update failed (see above)" "fix it, or install ${NEEDED[*]} by hand, then rerun: $RERUN"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${NEEDED[@]}" >&2 ||
+    die "apt-get install ${NEEDED[*]} failed (see above)" "fix it, or install them by hand, then rerun: $RERUN"
   NEEDED=()
 }
 
