@@ -2,7 +2,7 @@
 //! (default `redis://127.0.0.1:6379`). Each test writes its records under a
 //! key prefix of its own and deletes them when it ends. The last tests
 //! run it against a TLS-only Redis and against the Redis Cluster of
-//! `TEST_REDIS_CLUSTER_NODES`.
+//! `TEST_REDIS_CLUSTER_NODES` (or the one the tests start, see `common::cluster_nodes`).
 
 mod common;
 
@@ -668,7 +668,7 @@ fn a_fingerprint_maps_to_the_key_the_library_uses() {
 
 // The CLI reaches Redis as the library does, from the same variables: a
 // TLS-only redis-server with a private CA (`REDIS_URL=rediss://...`,
-// `REDIS_TLS_CA_FILE`), and the Redis Cluster of `TEST_REDIS_CLUSTER_NODES`
+// `REDIS_TLS_CA_FILE`), and the Redis Cluster of `common::cluster_nodes`
 // (`REDIS_CLUSTER_NODES`), whose masters each hold some of the records.
 // Records are written through `RedisStore` with the same settings.
 

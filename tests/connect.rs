@@ -1,6 +1,6 @@
 //! A store built from a `Config` talks to the Redis that the `Config`
 //! names, whatever its kind: here a Redis Cluster (`REDIS_CLUSTER_NODES`),
-//! against the 3-master cluster of `TEST_REDIS_CLUSTER_NODES` and the
+//! against the 3-master cluster of `common::cluster_nodes` and the
 //! standalone Redis at `REDIS_URL`, whose default URL a cluster
 //! configuration once handed out.
 

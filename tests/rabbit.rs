@@ -165,7 +165,7 @@ async fn finish(connection: &Connection, queue: &TestQueue) -> (u32, u32) {
 
 /// Runs an end-to-end test against each Redis deployment: the standalone
 /// Redis 7 at REDIS_URL, the 3-master Redis Cluster and Valkey 8.1 (on its
-/// native compare-and-set) that `.ci/servers.sh` starts.
+/// native compare-and-set) of `common::cluster_nodes` and `common::valkey_url`.
 macro_rules! on_every_deployment {
     ($($name:ident),* $(,)?) => {
         mod deployments {
