@@ -136,6 +136,9 @@ async fn run() -> Result<(), String> {
     // this demo) is acked as a duplicate without running the handler, and it
     // must stop the process all the same.
     let quit = Arc::new(Notify::new());
+    // Shared with the runner: a delivery held while Redis is down is given
+    // back as soon as it stops.
+    let stopping = layer.stopping();
     let service = Watch {
         inner: layer.layer(handler),
         quit: Arc::clone(&quit),
@@ -167,6 +170,7 @@ async fn run() -> Result<(), String> {
     // connection's frame_max; if the broker does not confirm the copy, the
     // original is requeued, never dropped.
     let options = ServeOptions::from_config(&config)
+        .stopping(stopping)
         .shutdown_on(stop)
         .frame_max(connection.configuration().frame_max())
         .close_channel(channel);

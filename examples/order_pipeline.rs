@@ -44,7 +44,9 @@ use std::time::{Duration, Instant};
 
 use amqp_idempotency::outbox::{OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::store::RedisStore;
-use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, amqp, serve};
+use amqp_idempotency::{
+    Config, HandlerError, IdempotencyLayer, ServeOptions, Stopping, amqp, serve,
+};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -167,7 +169,12 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     // The order service: places the order, stages the payment request.
     let placed = Arc::clone(&counts);
     let payments_queue = payments.clone();
+    // One shutdown handle for every layer and runner: a delivery a layer
+    // holds (Redis down, an outbox waiting for its confirms) is given back
+    // as soon as its runner stops.
+    let stopping = Stopping::new();
     let order_service = IdempotencyLayer::new(store.clone(), &orders, config.clone())?
+        .with_stopping(stopping.clone())
         .with_outbox(OutboxPublisher::connect(&config))
         .layer(service_fn(move |incoming: OutboxDelivery| {
             let counts = Arc::clone(&placed);
@@ -198,8 +205,9 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     // The payment service: an ordinary idempotent consumer.
     let charged = Arc::clone(&counts);
-    let payment_service = IdempotencyLayer::new(store.clone(), &payments, config.clone())?.layer(
-        service_fn(move |delivery: Delivery| {
+    let payment_service = IdempotencyLayer::new(store.clone(), &payments, config.clone())?
+        .with_stopping(stopping.clone())
+        .layer(service_fn(move |delivery: Delivery| {
             let counts = Arc::clone(&charged);
             async move {
                 let id = delivery
@@ -213,12 +221,12 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 }
                 Ok::<_, HandlerError>(())
             }
-        }),
-    );
+        }));
 
     // The quote service: answers requests through the outbox.
     let quoted = Arc::clone(&counts);
     let quote_service = IdempotencyLayer::new(store, &quotes, config.clone())?
+        .with_stopping(stopping.clone())
         .with_outbox(OutboxPublisher::connect(&config))
         .layer(service_fn(move |incoming: OutboxDelivery| {
             let counts = Arc::clone(&quoted);
@@ -253,6 +261,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             )
             .await?;
         let options = ServeOptions::from_config(&config)
+            .stopping(stopping.clone())
             .shutdown_on(stopped(stop.clone()))
             .close_channel(channel);
         services.push(service.serve(consumer, options));

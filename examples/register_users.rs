@@ -446,6 +446,9 @@ async fn consume_with_middleware(
     });
     let tally = Arc::new(Tally::default());
     let recorder = Arc::clone(&tally);
+    // Shared with the runner: a delivery held while Redis is down is given
+    // back as soon as it stops.
+    let stopping = layer.stopping();
     let service = layer.layer(handler).map_response(move |outcome: Outcome| {
         recorder.record(&outcome, target);
         outcome
@@ -480,6 +483,7 @@ async fn consume_with_middleware(
         consumer,
         service,
         ServeOptions::from_config(config)
+            .stopping(stopping)
             .shutdown_on(stop)
             .close_channel(channel),
     )

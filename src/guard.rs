@@ -59,18 +59,18 @@
 //! attempt 1 nor lost.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, NoFingerprintPolicy};
 use crate::error::{ConfigError, StoreError};
 use crate::fingerprint::{self, Fingerprint, MessageIdOrBodyHash};
+use crate::stopping::Stopping;
 use crate::store::{Claim, ClaimOutcome, Store, Token, machine};
 
 /// Claims messages before they are processed: the engine under both the
@@ -87,6 +87,18 @@ struct Shared<St, F> {
     store_down: AtomicBool,
     /// Requests the store refused since the current pause began.
     refusals: AtomicU64,
+    /// The runner's shutdown, shared with it explicitly.
+    stopping: Stopping,
+}
+
+impl<St, F> Deduplicator<St, F> {
+    /// The shutdown handle to give the runner that serves this
+    /// deduplicator's layer ([`ServeOptions::stopping`](crate::ServeOptions::stopping)):
+    /// its holds end when that runner stops, and the runner waits for the
+    /// claims its dropped guards release. Clones share it.
+    pub fn stopping(&self) -> &Stopping {
+        &self.shared.stopping
+    }
 }
 
 impl<St, F> Clone for Deduplicator<St, F> {
@@ -180,6 +192,29 @@ impl<St: Store, F: Fingerprint> Deduplicator<St, F> {
                 scope: shared.scope.clone(),
                 store_down: AtomicBool::new(false),
                 refusals: AtomicU64::new(0),
+                stopping: shared.stopping.clone(),
+            }),
+        }
+    }
+
+    /// Shares `stopping` with a runner (and other deduplicators) instead
+    /// of a handle of its own: one handle for every layer that runner
+    /// serves. See [`Stopping`].
+    pub fn with_stopping(self, stopping: Stopping) -> Self
+    where
+        St: Clone,
+        F: Clone,
+    {
+        let shared = &self.shared;
+        Self {
+            shared: Arc::new(Shared {
+                store: shared.store.clone(),
+                fingerprint: shared.fingerprint.clone(),
+                config: shared.config.clone(),
+                scope: shared.scope.clone(),
+                store_down: AtomicBool::new(false),
+                refusals: AtomicU64::new(0),
+                stopping,
             }),
         }
     }
@@ -429,6 +464,7 @@ impl<St: Store> Deduplicator<St> {
                 scope,
                 store_down: AtomicBool::new(false),
                 refusals: AtomicU64::new(0),
+                stopping: Stopping::new(),
             }),
         })
     }
@@ -478,6 +514,7 @@ trait Settle<St>: Send + Sync {
     fn config(&self) -> &Config;
     fn note_error(&self, operation: &'static str, err: &StoreError);
     fn note_ok(&self);
+    fn stopping(&self) -> &Stopping;
 }
 
 impl<St: Store, F: Fingerprint> Settle<St> for Shared<St, F> {
@@ -508,24 +545,9 @@ impl<St: Store, F: Fingerprint> Settle<St> for Shared<St, F> {
             );
         }
     }
-}
-
-/// Releases still running because their guard was dropped unsettled.
-static PENDING_RELEASES: AtomicUsize = AtomicUsize::new(0);
-static RELEASES_SETTLED: Notify = Notify::const_new();
-
-/// Waits, up to `deadline`, for the releases of dropped guards to reach the store.
-pub(crate) async fn flush_dropped_releases(deadline: Duration) -> bool {
-    let wait = async {
-        loop {
-            let notified = RELEASES_SETTLED.notified();
-            if PENDING_RELEASES.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    };
-    tokio::time::timeout(deadline, wait).await.is_ok()
+    fn stopping(&self) -> &Stopping {
+        &self.stopping
+    }
 }
 
 /// A claim on one message. Complete it after the work succeeded, release
@@ -724,9 +746,9 @@ impl<St: Store> Drop for ClaimGuard<St> {
             return;
         };
         let dedup = Arc::clone(&self.dedup);
-        PENDING_RELEASES.fetch_add(1, Ordering::AcqRel);
-        // Counted down even if the runtime drops the task before it ran.
-        let pending = PendingRelease;
+        // Counted (for the runner's shutdown) until it reached the store,
+        // or the runtime dropped its task.
+        let pending = dedup.stopping().release_started();
         runtime.spawn(async move {
             let _pending = pending;
             let retention = dedup.config().done_ttl;
@@ -763,15 +785,5 @@ impl<St: Store> crate::outcome::HeldClaim for ClaimGuard<St> {
         // drop releases the claim (counted for the shutdown's flush).
         self.work_started = false;
         self.work_done = false;
-    }
-}
-
-/// One release of a dropped guard in flight; counts itself down when dropped.
-struct PendingRelease;
-
-impl Drop for PendingRelease {
-    fn drop(&mut self) {
-        PENDING_RELEASES.fetch_sub(1, Ordering::AcqRel);
-        RELEASES_SETTLED.notify_waiters();
     }
 }

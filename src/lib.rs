@@ -50,3 +50,4 @@ pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};
 pub use report::ServeReport;
 pub use runner::{ServeOptions, Session, serve, serve_reconnecting};
+pub use stopping::Stopping;

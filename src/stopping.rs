@@ -1,43 +1,145 @@
-//! How a delivery the layer holds learns that the runner stops: the runner
-//! runs each call of the service within [`scope`], and a hold (a store
-//! outage, an undispatched outbox) ends early on [`runner_stopping`].
+//! [`Stopping`]: what the runner and the layer share about a shutdown, as
+//! an explicit handle. The runner says when it stops; the layer's holds
+//! (a delivery kept while the store is down, an outbox waiting for its
+//! confirms) end then instead of at the shutdown deadline; and claims that
+//! guards release in the background once dropped are counted in it, so
+//! that the runner waits for them before it returns.
 //!
-//! ```ignore
-//! let (stop, stopping) = tokio::sync::watch::channel(false);
-//! let call = stopping::scope(stopping, service.call(delivery));
+//! ```no_run
+//! use std::convert::Infallible;
+//! use amqp_idempotency::{serve, Config, IdempotencyLayer, ServeOptions, store::RedisStore};
+//! use tower::{Layer, service_fn};
+//!
+//! # async fn run(consumer: lapin::Consumer, channel: lapin::Channel) -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::from_env()?;
+//! let layer = IdempotencyLayer::new(RedisStore::connect(&config).await?, "orders", config.clone())?;
+//! // The layer's handle, given to the runner that serves it.
+//! let options = ServeOptions::from_config(&config)
+//!     .stopping(layer.stopping())
+//!     .close_channel(channel);
+//! let service = layer.layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
+//! serve(consumer, service, options).await?;
+//! # Ok(())
+//! # }
 //! ```
 //!
-//! A task-local, not an argument: the runner serves any
-//! `tower::Service<Delivery>`, and the user's own layers between the
-//! runner and ours could not pass a signal through. Outside a runner (the
-//! guard API, a test calling the service) a hold simply never ends early.
+//! Without it the runner still stops and loses nothing: a held delivery
+//! keeps its hold until the shutdown deadline, and is then given back to
+//! the queue with the channel.
 
-use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
-tokio::task_local! {
-    /// Set by the runner around each delivery: true once it stops.
-    static STOPPING: watch::Receiver<bool>;
+/// A shutdown shared by a runner and the layers it serves: see the
+/// [module](self). Clones share it; [`Default`] is a new one.
+#[derive(Clone, Debug, Default)]
+pub struct Stopping {
+    shared: Arc<Shared>,
 }
 
-/// Runs `call` so that [`runner_stopping`] within it follows `stopping`.
-pub(crate) fn scope<F: Future>(
-    stopping: watch::Receiver<bool>,
-    call: F,
-) -> impl Future<Output = F::Output> {
-    STOPPING.scope(stopping, call)
+#[derive(Debug)]
+struct Shared {
+    stopped: watch::Sender<bool>,
+    /// Releases of dropped guards still on their way to the store.
+    pending: AtomicUsize,
+    settled: Notify,
 }
 
-/// Completes once the runner that called the layer stops; never when the
-/// layer was called by something else.
-pub(crate) async fn runner_stopping() {
-    match STOPPING.try_with(watch::Receiver::clone) {
-        Ok(mut stopping) => {
-            if stopping.wait_for(|stopping| *stopping).await.is_err() {
-                std::future::pending::<()>().await;
-            }
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            stopped: watch::Sender::new(false),
+            pending: AtomicUsize::new(0),
+            settled: Notify::new(),
         }
-        Err(_) => std::future::pending().await,
+    }
+}
+
+impl Stopping {
+    /// A handle that has not stopped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the runner holding this handle has stopped.
+    pub fn is_stopped(&self) -> bool {
+        *self.shared.stopped.borrow()
+    }
+
+    /// Says that the runner stops: every hold waiting on [`stopped`](Self::stopped) ends.
+    pub(crate) fn stop(&self) {
+        self.shared.stopped.send_replace(true);
+    }
+
+    /// Completes once [`stop`](Self::stop) was called.
+    pub(crate) async fn stopped(&self) {
+        let mut stopped = self.shared.stopped.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+    }
+
+    /// Counts one background release until the returned value is dropped.
+    pub(crate) fn release_started(&self) -> PendingRelease {
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
+        PendingRelease {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Waits, up to `deadline`, for the background releases to reach the
+    /// store; false when some were still on their way.
+    pub(crate) async fn releases_settled(&self, deadline: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.shared.settled.notified();
+                if self.shared.pending.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(deadline, wait).await.is_ok()
+    }
+}
+
+/// One background release in flight; counts itself down when dropped,
+/// even if the runtime drops its task before it ran.
+pub(crate) struct PendingRelease {
+    shared: Arc<Shared>,
+}
+
+impl Drop for PendingRelease {
+    fn drop(&mut self) {
+        self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+        self.shared.settled.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn holds_end_once_stopped_and_releases_are_waited_for() {
+        let stopping = Stopping::new();
+        assert!(!stopping.is_stopped());
+        let waiter = tokio::spawn({
+            let stopping = stopping.clone();
+            async move { stopping.stopped().await }
+        });
+        stopping.stop();
+        waiter.await.unwrap();
+        assert!(stopping.is_stopped());
+
+        let pending = stopping.release_started();
+        assert!(
+            !stopping.releases_settled(Duration::from_millis(10)).await,
+            "one release still on its way"
+        );
+        drop(pending);
+        assert!(stopping.releases_settled(Duration::from_millis(10)).await);
     }
 }

@@ -11,7 +11,7 @@ use amqp_idempotency::records::{Record, State};
 use amqp_idempotency::store::{RedisStore, Store};
 use amqp_idempotency::{
     Config, HandlerError, IdempotencyLayer, Outcome, OutcomeKind, RetryMode, ServeOptions,
-    ServeReport, serve,
+    ServeReport, Stopping, serve,
 };
 use common::{
     TestQueue, amqp, consume, declare_queue, eventually, publish, ready_count, redis_store,
@@ -137,10 +137,28 @@ async fn run_until(
     + 'static,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ServeReport {
+    run_until_stopping(connection, queue, service, stop, Stopping::new()).await
+}
+
+/// [`run_until`], with the layer's shutdown handle given to the runner.
+async fn run_until_stopping(
+    connection: &Connection,
+    queue: &str,
+    service: impl Service<
+        Delivery,
+        Response = Outcome,
+        Error = amqp_idempotency::BoxError,
+        Future = impl Send + 'static,
+    > + Send
+    + 'static,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    stopping: Stopping,
+) -> ServeReport {
     let (channel, consumer) = consume(connection, queue, 8).await;
     let options = ServeOptions::new()
         .retry(RetryMode::Hold)
         .concurrency(8)
+        .stopping(stopping)
         .shutdown_on(async move {
             if tokio::time::timeout(Duration::from_secs(30), stop)
                 .await
@@ -459,19 +477,27 @@ async fn with_redis_unreachable_the_handler_does_not_run_and_the_message_stays_q
     let journal = Journal::default();
     let layer = IdempotencyLayer::new(store, &queue.name, config(&common::unique("p"))).unwrap();
     let dedup = layer.deduplicator().clone();
+    let stopping = layer.stopping();
     let service = layer.layer(service_fn(move |_d: Delivery| {
         r.fetch_add(1, Ordering::SeqCst);
         async { Ok::<_, HandlerError>(()) }
     }));
     let service = journal.clone().record(service);
-    let report = run_until(&connection, &queue.name, service.clone(), async move {
-        // The claim failed: the delivery is held (not requeued) while paused.
-        while !dedup.store_is_down() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Stay a little longer: paused, nothing else may happen.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    })
+    // The layer's handle: its hold ends as soon as the runner stops.
+    let report = run_until_stopping(
+        &connection,
+        &queue.name,
+        service.clone(),
+        async move {
+            // The claim failed: the delivery is held (not requeued) while paused.
+            while !dedup.store_is_down() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Stay a little longer: paused, nothing else may happen.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        },
+        stopping,
+    )
     .await;
     assert_eq!(
         runs.load(Ordering::SeqCst),

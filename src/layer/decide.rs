@@ -80,7 +80,7 @@ where
                 let again = dedup.wait_to_claim_again(fingerprint.as_deref(), &mut backoff);
                 let recovered = tokio::select! {
                     recovered = tokio::time::timeout_at(hold_until, again) => recovered.is_ok(),
-                    () = crate::stopping::runner_stopping() => false,
+                    () = dedup.stopping().stopped() => false,
                 };
                 if !recovered {
                     return Outcome::requeue(

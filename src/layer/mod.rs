@@ -97,6 +97,26 @@ impl<St, F> IdempotencyLayer<St, F> {
         &self.dedup
     }
 
+    /// Shares `stopping` with the runner that serves this layer (and with
+    /// other layers it serves) instead of a handle of its own; see
+    /// [`Stopping`](crate::Stopping).
+    pub fn with_stopping(self, stopping: crate::Stopping) -> Self
+    where
+        St: crate::store::Store + Clone,
+        F: crate::fingerprint::Fingerprint + Clone,
+    {
+        Self {
+            dedup: self.dedup.with_stopping(stopping),
+        }
+    }
+
+    /// The shutdown handle to give the runner that serves this layer
+    /// ([`ServeOptions::stopping`](crate::ServeOptions::stopping)); see
+    /// [`Stopping`](crate::Stopping).
+    pub fn stopping(&self) -> crate::Stopping {
+        self.dedup.stopping().clone()
+    }
+
     /// The same layer for a handler that publishes through an outbox
     /// (a `Service<`[`OutboxDelivery`](crate::outbox::OutboxDelivery)`>`):
     /// what it stages is committed with its done mark, then published on

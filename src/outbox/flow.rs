@@ -123,7 +123,7 @@ async fn dispatch_until_sent<St: Store, F: Fingerprint>(
         tracing::warn!(%problem, left = ready.len(), retry_in = ?delay, "not every outbox message was confirmed: holding the message and trying again");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = crate::stopping::runner_stopping() => return Err(problem),
+            () = dedup.stopping().stopped() => return Err(problem),
         }
     }
 }
@@ -167,7 +167,7 @@ pub(crate) async fn finish_duplicate<St: Store, F: Fingerprint>(
         }
         tokio::select! {
             () = tokio::time::sleep(backoff.next_delay().min(wait_until - now)) => {}
-            () = crate::stopping::runner_stopping() => {
+            () = dedup.stopping().stopped() => {
                 // The first run may still be sending: let the broker
                 // deliver this copy again rather than send it all twice.
                 return Outcome::requeue(OutcomeKind::InProgressElsewhere, 0, Duration::ZERO);

@@ -58,6 +58,13 @@ impl<St, F> OutboxLayer<St, F> {
         &self.dedup
     }
 
+    /// The shutdown handle to give the runner that serves this layer
+    /// ([`ServeOptions::stopping`](crate::ServeOptions::stopping)); see
+    /// [`Stopping`](crate::Stopping).
+    pub fn stopping(&self) -> crate::Stopping {
+        self.dedup.stopping().clone()
+    }
+
     /// How the services it makes call their handler.
     pub(crate) fn mode(&self) -> &WithOutbox {
         &self.mode

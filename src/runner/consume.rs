@@ -80,6 +80,7 @@ where
         frame_max,
         retry,
         retry_schedule,
+        stopping: shared_stopping,
     } = options;
     let queue = consumer.queue().to_string();
     let frame_max = frame_max.unwrap_or(FRAME_MAX_FLOOR);
@@ -98,7 +99,14 @@ where
         dead_letters,
         retries,
     });
-    let mut shutdown = stop_signal(shutdown, signals);
+    // The layer learns of the stop through the handle it shares with the
+    // runner (ServeOptions::stopping), as soon as the signal fires.
+    let signal = stop_signal(shutdown, signals);
+    let finish_releases = shared_stopping.clone();
+    let mut shutdown = Box::pin(async move {
+        signal.await;
+        shared_stopping.stop();
+    });
     let slots = Arc::new(Semaphore::new(concurrency));
     let (mut settler, settling) = Settler::start(Arc::clone(&tally));
     // One settler per channel incarnation: delivery tags restart at 1 after
@@ -205,9 +213,7 @@ where
             properties: delivery.properties.clone(),
             data: delivery.data.clone(),
         });
-        // A delivery the layer holds (the store refusing writes) is given
-        // back once the runner stops, instead of holding up the shutdown.
-        let call = crate::stopping::scope(stopping.clone(), service.call(delivery));
+        let call = service.call(delivery);
         let settler = settler.clone();
         let stopping = stopping.clone();
         tasks.spawn(deliver::settle(
@@ -260,6 +266,7 @@ where
         settlings,
         tally: Arc::clone(&tally),
         shutdown_deadline,
+        stopping: finish_releases,
     };
     let finishing = if result.is_ok() {
         finish.run().await;

@@ -7,6 +7,7 @@ use lapin::Channel;
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, DeadLetterTarget, RetryMode};
+use crate::stopping::Stopping;
 
 /// How [`serve`](super::serve) runs and stops.
 pub struct ServeOptions {
@@ -21,6 +22,8 @@ pub struct ServeOptions {
     pub(super) retry: RetryMode,
     /// The waits of the delay queues, shortest first.
     pub(super) retry_schedule: Vec<Duration>,
+    /// Shared with the layer when given; the runner's own otherwise.
+    pub(super) stopping: Stopping,
 }
 
 /// The `frame_max` assumed when none is given: the smallest lapin
@@ -56,6 +59,7 @@ impl Default for ServeOptions {
             frame_max: None,
             retry: RetryMode::default(),
             retry_schedule: Config::default().retry_schedule(),
+            stopping: Stopping::new(),
         }
     }
 }
@@ -172,6 +176,17 @@ impl ServeOptions {
     /// default one (500ms doubling up to 30s).
     pub fn retry(mut self, mode: RetryMode) -> Self {
         self.retry = mode;
+        self
+    }
+
+    /// The layer's shutdown handle ([`IdempotencyLayer::stopping`](crate::IdempotencyLayer::stopping)):
+    /// when the runner stops, the deliveries the layer holds (the store
+    /// down, an outbox waiting for its confirms) are given back at once
+    /// instead of at the shutdown deadline, and the runner waits (up to 5s)
+    /// for the claims that guards dropped unsettled release in the
+    /// background. See [`Stopping`].
+    pub fn stopping(mut self, stopping: Stopping) -> Self {
+        self.stopping = stopping;
         self
     }
 

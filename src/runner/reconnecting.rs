@@ -95,6 +95,7 @@ where
         frame_max: _,
         retry,
         retry_schedule,
+        stopping,
     } = options;
     let shutdown = stop_signal(shutdown, signals);
     // One stop signal shared by every session.
@@ -153,6 +154,7 @@ where
             frame_max: Some(connection.configuration().frame_max()),
             retry,
             retry_schedule: retry_schedule.clone(),
+            stopping: stopping.clone(),
         };
         let (result, background) =
             run(consumer, service.clone(), options, Arc::clone(&tally)).await;

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use super::consume::log_join;
 use super::settle::Settler;
 use crate::report::Tally;
+use crate::stopping::Stopping;
 
 /// What is left of a runner once it stopped taking deliveries.
 pub(super) struct Finish {
@@ -18,6 +19,8 @@ pub(super) struct Finish {
     pub(super) settlings: Vec<tokio::task::JoinHandle<()>>,
     pub(super) tally: Arc<Tally>,
     pub(super) shutdown_deadline: Duration,
+    /// Counts the releases of the guards dropped when tasks are abandoned.
+    pub(super) stopping: Stopping,
 }
 
 impl Finish {
@@ -31,6 +34,7 @@ impl Finish {
             settlings,
             tally,
             shutdown_deadline,
+            stopping,
         } = self;
         let drained = tokio::time::timeout(shutdown_deadline, async {
             while let Some(joined) = tasks.join_next().await {
@@ -43,7 +47,7 @@ impl Finish {
             tracing::warn!(abandoned, deadline = ?shutdown_deadline, "handlers still running at the shutdown deadline: abandoning them; their claims are kept until their leases end");
             tasks.shutdown().await;
             tally.add(|r| r.abandoned += abandoned);
-            if !crate::guard::flush_dropped_releases(Duration::from_secs(5)).await {
+            if !stopping.releases_settled(Duration::from_secs(5)).await {
                 tracing::warn!(
                     "some claims could not be released in time; they expire with their lease"
                 );
