@@ -24,6 +24,7 @@ mod runner;
 mod stopping;
 pub mod store;
 pub mod tls;
+mod trace;
 
 pub use config::{
     Config, DeadLetterTarget, NoFingerprintPolicy, RedisDeployment, StoreFailurePolicy,

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use amqp_idempotency::outbox::{OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::store::MemoryStore;
-use amqp_idempotency::{
-    Config, HandlerError, IdempotencyLayer, OutcomeKind, ServeOptions, serve,
-};
+use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, OutcomeKind, ServeOptions, serve};
 use common::{amqp, consume, declare_queue, redis_store};
 use lapin::message::{BasicGetMessage, Delivery};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
@@ -63,7 +61,10 @@ fn trace_headers(traceparent: &str) -> FieldTable {
         "traceparent".into(),
         AMQPValue::LongString(traceparent.into()),
     );
-    headers.insert("tracestate".into(), AMQPValue::LongString(TRACESTATE.into()));
+    headers.insert(
+        "tracestate".into(),
+        AMQPValue::LongString(TRACESTATE.into()),
+    );
     headers
 }
 
@@ -99,12 +100,18 @@ fn text(value: &str) -> Option<Value> {
 async fn the_delivery_span_joins_the_incoming_trace_with_the_messaging_attributes() {
     exporter();
     let (trace_id, parent, traceparent) = fresh_trace();
-    let layer = IdempotencyLayer::new(MemoryStore::new(), "orders", Config::default())
-        .expect("layer");
+    let layer =
+        IdempotencyLayer::new(MemoryStore::new(), "orders", Config::default()).expect("layer");
     let service = layer.layer(service_fn(|_delivery: Delivery| async {
         Ok::<_, HandlerError>(())
     }));
-    let mut delivery = Delivery::mock(7, "shop".into(), "order.created".into(), false, b"{}".to_vec());
+    let mut delivery = Delivery::mock(
+        7,
+        "shop".into(),
+        "order.created".into(),
+        false,
+        b"{}".to_vec(),
+    );
     delivery.properties = BasicProperties::default()
         .with_message_id("order-7".into())
         .with_headers(trace_headers(&traceparent));
@@ -114,11 +121,17 @@ async fn the_delivery_span_joins_the_incoming_trace_with_the_messaging_attribute
     let spans = delivery_spans(trace_id, 1).await;
     assert_eq!(spans.len(), 1, "one delivery span in the incoming trace");
     let span = &spans[0];
-    assert_eq!(span.parent_span_id, parent, "its parent is the incoming span");
+    assert_eq!(
+        span.parent_span_id, parent,
+        "its parent is the incoming span"
+    );
     assert!(span.parent_span_is_remote);
     assert_eq!(span.span_kind, SpanKind::Consumer);
     assert_eq!(span.span_context.trace_state().header(), TRACESTATE);
-    assert_eq!(attribute(span, "messaging.system").cloned(), text("rabbitmq"));
+    assert_eq!(
+        attribute(span, "messaging.system").cloned(),
+        text("rabbitmq")
+    );
     assert_eq!(
         attribute(span, "messaging.destination.name").cloned(),
         text("shop")
@@ -187,7 +200,7 @@ async fn what_we_publish_carries_the_delivery_spans_context() {
             .expect("declare a scratch queue");
     }
     let config = Config::default()
-        .key_prefix(&common::unique("ot"))
+        .key_prefix(common::unique("ot"))
         .retry_backoff(Duration::from_millis(20));
     let target = downstream.clone();
     let service = IdempotencyLayer::new(redis_store().await, &queue.name, config.clone())
@@ -199,9 +212,12 @@ async fn what_we_publish_carries_the_delivery_spans_context() {
                 if incoming.delivery.data == b"bad" {
                     return Err(HandlerError::permanent("unknown product"));
                 }
-                incoming
-                    .outbox
-                    .publish("", &target, BasicProperties::default(), b"charge".to_vec())?;
+                incoming.outbox.publish(
+                    "",
+                    &target,
+                    BasicProperties::default(),
+                    b"charge".to_vec(),
+                )?;
                 incoming
                     .outbox
                     .reply(BasicProperties::default(), b"answer".to_vec())?;
@@ -236,9 +252,7 @@ async fn what_we_publish_carries_the_delivery_spans_context() {
     let good_spans = delivery_spans(good_trace, 1).await;
     let bad_spans = delivery_spans(bad_trace, 1).await;
     let _ = stop.send(());
-    task.await
-        .expect("the consumer's task")
-        .expect("serve");
+    task.await.expect("the consumer's task").expect("serve");
     let _ = consumer_connection.close(200, "OK".into()).await;
 
     let in_span = |span: &SpanData| {

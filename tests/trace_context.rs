@@ -50,16 +50,18 @@ async fn scratch_queue(channel: &Channel, label: &str) -> String {
 
 /// Properties of an incoming message with `id` and, when given, a trace
 /// context and a reply address.
-fn incoming(
-    id: &str,
-    trace: Option<(&str, &str)>,
-    reply: Option<(&str, &str)>,
-) -> BasicProperties {
+fn incoming(id: &str, trace: Option<(&str, &str)>, reply: Option<(&str, &str)>) -> BasicProperties {
     let mut properties = BasicProperties::default().with_message_id(id.into());
     if let Some((traceparent, tracestate)) = trace {
         let mut headers = FieldTable::default();
-        headers.insert("traceparent".into(), AMQPValue::LongString(traceparent.into()));
-        headers.insert("tracestate".into(), AMQPValue::LongString(tracestate.into()));
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(traceparent.into()),
+        );
+        headers.insert(
+            "tracestate".into(),
+            AMQPValue::LongString(tracestate.into()),
+        );
         properties = properties.with_headers(headers);
     }
     if let Some((reply_to, correlation_id)) = reply {
