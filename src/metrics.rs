@@ -27,6 +27,11 @@
 //! | `idempotency_replies_resent_total` | counter | | stored replies sent again to a duplicate request |
 //! | `idempotency_outbox_unroutable_total` | counter | | outbox messages or replies the broker returned as unroutable |
 //! | `idempotency_store_seconds` | histogram | `operation` = `claim` / `renew` / `complete` / `release` | store latency |
+//! | `idempotency_store_paused` | gauge | `scope` | 1 while the store of that scope (consumer group) is unusable, which pauses its consumption (fail-closed); 0 once a write succeeds again |
+//! | `idempotency_unreplicated_writes_total` | counter | | writes fewer replicas confirmed than `IDEMPOTENCY_MIN_REPLICAS` asks for |
+//!
+//! [`SERIES`] lists every name, for dashboards and alert rules to be
+//! checked against.
 
 use std::time::Instant;
 
@@ -60,6 +65,10 @@ pub const STORE_SECONDS: &str = "idempotency_store_seconds";
 /// asks for (each is retried; its message is held meanwhile).
 pub const UNREPLICATED: &str = "idempotency_unreplicated_writes_total";
 
+/// 1 while the store is unusable, which pauses consumption (fail-closed),
+/// 0 once a write succeeds again; labelled by `scope`.
+pub const STORE_PAUSED: &str = "idempotency_store_paused";
+
 /// Outbox messages the broker confirmed.
 pub const OUTBOX_DISPATCHED: &str = "idempotency_outbox_dispatched_total";
 /// Outbox messages sent by a duplicate.
@@ -68,6 +77,29 @@ pub const OUTBOX_REDISPATCHED: &str = "idempotency_outbox_redispatched_total";
 pub const REPLIES_RESENT: &str = "idempotency_replies_resent_total";
 /// Outbox messages or replies returned as unroutable.
 pub const OUTBOX_UNROUTABLE: &str = "idempotency_outbox_unroutable_total";
+
+/// Every series the library emits (a histogram's name as given, before a
+/// recorder adds `_bucket`, `_sum` and `_count` or quantiles).
+pub const SERIES: [&str; 18] = [
+    PROCESSED,
+    DUPLICATES,
+    RELEASED,
+    DEAD_LETTERED,
+    STORE_ERRORS,
+    LEASE_LOST,
+    UNPROTECTED,
+    UNSETTLED,
+    UNRECORDED,
+    STORE_REFUSED,
+    HANDLER_SETTLED,
+    STORE_SECONDS,
+    UNREPLICATED,
+    STORE_PAUSED,
+    OUTBOX_DISPATCHED,
+    OUTBOX_REDISPATCHED,
+    REPLIES_RESENT,
+    OUTBOX_UNROUTABLE,
+];
 
 /// Counts the layer's outcome.
 pub(crate) fn outcome(kind: OutcomeKind) {
@@ -113,6 +145,12 @@ pub(crate) fn store_latency(operation: &'static str, started: Instant) {
 /// A write that fewer replicas confirmed than asked for.
 pub(crate) fn unreplicated() {
     metrics::counter!(UNREPLICATED).increment(1);
+}
+
+/// The store of `scope` became unusable (`true`: consumption pauses) or
+/// answers again (`false`).
+pub(crate) fn store_paused(scope: &str, paused: bool) {
+    metrics::gauge!(STORE_PAUSED, "scope" => scope.to_owned()).set(f64::from(u8::from(paused)));
 }
 
 /// Outbox messages confirmed: `sent` in all, `again` of them by a duplicate.

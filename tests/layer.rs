@@ -1012,3 +1012,61 @@ async fn the_guard_finds_its_own_claim_when_it_tries_again_with_its_token() {
         Begin::Skip(amqp_idempotency::Skip::Done)
     ));
 }
+
+/// The value of the gauge `series` with `label`, as the recorder renders it.
+fn gauge(text: &str, series: &str, label: &str) -> Option<f64> {
+    let prefix = format!("{series}{{{label}}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+}
+
+#[test]
+fn the_pause_gauge_follows_the_store() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let paused = |text: &str| {
+        gauge(
+            text,
+            amqp_idempotency::metrics::STORE_PAUSED,
+            "scope=\"orders\"",
+        )
+    };
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(async {
+                let store = FlakyStore::default();
+                let svc = IdempotencyLayer::new(
+                    store.clone(),
+                    "orders",
+                    config().on_store_error(StoreFailurePolicy::FailOpen),
+                )
+                .unwrap()
+                .layer(counting(Arc::default(), |_| Ok(())));
+                store.down.store(true, Ordering::SeqCst);
+                let outcome = svc
+                    .clone()
+                    .oneshot(delivery(Some("a"), b"x"))
+                    .await
+                    .unwrap();
+                assert_eq!(outcome.kind(), OutcomeKind::Unprotected);
+                let text = handle.render();
+                assert_eq!(
+                    paused(&text),
+                    Some(1.0),
+                    "paused while the store is down:\n{text}"
+                );
+                store.down.store(false, Ordering::SeqCst);
+                let outcome = svc.oneshot(delivery(Some("b"), b"x")).await.unwrap();
+                assert_eq!(outcome.kind(), OutcomeKind::Processed);
+                let text = handle.render();
+                assert_eq!(
+                    paused(&text),
+                    Some(0.0),
+                    "resumed once a write succeeded:\n{text}"
+                );
+            });
+    });
+}
