@@ -26,6 +26,7 @@
 //! | `idempotency_outbox_redispatched_total` | counter | | outbox messages a duplicate sent because the first run had not (or not provably) sent them |
 //! | `idempotency_replies_resent_total` | counter | | stored replies sent again to a duplicate request |
 //! | `idempotency_outbox_unroutable_total` | counter | | outbox messages or replies the broker returned as unroutable |
+//! | `idempotency_outbox_undispatched_total` | counter | | deliveries requeued because their committed outbox messages were still not confirmed after the hold |
 //! | `idempotency_store_seconds` | histogram | `operation` = `claim` / `renew` / `complete` / `release` | store latency |
 //! | `idempotency_store_paused` | gauge | `scope` | 1 while the store of that scope (consumer group) is unusable, which pauses its consumption (fail-closed); 0 once a write succeeds again |
 //! | `idempotency_unreplicated_writes_total` | counter | | writes fewer replicas confirmed than `IDEMPOTENCY_MIN_REPLICAS` asks for |
@@ -77,10 +78,13 @@ pub const OUTBOX_REDISPATCHED: &str = "idempotency_outbox_redispatched_total";
 pub const REPLIES_RESENT: &str = "idempotency_replies_resent_total";
 /// Outbox messages or replies returned as unroutable.
 pub const OUTBOX_UNROUTABLE: &str = "idempotency_outbox_unroutable_total";
+/// Deliveries requeued because their committed outbox messages were still
+/// not confirmed after the hold (the redelivered copy sends them).
+pub const OUTBOX_UNDISPATCHED: &str = "idempotency_outbox_undispatched_total";
 
 /// Every series the library emits (a histogram's name as given, before a
 /// recorder adds `_bucket`, `_sum` and `_count` or quantiles).
-pub const SERIES: [&str; 18] = [
+pub const SERIES: [&str; 19] = [
     PROCESSED,
     DUPLICATES,
     RELEASED,
@@ -99,6 +103,7 @@ pub const SERIES: [&str; 18] = [
     OUTBOX_REDISPATCHED,
     REPLIES_RESENT,
     OUTBOX_UNROUTABLE,
+    OUTBOX_UNDISPATCHED,
 ];
 
 /// Counts the layer's outcome.
@@ -113,6 +118,7 @@ pub(crate) fn outcome(kind: OutcomeKind) {
         OutcomeKind::Unprotected => metrics::counter!(UNPROTECTED).increment(1),
         OutcomeKind::Unrecorded => metrics::counter!(UNRECORDED).increment(1),
         OutcomeKind::StoreRefused => metrics::counter!(STORE_REFUSED).increment(1),
+        OutcomeKind::Undispatched => metrics::counter!(OUTBOX_UNDISPATCHED).increment(1),
         _ => {}
     }
 }

@@ -1070,3 +1070,45 @@ fn the_pause_gauge_follows_the_store() {
             });
     });
 }
+
+#[test]
+fn a_delivery_whose_outbox_stays_unconfirmed_is_counted_as_undispatched() {
+    let text = with_metrics(async {
+        let cfg = config()
+            .consumer_timeout(Duration::from_secs(2))
+            .lease_ttl(Duration::from_millis(500))
+            .handler_timeout(Duration::from_millis(400))
+            .retry_backoff_max(Duration::from_millis(100))
+            // Nothing listens there: no message can be confirmed.
+            .amqp_url(format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port()));
+        let publisher = amqp_idempotency::outbox::OutboxPublisher::connect(&cfg)
+            .confirm_timeout(Duration::from_millis(200));
+        let outcome = IdempotencyLayer::new(MemoryStore::new(), "q", cfg)
+            .unwrap()
+            .with_outbox(publisher)
+            .layer(service_fn(
+                |incoming: amqp_idempotency::outbox::OutboxDelivery| async move {
+                    incoming
+                        .outbox
+                        .publish("", "elsewhere", BasicProperties::default(), "x")
+                },
+            ))
+            .oneshot(delivery(Some("u"), b"x"))
+            .await
+            .unwrap();
+        assert_eq!(outcome.kind(), OutcomeKind::Undispatched);
+    });
+    assert_eq!(
+        counter(&text, amqp_idempotency::metrics::OUTBOX_UNDISPATCHED),
+        1,
+        "{text}"
+    );
+}
+
+/// A loopback port nothing listens on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
