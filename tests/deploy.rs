@@ -120,7 +120,11 @@ fn every_alert_rule_names_a_series_the_library_emits() {
     }
     // The rules' unit test (`promtool test rules`) feeds them real series too.
     let unit_test = names(&read("deploy/prometheus/alerts.test.yml"));
-    assert_eq!(unknown(&unit_test), Vec::<&str>::new(), "in alerts.test.yml");
+    assert_eq!(
+        unknown(&unit_test),
+        Vec::<&str>::new(),
+        "in alerts.test.yml"
+    );
     let rules = text.matches("- alert:").count();
     let summaries = text.matches("summary:").count();
     assert!(rules >= 5, "{rules} rules");

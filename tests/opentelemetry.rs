@@ -70,13 +70,19 @@ fn trace_headers(traceparent: &str) -> FieldTable {
 
 /// The finished `delivery` spans of `trace_id`, waiting up to 10 s for `count`.
 async fn delivery_spans(trace_id: TraceId, count: usize) -> Vec<SpanData> {
+    finished(|span| span.span_context.trace_id() == trace_id, count).await
+}
+
+/// The finished `delivery` spans that `pick` selects, waiting up to 10 s
+/// for `count` (a span is exported when it closes).
+async fn finished(pick: impl Fn(&SpanData) -> bool, count: usize) -> Vec<SpanData> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let spans: Vec<SpanData> = exporter()
             .get_finished_spans()
             .expect("read the in-memory exporter")
             .into_iter()
-            .filter(|span| span.name == "delivery" && span.span_context.trace_id() == trace_id)
+            .filter(|span| span.name == "delivery" && pick(span))
             .collect();
         if spans.len() >= count || tokio::time::Instant::now() >= deadline {
             return spans;
@@ -150,6 +156,35 @@ async fn the_delivery_span_joins_the_incoming_trace_with_the_messaging_attribute
     );
     assert_eq!(attribute(span, "outcome").cloned(), text("processed"));
     assert_eq!(attribute(span, "fingerprint").cloned(), text("order-7"));
+}
+
+#[tokio::test]
+async fn a_malformed_traceparent_starts_a_new_trace() {
+    exporter();
+    let service = IdempotencyLayer::new(MemoryStore::new(), "orders", Config::default())
+        .expect("layer")
+        .layer(service_fn(|_delivery: Delivery| async {
+            Ok::<_, HandlerError>(())
+        }));
+    let id = common::unique("malformed");
+    let mut delivery = Delivery::mock(1, "".into(), "orders".into(), false, b"{}".to_vec());
+    // An all-zero trace id is invalid.
+    delivery.properties = BasicProperties::default()
+        .with_message_id(id.as_str().into())
+        .with_headers(trace_headers(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ));
+    let outcome = service.oneshot(delivery).await.expect("the layer answers");
+    assert_eq!(outcome.kind(), OutcomeKind::Processed);
+
+    let spans = finished(
+        |span| attribute(span, "messaging.message.id") == text(&id).as_ref(),
+        1,
+    )
+    .await;
+    assert_eq!(spans.len(), 1, "the delivery span was exported");
+    assert_eq!(spans[0].parent_span_id, SpanId::INVALID, "a root span");
+    assert!(spans[0].span_context.is_valid());
 }
 
 /// Waits up to 10 s for the next message in `queue`.
