@@ -53,7 +53,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use amqp_idempotency::redact_url;
 use amqp_idempotency::{
     Config, Disposition, HandlerError, IdempotencyLayer, Outcome, OutcomeKind, ServeOptions, serve,
     store::RedisStore,
@@ -99,7 +98,7 @@ async fn run() -> Result<(), String> {
         .map_err(|err| format!("cannot open a RabbitMQ channel: {err}"))?;
     declare_topology(&connection, &channel).await?;
     channel
-        .basic_qos(config.prefetch_count(), BasicQosOptions::default())
+        .basic_qos(config.prefetch(), BasicQosOptions::default())
         .await
         .map_err(|err| format!("cannot set the prefetch (basic.qos): {err}"))?;
 
@@ -351,7 +350,6 @@ fn human(duration: Duration) -> String {
 
 /// Connects as `AMQP_URL` says, with `AMQP_TLS_*` for `amqps://`.
 async fn connect_amqp(config: &Config) -> Result<Connection, String> {
-    let shown = redact_url(config.amqp());
     let connect = amqp_idempotency::amqp::connect(config, ConnectionProperties::default());
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(connection)) => Ok(connection),
@@ -360,9 +358,7 @@ async fn connect_amqp(config: &Config) -> Result<Connection, String> {
              `docker-compose up -d rabbitmq`) or set AMQP_URL"
         )),
         Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!(
-            "RabbitMQ at {shown} did not answer within 10s; check AMQP_URL and that the broker is up"
-        )),
+        Err(_) => Err("RabbitMQ (AMQP_URL) did not answer within 10s; check AMQP_URL and that the broker is up".to_owned()),
     }
 }
 

@@ -130,7 +130,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     );
     let connection = amqp::connect(&config, ConnectionProperties::default())
         .await
-        .map_err(|err| format!("cannot connect to RabbitMQ at {}: {err}", config.amqp()))?;
+        .map_err(|err| format!("cannot connect to RabbitMQ at {}: {err}", config.amqp_url()))?;
     let client = connection.create_channel().await?;
     for queue in [&orders, &payments, &quotes] {
         client
@@ -242,7 +242,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     ] {
         let channel = connection.create_channel().await?;
         channel
-            .basic_qos(config.prefetch_count(), BasicQosOptions::default())
+            .basic_qos(config.prefetch(), BasicQosOptions::default())
             .await?;
         let consumer = channel
             .basic_consume(

@@ -42,8 +42,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amqp_idempotency::{
-    Config, Disposition, HandlerError, IdempotencyLayer, Outcome, ServeOptions, amqp, serve,
-    store::{RedisStore, redis_client},
+    Config, Disposition, HandlerError, IdempotencyLayer, Outcome, ServeOptions, amqp,
+    records::Records, serve, store::RedisStore,
 };
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -452,7 +452,7 @@ async fn consume_with_middleware(
     });
 
     channel
-        .basic_qos(config.prefetch_count(), BasicQosOptions::default())
+        .basic_qos(config.prefetch(), BasicQosOptions::default())
         .await
         .map_err(|err| format!("cannot set the prefetch (basic.qos): {err}"))?;
     let consumer = channel
@@ -613,26 +613,18 @@ fn report(
 }
 
 async fn delete_keys(config: &Config, keys: &[String]) -> Result<u64, String> {
-    let shown = config.redis().to_string();
-    let unreachable =
-        |err: redis::RedisError| format!("cannot reach {shown}: {err}; start it or set REDIS_URL");
-    // The library's client: the same URL and TLS files as the store.
-    let client = redis_client(config).map_err(|err| err.to_string())?;
-    let mut redis = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| format!("{shown} did not answer within 5s"))?
-    .map_err(unreachable)?;
+    // The library's records API: the same Redis, TLS files and prefix as the store.
+    let records = tokio::time::timeout(Duration::from_secs(5), Records::connect(config))
+        .await
+        .map_err(|_| format!("{} did not answer within 5s", config.redis_deployment()))?
+        .map_err(|err| format!("{err}; start it or set REDIS_URL"))?;
     let mut deleted = 0;
-    for chunk in keys.chunks(500) {
-        let n: u64 = redis::cmd("DEL")
-            .arg(chunk)
-            .query_async(&mut redis)
+    for key in keys {
+        let forgotten = records
+            .forget(key)
             .await
             .map_err(|err| format!("cannot delete old done marks in Redis: {err}"))?;
-        deleted += n;
+        deleted += u64::from(forgotten.is_some());
     }
     Ok(deleted)
 }
@@ -650,13 +642,12 @@ fn is_precondition_failed(err: &lapin::Error) -> bool {
 /// moment before it accepts logins.
 async fn connect_amqp(config: &Config) -> Result<Connection, String> {
     const TRIES: u32 = 5;
-    let shown = amqp_idempotency::redact_url(config.amqp());
     for attempt in 1..=TRIES {
         let connect = amqp::connect(config, ConnectionProperties::default());
         match tokio::time::timeout(Duration::from_secs(10), connect).await {
             Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(err)) if err.is_io() && attempt < TRIES => {
-                eprintln!("RabbitMQ at {shown} not ready ({err}); retrying in 2s");
+                eprintln!("RabbitMQ not ready ({err}); retrying in 2s");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
             Ok(Err(err)) if err.is_io() => {
@@ -666,13 +657,11 @@ async fn connect_amqp(config: &Config) -> Result<Connection, String> {
             }
             Ok(Err(err)) => return Err(err.to_string()),
             Err(_) => {
-                return Err(format!(
-                    "RabbitMQ at {shown} did not answer within 10s; check AMQP_URL and that the broker is up"
-                ));
+                return Err("RabbitMQ (AMQP_URL) did not answer within 10s; check AMQP_URL and that the broker is up".to_owned());
             }
         }
     }
-    Err(format!("cannot connect to RabbitMQ at {shown}"))
+    Err("cannot connect to RabbitMQ at AMQP_URL".to_owned())
 }
 
 fn init_logs() {

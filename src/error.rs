@@ -10,37 +10,39 @@
 
 use std::fmt;
 
-/// `url` with its password replaced by `***`, for error messages and logs:
-/// `redis://user:secret@host/0` becomes `redis://user:***@host/0`.
-///
-/// ```
-/// use amqp_idempotency::redact_url;
-/// assert_eq!(redact_url("amqp://guest:guest@rabbit:5672/%2f"), "amqp://guest:***@rabbit:5672/%2f");
-/// assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-/// // Malformed URLs too: a password with a `/` or `@` in it, a missing `//`.
-/// assert_eq!(redact_url("rediss://idem:pa/ss@word@host:6380"), "rediss://idem:***@host:6380");
-/// assert_eq!(redact_url("amqp:guest:secret@host"), "amqp:guest:***@host");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    // The credentials end at the last `@`, wherever it is: a password that
-    // was not percent-encoded may hold `/`, `?`, `#` or `@`, and hiding too
-    // much of a malformed URL is better than showing a password.
-    let (head, rest, slashes) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest, true),
-        None => match url.split_once(':') {
-            Some((scheme, rest)) => (format!("{scheme}:"), rest, false),
-            None => return url.to_owned(),
-        },
-    };
-    let Some((credentials, after)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _password)) => format!("{head}{user}:***@{after}"),
-        // `scheme://user@host` names a user only.
-        None if slashes => url.to_owned(),
-        // `user:password@host`, without a scheme: what follows the `:` is a password.
-        None => format!("{head}***@{after}"),
+pub_for_testing! {
+    /// `url` with its password replaced by `***`, for error messages and logs:
+    /// `redis://user:secret@host/0` becomes `redis://user:***@host/0`.
+    ///
+    /// ```ignore
+    /// use amqp_idempotency::redact_url;
+    /// assert_eq!(redact_url("amqp://guest:guest@rabbit:5672/%2f"), "amqp://guest:***@rabbit:5672/%2f");
+    /// assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    /// // Malformed URLs too: a password with a `/` or `@` in it, a missing `//`.
+    /// assert_eq!(redact_url("rediss://idem:pa/ss@word@host:6380"), "rediss://idem:***@host:6380");
+    /// assert_eq!(redact_url("amqp:guest:secret@host"), "amqp:guest:***@host");
+    /// ```
+    fn redact_url(url: &str) -> String {
+        // The credentials end at the last `@`, wherever it is: a password that
+        // was not percent-encoded may hold `/`, `?`, `#` or `@`, and hiding too
+        // much of a malformed URL is better than showing a password.
+        let (head, rest, slashes) = match url.split_once("://") {
+            Some((scheme, rest)) => (format!("{scheme}://"), rest, true),
+            None => match url.split_once(':') {
+                Some((scheme, rest)) => (format!("{scheme}:"), rest, false),
+                None => return url.to_owned(),
+            },
+        };
+        let Some((credentials, after)) = rest.rsplit_once('@') else {
+            return url.to_owned();
+        };
+        match credentials.split_once(':') {
+            Some((user, _password)) => format!("{head}{user}:***@{after}"),
+            // `scheme://user@host` names a user only.
+            None if slashes => url.to_owned(),
+            // `user:password@host`, without a scheme: what follows the `:` is a password.
+            None => format!("{head}***@{after}"),
+        }
     }
 }
 
@@ -277,6 +279,16 @@ pub enum ServeError {
         /// What is wrong and what to do.
         problem: String,
     },
+    /// A delay queue for retries through the broker cannot be used
+    /// (`IDEMPOTENCY_RETRY=broker`): it exists with other arguments, the
+    /// user may not declare it, or there is no channel to publish on.
+    /// Checked at start, before any delivery is taken.
+    RetryQueue {
+        /// The delay queue, `{queue}.retry.<delay>`.
+        queue: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
 }
 
 impl std::fmt::Display for ServeError {
@@ -290,6 +302,12 @@ impl std::fmt::Display for ServeError {
             Self::DeadLetters { target, problem } => {
                 write!(f, "dead letters cannot go to {target}: {problem}")
             }
+            Self::RetryQueue { queue, problem } => {
+                write!(
+                    f,
+                    "retries cannot wait in the delay queue `{queue}`: {problem}"
+                )
+            }
         }
     }
 }
@@ -299,7 +317,7 @@ impl std::error::Error for ServeError {
         match self {
             Self::Consumer(err) => Some(err),
             Self::Service(err) => Some(&**err),
-            Self::DeadLetters { .. } => None,
+            Self::DeadLetters { .. } | Self::RetryQueue { .. } => None,
         }
     }
 }

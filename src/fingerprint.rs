@@ -148,49 +148,51 @@ fn escape_colons(part: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// The Redis key of a fingerprint: `{prefix}:{scope}:{fingerprint}`, with
-/// `:` in the scope escaped as `%3A` (a queue named `a:b` cannot collide
-/// with scope `a`; `{` and `}` become `%7B` and `%7D`), and the fingerprint
-/// normalised as the layer does (over 200 bytes, or with control
-/// characters, it is replaced by `hashed-<128-bit hash>`). Tools that look
-/// records up, like the operator CLI, use this to find the same key.
-///
-/// The record key carries no hash tag of its own, so on Redis Cluster
-/// the whole key picks its slot and messages spread over every master;
-/// a companion key (an outbox's) names the whole record key as its
-/// tag and lands in the same slot. A fingerprint that would leave a `}`
-/// in the key without a complete tag (which would defeat that) is hashed
-/// too.
-///
-/// ```
-/// use amqp_idempotency::fingerprint::record_key;
-/// assert_eq!(record_key("idem", "orders", "order-42"), "idem:orders:order-42");
-/// assert!(record_key("idem", "orders", "a\nb").starts_with("idem:orders:hashed-"));
-/// ```
-pub fn record_key(prefix: &str, scope: &str, fingerprint: &str) -> String {
-    let scope = escape_scope(scope);
-    // On every delivery's path: built in one allocation, without the
-    // formatting machinery.
-    let joined = |last: &str| {
-        let mut key = String::with_capacity(prefix.len() + scope.len() + last.len() + 9);
-        key.push_str(prefix);
-        key.push(':');
-        key.push_str(&scope);
-        key.push(':');
-        key
-    };
-    if is_key_safe(fingerprint) {
-        let mut key = joined(fingerprint);
-        key.push_str(fingerprint);
-        if !key.contains('}') || hash_tag(&key).is_some() {
-            return key;
+pub_for_testing! {
+    /// The Redis key of a fingerprint: `{prefix}:{scope}:{fingerprint}`, with
+    /// `:` in the scope escaped as `%3A` (a queue named `a:b` cannot collide
+    /// with scope `a`; `{` and `}` become `%7B` and `%7D`), and the fingerprint
+    /// normalised as the layer does (over 200 bytes, or with control
+    /// characters, it is replaced by `hashed-<128-bit hash>`). Tools that look
+    /// records up, like the operator CLI, use this to find the same key.
+    ///
+    /// The record key carries no hash tag of its own, so on Redis Cluster
+    /// the whole key picks its slot and messages spread over every master;
+    /// a companion key (an outbox's) names the whole record key as its
+    /// tag and lands in the same slot. A fingerprint that would leave a `}`
+    /// in the key without a complete tag (which would defeat that) is hashed
+    /// too.
+    ///
+    /// ```ignore
+    /// use amqp_idempotency::fingerprint::record_key;
+    /// assert_eq!(record_key("idem", "orders", "order-42"), "idem:orders:order-42");
+    /// assert!(record_key("idem", "orders", "a\nb").starts_with("idem:orders:hashed-"));
+    /// ```
+    fn record_key(prefix: &str, scope: &str, fingerprint: &str) -> String {
+        let scope = escape_scope(scope);
+        // On every delivery's path: built in one allocation, without the
+        // formatting machinery.
+        let joined = |last: &str| {
+            let mut key = String::with_capacity(prefix.len() + scope.len() + last.len() + 9);
+            key.push_str(prefix);
+            key.push(':');
+            key.push_str(&scope);
+            key.push(':');
+            key
+        };
+        if is_key_safe(fingerprint) {
+            let mut key = joined(fingerprint);
+            key.push_str(fingerprint);
+            if !key.contains('}') || hash_tag(&key).is_some() {
+                return key;
+            }
         }
+        let hashed = hash128(fingerprint.as_bytes());
+        let mut key = joined(&hashed);
+        key.push_str("hashed-");
+        key.push_str(&hashed);
+        key
     }
-    let hashed = hash128(fingerprint.as_bytes());
-    let mut key = joined(&hashed);
-    key.push_str("hashed-");
-    key.push_str(&hashed);
-    key
 }
 
 /// The key of a record that belongs with `record_key` (a later feature's
@@ -275,7 +277,7 @@ pub(crate) fn record_probe_key(prefix: &str, record_key: &str) -> String {
 /// The last segment of the key a paused consumer writes to learn that
 /// Redis accepts writes again (`{prefix}:{scope}:\0probe`): a NUL byte
 /// leads it, so no fingerprint can take it. Tools that list records skip it.
-pub const PROBE_NAME: &str = "\u{0}probe";
+pub(crate) const PROBE_NAME: &str = "\u{0}probe";
 
 /// Makes a fingerprint safe and bounded for use inside a Redis key:
 /// control characters and over-long values are replaced by their hash.

@@ -435,25 +435,40 @@ impl<St: Store> Deduplicator<St> {
 }
 
 /// The attempt number the broker reports: quorum queues count deliveries
-/// in `x-delivery-count` (0 on the first delivery).
+/// in `x-delivery-count` (0 on the first delivery); a copy that waited in
+/// a delay queue (`x-idempotency-outcome` `retry`) is the attempt after
+/// its `x-idempotency-attempts`. Used where there is no record to count.
 pub(crate) fn broker_attempt(delivery: &Delivery) -> u32 {
     let Some(headers) = delivery.properties.headers() else {
         return 1;
     };
-    let count = headers
+    let number = |name: &str| {
+        headers
+            .inner()
+            .iter()
+            .find(|(key, _)| key.as_str() == name)
+            .and_then(|(_, value)| match value {
+                AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+                AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+                AMQPValue::LongUInt(n) => Some(*n),
+                AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+                AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+                AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
+                _ => None,
+            })
+    };
+    let counted = number("x-delivery-count").map_or(1, |n| n.saturating_add(1));
+    let retried = headers
         .inner()
         .iter()
-        .find(|(name, _)| name.as_str() == "x-delivery-count")
-        .and_then(|(_, value)| match value {
-            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
-            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
-            AMQPValue::LongUInt(n) => Some(*n),
-            AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
-            AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
-            AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
-            _ => None,
-        });
-    count.map_or(1, |n| n.saturating_add(1))
+        .any(|(key, value)| {
+            key.as_str() == "x-idempotency-outcome"
+                && matches!(value, AMQPValue::LongString(text) if text.as_bytes() == b"retry")
+        })
+        .then(|| number("x-idempotency-attempts"))
+        .flatten()
+        .map_or(0, |n| n.saturating_add(1));
+    counted.max(retried)
 }
 
 /// The store-facing half of a deduplicator, without its fingerprint type,

@@ -7,6 +7,17 @@
     unreachable_pub
 )]
 
+/// An item public with the `testing` feature (for the project's own tests,
+/// benchmark and fault suite), crate-private otherwise.
+macro_rules! pub_for_testing {
+    ($(#[$meta:meta])* fn $($rest:tt)*) => {
+        #[cfg(feature = "testing")]
+        $(#[$meta])* pub fn $($rest)*
+        #[cfg(not(feature = "testing"))]
+        $(#[$meta])* pub(crate) fn $($rest)*
+    };
+}
+
 pub mod amqp;
 mod backoff;
 mod batch;
@@ -19,20 +30,22 @@ mod layer;
 pub mod metrics;
 pub mod outbox;
 mod outcome;
+pub mod records;
 mod report;
 mod runner;
 mod stopping;
 pub mod store;
-pub mod tls;
+mod tls;
 mod trace;
 
+#[cfg(feature = "testing")]
+pub use config::parse_duration;
 pub use config::{
-    Config, DeadLetterTarget, NoFingerprintPolicy, RedisDeployment, StoreFailurePolicy,
-    parse_duration,
+    Config, DeadLetterTarget, NoFingerprintPolicy, RedisDeployment, RetryMode, StoreFailurePolicy,
 };
-pub use error::{
-    BoxError, ConfigError, FailureKind, HandlerError, ServeError, StoreError, redact_url,
-};
+#[cfg(feature = "testing")]
+pub use error::redact_url;
+pub use error::{BoxError, ConfigError, FailureKind, HandlerError, ServeError, StoreError};
 pub use guard::{Begin, ClaimGuard, Deduplicator, Skip};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use outcome::{Disposition, Outcome, OutcomeKind};

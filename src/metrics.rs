@@ -14,6 +14,7 @@
 //! | `idempotency_processed_total` | counter | | handlers that ran and were recorded done |
 //! | `idempotency_duplicates_total` | counter | `state` = `done` / `in_progress` | duplicates acked without running / requeued while in progress elsewhere |
 //! | `idempotency_released_total` | counter | | claims released after a handler failure, for a retry, or because a dead-letter copy was not confirmed (a dead-lettered message's record is discarded once its copy is confirmed, not counted here) |
+//! | `idempotency_retried_total` | counter | `via` = `broker` / `hold` | retryable failures sent to a delay queue (copy confirmed, original acked) / held in the consumer, then requeued |
 //! | `idempotency_dead_lettered_total` | counter | `outcome` | messages dead-lettered, by why |
 //! | `idempotency_store_errors_total` | counter | `operation` | store operations that failed |
 //! | `idempotency_lease_lost_total` | counter | | handlers that finished after losing their claim |
@@ -44,6 +45,9 @@ pub const PROCESSED: &str = "idempotency_processed_total";
 pub const DUPLICATES: &str = "idempotency_duplicates_total";
 /// Claims released after a handler failure.
 pub const RELEASED: &str = "idempotency_released_total";
+/// Retryable failures retried, labelled `via` = `broker` (a confirmed copy
+/// in a delay queue) or `hold` (held, then requeued).
+pub const RETRIED: &str = "idempotency_retried_total";
 /// Messages dead-lettered, labelled by `outcome`.
 pub const DEAD_LETTERED: &str = "idempotency_dead_lettered_total";
 /// Failed store operations, labelled by `operation`.
@@ -84,10 +88,11 @@ pub const OUTBOX_UNDISPATCHED: &str = "idempotency_outbox_undispatched_total";
 
 /// Every series the library emits (a histogram's name as given, before a
 /// recorder adds `_bucket`, `_sum` and `_count` or quantiles).
-pub const SERIES: [&str; 19] = [
+pub const SERIES: [&str; 20] = [
     PROCESSED,
     DUPLICATES,
     RELEASED,
+    RETRIED,
     DEAD_LETTERED,
     STORE_ERRORS,
     LEASE_LOST,
@@ -125,6 +130,10 @@ pub(crate) fn outcome(kind: OutcomeKind) {
 
 pub(crate) fn released() {
     metrics::counter!(RELEASED).increment(1);
+}
+
+pub(crate) fn retried(via: &'static str) {
+    metrics::counter!(RETRIED, "via" => via).increment(1);
 }
 
 pub(crate) fn handler_settled() {

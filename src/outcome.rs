@@ -21,7 +21,11 @@ use crate::trace::TraceContext;
 pub enum Disposition {
     /// `basic.ack`: the message is finished.
     Ack,
-    /// Wait `after`, then `basic.nack` with requeue.
+    /// Try again after `after`. For a retry ([`OutcomeKind::Retry`]) with
+    /// [`RetryMode::Broker`](crate::RetryMode::Broker), [`serve`](crate::serve)
+    /// publishes a copy to the delay queue of `after` and acks the
+    /// original once the copy is confirmed; otherwise it waits `after`,
+    /// then sends `basic.nack` with requeue.
     Requeue {
         /// Delay before the nack, so that a failing message cannot spin.
         after: Duration,

@@ -18,6 +18,10 @@ pub struct ServeReport {
     pub acked: u64,
     /// Deliveries nacked with requeue.
     pub requeued: u64,
+    /// Deliveries whose retryable failure went through the broker: a copy
+    /// confirmed in a delay queue, the original acked (counted in
+    /// `acked` too).
+    pub retried: u64,
     /// Deliveries rejected without requeue (dead-lettered).
     pub dead_lettered: u64,
     /// Deliveries whose ack/nack/reject did not reach the broker (channel
@@ -38,6 +42,7 @@ impl std::ops::AddAssign for ServeReport {
     fn add_assign(&mut self, other: Self) {
         self.acked += other.acked;
         self.requeued += other.requeued;
+        self.retried += other.retried;
         self.dead_lettered += other.dead_lettered;
         self.unsettled += other.unsettled;
         self.abandoned += other.abandoned;
@@ -68,6 +73,11 @@ impl Tally {
     ) {
         match result {
             Ok(true) => self.add(|r| match tally_as {
+                // Only a retry whose copy the broker confirmed is acked.
+                Disposition::Ack if kind == Some(OutcomeKind::Retry) => {
+                    r.acked += 1;
+                    r.retried += 1;
+                }
                 Disposition::Ack => r.acked += 1,
                 Disposition::Requeue { .. } => r.requeued += 1,
                 Disposition::DeadLetter => {

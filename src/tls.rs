@@ -6,13 +6,13 @@
 //! use amqp_idempotency::Config;
 //!
 //! let config = Config::default()
-//!     .redis_url("rediss://idem:secret@redis.internal:6380")
-//!     .redis_tls_ca_file("/etc/idem/redis-ca.pem");
-//! assert_eq!(config.redis_tls().ca_file(), Some(Path::new("/etc/idem/redis-ca.pem")));
+//!     .with_redis_url("rediss://idem:secret@redis.internal:6380")
+//!     .with_redis_tls_ca_file("/etc/idem/redis-ca.pem");
+//! assert_eq!(config.redis_tls_ca_file(), Some(Path::new("/etc/idem/redis-ca.pem")));
 //! assert!(config.validate().is_ok());
 //!
 //! // A client certificate needs its key.
-//! let err = config.redis_tls_cert_file("/etc/idem/client.pem").validate().unwrap_err();
+//! let err = config.with_redis_tls_cert_file("/etc/idem/client.pem").validate().unwrap_err();
 //! assert_eq!(err.variable(), "REDIS_TLS_KEY_FILE");
 //! ```
 //!
@@ -41,7 +41,7 @@ use crate::error::ConfigError;
 /// one (mutual TLS). All PEM. See [`Config::redis_tls`](crate::Config::redis_tls)
 /// and [`Config::amqp_tls`](crate::Config::amqp_tls).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) cert_file: Option<PathBuf>,
     pub(crate) key_file: Option<PathBuf>,
@@ -49,22 +49,22 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     /// The CA certificates (PEM) trusted instead of the platform roots.
-    pub fn ca_file(&self) -> Option<&Path> {
+    pub(crate) fn ca_file(&self) -> Option<&Path> {
         self.ca_file.as_deref()
     }
 
     /// The client certificate chain (PEM), presented to servers that ask for one.
-    pub fn cert_file(&self) -> Option<&Path> {
+    pub(crate) fn cert_file(&self) -> Option<&Path> {
         self.cert_file.as_deref()
     }
 
     /// The client certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
-    pub fn key_file(&self) -> Option<&Path> {
+    pub(crate) fn key_file(&self) -> Option<&Path> {
         self.key_file.as_deref()
     }
 
     /// True when no file is set: platform roots, no client certificate.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.ca_file.is_none() && self.cert_file.is_none() && self.key_file.is_none()
     }
 

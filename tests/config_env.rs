@@ -76,7 +76,10 @@ fn reads_its_own_environment() {
     match amqp_idempotency::Config::from_env() {
         // On a line of its own: the test harness printed the test's name
         // without a line break.
-        Ok(config) => println!("\nfrom_env: ok {:?}", config.replication()),
+        Ok(config) => println!(
+            "\nfrom_env: ok {:?}",
+            (config.min_replicas(), config.replica_timeout())
+        ),
         Err(err) => println!("\nfrom_env: refused {} ({err})", err.variable()),
     }
 }

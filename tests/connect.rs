@@ -1,6 +1,6 @@
 //! A store built from a `Config` talks to the Redis that the `Config`
 //! names, whatever its kind: here a Redis Cluster (`REDIS_CLUSTER_NODES`),
-//! against the 3-master cluster of `TEST_REDIS_CLUSTER_NODES` and the
+//! against the 3-master cluster of `common::cluster_nodes` and the
 //! standalone Redis at `REDIS_URL`, whose default URL a cluster
 //! configuration once handed out.
 
@@ -17,7 +17,7 @@ async fn a_store_built_from_a_cluster_config_writes_its_records_on_the_cluster()
     let config = Config::from_vars([("REDIS_CLUSTER_NODES", nodes.join(","))])
         .expect("a cluster configuration");
     assert_eq!(
-        config.redis().standalone_url(),
+        config.redis_deployment().standalone_url(),
         None,
         "a cluster configuration handed out a standalone URL"
     );
@@ -42,19 +42,4 @@ async fn a_store_built_from_a_cluster_config_writes_its_records_on_the_cluster()
         common::redis_url()
     );
     assert_eq!(on_cluster.trim(), "1", "the record is not on the cluster");
-}
-
-#[test]
-fn a_plain_client_is_refused_for_a_cluster_or_sentinel_config() {
-    let cluster = Config::default().redis_cluster(["redis://127.0.0.1:7000"]);
-    let err = amqp_idempotency::store::redis_client(&cluster)
-        .expect_err("a redis::Client for a cluster configuration");
-    assert!(err.to_string().contains("REDIS_CLUSTER_NODES"), "{err}");
-    assert!(err.to_string().contains("RedisStore::connect"), "{err}");
-    let sentinel = Config::default().redis_url("redis-sentinel://127.0.0.1:26379#orders");
-    let err = amqp_idempotency::store::redis_client(&sentinel)
-        .expect_err("a redis::Client for a Sentinel configuration");
-    assert!(err.to_string().contains("sentinel_master_url"), "{err}");
-    let standalone = Config::default().redis_url(common::redis_url());
-    assert!(amqp_idempotency::store::redis_client(&standalone).is_ok());
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
-use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, serve};
+use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, RetryMode, ServeOptions, serve};
 use common::{RedisProcess, SentinelGroup};
 use lapin::message::Delivery;
 use tower::{Layer, service_fn};
@@ -60,7 +60,9 @@ where
 #[tokio::test]
 async fn the_store_follows_the_master_that_sentinel_promotes() {
     let mut group = SentinelGroup::start();
-    let config = Config::default().redis_url(group.url()).min_replicas(1);
+    let config = Config::default()
+        .with_redis_url(group.url())
+        .with_min_replicas(1);
     let store = RedisStore::connect(&config)
         .await
         .expect("connect through the sentinels");
@@ -121,9 +123,9 @@ async fn min_replicas_holds_writes_that_no_replica_confirmed() {
         master.port.to_string(),
     ]);
     let config = Config::default()
-        .redis_url(master.url())
-        .min_replicas(1)
-        .replica_timeout(Duration::from_millis(200));
+        .with_redis_url(master.url())
+        .with_min_replicas(1)
+        .with_replica_timeout(Duration::from_millis(200));
     let store = RedisStore::connect(&config).await.expect("connect");
     let token = Token::new();
     let first = until_ok(|| async {
@@ -181,6 +183,7 @@ async fn spawn_consumer(
     let (channel, consumer) = common::consume(connection, queue, 16).await;
     let stop = stop.clone();
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .concurrency(16)
         .shutdown_on(async move {
             while !stop.load(Ordering::SeqCst) {
@@ -233,9 +236,9 @@ async fn consumption_resumes_by_itself_after_sentinel_fails_the_master_over() {
     let mut consumers = Vec::new();
     for _ in 0..2 {
         let config = Config::default()
-            .redis_url(group.url())
-            .key_prefix(&prefix)
-            .retry_backoff(Duration::from_millis(20));
+            .with_redis_url(group.url())
+            .with_key_prefix(&prefix)
+            .with_retry_backoff(Duration::from_millis(20));
         let store = RedisStore::connect(&config)
             .await
             .expect("connect through the sentinels");
@@ -371,9 +374,9 @@ async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
     let setup = connection.create_channel().await.unwrap();
     let queue = common::declare_queue(&setup, "cluster-failover").await;
     let config = Config::default()
-        .redis_cluster(nodes.iter().map(RedisProcess::url))
-        .key_prefix(common::unique("p"))
-        .retry_backoff(Duration::from_millis(20));
+        .with_redis_cluster_nodes(nodes.iter().map(RedisProcess::url))
+        .with_key_prefix(common::unique("p"))
+        .with_retry_backoff(Duration::from_millis(20));
     let store = RedisStore::connect(&config)
         .await
         .expect("connect to the cluster");
@@ -424,7 +427,9 @@ async fn a_cluster_master_failover_is_followed_and_nothing_is_lost() {
 #[tokio::test]
 async fn the_operator_cli_reads_through_sentinel_before_and_after_a_failover() {
     let mut group = SentinelGroup::start();
-    let config = Config::default().redis_url(group.url()).min_replicas(1);
+    let config = Config::default()
+        .with_redis_url(group.url())
+        .with_min_replicas(1);
     let store = RedisStore::connect(&config)
         .await
         .expect("connect through the sentinels");
@@ -464,9 +469,9 @@ async fn a_retried_completion_on_a_new_connection_still_waits_for_the_replicas()
         master.port.to_string(),
     ]);
     let config = Config::default()
-        .redis_url(master.url())
-        .min_replicas(1)
-        .replica_timeout(Duration::from_millis(200));
+        .with_redis_url(master.url())
+        .with_min_replicas(1)
+        .with_replica_timeout(Duration::from_millis(200));
     let store = RedisStore::connect(&config).await.expect("connect");
     let token = Token::new();
     let claimed = until_ok(|| async {
@@ -510,12 +515,12 @@ async fn a_claim_retried_after_a_replica_shortfall_finds_its_own_record() {
         master.port.to_string(),
     ]);
     let config = Config::default()
-        .redis_url(master.url())
-        .min_replicas(1)
-        .replica_timeout(Duration::from_millis(200))
-        .lease_ttl(Duration::from_secs(2))
-        .handler_timeout(Duration::from_secs(1))
-        .max_attempts(1);
+        .with_redis_url(master.url())
+        .with_min_replicas(1)
+        .with_replica_timeout(Duration::from_millis(200))
+        .with_lease_ttl(Duration::from_secs(2))
+        .with_handler_timeout(Duration::from_secs(1))
+        .with_max_attempts(1);
     let store = RedisStore::connect(&config).await.expect("connect");
     // The replica is in sync before the fault.
     let token = Token::new();

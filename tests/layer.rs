@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use amqp_idempotency::store::{Expect, MemoryStore, Record, Store};
+use amqp_idempotency::records::{Record, State};
+use amqp_idempotency::store::{Expect, MemoryStore, Store};
 use amqp_idempotency::{
     BoxError, Config, Disposition, HandlerError, IdempotencyLayer, NoFingerprintPolicy,
     OutcomeKind, StoreError, StoreFailurePolicy,
@@ -14,6 +15,11 @@ use amqp_idempotency::{
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tower::{Layer, Service, ServiceExt, service_fn};
+
+/// What a stored value says, read through the public records API.
+fn state(value: &[u8]) -> State {
+    Record::decode("", (value.to_vec(), None)).state().clone()
+}
 
 fn delivery(id: Option<&str>, body: &[u8]) -> Delivery {
     let mut d = Delivery::mock(1, "".into(), "q".into(), false, body.to_vec());
@@ -25,8 +31,8 @@ fn delivery(id: Option<&str>, body: &[u8]) -> Delivery {
 
 fn config() -> Config {
     Config::default()
-        .retry_backoff(Duration::from_millis(10))
-        .in_progress_wait(Duration::ZERO)
+        .with_retry_backoff(Duration::from_millis(10))
+        .with_in_progress_wait(Duration::ZERO)
 }
 
 /// A handler that counts its runs and answers what `behaviour` says.
@@ -121,7 +127,8 @@ async fn permanent_failure_is_dead_lettered() {
 #[tokio::test]
 async fn retries_are_bounded_by_max_attempts() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().max_attempts(3)).unwrap();
+    let layer =
+        IdempotencyLayer::new(MemoryStore::new(), "q", config().with_max_attempts(3)).unwrap();
     let svc = layer.layer(counting(runs.clone(), |_| {
         Err(HandlerError::retryable("always"))
     }));
@@ -168,7 +175,7 @@ async fn missing_fingerprint_follows_the_policy() {
     let pass = IdempotencyLayer::new(
         MemoryStore::new(),
         "q",
-        config().on_missing_fingerprint(NoFingerprintPolicy::PassThrough),
+        config().with_on_missing_fingerprint(NoFingerprintPolicy::PassThrough),
     )
     .unwrap();
     let outcome = pass
@@ -230,7 +237,7 @@ async fn body_hash_makes_identical_bodies_duplicates() {
 #[tokio::test(start_paused = true)]
 async fn in_progress_duplicate_waits_and_is_never_acked_early() {
     let store = MemoryStore::new();
-    let cfg = config().in_progress_wait(Duration::from_secs(1));
+    let cfg = config().with_in_progress_wait(Duration::from_secs(1));
     let slow = IdempotencyLayer::new(store.clone(), "q", cfg.clone())
         .unwrap()
         .layer(service_fn(|_d: Delivery| async {
@@ -248,10 +255,13 @@ async fn in_progress_duplicate_waits_and_is_never_acked_early() {
     assert_eq!(second.kind(), OutcomeKind::InProgressElsewhere);
     assert!(matches!(second.disposition(), Disposition::Requeue { .. }));
     // Waiting long enough, the duplicate sees it done.
-    let long_wait =
-        IdempotencyLayer::new(store, "q", cfg.in_progress_wait(Duration::from_secs(10)))
-            .unwrap()
-            .layer(service_fn(|_d: Delivery| async { Ok::<_, Infallible>(()) }));
+    let long_wait = IdempotencyLayer::new(
+        store,
+        "q",
+        cfg.with_in_progress_wait(Duration::from_secs(10)),
+    )
+    .unwrap()
+    .layer(service_fn(|_d: Delivery| async { Ok::<_, Infallible>(()) }));
     let third = long_wait.oneshot(delivery(Some("m"), b"x")).await.unwrap();
     assert_eq!(third.kind(), OutcomeKind::Duplicate);
     assert_eq!(first.await.unwrap().unwrap().kind(), OutcomeKind::Processed);
@@ -261,15 +271,16 @@ async fn in_progress_duplicate_waits_and_is_never_acked_early() {
 async fn a_slow_handler_keeps_its_lease_by_renewing() {
     let store = MemoryStore::new();
     let cfg = config()
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_secs(2))
-        .in_progress_wait(Duration::ZERO);
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_secs(2))
+        .with_in_progress_wait(Duration::ZERO);
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let svc = IdempotencyLayer::new(
         store.clone(),
         "q",
-        cfg.clone().handler_timeout(Duration::from_millis(2900)),
+        cfg.clone()
+            .with_handler_timeout(Duration::from_millis(2900)),
     )
     .unwrap()
     .layer(service_fn(move |_d: Delivery| {
@@ -295,8 +306,8 @@ async fn a_slow_handler_keeps_its_lease_by_renewing() {
 #[tokio::test(start_paused = true)]
 async fn a_hung_handler_times_out_and_is_retried() {
     let cfg = config()
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_secs(1));
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_secs(1));
     let svc = IdempotencyLayer::new(MemoryStore::new(), "q", cfg)
         .unwrap()
         .layer(service_fn(|_d: Delivery| async {
@@ -398,7 +409,7 @@ async fn fail_closed_holds_the_delivery_and_pauses_until_the_store_takes_writes(
 async fn a_delivery_is_held_at_most_half_the_brokers_consumer_timeout() {
     let store = FlakyStore::default();
     store.down.store(true, Ordering::SeqCst);
-    let cfg = config().consumer_timeout(Duration::from_secs(600));
+    let cfg = config().with_consumer_timeout(Duration::from_secs(600));
     let started = tokio::time::Instant::now();
     let outcome = IdempotencyLayer::new(store, "q", cfg)
         .unwrap()
@@ -495,7 +506,7 @@ async fn fail_open_runs_the_handler_unprotected() {
     let svc = IdempotencyLayer::new(
         store,
         "q",
-        config().on_store_error(StoreFailurePolicy::FailOpen),
+        config().with_on_store_error(StoreFailurePolicy::FailOpen),
     )
     .unwrap()
     .layer(counting(runs.clone(), |_| Ok(())));
@@ -508,8 +519,8 @@ async fn fail_open_runs_the_handler_unprotected() {
 async fn a_lost_lease_is_reported_and_still_acked() {
     let store = MemoryStore::new();
     let cfg = config()
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_millis(2900));
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_millis(2900));
     let thief_store = store.clone();
     let svc = IdempotencyLayer::new(store.clone(), "q", cfg)
         .unwrap()
@@ -548,8 +559,8 @@ async fn an_abandoned_call_keeps_its_claim_until_the_lease_ends() {
     // redelivered copy before the lease ends.
     let store = MemoryStore::new();
     let cfg = config()
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_secs(2));
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_secs(2));
     let svc = IdempotencyLayer::new(store.clone(), "q", cfg)
         .unwrap()
         .layer(service_fn(|_d: Delivery| async {
@@ -565,10 +576,7 @@ async fn an_abandoned_call_keeps_its_claim_until_the_lease_ends() {
     }
     let (value, _) = store.get("idem:q:m").await.unwrap().expect("record kept");
     assert!(
-        matches!(
-            Record::parse(&value),
-            Some(Record::InProgress { attempt: 1, .. })
-        ),
+        matches!(state(&value), State::InProgress { attempt: 1, .. }),
         "the abandoned claim is kept, not released: {value:?}"
     );
     let copy = svc
@@ -604,8 +612,8 @@ async fn a_timed_out_handler_keeps_its_claim_until_the_lease_ends() {
         MemoryStore::new(),
         "q",
         config()
-            .lease_ttl(Duration::from_secs(3))
-            .handler_timeout(Duration::from_secs(1)),
+            .with_lease_ttl(Duration::from_secs(3))
+            .with_handler_timeout(Duration::from_secs(1)),
     )
     .unwrap()
     .layer(service_fn(move |_d: Delivery| {
@@ -671,9 +679,9 @@ async fn attempts_count_handler_runs_not_broker_deliveries() {
 async fn a_message_that_kills_its_consumer_is_dead_lettered_after_the_last_attempt() {
     let store = MemoryStore::new();
     let cfg = config()
-        .max_attempts(3)
-        .lease_ttl(Duration::from_secs(3))
-        .handler_timeout(Duration::from_secs(2));
+        .with_max_attempts(3)
+        .with_lease_ttl(Duration::from_secs(3))
+        .with_handler_timeout(Duration::from_secs(2));
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let svc = IdempotencyLayer::new(store.clone(), "q", cfg)
@@ -693,7 +701,7 @@ async fn a_message_that_kills_its_consumer_is_dead_lettered_after_the_last_attem
         call.abort();
         let _ = call.await;
         let (value, _) = store.get("idem:q:m").await.unwrap().expect("record");
-        if let Some(Record::InProgress { attempt, .. }) = Record::parse(&value) {
+        if let State::InProgress { attempt, .. } = state(&value) {
             attempts.push(attempt);
         }
         tokio::time::sleep(Duration::from_secs(4)).await;
@@ -741,8 +749,8 @@ async fn a_dead_lettered_claim_is_released_with_its_attempts_unless_the_copy_is_
         let store = store.clone();
         async move {
             match store.get(key).await.unwrap() {
-                Some((value, _)) => match Record::parse(&value) {
-                    Some(Record::Released { attempts, .. }) => Some(attempts),
+                Some((value, _)) => match state(&value) {
+                    State::Released { attempts, .. } => Some(attempts),
                     _ => None,
                 },
                 None => None,
@@ -849,7 +857,7 @@ async fn a_done_mark_that_cannot_be_written_holds_the_message_until_the_store_an
     assert_eq!(outcome.kind(), OutcomeKind::Processed);
     let (value, _) = store.inner.get("idem:q:m").await.unwrap().unwrap();
     assert!(
-        matches!(Record::parse(&value), Some(Record::Done { .. })),
+        matches!(state(&value), State::Done { .. }),
         "the done mark was written: {value:?}"
     );
 }
@@ -880,7 +888,7 @@ async fn bad_input_is_dead_lettered_with_a_reason_not_a_panic() {
     }
 
     // A nonsensical x-delivery-count is ignored, not trusted.
-    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().max_body_bytes(16))
+    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().with_max_body_bytes(16))
         .unwrap()
         .layer(counting(runs.clone(), |_| Ok(())));
     let mut headers = FieldTable::default();
@@ -949,7 +957,7 @@ async fn the_guard_api_claims_completes_and_releases() {
         common_eventually(|| {
             let store = store.clone();
             async move {
-                matches!(store.get("idem:q:g2").await, Ok(Some((v, _))) if matches!(Record::parse(&v), Some(Record::Released { attempts: 2, .. })))
+                matches!(store.get("idem:q:g2").await, Ok(Some((v, _))) if matches!(state(&v), State::Released { attempts: 2, .. }))
             }
         })
         .await;
@@ -964,7 +972,8 @@ async fn the_guard_api_claims_completes_and_releases() {
 
 #[tokio::test]
 async fn a_panicking_handler_backs_off_and_is_dead_lettered_after_the_last_attempt() {
-    let layer = IdempotencyLayer::new(MemoryStore::new(), "q", config().max_attempts(2)).unwrap();
+    let layer =
+        IdempotencyLayer::new(MemoryStore::new(), "q", config().with_max_attempts(2)).unwrap();
     let svc = layer.layer(service_fn(|_d: Delivery| async {
         if true {
             panic!("index out of bounds");
@@ -1041,7 +1050,7 @@ fn the_pause_gauge_follows_the_store() {
                 let svc = IdempotencyLayer::new(
                     store.clone(),
                     "orders",
-                    config().on_store_error(StoreFailurePolicy::FailOpen),
+                    config().with_on_store_error(StoreFailurePolicy::FailOpen),
                 )
                 .unwrap()
                 .layer(counting(Arc::default(), |_| Ok(())));
@@ -1075,12 +1084,12 @@ fn the_pause_gauge_follows_the_store() {
 fn a_delivery_whose_outbox_stays_unconfirmed_is_counted_as_undispatched() {
     let text = with_metrics(async {
         let cfg = config()
-            .consumer_timeout(Duration::from_secs(2))
-            .lease_ttl(Duration::from_millis(500))
-            .handler_timeout(Duration::from_millis(400))
-            .retry_backoff_max(Duration::from_millis(100))
+            .with_consumer_timeout(Duration::from_secs(2))
+            .with_lease_ttl(Duration::from_millis(500))
+            .with_handler_timeout(Duration::from_millis(400))
+            .with_retry_backoff_max(Duration::from_millis(100))
             // Nothing listens there: no message can be confirmed.
-            .amqp_url(format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port()));
+            .with_amqp_url(format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port()));
         let publisher = amqp_idempotency::outbox::OutboxPublisher::connect(&cfg)
             .confirm_timeout(Duration::from_millis(200));
         let outcome = IdempotencyLayer::new(MemoryStore::new(), "q", cfg)

@@ -6,11 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use amqp_idempotency::store::{Record, Store};
+use amqp_idempotency::records::{Record, State};
+use amqp_idempotency::store::Store;
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, OutcomeKind};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tower::{Layer, ServiceExt, service_fn};
+
+/// What a stored value says, read through the public records API.
+fn state(value: &[u8]) -> State {
+    Record::decode("", (value.to_vec(), None)).state().clone()
+}
 
 fn delivery() -> Delivery {
     let mut d = Delivery::mock(1, "".into(), "q".into(), false, b"x".to_vec());
@@ -22,10 +28,10 @@ fn delivery() -> Delivery {
 async fn a_consumer_paused_past_its_lease_loses_the_claim_and_says_so() {
     let prefix = common::unique("lease");
     let config = Config::default()
-        .key_prefix(&prefix)
-        .lease_ttl(Duration::from_millis(1000))
-        .handler_timeout(Duration::from_millis(900))
-        .in_progress_wait(Duration::ZERO);
+        .with_key_prefix(&prefix)
+        .with_lease_ttl(Duration::from_millis(1000))
+        .with_handler_timeout(Duration::from_millis(900))
+        .with_in_progress_wait(Duration::ZERO);
     let effects = Arc::new(AtomicUsize::new(0));
 
     // Consumer A freezes mid-handler (like SIGSTOP): its whole runtime,
@@ -90,7 +96,7 @@ async fn a_consumer_paused_past_its_lease_loses_the_claim_and_says_so() {
         .unwrap()
         .expect("done record");
     assert!(
-        matches!(Record::parse(&value), Some(Record::Done { .. })),
+        matches!(state(&value), State::Done { .. }),
         "B's done mark stands: {value:?}"
     );
 }
@@ -102,10 +108,10 @@ async fn a_handler_that_blocks_its_thread_keeps_its_lease_and_times_out() {
     // nor the timeout, and no copy runs beside it.
     let prefix = common::unique("blocking");
     let config = Config::default()
-        .key_prefix(&prefix)
-        .lease_ttl(Duration::from_millis(1000))
-        .handler_timeout(Duration::from_millis(900))
-        .in_progress_wait(Duration::ZERO);
+        .with_key_prefix(&prefix)
+        .with_lease_ttl(Duration::from_millis(1000))
+        .with_handler_timeout(Duration::from_millis(900))
+        .with_in_progress_wait(Duration::ZERO);
     let effects = Arc::new(AtomicUsize::new(0));
     let e = effects.clone();
     let blocking = IdempotencyLayer::new(common::redis_store().await, "q", config.clone())

@@ -7,14 +7,15 @@
 mod common;
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use amqp_idempotency::outbox::{OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::store::MemoryStore;
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, OutcomeKind, ServeOptions, serve};
-use common::{amqp, consume, declare_queue, redis_store};
+use common::{TestQueue, amqp, consume, declare_queue, redis_store};
 use lapin::message::{BasicGetMessage, Delivery};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
@@ -235,8 +236,8 @@ async fn what_we_publish_carries_the_delivery_spans_context() {
             .expect("declare a scratch queue");
     }
     let config = Config::default()
-        .key_prefix(common::unique("ot"))
-        .retry_backoff(Duration::from_millis(20));
+        .with_key_prefix(common::unique("ot"))
+        .with_retry_backoff(Duration::from_millis(20));
     let target = downstream.clone();
     let service = IdempotencyLayer::new(redis_store().await, &queue.name, config.clone())
         .expect("layer")
@@ -316,4 +317,97 @@ async fn what_we_publish_carries_the_delivery_spans_context() {
             .await;
     }
     queue.delete(&channel).await;
+}
+
+#[tokio::test]
+async fn a_retried_deliverys_span_is_a_child_of_the_first_attempts() {
+    exporter();
+    let connection = amqp().await;
+    // Fixed names, emptied rather than deleted (see tests/retry.rs): the
+    // runner declares the delay queue `{queue}.retry.200ms` for this queue.
+    let queue = TestQueue {
+        name: "t-otel-retry".into(),
+        dead: "t-otel-retry.dead".into(),
+    };
+    let delay = "t-otel-retry.retry.200ms".to_owned();
+    let channel = connection.create_channel().await.expect("open a channel");
+    for name in [&queue.name, &queue.dead] {
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the test queue");
+    }
+    let purge = |names: Vec<String>| {
+        let connection = &connection;
+        async move {
+            for name in names {
+                let channel = connection.create_channel().await.expect("open a channel");
+                let _ = channel
+                    .queue_purge(name.as_str().into(), QueuePurgeOptions::default())
+                    .await;
+            }
+        }
+    };
+    purge(vec![queue.name.clone(), queue.dead.clone(), delay.clone()]).await;
+    let config = Config::default()
+        .with_key_prefix(common::unique("otr"))
+        .with_retry_backoff(Duration::from_millis(200))
+        .with_retry_backoff_max(Duration::from_millis(200));
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let service = IdempotencyLayer::new(redis_store().await, &queue.name, config.clone())
+        .expect("layer")
+        .layer(service_fn(move |_delivery: Delivery| {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    return Err(HandlerError::retryable("the gateway timed out"));
+                }
+                Ok(())
+            }
+        }));
+    let consumer_connection = amqp().await;
+    let (consumer_channel, consumer) = consume(&consumer_connection, &queue.name, 8).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = ServeOptions::from_config(&config)
+        .shutdown_on(async move {
+            let _ = stopped.await;
+        })
+        .close_channel(consumer_channel);
+    let task = tokio::spawn(serve(consumer, service, options));
+
+    let (trace_id, parent, traceparent) = fresh_trace();
+    let properties = BasicProperties::default()
+        .with_message_id("otel-retry".into())
+        .with_headers(trace_headers(&traceparent));
+    common::publish_with(&channel, &queue.name, b"charge", properties).await;
+    let spans = delivery_spans(trace_id, 2).await;
+    let _ = stop.send(());
+    let report = task.await.expect("the consumer's task").expect("serve");
+    let _ = consumer_connection.close(200, "OK".into()).await;
+    purge(vec![queue.name.clone(), queue.dead.clone(), delay]).await;
+
+    assert_eq!(report.retried, 1, "through the delay queue: {report:?}");
+    assert_eq!(
+        spans.len(),
+        2,
+        "both attempts' spans, in the incoming trace"
+    );
+    let first = spans
+        .iter()
+        .find(|span| attribute(span, "outcome") == text("retry").as_ref())
+        .expect("the first attempt's span");
+    let second = spans
+        .iter()
+        .find(|span| attribute(span, "outcome") == text("processed").as_ref())
+        .expect("the second attempt's span");
+    assert_eq!(first.parent_span_id, parent);
+    assert_eq!(
+        second.parent_span_id,
+        first.span_context.span_id(),
+        "the retry copy carried the first attempt's span as its parent"
+    );
 }

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use amqp_idempotency::outbox::{Checkpoint, OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::store::{RedisStore, Store};
-use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, ServeReport, serve};
+use amqp_idempotency::{
+    Config, HandlerError, IdempotencyLayer, RetryMode, ServeOptions, ServeReport, serve,
+};
 use common::{TestQueue, amqp, consume, declare_queue, eventually, ready_count, redis_store};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -22,12 +24,12 @@ use tower::{Layer, service_fn};
 
 fn config(prefix: &str) -> Config {
     Config::default()
-        .key_prefix(prefix)
-        .lease_ttl(Duration::from_secs(1))
-        .in_progress_wait(Duration::from_secs(1))
-        .handler_timeout(Duration::from_millis(800))
-        .retry_backoff(Duration::from_millis(20))
-        .retry_backoff_max(Duration::from_millis(100))
+        .with_key_prefix(prefix)
+        .with_lease_ttl(Duration::from_secs(1))
+        .with_in_progress_wait(Duration::from_secs(1))
+        .with_handler_timeout(Duration::from_millis(800))
+        .with_retry_backoff(Duration::from_millis(20))
+        .with_retry_backoff_max(Duration::from_millis(100))
 }
 
 /// A downstream queue the handler publishes to (through the default
@@ -185,6 +187,7 @@ impl Consumer {
         let stop = Arc::new(tokio::sync::Notify::new());
         let stopped = Arc::clone(&stop);
         let options = ServeOptions::new()
+            .retry(RetryMode::Hold)
             .concurrency(8)
             .shutdown_on(async move { stopped.notified().await })
             .close_channel(channel);
@@ -346,8 +349,8 @@ async fn an_outbox_commit_outlives_the_hold_of_an_undispatched_delivery() {
     let downstream = downstream(&channel, "outbox-retention-down").await;
     let consumer_timeout = Duration::from_secs(600);
     let config = config("obret")
-        .done_ttl(Duration::from_secs(5))
-        .consumer_timeout(consumer_timeout);
+        .with_done_ttl(Duration::from_secs(5))
+        .with_consumer_timeout(consumer_timeout);
     let runs = Arc::new(AtomicUsize::new(0));
     let consumer = start(
         redis_store().await,
@@ -439,7 +442,7 @@ async fn staging_past_the_limit_dead_letters_and_publishes_nothing() {
     let queue = declare_queue(&channel, "outbox-limit").await;
     let downstream = downstream(&channel, "outbox-limit-down").await;
     // Two 40-byte bodies and their framing fit; the reply does not.
-    let config = config("ob3").outbox_max_bytes(100);
+    let config = config("ob3").with_outbox_max_bytes(100);
     let runs = Arc::new(AtomicUsize::new(0));
     let consumer = start(
         redis_store().await,

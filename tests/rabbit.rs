@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqp_idempotency::store::{Record, RedisStore, Store};
+use amqp_idempotency::records::{Record, State};
+use amqp_idempotency::store::{RedisStore, Store};
 use amqp_idempotency::{
-    Config, HandlerError, IdempotencyLayer, Outcome, OutcomeKind, ServeOptions, ServeReport, serve,
+    Config, HandlerError, IdempotencyLayer, Outcome, OutcomeKind, RetryMode, ServeOptions,
+    ServeReport, serve,
 };
 use common::{
     TestQueue, amqp, consume, declare_queue, eventually, publish, ready_count, redis_store,
@@ -21,11 +23,16 @@ use lapin::{Channel, Connection};
 use tokio::sync::watch;
 use tower::{Layer, Service, service_fn};
 
+/// What a stored value says, read through the public records API.
+fn state(value: &[u8]) -> State {
+    Record::decode("", (value.to_vec(), None)).state().clone()
+}
+
 fn config(prefix: &str) -> Config {
     Config::default()
-        .key_prefix(prefix)
-        .retry_backoff(Duration::from_millis(20))
-        .retry_backoff_max(Duration::from_millis(100))
+        .with_key_prefix(prefix)
+        .with_retry_backoff(Duration::from_millis(20))
+        .with_retry_backoff_max(Duration::from_millis(100))
 }
 
 /// Records every outcome, in order, and lets a test wait for a count.
@@ -132,6 +139,7 @@ async fn run_until(
 ) -> ServeReport {
     let (channel, consumer) = consume(connection, queue, 8).await;
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .concurrency(8)
         .shutdown_on(async move {
             if tokio::time::timeout(Duration::from_secs(30), stop)
@@ -157,7 +165,7 @@ async fn finish(connection: &Connection, queue: &TestQueue) -> (u32, u32) {
 
 /// Runs an end-to-end test against each Redis deployment: the standalone
 /// Redis 7 at REDIS_URL, the 3-master Redis Cluster and Valkey 8.1 (on its
-/// native compare-and-set) that `.ci/servers.sh` starts.
+/// native compare-and-set) of `common::cluster_nodes` and `common::valkey_url`.
 macro_rules! on_every_deployment {
     ($($name:ident),* $(,)?) => {
         mod deployments {
@@ -402,6 +410,7 @@ async fn two_consumers_with_the_same_fingerprint_run_the_handler_once() {
         async move {
             let (channel, consumer) = consume(connection, &queue, 1).await;
             let options = ServeOptions::new()
+                .retry(RetryMode::Hold)
                 .concurrency(1)
                 .shutdown_on(stop)
                 .close_channel(channel);
@@ -517,6 +526,7 @@ async fn shutdown_abandons_a_hung_handler_keeps_its_claim_and_the_message() {
         }));
     let (channel, consumer) = consume(&connection, &queue.name, 1).await;
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .concurrency(1)
         .shutdown_on(async move { started.notified().await })
         .shutdown_deadline(Duration::from_millis(300))
@@ -527,16 +537,18 @@ async fn shutdown_abandons_a_hung_handler_keeps_its_claim_and_the_message() {
 
     let store = redis_store().await;
     let key = format!("{prefix}:{}:slow-1", queue.name);
-    let (value, _) = store.get(&key).await.unwrap().expect("a record");
+    let stored = store.get(&key).await.unwrap().expect("a record");
+    let value = stored.0.clone();
+    let record = Record::decode(&key, stored);
+    // Kept past its lease (for the crash count), so its time to live is
+    // longer than the lease left.
+    let lingers = matches!(
+        record.state(),
+        State::InProgress { attempt: 1, lease_left: Some(left), .. }
+            if record.ttl().is_some_and(|ttl| ttl > *left + Duration::from_secs(3600))
+    );
     assert!(
-        matches!(
-            Record::parse(&value),
-            Some(Record::InProgress {
-                attempt: 1,
-                lingers: true,
-                ..
-            })
-        ),
+        lingers,
         "the abandoned claim is kept until its lease ends (its work may still run), not released: {value:?}"
     );
     let channel = connection.create_channel().await.unwrap();
@@ -566,7 +578,7 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_with_reason_header
     let service = IdempotencyLayer::new(
         redis_store().await,
         &queue.name,
-        config(&common::unique("p")).max_attempts(3),
+        config(&common::unique("p")).with_max_attempts(3),
     )
     .unwrap()
     .layer(service_fn(|_d: Delivery| async {
@@ -575,6 +587,7 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_with_reason_header
     let (channel, consumer) = consume(&connection, &queue.name, 4).await;
     let stop = journal.until(|j| j.count("attempts_exhausted") >= 1);
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .concurrency(4)
         .shutdown_on(async move {
             let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
@@ -705,9 +718,12 @@ async fn a_cut_broker_connection_mid_handler_reconnects_and_the_effect_happens_o
     let runner = tokio::spawn(serve_reconnecting(
         connect,
         journal.clone().record(service),
-        ServeOptions::new().concurrency(4).shutdown_on(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
-        }),
+        ServeOptions::new()
+            .retry(RetryMode::Hold)
+            .concurrency(4)
+            .shutdown_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+            }),
     ));
     started.notified().await;
     assert!(
@@ -777,6 +793,7 @@ async fn acks_are_coalesced_without_acking_a_slow_or_failing_delivery_early() {
     let (channel, consumer) = consume(&connection, &queue.name, 64).await;
     let stop = journal.until(|j| j.count("processed") >= N);
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .concurrency(64)
         .shutdown_on(async move {
             let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
@@ -843,6 +860,7 @@ async fn a_reused_channel_falls_back_to_single_acks() {
             .unwrap();
         let stop = journal.until(move |j| j.count("processed") >= target);
         let options = ServeOptions::new()
+            .retry(RetryMode::Hold)
             .concurrency(1)
             .shutdown_on(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
@@ -883,6 +901,7 @@ async fn a_missing_dead_letter_exchange_is_reported_at_start() {
     let (channel, consumer) = consume(&connection, &queue.name, 1).await;
     let missing = common::unique("no-such-exchange");
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .shutdown_on(std::future::pending())
         .dead_letter_exchange(missing.clone())
         .close_channel(channel);
@@ -941,6 +960,7 @@ async fn serve_follows_lapins_automatic_recovery_after_a_cut_connection() {
         consumer,
         journal.clone().record(service),
         ServeOptions::new()
+            .retry(RetryMode::Hold)
             .concurrency(8)
             .shutdown_on(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
@@ -990,6 +1010,7 @@ async fn an_unconfirmed_parking_copy_leaves_the_original_in_its_queue() {
     let (channel, consumer) = consume(&connection, &queue.name, 4).await;
     let stop = journal.until(|j| j.count("failed") >= 2);
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .concurrency(4)
         .shutdown_on(async move {
             let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
@@ -1100,6 +1121,7 @@ async fn the_brokers_own_dead_lettering_is_an_explicit_opt_in() {
     let stop = journal.until(|j| j.count("failed") >= 1);
     // No channel given: fine for the broker's dead-lettering, which rejects.
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .dead_letters(DeadLetterTarget::Broker)
         .shutdown_on(async move {
             let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
@@ -1143,7 +1165,9 @@ async fn without_a_channel_the_parking_queue_is_refused_at_start() {
     let err = serve(
         consumer,
         service,
-        ServeOptions::new().shutdown_on(std::future::pending()),
+        ServeOptions::new()
+            .retry(RetryMode::Hold)
+            .shutdown_on(std::future::pending()),
     )
     .await
     .expect_err("no channel to publish dead letters on");
@@ -1539,6 +1563,7 @@ async fn a_huge_failure_reason_is_bounded_and_the_connection_stays_open() {
     let (channel, consumer) = consume(&connection, &queue.name, 4).await;
     let stop = journal.until(|j| !j.events().is_empty());
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .concurrency(4)
         .shutdown_on(async move {
             let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
@@ -1646,9 +1671,12 @@ async fn a_parked_copy_that_cannot_fit_frame_max_drops_the_oversized_headers_and
     let runner = tokio::spawn(serve_reconnecting(
         connect,
         journal.clone().record(service),
-        ServeOptions::new().concurrency(4).shutdown_on(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
-        }),
+        ServeOptions::new()
+            .retry(RetryMode::Hold)
+            .concurrency(4)
+            .shutdown_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+            }),
     ));
     let dead = parked(&direct, &queue.dead).await;
     let report = runner.await.unwrap().expect("serve_reconnecting");
@@ -1714,9 +1742,12 @@ async fn an_unconfirmed_parking_copy_keeps_the_record_and_its_attempt_count() {
     );
     let serve_until = |failures: usize| {
         let stop = journal.until(move |j| j.count("failed") >= failures);
-        ServeOptions::new().concurrency(4).shutdown_on(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
-        })
+        ServeOptions::new()
+            .retry(RetryMode::Hold)
+            .concurrency(4)
+            .shutdown_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(30), stop).await;
+            })
     };
     let (channel, consumer) = consume(&connection, &queue.name, 4).await;
     let first = tokio::spawn(serve(
@@ -1745,9 +1776,9 @@ async fn an_unconfirmed_parking_copy_keeps_the_record_and_its_attempt_count() {
         .get(&key)
         .await
         .unwrap()
-        .and_then(|(value, _)| Record::parse(&value));
+        .map(|(value, _)| state(&value));
     assert!(
-        matches!(record, Some(Record::Released { attempts: 1, .. })),
+        matches!(record, Some(State::Released { attempts: 1, .. })),
         "the record is kept, released with its attempt count: {record:?}"
     );
     assert!(

@@ -31,7 +31,7 @@ fn config() -> Config {
 /// Fails the test, with directions, unless RabbitMQ and Redis answer.
 fn require_services(config: &Config) {
     runtime().block_on(async {
-        let amqp = config.amqp();
+        let amqp = config.amqp_url();
         let connect = Connection::connect(amqp, ConnectionProperties::default());
         match tokio::time::timeout(Duration::from_secs(10), connect).await {
             Ok(Ok(connection)) => {
@@ -48,12 +48,15 @@ fn require_services(config: &Config) {
             ),
         }
 
-        let url = config.redis().standalone_url().unwrap_or_else(|| {
-            panic!(
-                "this test checks a standalone Redis (REDIS_URL), but the environment names {}",
-                config.redis()
-            )
-        });
+        let url = config
+            .redis_deployment()
+            .standalone_url()
+            .unwrap_or_else(|| {
+                panic!(
+                    "this test checks a standalone Redis (REDIS_URL), but the environment names {}",
+                    config.redis_deployment()
+                )
+            });
         let start = "Start it with `redis-server --daemonize yes --port 6379` \
                      (or `docker-compose up -d redis`), or set REDIS_URL to a running Redis 7+. \
                      This test needs it and does not skip.";
@@ -88,7 +91,7 @@ impl Scratch {
             .unwrap_or(0);
         let name = format!("register_users_test_{tag}_{}_{nanos}", std::process::id());
         Self {
-            amqp: config.amqp().to_owned(),
+            amqp: config.amqp_url().to_owned(),
             db: std::env::temp_dir().join(format!("{name}.sqlite")),
             queue: name,
         }

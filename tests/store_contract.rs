@@ -7,7 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use amqp_idempotency::store::{ClaimOutcome, Expect, MemoryStore, Record, Store, Token, machine};
+use amqp_idempotency::records::{Record, State};
+use amqp_idempotency::store::{ClaimOutcome, Expect, MemoryStore, Store, Token, machine};
+
+/// What a stored value says, read through the public records API.
+fn state(value: &[u8]) -> State {
+    Record::decode("", (value.to_vec(), None)).state().clone()
+}
 
 const LEASE: Duration = Duration::from_millis(300);
 const RETENTION: Duration = Duration::from_secs(60);
@@ -60,11 +66,11 @@ async fn complete_makes_duplicates_done<S: Store>(store: S) {
     assert!(machine::complete(&store, &claim, RETENTION).await.unwrap());
     let (value, ttl) = store.get(&key).await.unwrap().expect("a done record");
     assert_eq!(
-        Record::parse(&value),
-        Some(Record::Done {
+        state(&value),
+        State::Done {
             payload_hash: H1[..8].into(),
             token: claim.token()[..4].into(),
-        })
+        }
     );
     assert!(value.starts_with(b"-"), "a compact done mark: {value:?}");
     assert!(
@@ -148,8 +154,8 @@ async fn a_late_complete_after_another_consumer_finished_is_not_ours<S: Store>(s
     // The paused consumer wakes up: the key is done, but not by it.
     assert!(!machine::complete(&store, &paused, RETENTION).await.unwrap());
     let (value, _) = store.get(&key).await.unwrap().unwrap();
-    match Record::parse(&value) {
-        Some(Record::Done { token, .. }) => {
+    match state(&value) {
+        State::Done { token, .. } => {
             assert!(
                 !token.is_empty() && heir.token().starts_with(&token),
                 "{token}"
@@ -289,18 +295,13 @@ async fn a_record_of_the_previous_format_expires_with_its_lease<S: Store>(store:
     // 0.1.0 wrote in-progress records without the `+`: their lease is the
     // key's whole life, so they are never taken over early.
     let key = key();
-    let old = Record::InProgress {
-        token: "0123456789abcdef0123456789abcdef".into(),
-        attempt: 1,
-        payload_hash: H1.into(),
-        lingers: false,
-    };
-    assert!(
-        old.encode()
-            .starts_with(b"p:0123456789abcdef0123456789abcdef:")
-    );
+    let old = format!("p:0123456789abcdef0123456789abcdef:1:{H1}");
+    assert!(matches!(
+        state(old.as_bytes()),
+        State::InProgress { attempt: 1, .. }
+    ));
     store
-        .insert_or_get(&key, &old.encode(), LEASE)
+        .insert_or_get(&key, old.as_bytes(), LEASE)
         .await
         .unwrap();
     let seen = machine::claim(&store, &key, &Token::new(), H1, LEASE)
@@ -424,10 +425,7 @@ async fn an_outbox_commits_with_the_done_mark<S: Store>(store: S) {
             .unwrap()
     );
     let (value, _) = store.get(&key).await.unwrap().expect("a done record");
-    assert!(
-        matches!(Record::parse(&value), Some(Record::Done { .. })),
-        "{value:?}"
-    );
+    assert!(matches!(state(&value), State::Done { .. }), "{value:?}");
     assert_eq!(store.outbox(&outbox).await.unwrap(), entries());
     let dup = machine::claim(&store, &key, &Token::new(), H1, LEASE)
         .await
@@ -603,7 +601,7 @@ async fn redis_store_batched_transitions_answer_each_key_on_its_own() {
     for (n, answer) in answers.iter().enumerate() {
         assert_eq!(*answer, n % 2 == 0, "key {n}");
         let (value, _) = store.get(&format!("{base}:{n}")).await.unwrap().unwrap();
-        let done = matches!(Record::parse(&value), Some(Record::Done { .. }));
+        let done = matches!(state(&value), State::Done { .. });
         assert_eq!(done, n % 2 == 0, "key {n}: {value:?}");
     }
 }

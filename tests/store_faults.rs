@@ -116,8 +116,8 @@ async fn held_while_writes_are_refused(fault: &[&[&str]], fix: &[&[&str]]) {
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let config = Config::default()
-        .in_progress_wait(Duration::ZERO)
-        .retry_backoff(Duration::from_millis(10));
+        .with_in_progress_wait(Duration::ZERO)
+        .with_retry_backoff(Duration::from_millis(10));
     let svc = IdempotencyLayer::new(store.clone(), "q", config)
         .expect("layer")
         .layer(service_fn(move |_d: Delivery| {

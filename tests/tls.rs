@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use amqp_idempotency::store::{ClaimOutcome, RedisStore, Token, machine};
-use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, amqp, serve};
+use amqp_idempotency::{
+    Config, HandlerError, IdempotencyLayer, RetryMode, ServeOptions, amqp, serve,
+};
 use common::{Pki, Stunnel, TlsRedis};
 use lapin::ConnectionProperties;
 use lapin::message::Delivery;
@@ -253,6 +255,7 @@ async fn serve_runs_end_to_end_over_amqps_and_rediss() {
         });
     let seen = outcomes.clone();
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .concurrency(8)
         .shutdown_on(async move {
             let done = common::eventually(Duration::from_secs(30), || {

@@ -7,13 +7,14 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amqp_idempotency::outbox::{OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, serve};
-use common::{amqp, consume, declare_queue, redis_store};
+use common::{TestQueue, amqp, consume, declare_queue, eventually, redis_store};
 use lapin::message::{BasicGetMessage, Delivery};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use tower::{Layer, service_fn};
@@ -24,12 +25,12 @@ const OTHER_TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692
 
 fn config(prefix: &str) -> Config {
     Config::default()
-        .key_prefix(prefix)
-        .lease_ttl(Duration::from_secs(2))
-        .in_progress_wait(Duration::from_secs(1))
-        .handler_timeout(Duration::from_millis(1500))
-        .retry_backoff(Duration::from_millis(20))
-        .retry_backoff_max(Duration::from_millis(100))
+        .with_key_prefix(prefix)
+        .with_lease_ttl(Duration::from_secs(2))
+        .with_in_progress_wait(Duration::from_secs(1))
+        .with_handler_timeout(Duration::from_millis(1500))
+        .with_retry_backoff(Duration::from_millis(20))
+        .with_retry_backoff_max(Duration::from_millis(100))
 }
 
 /// A queue deleted after 10 unused minutes.
@@ -264,4 +265,116 @@ async fn a_parked_copy_carries_the_incoming_trace_context() {
     assert_eq!(header(&parked, "traceparent").as_deref(), Some(TRACEPARENT));
     assert_eq!(header(&parked, "tracestate").as_deref(), Some(TRACESTATE));
     queue.delete(&channel).await;
+}
+
+/// The string value of header `name` of a delivery.
+fn delivery_header(delivery: &Delivery, name: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(value) => Some(String::from_utf8_lossy(value.as_bytes()).into()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_retry_copy_carries_the_incoming_trace_context() {
+    let connection = amqp().await;
+    let channel = connection.create_channel().await.expect("open a channel");
+    // Fixed names, emptied rather than deleted: the runner declares the
+    // delay queue `{queue}.retry.200ms` (a quorum queue) for this queue,
+    // and tests/retry.rs says why those are not churned.
+    let queue = TestQueue {
+        name: "t-trace-retry".into(),
+        dead: "t-trace-retry.dead".into(),
+    };
+    let delay = "t-trace-retry.retry.200ms".to_owned();
+    for name in [&queue.name, &queue.dead] {
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the test queue");
+    }
+    for name in [&queue.name, &queue.dead, &delay] {
+        let purge = connection.create_channel().await.expect("open a channel");
+        let _ = purge
+            .queue_purge(name.as_str().into(), QueuePurgeOptions::default())
+            .await;
+    }
+    let config = Config::default()
+        .with_key_prefix(common::unique("tr"))
+        .with_retry_backoff(Duration::from_millis(200))
+        .with_retry_backoff_max(Duration::from_millis(200));
+    // What each run saw: (x-idempotency-outcome, traceparent, tracestate).
+    type Seen = Vec<(Option<String>, Option<String>, Option<String>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let runs = Arc::clone(&seen);
+    let service = IdempotencyLayer::new(redis_store().await, &queue.name, config.clone())
+        .expect("layer")
+        .layer(service_fn(move |delivery: Delivery| {
+            let first = {
+                let mut runs = runs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                runs.push((
+                    delivery_header(&delivery, "x-idempotency-outcome"),
+                    delivery_header(&delivery, "traceparent"),
+                    delivery_header(&delivery, "tracestate"),
+                ));
+                runs.len() == 1
+            };
+            async move {
+                if first {
+                    return Err(HandlerError::retryable("the gateway timed out"));
+                }
+                Ok(())
+            }
+        }));
+    let consumer_connection = amqp().await;
+    let (consumer_channel, consumer) = consume(&consumer_connection, &queue.name, 8).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = ServeOptions::from_config(&config)
+        .shutdown_on(async move {
+            let _ = stopped.await;
+        })
+        .close_channel(consumer_channel);
+    let task = tokio::spawn(serve(consumer, service, options));
+
+    common::publish_with(
+        &channel,
+        &queue.name,
+        b"charge",
+        incoming("trace-retry", Some((TRACEPARENT, TRACESTATE)), None),
+    )
+    .await;
+    let retried = eventually(Duration::from_secs(15), || {
+        let seen = Arc::clone(&seen);
+        async move { seen.lock().map(|runs| runs.len() >= 2).unwrap_or(false) }
+    })
+    .await;
+    let _ = stop.send(());
+    let report = task.await.expect("the consumer's task").expect("serve");
+    let _ = consumer_connection.close(200, "OK".into()).await;
+
+    assert!(retried, "the copy came back from {delay}");
+    assert_eq!(report.retried, 1, "through the delay queue: {report:?}");
+    let runs = seen
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    assert_eq!(
+        runs[1],
+        (
+            Some("retry".to_owned()),
+            Some(TRACEPARENT.to_owned()),
+            Some(TRACESTATE.to_owned())
+        ),
+        "the second run got the retry copy, in the incoming trace"
+    );
+    for name in [&queue.name, &queue.dead, &delay] {
+        let purge = connection.create_channel().await.expect("open a channel");
+        let _ = purge
+            .queue_purge(name.as_str().into(), QueuePurgeOptions::default())
+            .await;
+    }
 }

@@ -89,8 +89,8 @@ fn main() -> ExitCode {
                 .await
                 .map_err(|err| format!("cannot use REDIS_URL={url}: {err}"))?;
             let config = Config::default()
-                .key_prefix(format!("layer-cost-{}", std::process::id()))
-                .done_ttl(Duration::from_secs(60));
+                .with_key_prefix(format!("layer-cost-{}", std::process::id()))
+                .with_done_ttl(Duration::from_secs(60));
             run(store, config, deliveries, IN_FLIGHT).await
         } else {
             run(MemoryStore::new(), Config::default(), deliveries, 1).await

@@ -12,7 +12,9 @@ use crate::error::redact_url;
 use crate::tls::{self, Side};
 
 /// Opens a connection to the broker at `config`'s AMQP URL
-/// ([`Config::amqp`]), with TLS for `amqps://` as [`Config::amqp_tls`] says.
+/// ([`Config::amqp_url`]), with TLS for `amqps://` as
+/// [`Config::amqp_tls_ca_file`], [`Config::amqp_tls_cert_file`] and
+/// [`Config::amqp_tls_key_file`] say.
 ///
 /// Works like [`lapin::Connection::connect`] otherwise, and supports
 /// lapin's automatic recovery (`properties.enable_auto_recover()`), which
@@ -28,7 +30,7 @@ pub async fn connect(
     config: &Config,
     properties: ConnectionProperties,
 ) -> Result<Connection, ConnectError> {
-    let url = config.amqp();
+    let url = config.amqp_url();
     let shown = redact_url(url);
     let fail = |message: String| ConnectError {
         url: shown.clone(),
@@ -240,7 +242,7 @@ mod tests {
 
     #[tokio::test]
     async fn tls_files_with_a_plain_url_are_refused() {
-        let config = Config::default().amqp_tls_ca_file("/etc/ca.pem");
+        let config = Config::default().with_amqp_tls_ca_file("/etc/ca.pem");
         let err = connect(&config, ConnectionProperties::default())
             .await
             .unwrap_err();

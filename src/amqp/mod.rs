@@ -19,8 +19,9 @@
 //! ```
 //!
 //! The broker's certificate is always verified, against `AMQP_TLS_CA_FILE`
-//! when it is set and the platform's trusted roots otherwise (see
-//! [`crate::tls`]). A failed connection says which URL (password
+//! when it is set and the platform's trusted roots otherwise; with a CA
+//! file, only the CAs in it are trusted, and the files are read again for
+//! each connection. A failed connection says which URL (password
 //! hidden) and what to fix; a certificate that is not trusted names
 //! `AMQP_TLS_CA_FILE`.
 //!
@@ -31,6 +32,8 @@
 
 mod connect;
 mod publish;
+mod request;
 
 pub use self::connect::{ConnectError, connect};
 pub use self::publish::{Published, publish_confirmed};
+pub(crate) use self::request::within;

@@ -3,11 +3,13 @@
 use crate::error::{redact_nodes, redact_url};
 use crate::tls::TlsFiles;
 
-/// Which Redis a [`Config`](super::Config) names, from [`Config::redis`](super::Config::redis). Only a
+/// Which Redis a [`Config`](super::Config) names, from
+/// [`Config::redis_url`](super::Config::redis_url) and
+/// [`Config::redis_cluster_nodes`](super::Config::redis_cluster_nodes). Only a
 /// standalone server comes with a URL to open a plain connection on: a
-/// Sentinel URL must be resolved to the master first
-/// ([`store::sentinel_master_url`](crate::store::sentinel_master_url)), and
-/// a cluster is reached through its nodes. `Debug` hides the passwords.
+/// Sentinel URL names the sentinels that know the master, and a cluster is
+/// reached through its nodes ([`RedisStore::connect`](crate::store::RedisStore::connect)
+/// and [`Records::connect`](crate::records::Records::connect) reach each kind). `Debug` hides the passwords.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RedisDeployment<'a> {

@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Config, DeadLetterTarget, NoFingerprintPolicy, StoreFailurePolicy};
+use super::{Config, DeadLetterTarget, NoFingerprintPolicy, RetryMode, StoreFailurePolicy};
 use crate::error::{ConfigError, redact_nodes, redact_url};
 use crate::tls::{Side, TlsFiles};
 
@@ -36,6 +36,7 @@ pub(crate) const VARIABLES: &[&str] = &[
     "IDEMPOTENCY_OUTBOX_MAX_BYTES",
     "IDEMPOTENCY_VERIFY_PAYLOAD",
     "IDEMPOTENCY_DEAD_LETTERS",
+    "IDEMPOTENCY_RETRY",
     "IDEMPOTENCY_DEAD_LETTER_QUEUE",
     "IDEMPOTENCY_DEAD_LETTER_EXCHANGE",
     "IDEMPOTENCY_DEAD_LETTER_ROUTING_KEY",
@@ -81,7 +82,7 @@ impl Config {
     /// use amqp_idempotency::Config;
     ///
     /// let config = Config::from_vars([("IDEMPOTENCY_MIN_REPLICAS", "1"), ("HOME", "/root")])?;
-    /// assert_eq!(config.replication().0, 1);
+    /// assert_eq!(config.min_replicas(), 1);
     /// let typo = Config::from_vars([("IDEMPOTENCY_MIN_REPLICA", "1")]).unwrap_err();
     /// assert_eq!(typo.variable(), "IDEMPOTENCY_MIN_REPLICA");
     /// assert!(typo.expected().contains("IDEMPOTENCY_MIN_REPLICAS"));
@@ -231,6 +232,19 @@ impl Config {
                         "an integer from 1 to 1000",
                     )
                 })?;
+        }
+        if let Some(value) = get("IDEMPOTENCY_RETRY") {
+            config.retry = match value.trim() {
+                "broker" => RetryMode::Broker,
+                "hold" => RetryMode::Hold,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "IDEMPOTENCY_RETRY",
+                        &value,
+                        "`broker` (a copy waits in a delay queue) or `hold` (the delivery is held, then requeued)",
+                    ));
+                }
+            };
         }
         if let Some(value) = get("IDEMPOTENCY_ON_STORE_ERROR") {
             config.on_store_error = match value.trim() {
@@ -488,21 +502,23 @@ fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
-/// Parses `500ms`, `30s`, `5m`, `24h` or `7d`. Zero and unitless values are refused.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().ok()?;
-    let duration = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60)?),
-        "h" => Duration::from_secs(n.checked_mul(3600)?),
-        "d" => Duration::from_secs(n.checked_mul(86_400)?),
-        _ => return None,
-    };
-    (!duration.is_zero()).then_some(duration)
+pub_for_testing! {
+    /// Parses `500ms`, `30s`, `5m`, `24h` or `7d`. Zero and unitless values are refused.
+    fn parse_duration(text: &str) -> Option<Duration> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit())?;
+        let (digits, unit) = text.split_at(split);
+        let n: u64 = digits.parse().ok()?;
+        let duration = match unit.trim() {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60)?),
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            "d" => Duration::from_secs(n.checked_mul(86_400)?),
+            _ => return None,
+        };
+        (!duration.is_zero()).then_some(duration)
+    }
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.

@@ -5,9 +5,9 @@
 //! use amqp_idempotency::Config;
 //!
 //! let config = Config::default()
-//!     .key_prefix("shop")
-//!     .lease_ttl(Duration::from_secs(10))
-//!     .handler_timeout(Duration::from_secs(8));
+//!     .with_key_prefix("shop")
+//!     .with_lease_ttl(Duration::from_secs(10))
+//!     .with_handler_timeout(Duration::from_secs(8));
 //! assert!(config.validate().is_ok());
 //!
 //! // Environment variables use the same names as DESIGN.md and the README.
@@ -15,12 +15,13 @@
 //! let from_env = Config::from_lookup(|name| {
 //!     env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
 //! })?;
-//! assert_eq!(from_env.lease(), Duration::from_millis(500));
+//! assert_eq!(from_env.lease_ttl(), Duration::from_millis(500));
 //! # Ok::<(), amqp_idempotency::ConfigError>(())
 //! ```
 
 mod deployment;
 mod env;
+mod getters;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -34,6 +35,7 @@ use crate::tls::TlsFiles;
 pub use self::deployment::RedisDeployment;
 pub(crate) use self::deployment::{SentinelUrl, is_sentinel_url};
 pub(crate) use self::env::format_duration;
+#[cfg(feature = "testing")]
 pub use self::env::parse_duration;
 
 /// What to do with a message that has no usable fingerprint.
@@ -56,6 +58,32 @@ pub enum StoreFailurePolicy {
     FailOpen,
 }
 
+/// How the runner retries a message whose handler failed with a
+/// retryable error (`IDEMPOTENCY_RETRY`).
+///
+/// ```
+/// use amqp_idempotency::{Config, RetryMode};
+/// assert_eq!(Config::default().retry(), RetryMode::Broker);
+/// let config = Config::from_lookup(|name| (name == "IDEMPOTENCY_RETRY").then(|| "hold".to_owned()))?;
+/// assert_eq!(config.retry(), RetryMode::Hold);
+/// # Ok::<(), amqp_idempotency::ConfigError>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RetryMode {
+    /// `broker` (default): a copy waits out the backoff in a delay queue,
+    /// `{queue}.retry.<delay>`, that the runner declares (one per step of
+    /// the backoff schedule, each dead-lettering back to `{queue}` when its
+    /// TTL ends); the original is acked once the broker confirmed the copy
+    /// and requeued otherwise. The prefetch window stays free for healthy
+    /// messages.
+    #[default]
+    Broker,
+    /// `hold`: the delivery is held for the backoff, then requeued with
+    /// `basic.nack`. It keeps a prefetch slot meanwhile, and each requeue
+    /// counts against a quorum queue's delivery limit.
+    Hold,
+}
+
 /// Where the runner sends a message the middleware dead-letters (attempts
 /// exhausted, permanent failure, no fingerprint, payload mismatch, too
 /// large, crashed).
@@ -73,7 +101,7 @@ pub enum StoreFailurePolicy {
 /// let config = Config::from_lookup(|name| {
 ///     (name == "IDEMPOTENCY_DEAD_LETTER_QUEUE").then(|| "orders.parked".to_owned())
 /// })?;
-/// assert_eq!(config.dead_letter_target(), &DeadLetterTarget::ParkingQueue(Some("orders.parked".into())));
+/// assert_eq!(config.dead_letters(), &DeadLetterTarget::ParkingQueue(Some("orders.parked".into())));
 /// # Ok::<(), amqp_idempotency::ConfigError>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +163,7 @@ pub struct Config {
     pub(crate) min_replicas: u32,
     pub(crate) replica_timeout: Duration,
     pub(crate) dead_letters: DeadLetterTarget,
+    pub(crate) retry: RetryMode,
     pub(crate) redis_tls: TlsFiles,
     pub(crate) amqp_tls: TlsFiles,
 }
@@ -167,6 +196,7 @@ impl Default for Config {
             min_replicas: 0,
             replica_timeout: Duration::from_secs(1),
             dead_letters: DeadLetterTarget::default(),
+            retry: RetryMode::default(),
             redis_tls: TlsFiles::default(),
             amqp_tls: TlsFiles::default(),
         }
@@ -200,6 +230,7 @@ impl std::fmt::Debug for Config {
             min_replicas,
             replica_timeout,
             dead_letters,
+            retry,
             redis_tls,
             amqp_tls,
         } = self;
@@ -229,6 +260,7 @@ impl std::fmt::Debug for Config {
             .field("min_replicas", min_replicas)
             .field("replica_timeout", replica_timeout)
             .field("dead_letters", dead_letters)
+            .field("retry", retry)
             .field("redis_tls", redis_tls)
             .field("amqp_tls", amqp_tls)
             .finish()
@@ -241,7 +273,7 @@ const MAX_DURATION: Duration = Duration::from_secs(90 * 24 * 3600);
 impl Config {
     /// Redis URL (`REDIS_URL`): a standalone Redis or Valkey, or a
     /// primary. Clears the cluster nodes.
-    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+    pub fn with_redis_url(mut self, url: impl Into<String>) -> Self {
         self.redis_url = url.into();
         self.redis_cluster_nodes.clear();
         self
@@ -250,8 +282,8 @@ impl Config {
     /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_NODES`, comma-separated
     /// `redis://` or `rediss://` URLs): the store then runs in cluster mode,
     /// the URL of [`redis_url`](Self::redis_url) is not used, and
-    /// [`redis`](Self::redis) says [`RedisDeployment::Cluster`].
-    pub fn redis_cluster<I, S>(mut self, nodes: I) -> Self
+    /// [`redis_deployment`](Self::redis_deployment) says [`RedisDeployment::Cluster`].
+    pub fn with_redis_cluster_nodes<I, S>(mut self, nodes: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -266,104 +298,99 @@ impl Config {
     /// fewer replicas confirm within [`replica_timeout`](Self::replica_timeout)
     /// counts as unanswered: the message is held and the write retried,
     /// never acked on a mark a failover could lose.
-    pub fn min_replicas(mut self, replicas: u32) -> Self {
+    pub fn with_min_replicas(mut self, replicas: u32) -> Self {
         self.min_replicas = replicas;
         self
     }
 
     /// How long `WAIT` waits for the replicas (`IDEMPOTENCY_REPLICA_TIMEOUT`,
     /// default `1s`, at most `10s`).
-    pub fn replica_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_replica_timeout(mut self, timeout: Duration) -> Self {
         self.replica_timeout = timeout;
         self
     }
 
-    /// The replicas each write must reach, and how long to wait for them.
-    pub fn replication(&self) -> (u32, Duration) {
-        (self.min_replicas, self.replica_timeout)
-    }
-
     /// Broker URL (`AMQP_URL`).
-    pub fn amqp_url(mut self, url: impl Into<String>) -> Self {
+    pub fn with_amqp_url(mut self, url: impl Into<String>) -> Self {
         self.amqp_url = url.into();
         self
     }
 
     /// CA certificates (PEM) that Redis's certificate must chain to, instead
     /// of the platform's trusted roots (`REDIS_TLS_CA_FILE`; `rediss://` only).
-    pub fn redis_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn with_redis_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.redis_tls.ca_file = Some(path.into());
         self
     }
 
     /// Client certificate (PEM) presented to a Redis that requires one
     /// (`REDIS_TLS_CERT_FILE`, with [`redis_tls_key_file`](Self::redis_tls_key_file)).
-    pub fn redis_tls_cert_file(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn with_redis_tls_cert_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.redis_tls.cert_file = Some(path.into());
         self
     }
 
     /// Private key (PEM) of the Redis client certificate (`REDIS_TLS_KEY_FILE`).
-    pub fn redis_tls_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn with_redis_tls_key_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.redis_tls.key_file = Some(path.into());
         self
     }
 
     /// CA certificates (PEM) that the broker's certificate must chain to,
     /// instead of the platform's trusted roots (`AMQP_TLS_CA_FILE`; `amqps://` only).
-    pub fn amqp_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn with_amqp_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.amqp_tls.ca_file = Some(path.into());
         self
     }
 
     /// Client certificate (PEM) presented to a broker that requires one
     /// (`AMQP_TLS_CERT_FILE`, with [`amqp_tls_key_file`](Self::amqp_tls_key_file)).
-    pub fn amqp_tls_cert_file(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn with_amqp_tls_cert_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.amqp_tls.cert_file = Some(path.into());
         self
     }
 
     /// Private key (PEM) of the broker client certificate (`AMQP_TLS_KEY_FILE`).
-    pub fn amqp_tls_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+    pub fn with_amqp_tls_key_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.amqp_tls.key_file = Some(path.into());
         self
     }
 
     /// Key prefix (`IDEMPOTENCY_KEY_PREFIX`, default `idem`).
-    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+    pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
         self
     }
 
     /// Consumer group (`IDEMPOTENCY_SCOPE`, default: the queue name).
-    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+    pub fn with_scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = Some(scope.into());
         self
     }
 
     /// Lifetime of an in-progress claim (`IDEMPOTENCY_LEASE_TTL`, default 30s);
     /// renewed while the handler runs.
-    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl;
         self
     }
 
     /// Retention of the done mark (`IDEMPOTENCY_DONE_TTL`, default 24h):
     /// duplicates are recognised for this long.
-    pub fn done_ttl(mut self, ttl: Duration) -> Self {
+    pub fn with_done_ttl(mut self, ttl: Duration) -> Self {
         self.done_ttl = ttl;
         self
     }
 
     /// How long a handler may run before it counts as a retryable failure
     /// (`IDEMPOTENCY_HANDLER_TIMEOUT`, default 25s); must be below the lease.
-    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = timeout;
         self
     }
 
     /// Prefetch and concurrency (`IDEMPOTENCY_PREFETCH`, default 64).
-    pub fn prefetch(mut self, prefetch: u16) -> Self {
+    pub fn with_prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = prefetch;
         self
     }
@@ -373,48 +400,48 @@ impl Config {
     /// With an outbox, also how long after the first run's commit a
     /// duplicate leaves that run to dispatch its messages before it sends
     /// what is left itself.
-    pub fn in_progress_wait(mut self, wait: Duration) -> Self {
+    pub fn with_in_progress_wait(mut self, wait: Duration) -> Self {
         self.in_progress_wait = wait;
         self
     }
 
     /// Attempts before a retryable failure is dead-lettered
     /// (`IDEMPOTENCY_MAX_ATTEMPTS`, default 5).
-    pub fn max_attempts(mut self, attempts: u32) -> Self {
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts;
         self
     }
 
     /// Delay before the first requeue (`IDEMPOTENCY_RETRY_BACKOFF`, default
     /// 500ms); doubles per attempt up to [`retry_backoff_max`](Self::retry_backoff_max).
-    pub fn retry_backoff(mut self, delay: Duration) -> Self {
+    pub fn with_retry_backoff(mut self, delay: Duration) -> Self {
         self.retry_backoff = delay;
         self
     }
 
     /// Upper bound of the requeue delay (`IDEMPOTENCY_RETRY_BACKOFF_MAX`, default 30s).
-    pub fn retry_backoff_max(mut self, delay: Duration) -> Self {
+    pub fn with_retry_backoff_max(mut self, delay: Duration) -> Self {
         self.retry_backoff_max = delay;
         self
     }
 
     /// Fail closed (default) or open when the store is unreachable
     /// (`IDEMPOTENCY_ON_STORE_ERROR`: `fail-closed` or `fail-open`).
-    pub fn on_store_error(mut self, policy: StoreFailurePolicy) -> Self {
+    pub fn with_on_store_error(mut self, policy: StoreFailurePolicy) -> Self {
         self.on_store_error = policy;
         self
     }
 
     /// What to do with messages without a fingerprint
     /// (`IDEMPOTENCY_ON_MISSING_FINGERPRINT`: `dead-letter` or `pass-through`).
-    pub fn on_missing_fingerprint(mut self, policy: NoFingerprintPolicy) -> Self {
+    pub fn with_on_missing_fingerprint(mut self, policy: NoFingerprintPolicy) -> Self {
         self.on_missing_fingerprint = policy;
         self
     }
 
     /// Whether a duplicate's payload must match the first one's
     /// (`IDEMPOTENCY_VERIFY_PAYLOAD`, default true); a mismatch is dead-lettered.
-    pub fn verify_payload(mut self, verify: bool) -> Self {
+    pub fn with_verify_payload(mut self, verify: bool) -> Self {
         self.verify_payload = verify;
         self
     }
@@ -422,7 +449,7 @@ impl Config {
     /// Largest body the handler is given (`IDEMPOTENCY_MAX_BODY_BYTES`,
     /// default: no limit); a larger message is dead-lettered with a reason
     /// instead of reaching the handler.
-    pub fn max_body_bytes(mut self, limit: usize) -> Self {
+    pub fn with_max_body_bytes(mut self, limit: usize) -> Self {
         self.max_body_bytes = Some(limit.max(1));
         self
     }
@@ -431,7 +458,7 @@ impl Config {
     /// together, encoded (`IDEMPOTENCY_OUTBOX_MAX_BYTES`, default 1 MiB).
     /// Staging past it fails the handler permanently: the message is
     /// dead-lettered and nothing it staged is published.
-    pub fn outbox_max_bytes(mut self, limit: usize) -> Self {
+    pub fn with_outbox_max_bytes(mut self, limit: usize) -> Self {
         self.outbox_max_bytes = limit.max(1);
         self
     }
@@ -442,21 +469,16 @@ impl Config {
     /// waiting for a duplicate in progress elsewhere, a timed-out handler's
     /// lease, a store outage) is kept below it; set it to your broker's
     /// value if you changed that.
-    pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_consumer_timeout(mut self, timeout: Duration) -> Self {
         self.consumer_timeout = timeout;
         self
     }
 
     /// Where dead letters go (see [`DeadLetterTarget`]; default: the
     /// parking queue `{queue}.dead`).
-    pub fn dead_letters(mut self, target: DeadLetterTarget) -> Self {
+    pub fn with_dead_letters(mut self, target: DeadLetterTarget) -> Self {
         self.dead_letters = target;
         self
-    }
-
-    /// The configured dead-letter target.
-    pub fn dead_letter_target(&self) -> &DeadLetterTarget {
-        &self.dead_letters
     }
 
     /// The Redis this configuration names, and of which kind: a cluster
@@ -469,11 +491,11 @@ impl Config {
     /// ```
     /// use amqp_idempotency::{Config, RedisDeployment};
     ///
-    /// let config = Config::default().redis_cluster(["redis://10.0.0.1:7000"]);
-    /// assert_eq!(config.redis().standalone_url(), None);
-    /// assert!(matches!(config.redis(), RedisDeployment::Cluster(nodes) if nodes.len() == 1));
+    /// let config = Config::default().with_redis_cluster_nodes(["redis://10.0.0.1:7000"]);
+    /// assert_eq!(config.redis_deployment().standalone_url(), None);
+    /// assert!(matches!(config.redis_deployment(), RedisDeployment::Cluster(nodes) if nodes.len() == 1));
     /// ```
-    pub fn redis(&self) -> RedisDeployment<'_> {
+    pub fn redis_deployment(&self) -> RedisDeployment<'_> {
         if !self.redis_cluster_nodes.is_empty() {
             RedisDeployment::Cluster(&self.redis_cluster_nodes)
         } else if is_sentinel_url(&self.redis_url) {
@@ -481,36 +503,6 @@ impl Config {
         } else {
             RedisDeployment::Standalone(&self.redis_url)
         }
-    }
-
-    /// The Redis Cluster seed nodes; empty in standalone mode.
-    pub fn redis_cluster_nodes(&self) -> &[String] {
-        &self.redis_cluster_nodes
-    }
-
-    /// The broker URL.
-    pub fn amqp(&self) -> &str {
-        &self.amqp_url
-    }
-
-    /// The TLS files for `rediss://`.
-    pub fn redis_tls(&self) -> &TlsFiles {
-        &self.redis_tls
-    }
-
-    /// The TLS files for `amqps://`.
-    pub fn amqp_tls(&self) -> &TlsFiles {
-        &self.amqp_tls
-    }
-
-    /// The configured lease.
-    pub fn lease(&self) -> Duration {
-        self.lease_ttl
-    }
-
-    /// The configured prefetch.
-    pub fn prefetch_count(&self) -> u16 {
-        self.prefetch
     }
 
     /// How long an outbox consumer keeps its done mark and outbox:
@@ -526,6 +518,29 @@ impl Config {
             .saturating_add(self.retry_backoff_max)
             .saturating_add(self.lease_ttl);
         self.done_ttl.max(horizon)
+    }
+
+    /// How retryable failures are retried (`IDEMPOTENCY_RETRY`: `broker`,
+    /// the default, or `hold`; see [`RetryMode`]).
+    pub fn with_retry(mut self, mode: RetryMode) -> Self {
+        self.retry = mode;
+        self
+    }
+
+    /// The steps of the backoff schedule: `IDEMPOTENCY_RETRY_BACKOFF`
+    /// doubling up to `IDEMPOTENCY_RETRY_BACKOFF_MAX`, each once; the
+    /// delays [`backoff`](Self::backoff) gives. One delay queue each.
+    pub(crate) fn retry_schedule(&self) -> Vec<Duration> {
+        let mut steps = Vec::new();
+        let mut attempt = 1;
+        loop {
+            let step = self.backoff(attempt);
+            if steps.last() == Some(&step) || steps.len() >= 64 {
+                return steps;
+            }
+            steps.push(step);
+            attempt += 1;
+        }
     }
 
     /// The delay before requeueing the `attempt`-th failure.

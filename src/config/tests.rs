@@ -145,25 +145,35 @@ fn the_table_of_variables_is_what_from_lookup_reads_and_the_readme_lists() {
 fn a_config_naming_a_cluster_or_sentinel_hands_out_no_standalone_url() {
     let cluster =
         Config::from_vars([("REDIS_CLUSTER_NODES", "redis://:pw@b:2,redis://c:3")]).unwrap();
-    assert_eq!(cluster.redis().standalone_url(), None);
+    assert_eq!(cluster.redis_deployment().standalone_url(), None);
     assert_eq!(
-        cluster.redis(),
+        cluster.redis_deployment(),
         RedisDeployment::Cluster(&["redis://:pw@b:2".to_owned(), "redis://c:3".to_owned()])
     );
-    assert!(!format!("{:?} {}", cluster.redis(), cluster.redis()).contains("pw"));
+    assert!(
+        !format!(
+            "{:?} {}",
+            cluster.redis_deployment(),
+            cluster.redis_deployment()
+        )
+        .contains("pw")
+    );
     let sentinel = Config::from_vars([("REDIS_URL", "redis-sentinel://s1:26379#orders")]).unwrap();
-    assert_eq!(sentinel.redis().standalone_url(), None);
+    assert_eq!(sentinel.redis_deployment().standalone_url(), None);
     assert_eq!(
-        sentinel.redis(),
+        sentinel.redis_deployment(),
         RedisDeployment::Sentinel("redis-sentinel://s1:26379#orders")
     );
     assert_eq!(
-        Config::default().redis().standalone_url(),
+        Config::default().redis_deployment().standalone_url(),
         Some("redis://127.0.0.1:6379")
     );
     // The builder: a URL after the nodes clears them.
-    let url = cluster.redis_url("redis://d:4");
-    assert_eq!(url.redis(), RedisDeployment::Standalone("redis://d:4"));
+    let url = cluster.with_redis_url("redis://d:4");
+    assert_eq!(
+        url.redis_deployment(),
+        RedisDeployment::Standalone("redis://d:4")
+    );
 }
 
 #[test]
@@ -262,7 +272,7 @@ fn inconsistent_values_are_refused() {
     .unwrap_err();
     assert_eq!(err.variable(), "IDEMPOTENCY_DONE_TTL");
     let err = Config::default()
-        .lease_ttl(Duration::from_secs(5))
+        .with_lease_ttl(Duration::from_secs(5))
         .validate()
         .unwrap_err();
     assert_eq!(err.variable(), "IDEMPOTENCY_HANDLER_TIMEOUT");
@@ -292,9 +302,9 @@ fn a_retention_shorter_than_the_retries_is_refused_with_the_smallest_valid_value
     assert!(err.expected().contains("at least 2500ms"), "{err}");
     // The default backoff cap (30s) with a one-second lease.
     let err = Config::default()
-        .lease_ttl(Duration::from_secs(1))
-        .handler_timeout(Duration::from_millis(500))
-        .done_ttl(Duration::from_secs(10))
+        .with_lease_ttl(Duration::from_secs(1))
+        .with_handler_timeout(Duration::from_millis(500))
+        .with_done_ttl(Duration::from_secs(10))
         .validate()
         .unwrap_err();
     assert_eq!(err.variable(), "IDEMPOTENCY_DONE_TTL");
@@ -302,11 +312,11 @@ fn a_retention_shorter_than_the_retries_is_refused_with_the_smallest_valid_value
     // The smallest valid value is valid; a millisecond less is not.
     let at = |done: Duration| {
         Config::default()
-            .lease_ttl(Duration::from_secs(1))
-            .handler_timeout(Duration::from_millis(500))
-            .retry_backoff(Duration::from_millis(100))
-            .retry_backoff_max(Duration::from_millis(1500))
-            .done_ttl(done)
+            .with_lease_ttl(Duration::from_secs(1))
+            .with_handler_timeout(Duration::from_millis(500))
+            .with_retry_backoff(Duration::from_millis(100))
+            .with_retry_backoff_max(Duration::from_millis(1500))
+            .with_done_ttl(done)
             .validate()
     };
     assert_eq!(at(Duration::from_millis(2500)), Ok(()));
@@ -319,18 +329,18 @@ fn a_retention_shorter_than_the_retries_is_refused_with_the_smallest_valid_value
 #[test]
 fn an_outbox_commit_outlives_the_hold_of_an_undispatched_delivery() {
     let config = Config::default()
-        .lease_ttl(Duration::from_secs(1))
-        .handler_timeout(Duration::from_millis(500))
-        .retry_backoff(Duration::from_millis(100))
-        .retry_backoff_max(Duration::from_secs(2))
-        .done_ttl(Duration::from_secs(5))
-        .consumer_timeout(Duration::from_secs(600));
+        .with_lease_ttl(Duration::from_secs(1))
+        .with_handler_timeout(Duration::from_millis(500))
+        .with_retry_backoff(Duration::from_millis(100))
+        .with_retry_backoff_max(Duration::from_secs(2))
+        .with_done_ttl(Duration::from_secs(5))
+        .with_consumer_timeout(Duration::from_secs(600));
     assert_eq!(config.validate(), Ok(()));
     // Held up to consumer_timeout / 2, then requeued with a backoff,
     // then possibly behind a claim in progress: 300s + 2s + 1s.
     assert_eq!(config.outbox_retention(), Duration::from_secs(303));
     // A longer retention is kept as it is.
-    let long = config.done_ttl(Duration::from_secs(3600));
+    let long = config.with_done_ttl(Duration::from_secs(3600));
     assert_eq!(long.outbox_retention(), Duration::from_secs(3600));
 }
 
@@ -399,8 +409,8 @@ fn dead_letter_targets_are_read_and_contradictions_refused() {
 #[test]
 fn debug_output_hides_the_passwords_in_the_urls() {
     let config = Config::default()
-        .redis_url("rediss://idem:hunter2@redis.internal:6380/0")
-        .amqp_url("amqps://app:s3cr3t@rabbit.internal/%2f");
+        .with_redis_url("rediss://idem:hunter2@redis.internal:6380/0")
+        .with_amqp_url("amqps://app:s3cr3t@rabbit.internal/%2f");
     let shown = format!("{config:?}");
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(!shown.contains("s3cr3t"), "{shown}");
@@ -456,12 +466,12 @@ fn tls_variables_are_read_and_checked() {
 #[test]
 fn tls_files_have_builder_methods() {
     let config = Config::default()
-        .redis_url("rediss://r:6380")
-        .redis_tls_ca_file("/ca.pem")
-        .redis_tls_cert_file("/c.pem")
-        .redis_tls_key_file("/k.pem")
-        .amqp_url("amqps://a/%2f")
-        .amqp_tls_ca_file("/a-ca.pem");
+        .with_redis_url("rediss://r:6380")
+        .with_redis_tls_ca_file("/ca.pem")
+        .with_redis_tls_cert_file("/c.pem")
+        .with_redis_tls_key_file("/k.pem")
+        .with_amqp_url("amqps://a/%2f")
+        .with_amqp_tls_ca_file("/a-ca.pem");
     assert!(config.validate().is_ok());
     assert_eq!(
         config.redis_tls().key_file(),
@@ -472,15 +482,18 @@ fn tls_files_have_builder_methods() {
         Some(std::path::Path::new("/a-ca.pem"))
     );
     assert!(config.amqp_tls().cert_file().is_none());
-    let err = config.amqp_tls_key_file("/a-k.pem").validate().unwrap_err();
+    let err = config
+        .with_amqp_tls_key_file("/a-k.pem")
+        .validate()
+        .unwrap_err();
     assert_eq!(err.variable(), "AMQP_TLS_CERT_FILE");
 }
 
 #[test]
 fn backoff_doubles_up_to_the_cap() {
     let config = Config::default()
-        .retry_backoff(Duration::from_millis(100))
-        .retry_backoff_max(Duration::from_millis(350));
+        .with_retry_backoff(Duration::from_millis(100))
+        .with_retry_backoff_max(Duration::from_millis(350));
     assert_eq!(config.backoff(1), Duration::from_millis(100));
     assert_eq!(config.backoff(2), Duration::from_millis(200));
     assert_eq!(config.backoff(3), Duration::from_millis(350));
@@ -515,10 +528,37 @@ fn cluster_sentinel_and_replica_settings_are_read_and_checked() {
         ("IDEMPOTENCY_REPLICA_TIMEOUT", "250ms"),
     ]))
     .unwrap();
-    assert_eq!(sentinel.replication(), (1, Duration::from_millis(250)));
+    assert_eq!(
+        (sentinel.min_replicas(), sentinel.replica_timeout()),
+        (1, Duration::from_millis(250))
+    );
     let no_master =
         Config::from_lookup(env(&[("REDIS_URL", "redis-sentinel://s1:26379")])).unwrap_err();
     assert_eq!(no_master.variable(), "REDIS_URL");
     let bad = Config::from_lookup(env(&[("IDEMPOTENCY_MIN_REPLICAS", "two")])).unwrap_err();
     assert_eq!(bad.variable(), "IDEMPOTENCY_MIN_REPLICAS");
+}
+
+#[test]
+fn the_retry_schedule_doubles_up_to_the_cap_with_each_step_once() {
+    let ms = Duration::from_millis;
+    assert_eq!(
+        Config::default().retry_schedule(),
+        [
+            ms(500),
+            ms(1000),
+            ms(2000),
+            ms(4000),
+            ms(8000),
+            ms(16000),
+            ms(30000)
+        ]
+    );
+    let flat = Config::default()
+        .with_retry_backoff(ms(100))
+        .with_retry_backoff_max(ms(100));
+    assert_eq!(flat.retry_schedule(), [ms(100)]);
+    for step in Config::default().retry_schedule() {
+        assert!((1..=30).any(|n| Config::default().backoff(n) == step));
+    }
 }

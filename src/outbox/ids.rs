@@ -37,16 +37,18 @@ pub(super) fn reply_tail(correlation_id: Option<&ShortString>) -> String {
     format!("reply:{hex}")
 }
 
-/// The key of the outbox of the record at `record_key`: a companion key
-/// (same cluster slot) whose suffix holds a control character, which no
-/// record key does, so that it can never be another message's record.
-///
-/// ```
-/// use amqp_idempotency::outbox::outbox_key;
-/// assert_eq!(outbox_key("idem:orders:order-42"), "{idem:orders:order-42}:\0outbox");
-/// ```
-pub fn outbox_key(record_key: &str) -> String {
-    crate::fingerprint::companion_key(record_key, "\0outbox")
+pub_for_testing! {
+    /// The key of the outbox of the record at `record_key`: a companion key
+    /// (same cluster slot) whose suffix holds a control character, which no
+    /// record key does, so that it can never be another message's record.
+    ///
+    /// ```ignore
+    /// use amqp_idempotency::outbox::outbox_key;
+    /// assert_eq!(outbox_key("idem:orders:order-42"), "{idem:orders:order-42}:\0outbox");
+    /// ```
+    fn outbox_key(record_key: &str) -> String {
+        crate::fingerprint::companion_key(record_key, "\0outbox")
+    }
 }
 
 #[cfg(test)]

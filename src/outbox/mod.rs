@@ -36,7 +36,7 @@
 //!
 //! 1. **Commit.** When the handler succeeded, its done mark and the staged
 //!    messages are written in one atomic step (a script over the record's
-//!    key and its companion [`outbox_key`], which share a hash tag,
+//!    key and its companion outbox key, `{<record key>}:\0outbox`, which share a hash tag,
 //!    so it holds on a Redis Cluster too). A handler that failed or timed
 //!    out commits nothing, and nothing it staged is ever published.
 //! 2. **Dispatch.** The messages are published on a confirm-mode channel,
@@ -96,7 +96,10 @@ mod publisher;
 mod ready;
 mod staging;
 
+#[cfg(feature = "testing")]
 pub use ids::outbox_key;
+#[cfg(not(feature = "testing"))]
+pub(crate) use ids::outbox_key;
 pub use mode::{Mode, OutboxLayer, Plain, WithOutbox};
 #[cfg(feature = "testing")]
 pub use publisher::Checkpoint;

@@ -15,9 +15,11 @@ use tokio::task::JoinSet;
 use tower::{Service, ServiceExt};
 
 use super::CLOSE_TIMEOUT;
-use super::dead_letter::{DeadLetterCopy, DeadLetters};
-use super::deliver::{self, Settling};
+use super::copy::MessageCopy;
+use super::dead_letter::DeadLetters;
+use super::deliver::{self, Copies, Settling};
 use super::options::{FRAME_MAX_FLOOR, ServeOptions};
+use super::retry::Retries;
 use super::settle::Settler;
 use super::shutdown::{Finish, stop_signal};
 use crate::error::{BoxError, ServeError};
@@ -76,6 +78,8 @@ where
         channel,
         close_channel,
         frame_max,
+        retry,
+        retry_schedule,
     } = options;
     let queue = consumer.queue().to_string();
     let frame_max = frame_max.unwrap_or(FRAME_MAX_FLOOR);
@@ -84,6 +88,16 @@ where
         Ok(dead_letters) => dead_letters,
         Err(err) => return (Err(err), None),
     };
+    let prepared =
+        Retries::prepare(retry, &retry_schedule, channel.as_ref(), &queue, frame_max).await;
+    let retries = match prepared {
+        Ok(retries) => retries,
+        Err(err) => return (Err(err), None),
+    };
+    let copies = Arc::new(Copies {
+        dead_letters,
+        retries,
+    });
     let mut shutdown = stop_signal(shutdown, signals);
     let slots = Arc::new(Semaphore::new(concurrency));
     let (mut settler, settling) = Settler::start(Arc::clone(&tally));
@@ -185,16 +199,11 @@ where
         }
         let acker = delivery.acker.clone();
         let tag = delivery.delivery_tag;
-        // Only kept when dead letters are republished with their reason.
-        let copy = dead_letters.as_ref().map(|dl| {
-            (
-                Arc::clone(dl),
-                DeadLetterCopy {
-                    routing_key: delivery.routing_key.clone(),
-                    properties: delivery.properties.clone(),
-                    data: delivery.data.clone(),
-                },
-            )
+        // Only kept when dead letters or retries are republished.
+        let copy = copies.wanted().then(|| MessageCopy {
+            routing_key: delivery.routing_key.clone(),
+            properties: delivery.properties.clone(),
+            data: delivery.data.clone(),
         });
         // A delivery the layer holds (the store refusing writes) is given
         // back once the runner stops, instead of holding up the shutdown.
@@ -207,6 +216,7 @@ where
                 tag,
                 acker,
                 copy,
+                copies: Arc::clone(&copies),
                 settler,
                 stopping,
                 slot,

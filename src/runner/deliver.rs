@@ -1,5 +1,6 @@
 //! One delivery's end in the runner: the layer's outcome turned into an
-//! ack, a requeue or a confirmed dead letter.
+//! ack, a requeue, a confirmed retry copy in a delay queue, or a
+//! confirmed dead letter.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -10,17 +11,35 @@ use lapin::Acker;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::DEAD_LETTER_RETRY;
-use super::dead_letter::{DeadLetterCopy, DeadLetters};
+use super::copy::MessageCopy;
+use super::dead_letter::DeadLetters;
+use super::retry::Retries;
 use super::settle::Settler;
 use crate::error::BoxError;
-use crate::outcome::{Disposition, Outcome};
+use crate::outcome::{Disposition, Outcome, OutcomeKind};
+
+/// Where the runner republishes deliveries, each `None` when it does not.
+pub(super) struct Copies {
+    /// Dead letters with their reason (not with the broker's own dead-lettering).
+    pub(super) dead_letters: Option<Arc<DeadLetters>>,
+    /// Retries through delay queues (not with `IDEMPOTENCY_RETRY=hold`).
+    pub(super) retries: Option<Arc<Retries>>,
+}
+
+impl Copies {
+    /// Whether a delivery's copy must be kept while it is processed.
+    pub(super) fn wanted(&self) -> bool {
+        self.dead_letters.is_some() || self.retries.is_some()
+    }
+}
 
 /// What a delivery's task needs besides the service call.
 pub(super) struct Settling {
     pub(super) tag: u64,
     pub(super) acker: Acker,
-    /// Only kept when dead letters are republished with their reason.
-    pub(super) copy: Option<(Arc<DeadLetters>, DeadLetterCopy)>,
+    /// The delivery's copy, kept when [`Copies::wanted`].
+    pub(super) copy: Option<MessageCopy>,
+    pub(super) copies: Arc<Copies>,
     pub(super) settler: Settler,
     pub(super) stopping: watch::Receiver<bool>,
     /// The concurrency slot, freed once the delivery is settled.
@@ -37,6 +56,7 @@ where
         tag,
         acker,
         copy,
+        copies,
         settler,
         mut stopping,
         slot,
@@ -62,8 +82,26 @@ where
     };
     let kind = Some(outcome.kind());
     let disposition = outcome.disposition();
+    let (copy, retry_copy) = match (&copies.retries, copy) {
+        (Some(_), Some(copy)) if outcome.kind() == OutcomeKind::Retry => (None, Some(copy)),
+        (_, copy) => (copy, None),
+    };
+    if let Disposition::Requeue { after } = disposition
+        && let (Some(retries), Some(copy)) = (&copies.retries, retry_copy)
+    {
+        // Its claim is released with its attempt count: the copy waits out
+        // the backoff in a delay queue, and the original goes once the
+        // broker has the copy.
+        if retries.publish(copy, &outcome, after).await {
+            crate::metrics::retried("broker");
+            settler.settle(tag, acker, Disposition::Ack, Disposition::Ack, kind);
+            drop(slot);
+            return;
+        }
+        // Not confirmed: held and requeued, as `hold` does.
+    }
     if disposition == Disposition::DeadLetter
-        && let Some((dead_letters, copy)) = copy
+        && let (Some(dead_letters), Some(copy)) = (&copies.dead_letters, copy)
     {
         if dead_letters.publish(copy, &outcome).await {
             // The copy is confirmed: the original is finished, and
@@ -89,6 +127,9 @@ where
     if disposition == Disposition::DeadLetter {
         // The broker's own dead-lettering: nothing to confirm.
         give_up_record(&outcome, true).await;
+    }
+    if outcome.kind() == OutcomeKind::Retry {
+        crate::metrics::retried("hold");
     }
     if let Disposition::Requeue { after } = disposition
         && !after.is_zero()

@@ -11,7 +11,7 @@
 //! // amqps:// with AMQP_TLS_* works too.
 //! let connection = amqp_idempotency::amqp::connect(&config, ConnectionProperties::default()).await?;
 //! let channel = connection.create_channel().await?;
-//! channel.basic_qos(config.prefetch_count(), BasicQosOptions::default()).await?;
+//! channel.basic_qos(config.prefetch(), BasicQosOptions::default()).await?;
 //! let consumer = channel
 //!     .basic_consume("orders".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
 //!     .await?;
@@ -29,10 +29,12 @@
 //! ```
 
 mod consume;
+mod copy;
 mod dead_letter;
 mod deliver;
 mod options;
 mod reconnecting;
+mod retry;
 mod settle;
 mod shutdown;
 

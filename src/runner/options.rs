@@ -6,7 +6,7 @@ use futures_util::future::BoxFuture;
 use lapin::Channel;
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, DeadLetterTarget};
+use crate::config::{Config, DeadLetterTarget, RetryMode};
 
 /// How [`serve`](super::serve) runs and stops.
 pub struct ServeOptions {
@@ -18,6 +18,9 @@ pub struct ServeOptions {
     pub(super) channel: Option<Channel>,
     pub(super) close_channel: bool,
     pub(super) frame_max: Option<u32>,
+    pub(super) retry: RetryMode,
+    /// The waits of the delay queues, shortest first.
+    pub(super) retry_schedule: Vec<Duration>,
 }
 
 /// The `frame_max` assumed when none is given: the smallest lapin
@@ -31,6 +34,8 @@ impl std::fmt::Debug for ServeOptions {
             .field("signals", &self.signals)
             .field("shutdown_deadline", &self.shutdown_deadline)
             .field("frame_max", &self.frame_max)
+            .field("retry", &self.retry)
+            .field("retry_schedule", &self.retry_schedule)
             .finish_non_exhaustive()
     }
 }
@@ -49,6 +54,8 @@ impl Default for ServeOptions {
             channel: None,
             close_channel: false,
             frame_max: None,
+            retry: RetryMode::default(),
+            retry_schedule: Config::default().retry_schedule(),
         }
     }
 }
@@ -59,12 +66,18 @@ impl ServeOptions {
         Self::default()
     }
 
-    /// Concurrency equal to the configured prefetch, and a shutdown
-    /// deadline of the lease plus 5s: above the handler timeout, so that
-    /// handlers that keep to it finish before the deadline.
+    /// Concurrency equal to the configured prefetch, a shutdown deadline
+    /// of the lease plus 5s (above the handler timeout, so that handlers
+    /// that keep to it finish before the deadline), and dead letters and
+    /// retries as the configuration says.
     pub fn from_config(config: &Config) -> Self {
-        Self::default()
+        let options = Self {
+            retry_schedule: config.retry_schedule(),
+            ..Self::default()
+        };
+        options
             .dead_letters(config.dead_letters.clone())
+            .retry(config.retry)
             .concurrency(usize::from(config.prefetch))
             .shutdown_deadline(config.lease_ttl.saturating_add(Duration::from_secs(5)))
     }
@@ -146,6 +159,19 @@ impl ServeOptions {
     /// [`serve_reconnecting`](super::serve_reconnecting) reads it from each session's connection.
     pub fn frame_max(mut self, frame_max: u32) -> Self {
         self.frame_max = Some(frame_max);
+        self
+    }
+
+    /// How retryable failures wait out their backoff ([`RetryMode`]; default
+    /// [`RetryMode::Broker`]: in the delay queues `{queue}.retry.<delay>`
+    /// the runner declares, one per step of the backoff schedule, which
+    /// needs the consumer's [`channel`](Self::channel)).
+    /// [`from_config`](Self::from_config) takes the mode and the schedule
+    /// from `IDEMPOTENCY_RETRY`, `IDEMPOTENCY_RETRY_BACKOFF` and
+    /// `IDEMPOTENCY_RETRY_BACKOFF_MAX`; otherwise the schedule is the
+    /// default one (500ms doubling up to 30s).
+    pub fn retry(mut self, mode: RetryMode) -> Self {
+        self.retry = mode;
         self
     }
 

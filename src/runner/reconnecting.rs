@@ -51,8 +51,8 @@ pub struct Session {
 /// let store = RedisStore::connect(&config).await?;
 /// let service = IdempotencyLayer::new(store, "orders", config.clone())?
 ///     .layer(service_fn(|_delivery| async { Ok::<_, Infallible>(()) }));
-/// let url = config.amqp().to_owned();
-/// let prefetch = config.prefetch_count();
+/// let url = config.amqp_url().to_owned();
+/// let prefetch = config.prefetch();
 /// serve_reconnecting(
 ///     move || {
 ///         let url = url.clone();
@@ -93,6 +93,8 @@ where
         channel: _,
         close_channel: _,
         frame_max: _,
+        retry,
+        retry_schedule,
     } = options;
     let shutdown = stop_signal(shutdown, signals);
     // One stop signal shared by every session.
@@ -149,6 +151,8 @@ where
             channel: Some(channel),
             close_channel: true,
             frame_max: Some(connection.configuration().frame_max()),
+            retry,
+            retry_schedule: retry_schedule.clone(),
         };
         let (result, background) =
             run(consumer, service.clone(), options, Arc::clone(&tally)).await;

@@ -48,7 +48,7 @@ const TAKEOVER_RETRIES: usize = 3;
 /// next claim can tell that the previous attempt never finished (its
 /// consumer crashed) and count it. The same for every consumer: the lease
 /// left is the record's time to live minus this.
-pub const CRASH_MEMORY: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const CRASH_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
 /// Claims `key` for `token` with a `lease`.
 ///

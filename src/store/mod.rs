@@ -34,8 +34,9 @@
 //!   transition, a read, a write probe, and the outbox's three).
 //! - `redis/` ([`RedisStore`]) and `memory` ([`MemoryStore`]): the backends.
 //! - `claim` ([`Claim`], [`ClaimOutcome`]), `token` ([`Token`]) and
-//!   `record` ([`Record`]): the values, and the wire format every version
-//!   of this library reads, a compatibility contract described there.
+//!   `record`: the values, and the wire format every version of this
+//!   library reads, a compatibility contract described there (read it
+//!   from code with [`records`](crate::records)).
 
 mod claim;
 pub mod machine;
@@ -46,9 +47,10 @@ mod redis;
 mod token;
 
 pub use self::claim::{Claim, ClaimOutcome};
-pub use self::machine::CRASH_MEMORY;
+pub(crate) use self::machine::CRASH_MEMORY;
 pub use self::memory::MemoryStore;
 pub use self::primitives::{Expect, OutboxEntry, Store, Stored};
-pub use self::record::Record;
-pub use self::redis::{RedisStore, redis_client, sentinel_master_url};
+pub(crate) use self::record::Record;
+pub use self::redis::RedisStore;
+pub(crate) use self::redis::client_for;
 pub use self::token::Token;

@@ -31,7 +31,8 @@ pub enum Expect<'a> {
     /// lease expired with nobody taking the key over.
     ValueOrAbsent(&'a [u8]),
     /// This value with at most `grace` left to live: an in-progress record
-    /// whose lease is over (see [`CRASH_MEMORY`](super::CRASH_MEMORY)). Checked in the same
+    /// whose lease is over: an in-progress record is kept `grace` (a day)
+    /// past its lease, so that a crashed attempt is counted. Checked in the same
     /// atomic step as the write, so a renewal that lands first wins.
     Expired {
         /// The in-progress value.

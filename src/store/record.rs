@@ -8,13 +8,15 @@
 //! must stay readable by the next. Change an encoding only by adding one
 //! (a new tag above 0x80), never by changing what a byte means.
 //!
-//! ```
-//! use amqp_idempotency::store::Record;
+//! Code outside the crate reads records through
+//! [`records::Record`](crate::records::Record), built on this file:
 //!
-//! let done = Record::Done { payload_hash: String::new(), token: "0123456789ab".into() };
-//! assert_eq!(Record::parse(&done.encode()), Some(done));
-//! // A value of 0.1 or 0.2 still parses.
-//! assert!(Record::parse(b"d:00112233:0123456789abcdef").is_some());
+//! ```
+//! use amqp_idempotency::records::{Record, State};
+//!
+//! // A done mark of 0.1 or 0.2 still reads as done.
+//! let old = Record::decode("idem:orders:42", (b"d:00112233:0123456789abcdef".to_vec(), None));
+//! assert!(matches!(old.state(), State::Done { .. }));
 //! ```
 //!
 //! The encodings are tabled on [`Record`].
@@ -77,7 +79,7 @@ pub(super) const DONE_UNCHECKED_TOKEN_DIGITS: usize = 12;
 /// kills its consumer is dead-lettered after the configured attempts
 /// instead of looping.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Record {
+pub(crate) enum Record {
     /// Claimed by `token`, in its `attempt`-th attempt.
     InProgress {
         /// The owner's token.
@@ -113,7 +115,7 @@ pub enum Record {
 impl Record {
     /// Parses a stored value, in either encoding; `None` if this library
     /// did not write it.
-    pub fn parse(value: &[u8]) -> Option<Self> {
+    pub(crate) fn parse(value: &[u8]) -> Option<Self> {
         match value.first() {
             Some(&tag) if tag >= 0x80 => Self::parse_compact(value),
             Some(b'-') => Self::parse_done_mark(value),
@@ -224,7 +226,7 @@ impl Record {
     /// The stored value for this record: the compact encoding when its
     /// fields fit it (tokens and hashes as this version makes them), the
     /// text encoding of 0.1 and 0.2 otherwise.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         self.encode_compact()
             .unwrap_or_else(|| self.encode_text().into_bytes())
     }
@@ -274,7 +276,7 @@ impl Record {
     }
 
     /// The payload hash the record was written with.
-    pub fn payload_hash(&self) -> &str {
+    pub(crate) fn payload_hash(&self) -> &str {
         match self {
             Self::InProgress { payload_hash, .. }
             | Self::Done { payload_hash, .. }

@@ -289,7 +289,7 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
         .current_dir(dir)
         .output()
         .unwrap_or_else(|err| {
-            panic!("cannot run openssl (apt-get install openssl, or bash .ci/tls-deps.sh): {err}")
+            panic!("cannot run openssl (apt-get install openssl; scripts/test installs it): {err}")
         });
     assert!(
         output.status.success(),
@@ -581,7 +581,7 @@ impl Stunnel {
             .spawn()
             .unwrap_or_else(|err| {
                 panic!(
-                    "cannot start stunnel (apt-get install stunnel4, or bash .ci/tls-deps.sh): {err}"
+                    "cannot start stunnel (apt-get install stunnel4; scripts/test installs it): {err}"
                 )
             });
         wait_for_port(port, "stunnel", &mut child, &log);
@@ -662,11 +662,15 @@ pub async fn least_privilege_store_as(user: &str) -> (PrivateRedis, RedisStore) 
 }
 
 // ---------------------------------------------------------------------------
-// A Redis Cluster and a Valkey server: started by `.ci/servers.sh up`, which
-// writes their addresses to the env file that `.ci/servers.sh env` prints.
+// A Redis Cluster and a Valkey server: the ones the environment names
+// (`TEST_REDIS_CLUSTER_NODES`, `TEST_VALKEY_URL`, e.g. from `.ci/servers.sh`),
+// else this test binary's own, started on first use (see `servers`).
 
-const START_SERVERS: &str =
-    "start them with `.ci/servers.sh up` and `eval \"$(.ci/servers.sh env)\"`";
+mod servers;
+
+/// What to do when a server the environment names does not answer.
+const NAMED_SERVER_DOWN: &str = "start it (`.ci/servers.sh up` and `eval \"$(.ci/servers.sh env)\"`), \
+     or unset the variable and the tests start their own";
 
 /// Connects to `url` with the sync client and sends `PING`; the error says
 /// what failed.
@@ -688,14 +692,27 @@ fn ping(url: &str) -> Result<(), String> {
     }
 }
 
-/// The URLs (`redis://127.0.0.1:P`) of the 3-master Redis Cluster's nodes,
-/// from `TEST_REDIS_CLUSTER_NODES` (comma-separated); panics, saying how to
-/// start them, when it is unset or a node does not answer `PING`.
+/// A variable's value, `None` when unset or blank.
+fn var_set(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// The URLs (`redis://127.0.0.1:P`) of a 3-master Redis Cluster's nodes:
+/// those of `TEST_REDIS_CLUSTER_NODES` (comma-separated) when it is set,
+/// else those of the cluster this test binary starts for itself. Panics,
+/// saying why and what to do, when a named node does not answer `PING` or
+/// the cluster cannot be started.
 pub fn cluster_nodes() -> Vec<String> {
     const VAR: &str = "TEST_REDIS_CLUSTER_NODES";
-    let value = std::env::var(VAR).unwrap_or_else(|_| {
-        panic!("these tests need a Redis Cluster, but {VAR} is not set: {START_SERVERS}")
-    });
+    let Some(value) = var_set(VAR) else {
+        return servers::cluster().unwrap_or_else(|err| {
+            panic!(
+                "these tests need a Redis Cluster ({VAR} is unset, so they start their own): {err}"
+            )
+        });
+    };
     let nodes: Vec<String> = value
         .split(',')
         .map(str::trim)
@@ -704,27 +721,31 @@ pub fn cluster_nodes() -> Vec<String> {
         .collect();
     assert!(
         !nodes.is_empty(),
-        "{VAR} is set but names no node ({value:?}): {START_SERVERS}"
+        "{VAR} is set but names no node ({value:?}): {NAMED_SERVER_DOWN}"
     );
     for node in &nodes {
         if let Err(err) = ping(node) {
             panic!(
-                "the Redis Cluster node {node} (from {VAR}) does not answer: {err}\n{START_SERVERS}"
+                "the Redis Cluster node {node} (from {VAR}) does not answer: {err}\n{NAMED_SERVER_DOWN}"
             );
         }
     }
     nodes
 }
 
-/// The URL of the Valkey 8.1 server, from `TEST_VALKEY_URL`; panics, saying
-/// how to start it, when it is unset or the server does not answer `PING`.
+/// The URL of a Valkey 8.1+ server: `TEST_VALKEY_URL` when it is set, else
+/// that of the server this test binary starts for itself. Panics, saying
+/// why and what to do, when the named server does not answer `PING` or no
+/// server can be started.
 pub fn valkey_url() -> String {
     const VAR: &str = "TEST_VALKEY_URL";
-    let url = std::env::var(VAR).unwrap_or_else(|_| {
-        panic!("these tests need Valkey 8.1, but {VAR} is not set: {START_SERVERS}")
-    });
+    let Some(url) = var_set(VAR) else {
+        return servers::valkey().unwrap_or_else(|err| {
+            panic!("these tests need Valkey 8.1+ ({VAR} is unset, so they start their own): {err}")
+        });
+    };
     if let Err(err) = ping(&url) {
-        panic!("the Valkey server {url} (from {VAR}) does not answer: {err}\n{START_SERVERS}");
+        panic!("the Valkey server {url} (from {VAR}) does not answer: {err}\n{NAMED_SERVER_DOWN}");
     }
     url
 }
@@ -780,7 +801,7 @@ pub fn redis_cli_at(url: &str, args: &[&str]) -> String {
 #[allow(dead_code)]
 pub async fn cluster_store() -> RedisStore {
     let nodes = cluster_nodes();
-    let config = amqp_idempotency::Config::default().redis_cluster(nodes.clone());
+    let config = amqp_idempotency::Config::default().with_redis_cluster_nodes(nodes.clone());
     RedisStore::connect(&config)
         .await
         .unwrap_or_else(|err| panic!("connect to the Redis Cluster at {nodes:?}: {err}"))

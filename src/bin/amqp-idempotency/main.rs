@@ -28,14 +28,13 @@ use std::process::ExitCode;
 
 use args::{HELP, parse_args};
 use output::{eprint_text, print_text};
-use settings::{resolve_key, settings};
+use settings::{resolve_target, settings};
 
 mod args;
 mod commands;
-mod lookup;
 mod output;
+mod records;
 mod replay;
-mod servers;
 mod settings;
 
 /// Why a command did not succeed; each kind has its exit code.
@@ -115,11 +114,11 @@ fn run(raw: Vec<OsString>) -> Result<(), Failure> {
                 ));
             }
             let settings = settings(&args)?;
-            let key = resolve_key(target, &settings, args.target_kind)?;
+            let target = resolve_target(target, &settings, args.target_kind)?;
             if command == "inspect" {
-                commands::inspect(&settings, &key)
+                commands::inspect(&settings, &target)
             } else {
-                commands::forget(&settings, &key, args.yes)
+                commands::forget(&settings, &target, args.yes)
             }
         }
         "stats" => {

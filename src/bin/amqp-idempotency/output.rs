@@ -3,9 +3,7 @@
 
 use std::io::Write;
 
-use amqp_idempotency::store::{CRASH_MEMORY, Record};
-
-use crate::lookup::{Found, State};
+use amqp_idempotency::records::{Record, State};
 
 /// At most this much of an unrecognized value is printed.
 const SHOWN_VALUE_BYTES: usize = 200;
@@ -22,8 +20,8 @@ pub(crate) fn eprint_text(text: &str) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
-/// The lines that describe a key, for inspect and forget.
-pub(crate) fn describe(key: &str, found: &Found) -> String {
+/// The lines that describe a key (`None`: absent), for inspect and forget.
+pub(crate) fn describe(key: &str, record: Option<&Record>) -> String {
     let mut lines = vec![("key", key.to_owned())];
     let hash = |hash: &str| {
         if hash.is_empty() {
@@ -32,17 +30,18 @@ pub(crate) fn describe(key: &str, found: &Found) -> String {
             hash.to_owned()
         }
     };
-    match &found.state {
-        State::Absent => lines.push(("state", "absent".into())),
-        State::Record(Record::InProgress {
+    let Some(record) = record else {
+        lines.push(("state", "absent".into()));
+        return aligned(&lines);
+    };
+    match record.state() {
+        State::InProgress {
             token,
             attempt,
             payload_hash,
-            lingers,
-        }) => {
-            let crash_memory = i64::try_from(CRASH_MEMORY.as_millis()).unwrap_or(i64::MAX);
-            let lease_over = *lingers && found.pttl >= 0 && found.pttl <= crash_memory;
-            if lease_over {
+            lease_left,
+        } => {
+            if lease_left.is_some_and(|left| left.is_zero()) {
                 lines.push((
                     "state",
                     "in progress, lease over: the attempt never finished (its consumer died or \
@@ -55,25 +54,25 @@ pub(crate) fn describe(key: &str, found: &Found) -> String {
             lines.push(("owner token", token.clone()));
             lines.push(("attempt", attempt.to_string()));
             lines.push(("payload hash", hash(payload_hash)));
-            if *lingers && !lease_over && found.pttl >= 0 {
-                lines.push(("lease left", format_ttl(found.pttl - crash_memory)));
+            if let Some(left) = lease_left.filter(|left| !left.is_zero()) {
+                lines.push(("lease left", format_ttl(Some(left))));
             }
         }
-        State::Record(Record::Done {
+        State::Done {
             payload_hash,
             token,
-        }) => {
+        } => {
             lines.push(("state", "done".into()));
             if !token.is_empty() {
                 lines.push(("completed by", token.clone()));
             }
             lines.push(("payload hash", hash(payload_hash)));
         }
-        State::Record(Record::Released {
+        State::Released {
             attempts,
             payload_hash,
             token,
-        }) => {
+        } => {
             let plural = if *attempts == 1 { "" } else { "s" };
             lines.push((
                 "state",
@@ -84,7 +83,7 @@ pub(crate) fn describe(key: &str, found: &Found) -> String {
             }
             lines.push(("payload hash", hash(payload_hash)));
         }
-        State::Foreign { kind, value, len } if kind == "string" => {
+        State::Unrecognized { kind, value, len } if kind == "string" => {
             lines.push((
                 "state",
                 "unrecognized: this value was not written by amqp-idempotency (not parsed)".into(),
@@ -96,14 +95,26 @@ pub(crate) fn describe(key: &str, found: &Found) -> String {
             }
             lines.push(("value", text));
         }
-        State::Foreign { kind, .. } => lines.push((
+        State::Unrecognized { kind, .. } => lines.push((
             "state",
             format!("unrecognized: a Redis {kind}, not a value written by amqp-idempotency"),
         )),
+        other => lines.push(("state", format!("{other:?}"))),
     }
-    if !matches!(found.state, State::Absent) {
-        lines.push(("time to live", format_ttl(found.pttl)));
+    if record.outbox_messages() > 0 {
+        lines.push((
+            "outbox",
+            format!(
+                "{} message(s) not yet confirmed by the broker",
+                record.outbox_messages()
+            ),
+        ));
     }
+    lines.push(("time to live", format_ttl(record.ttl())));
+    aligned(&lines)
+}
+
+fn aligned(lines: &[(&str, String)]) -> String {
     let width = lines.iter().map(|(name, _)| name.len()).max().unwrap_or(0) + 1;
     lines
         .iter()
@@ -111,10 +122,11 @@ pub(crate) fn describe(key: &str, found: &Found) -> String {
         .collect()
 }
 
-fn format_ttl(pttl: i64) -> String {
-    let Ok(ms) = u64::try_from(pttl) else {
+fn format_ttl(ttl: Option<std::time::Duration>) -> String {
+    let Some(ttl) = ttl else {
         return "none (the key never expires)".into();
     };
+    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     let (days, rest) = (ms / 86_400_000, ms % 86_400_000);
     let (hours, rest) = (rest / 3_600_000, rest % 3_600_000);
     let (minutes, rest) = (rest / 60_000, rest % 60_000);

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
+use amqp_idempotency::Config;
 use amqp_idempotency::amqp::{Published, publish_confirmed};
-use amqp_idempotency::{Config, redact_url};
 use lapin::ConnectionProperties;
 use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -58,8 +58,16 @@ pub(crate) fn run(replay: &Replay) -> Result<Done, Failure> {
 fn amqp_failure(replay: &Replay, what: &str, err: impl std::fmt::Display) -> Failure {
     Failure::Amqp(format!(
         "{what} on RabbitMQ at {}: {err}",
-        redact_url(replay.config.amqp())
+        broker(replay.config.amqp_url())
     ))
+}
+
+/// The broker's address for messages, without the credentials.
+fn broker(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "the broker of AMQP_URL (or --amqp-url)".into(),
+    }
 }
 
 async fn within<T, E: std::fmt::Display>(

@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 
 use amqp_idempotency::Config;
-use amqp_idempotency::fingerprint::record_key;
+use amqp_idempotency::records::Records;
 
 use crate::Failure;
 use crate::args::{Args, TargetKind};
@@ -22,9 +22,6 @@ pub(crate) struct Settings {
     pub(crate) scope: Option<String>,
 }
 
-/// The library's default key prefix.
-const DEFAULT_PREFIX: &str = "idem";
-
 /// Reads the environment once with [`Config::from_vars`], which checks every
 /// variable the library knows (and refuses a misspelt one), then applies the
 /// command line's `--redis-url` and `--amqp-url`.
@@ -39,40 +36,24 @@ pub(crate) fn settings(args: &Args) -> Result<Settings, Failure> {
             ))
         })?;
     if let Some(url) = &args.redis_url {
-        config = config.redis_url(url.as_str());
+        config = config.with_redis_url(url.as_str());
     }
     if let Some(url) = &args.amqp_url {
-        config = config.amqp_url(url.as_str());
+        config = config.with_amqp_url(url.as_str());
     }
-    // `Config` keeps the prefix and scope without a getter: they come from
-    // the same variables it just checked, blank counting as unset as there.
-    let var = |name: &str| -> Result<Option<String>, Failure> {
-        let Some((_, value)) = vars.iter().find(|(known, _)| known == name) else {
-            return Ok(None);
-        };
-        let value = value.to_str().ok_or_else(|| {
-            Failure::Usage(format!(
-                "{name} is not valid UTF-8 ({}); unset it or fix it",
-                value.to_string_lossy()
-            ))
-        })?;
-        Ok((!value.trim().is_empty()).then(|| value.to_owned()))
-    };
     let (prefix, prefix_source) = match &args.prefix {
         Some(prefix) => (prefix.clone(), "--prefix"),
-        None => match var("IDEMPOTENCY_KEY_PREFIX")? {
-            Some(prefix) => (prefix, "IDEMPOTENCY_KEY_PREFIX"),
-            None => (DEFAULT_PREFIX.to_owned(), "the default"),
-        },
+        None => (config.key_prefix().to_owned(), "IDEMPOTENCY_KEY_PREFIX"),
     };
     check_name(&prefix, prefix_source, "a key prefix such as `idem`")?;
     let (scope, scope_source) = match &args.scope {
         Some(scope) => (Some(scope.clone()), "--scope"),
-        None => (var("IDEMPOTENCY_SCOPE")?, "IDEMPOTENCY_SCOPE"),
+        None => (config.scope().map(str::to_owned), "IDEMPOTENCY_SCOPE"),
     };
     if let Some(scope) = &scope {
         check_name(scope, scope_source, "a consumer group such as `orders`")?;
     }
+    config = config.with_key_prefix(prefix.as_str());
     Ok(Settings {
         config,
         url_flag: args.redis_url.is_some(),
@@ -91,13 +72,30 @@ pub(crate) fn check_name(value: &str, source: &str, expected: &str) -> Result<()
     Ok(())
 }
 
-/// Turns the argument into a key: `<prefix>:...` is a key, anything else a
+/// What a command names: a full key, or a fingerprint in a scope.
+#[derive(Debug)]
+pub(crate) enum Target {
+    Key(String),
+    Fingerprint { scope: String, fingerprint: String },
+}
+
+impl Target {
+    /// The key, built as the consumers build it.
+    pub(crate) fn key(&self, records: &Records) -> String {
+        match self {
+            Self::Key(key) => key.clone(),
+            Self::Fingerprint { scope, fingerprint } => records.key(scope, fingerprint),
+        }
+    }
+}
+
+/// Reads the argument: `<prefix>:...` is a key, anything else a
 /// fingerprint completed with the prefix and scope.
-pub(crate) fn resolve_key(
+pub(crate) fn resolve_target(
     target: &str,
     settings: &Settings,
     forced: Option<TargetKind>,
-) -> Result<String, Failure> {
+) -> Result<Target, Failure> {
     if target.is_empty() {
         return Err(Failure::Usage("the fingerprint or key is empty".into()));
     }
@@ -107,7 +105,7 @@ pub(crate) fn resolve_key(
         None => target.starts_with(&format!("{prefix}:")),
     };
     if is_key {
-        return Ok(target.to_owned());
+        return Ok(Target::Key(target.to_owned()));
     }
     let Some(scope) = &settings.scope else {
         return Err(Failure::Usage(format!(
@@ -117,5 +115,8 @@ pub(crate) fn resolve_key(
              `{prefix}:<scope>:{target}`"
         )));
     };
-    Ok(record_key(prefix, scope, target))
+    Ok(Target::Fingerprint {
+        scope: scope.clone(),
+        fingerprint: target.to_owned(),
+    })
 }

@@ -27,10 +27,10 @@ use crate::tls::{self, Side, TlsFiles};
 impl RedisStore {
     /// Connects to the Redis that `config` names, with all of its Redis
     /// settings: a Redis Cluster when it has seed nodes
-    /// ([`Config::redis_cluster`], `REDIS_CLUSTER_NODES`), else its URL
+    /// ([`Config::redis_cluster_nodes`], `REDIS_CLUSTER_NODES`), else its URL
     /// ([`Config::redis_url`], `REDIS_URL`: a standalone server, or the
     /// master Sentinel names for `redis-sentinel://`); for `rediss://`, its
-    /// TLS files ([`Config::redis_tls`]: `REDIS_TLS_CA_FILE`,
+    /// TLS files ([`Config::redis_tls_ca_file`]: `REDIS_TLS_CA_FILE`,
     /// `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE`); and the replicas each
     /// write must reach ([`Config::min_replicas`], `IDEMPOTENCY_MIN_REPLICAS`).
     ///
@@ -52,7 +52,7 @@ impl RedisStore {
     /// connection.
     pub async fn connect(config: &Config) -> Result<Self, StoreError> {
         let replication = Replication::of(config);
-        let url = match config.redis() {
+        let url = match config.redis_deployment() {
             RedisDeployment::Cluster(nodes) => {
                 return Self::cluster(nodes, config.redis_tls(), replication).await;
             }
@@ -102,20 +102,7 @@ impl RedisStore {
     ///
     /// Fails like [`connect`](Self::connect).
     pub async fn connect_url(url: &str) -> Result<Self, StoreError> {
-        Self::connect(&Config::default().redis_url(url)).await
-    }
-
-    /// Connects to the Redis Cluster (or cluster-mode Valkey) that `nodes`
-    /// belong to: `redis://` or `rediss://` URLs of some of its nodes, from
-    /// which the client learns the rest; credentials in the first URL apply
-    /// to every node, and `tls` as for [`connect`](Self::connect). Waits
-    /// for no replica: [`connect`](Self::connect) with
-    /// [`Config::redis_cluster`] takes every setting.
-    ///
-    /// Fails when a URL is malformed, no node answers, or the cluster is
-    /// not ready; the error names the nodes (passwords hidden).
-    pub async fn connect_cluster(nodes: &[String], tls: &TlsFiles) -> Result<Self, StoreError> {
-        Self::cluster(nodes, tls, Replication::default()).await
+        Self::connect(&Config::default().with_redis_url(url)).await
     }
 
     /// A store on `client` that connects on its first request. Must be
@@ -155,60 +142,8 @@ impl RedisStore {
     }
 }
 
-/// A client for `config`'s standalone Redis, with TLS for `rediss://` as
-/// [`Config::redis_tls`] says: for code of your own that talks to the same
-/// Redis (a maintenance job, a test).
-///
-/// ```no_run
-/// use amqp_idempotency::{Config, store::redis_client};
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let client = redis_client(&Config::from_env()?)?;
-/// let mut connection = client.get_connection()?;
-/// # Ok(())
-/// # }
-/// ```
-///
-/// # Errors
-///
-/// A malformed URL, TLS files with a `redis://` URL, or an unreadable or
-/// malformed TLS file; the message names the URL (password hidden) or the
-/// variable and path. A `Config` that names a Redis Cluster or Sentinel
-/// is refused too: a `redis::Client` talks to one server, and that is not
-/// one (for Sentinel, ask [`sentinel_master_url`](super::sentinel_master_url) for the master's URL).
-pub fn redis_client(config: &Config) -> Result<redis::Client, StoreError> {
-    let url = match config.redis() {
-        RedisDeployment::Standalone(url) => url,
-        deployment @ RedisDeployment::Cluster(_) => {
-            return Err(StoreError::new(
-                "connect",
-                "",
-                false,
-                format!(
-                    "{deployment} is named (REDIS_CLUSTER_NODES), and a redis::Client talks to \
-                     one server: use redis::cluster::ClusterClient with these nodes, or \
-                     RedisStore::connect(&config)"
-                ),
-            ));
-        }
-        deployment @ RedisDeployment::Sentinel(_) => {
-            return Err(StoreError::new(
-                "connect",
-                "",
-                false,
-                format!(
-                    "{deployment} is named (REDIS_URL), which is not a server's URL: ask the \
-                     sentinels for the master's with store::sentinel_master_url, or use \
-                     RedisStore::connect(&config)"
-                ),
-            ));
-        }
-    };
-    client_for(url, config.redis_tls())
-        .map_err(|message| StoreError::new("connect", "", false, message))
-}
-
 /// The client for `url` with `files`, or a message saying what is wrong.
-pub(super) fn client_for(url: &str, files: &TlsFiles) -> Result<redis::Client, String> {
+pub(crate) fn client_for(url: &str, files: &TlsFiles) -> Result<redis::Client, String> {
     let shown = redact_url(url);
     let invalid = |err: RedisError| {
         format!(

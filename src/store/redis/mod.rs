@@ -38,10 +38,9 @@ use std::time::Duration;
 use redis::{Cmd, Value};
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::connect::redis_client;
+pub(crate) use self::connect::client_for;
 use self::errors::{Failure, parse};
 use self::native::Cas;
-pub use self::sentinel::sentinel_master_url;
 use super::{Expect, OutboxEntry, Store};
 use crate::error::StoreError;
 
@@ -63,9 +62,9 @@ const MAX_IN_FLIGHT: usize = 4;
 /// of many deliveries and the done marks of earlier ones share a round
 /// trip. No timer is involved: a lone request is sent at once.
 ///
-/// **Cluster** ([`connect`](Self::connect) with `REDIS_CLUSTER_NODES`,
-/// or [`connect_cluster`](Self::connect_cluster)): the requests that wait together travel as one
-/// pipeline per master, found from the `CLUSTER SLOTS` map. A request
+/// **Cluster** ([`connect`](Self::connect) with `REDIS_CLUSTER_NODES`):
+/// the requests that wait together travel as one pipeline per master,
+/// found from the `CLUSTER SLOTS` map. A request
 /// redirected meanwhile (MOVED, ASK: a resharded slot, a failed-over
 /// master) is sent again alone through redis-rs's cluster client, which
 /// follows the redirection, and the map is learnt again. A request that

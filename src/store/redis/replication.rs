@@ -26,7 +26,7 @@ pub(super) struct Replication {
 
 impl Replication {
     pub(super) fn of(config: &Config) -> Self {
-        let (replicas, timeout) = config.replication();
+        let (replicas, timeout) = (config.min_replicas(), config.replica_timeout());
         Self { replicas, timeout }
     }
 

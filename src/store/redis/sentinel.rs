@@ -1,24 +1,22 @@
 //! Redis Sentinel: asking the sentinels of a `redis-sentinel://` URL
 //! ([`SentinelUrl`], parsed in config) where the master is, for every new
-//! connection (so a failover is followed) and for [`sentinel_master_url`].
+//! connection (so a failover is followed), and for the records API.
 //!
 //! ```no_run
-//! use std::time::Duration;
-//! use amqp_idempotency::store::sentinel_master_url;
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let master = sentinel_master_url("redis-sentinel://10.0.0.5:26379#orders", Duration::from_secs(2))?;
+//! use amqp_idempotency::{Config, store::RedisStore};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::default().with_redis_url("redis-sentinel://10.0.0.5:26379#orders");
+//! let store = RedisStore::connect(&config).await?;
 //! # Ok(())
 //! # }
 //! ```
 
-use std::time::Duration;
-
 use redis::{AsyncConnectionConfig, Cmd};
 
 use super::connect::client_for;
-use crate::config::{SentinelUrl, is_sentinel_url};
-use crate::error::{StoreError, redact_url};
-use crate::tls::TlsFiles;
+use crate::config::SentinelUrl;
+use crate::error::redact_url;
 
 impl SentinelUrl {
     /// `SENTINEL get-master-addr-by-name <master>`.
@@ -57,7 +55,7 @@ impl SentinelUrl {
     }
 
     /// Asks each sentinel in turn where the master is; the first answer wins.
-    pub(super) async fn master(&self, config: &AsyncConnectionConfig) -> Result<String, String> {
+    pub(crate) async fn master(&self, config: &AsyncConnectionConfig) -> Result<String, String> {
         let mut problems = Vec::new();
         for sentinel in &self.sentinels {
             let reply = async {
@@ -78,60 +76,6 @@ impl SentinelUrl {
         }
         Err(self.unanswered(&problems))
     }
-}
-
-/// For a `redis-sentinel://` URL, the URL of the master that its sentinels
-/// name now (asked in turn, with `timeout` for each); `None` for any other
-/// URL. For code of your own that wants a plain connection to the same
-/// Redis, like the operator CLI.
-///
-/// ```no_run
-/// use std::time::Duration;
-/// use amqp_idempotency::store::sentinel_master_url;
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let url = "redis-sentinel://10.0.0.5:26379,10.0.0.6:26379#orders";
-/// let master = sentinel_master_url(url, Duration::from_secs(2))?;
-/// assert!(master.is_some_and(|url| url.starts_with("redis://")));
-/// # Ok(())
-/// # }
-/// ```
-///
-/// # Errors
-///
-/// A malformed Sentinel URL, or no sentinel naming the master; the message
-/// names the sentinels (passwords hidden) and what to check.
-pub fn sentinel_master_url(url: &str, timeout: Duration) -> Result<Option<String>, StoreError> {
-    if !is_sentinel_url(url) {
-        return Ok(None);
-    }
-    let sentinel = SentinelUrl::parse(url)
-        .map_err(|message| StoreError::new("connect", "", false, message))?;
-    let mut problems = Vec::new();
-    for address in &sentinel.sentinels {
-        let reply = (|| {
-            let client = client_for(address, &TlsFiles::default())?;
-            let mut connection = client
-                .get_connection_with_timeout(timeout)
-                .map_err(|err| err.to_string())?;
-            connection
-                .set_read_timeout(Some(timeout))
-                .map_err(|err| err.to_string())?;
-            sentinel
-                .question()
-                .query(&mut connection)
-                .map_err(|err| err.to_string())
-        })();
-        match sentinel.answer(address, reply) {
-            Ok(url) => return Ok(Some(url)),
-            Err(problem) => problems.push(problem),
-        }
-    }
-    Err(StoreError::new(
-        "connect",
-        "",
-        true,
-        sentinel.unanswered(&problems),
-    ))
 }
 
 #[cfg(test)]

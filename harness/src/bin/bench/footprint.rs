@@ -52,7 +52,7 @@ pub async fn bytes_per_done_record(
         .map(|i| record_key(PREFIX, SCOPE, &format!("{:016x}", base.wrapping_add(i))))
         .collect();
     let common_prefix = format!("{PREFIX}:{SCOPE}:");
-    let lease = Config::default().lease();
+    let lease = Config::default().lease_ttl();
     tokio::time::sleep(SETTLE).await;
     let before = servers.used_memory().await?;
     let unexpected = AtomicU64::new(0);

@@ -247,11 +247,11 @@ pub async fn connect_store(options: &Options) -> Result<RedisStore, String> {
         env
     } else {
         // IDEMPOTENCY_MIN_REPLICAS measures the cost of replicated marks.
-        let (replicas, timeout) = env.replication();
+        let (replicas, timeout) = (env.min_replicas(), env.replica_timeout());
         Config::default()
-            .redis_url(&options.redis_url)
-            .min_replicas(replicas)
-            .replica_timeout(timeout)
+            .with_redis_url(&options.redis_url)
+            .with_min_replicas(replicas)
+            .with_replica_timeout(timeout)
     };
     let shown = if options.cluster_nodes.is_some() {
         "the cluster of REDIS_CLUSTER_NODES".to_owned()
@@ -292,7 +292,7 @@ pub async fn check_store_on_cluster(
     base: &str,
 ) -> Result<(), String> {
     let key = format!("{base}-cluster-check");
-    let lease = Config::default().lease();
+    let lease = Config::default().lease_ttl();
     match machine::claim(store, &key, &Token::new(), "", lease).await {
         Ok(ClaimOutcome::Acquired(_)) => {}
         Ok(other) => {
@@ -482,7 +482,7 @@ pub async fn run(options: Options, stop: watch::Receiver<bool>) -> Result<bool, 
     }
     let facts = RunFacts {
         min_replicas: Config::from_env()
-            .map(|config| config.replication().0)
+            .map(|config| config.min_replicas())
             .unwrap_or(0),
         store: ctx.redis.kind(),
         pinned: pinned.is_some(),

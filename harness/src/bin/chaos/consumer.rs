@@ -169,8 +169,8 @@ where
         next: Arc::new(AtomicU64::new(0)),
     };
     let dlx = topology.dlx.clone();
-    let url = config.amqp().to_owned();
-    let prefetch = config.prefetch_count();
+    let url = config.amqp_url().to_owned();
+    let prefetch = config.prefetch();
     let connect = move || {
         let url = url.clone();
         let topology = topology.clone();

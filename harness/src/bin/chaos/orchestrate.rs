@@ -129,7 +129,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             .and_then(parse_duration)
             .unwrap_or_default()
     };
-    let pause = config.lease() + PAUSE_BEYOND_LEASE;
+    let pause = config.lease_ttl() + PAUSE_BEYOND_LEASE;
     // Longer than anything a consumer may hold a delivery without a ledger line.
     let quiet = setting("IDEMPOTENCY_IN_PROGRESS_WAIT")
         + setting("IDEMPOTENCY_RETRY_BACKOFF_MAX")
@@ -208,7 +208,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         spread.as_secs_f64() / options.fault_interval.as_secs_f64()
     }
     .max(1.0);
-    let prefetch = usize::from(config.prefetch_count());
+    let prefetch = usize::from(config.prefetch());
     let (allowance, allowance_rx) = watch::channel(0usize);
     let mut pacer = Pacer {
         total,

@@ -176,9 +176,9 @@ pub async fn drain_ours<S: Store>(
     ready: oneshot::Sender<()>,
 ) -> Result<Measured, String> {
     let config = Config::default()
-        .prefetch(ctx.options.prefetch)
-        .key_prefix(key_prefix)
-        .amqp_url(ctx.options.amqp_url.as_str());
+        .with_prefetch(ctx.options.prefetch)
+        .with_key_prefix(key_prefix)
+        .with_amqp_url(ctx.options.amqp_url.as_str());
     let store = CountingStore {
         inner: store,
         stats: Arc::clone(stats),
