@@ -533,12 +533,14 @@ impl<St: Store, F: Fingerprint> Settle<St> for Shared<St, F> {
             self.refusals.fetch_add(1, Ordering::AcqRel);
         } else {
             self.refusals.store(1, Ordering::Release);
+            crate::metrics::store_paused(&self.scope, true);
             tracing::error!(error = %err, operation, "idempotency store unusable: pausing consumption until a write succeeds");
         }
     }
     fn note_ok(&self) {
         if self.store_down.swap(false, Ordering::AcqRel) {
             let refused = self.refusals.swap(0, Ordering::AcqRel);
+            crate::metrics::store_paused(&self.scope, false);
             tracing::info!(
                 refused,
                 "idempotency store answers again: resuming consumption"

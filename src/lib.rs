@@ -36,6 +36,7 @@ mod runner;
 mod stopping;
 pub mod store;
 mod tls;
+mod trace;
 
 #[cfg(feature = "testing")]
 pub use config::parse_duration;

@@ -27,7 +27,13 @@
 //! | `idempotency_outbox_redispatched_total` | counter | | outbox messages a duplicate sent because the first run had not (or not provably) sent them |
 //! | `idempotency_replies_resent_total` | counter | | stored replies sent again to a duplicate request |
 //! | `idempotency_outbox_unroutable_total` | counter | | outbox messages or replies the broker returned as unroutable |
+//! | `idempotency_outbox_undispatched_total` | counter | | deliveries requeued because their committed outbox messages were still not confirmed after the hold |
 //! | `idempotency_store_seconds` | histogram | `operation` = `claim` / `renew` / `complete` / `release` | store latency |
+//! | `idempotency_store_paused` | gauge | `scope` | 1 while the store of that scope (consumer group) is unusable, which pauses its consumption (fail-closed); 0 once a write succeeds again |
+//! | `idempotency_unreplicated_writes_total` | counter | | writes fewer replicas confirmed than `IDEMPOTENCY_MIN_REPLICAS` asks for |
+//!
+//! [`SERIES`] lists every name, for dashboards and alert rules to be
+//! checked against.
 
 use std::time::Instant;
 
@@ -64,6 +70,10 @@ pub const STORE_SECONDS: &str = "idempotency_store_seconds";
 /// asks for (each is retried; its message is held meanwhile).
 pub const UNREPLICATED: &str = "idempotency_unreplicated_writes_total";
 
+/// 1 while the store is unusable, which pauses consumption (fail-closed),
+/// 0 once a write succeeds again; labelled by `scope`.
+pub const STORE_PAUSED: &str = "idempotency_store_paused";
+
 /// Outbox messages the broker confirmed.
 pub const OUTBOX_DISPATCHED: &str = "idempotency_outbox_dispatched_total";
 /// Outbox messages sent by a duplicate.
@@ -72,6 +82,34 @@ pub const OUTBOX_REDISPATCHED: &str = "idempotency_outbox_redispatched_total";
 pub const REPLIES_RESENT: &str = "idempotency_replies_resent_total";
 /// Outbox messages or replies returned as unroutable.
 pub const OUTBOX_UNROUTABLE: &str = "idempotency_outbox_unroutable_total";
+/// Deliveries requeued because their committed outbox messages were still
+/// not confirmed after the hold (the redelivered copy sends them).
+pub const OUTBOX_UNDISPATCHED: &str = "idempotency_outbox_undispatched_total";
+
+/// Every series the library emits (a histogram's name as given, before a
+/// recorder adds `_bucket`, `_sum` and `_count` or quantiles).
+pub const SERIES: [&str; 20] = [
+    PROCESSED,
+    DUPLICATES,
+    RELEASED,
+    RETRIED,
+    DEAD_LETTERED,
+    STORE_ERRORS,
+    LEASE_LOST,
+    UNPROTECTED,
+    UNSETTLED,
+    UNRECORDED,
+    STORE_REFUSED,
+    HANDLER_SETTLED,
+    STORE_SECONDS,
+    UNREPLICATED,
+    STORE_PAUSED,
+    OUTBOX_DISPATCHED,
+    OUTBOX_REDISPATCHED,
+    REPLIES_RESENT,
+    OUTBOX_UNROUTABLE,
+    OUTBOX_UNDISPATCHED,
+];
 
 /// Counts the layer's outcome.
 pub(crate) fn outcome(kind: OutcomeKind) {
@@ -85,6 +123,7 @@ pub(crate) fn outcome(kind: OutcomeKind) {
         OutcomeKind::Unprotected => metrics::counter!(UNPROTECTED).increment(1),
         OutcomeKind::Unrecorded => metrics::counter!(UNRECORDED).increment(1),
         OutcomeKind::StoreRefused => metrics::counter!(STORE_REFUSED).increment(1),
+        OutcomeKind::Undispatched => metrics::counter!(OUTBOX_UNDISPATCHED).increment(1),
         _ => {}
     }
 }
@@ -121,6 +160,12 @@ pub(crate) fn store_latency(operation: &'static str, started: Instant) {
 /// A write that fewer replicas confirmed than asked for.
 pub(crate) fn unreplicated() {
     metrics::counter!(UNREPLICATED).increment(1);
+}
+
+/// The store of `scope` became unusable (`true`: consumption pauses) or
+/// answers again (`false`).
+pub(crate) fn store_paused(scope: &str, paused: bool) {
+    metrics::gauge!(STORE_PAUSED, "scope" => scope.to_owned()).set(f64::from(u8::from(paused)));
 }
 
 /// Outbox messages confirmed: `sent` in all, `again` of them by a duplicate.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use crate::error::StoreError;
+use crate::trace::TraceContext;
 
 /// The broker action for a delivery, applied after the store write returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,7 +152,8 @@ impl std::fmt::Display for OutcomeKind {
 /// the record is discarded only once the dead-letter copy is confirmed
 /// ([`discard_record`](Self::discard_record)), and released otherwise
 /// ([`release_record`](Self::release_record)); [`serve`](crate::serve)
-/// does this. Clones share that claim; equality and `Debug` ignore it.
+/// does this. Clones share that claim; equality and `Debug` ignore it,
+/// and the trace context its copies carry.
 #[derive(Clone)]
 pub struct Outcome {
     kind: OutcomeKind,
@@ -159,6 +161,9 @@ pub struct Outcome {
     attempt: u32,
     reason: Option<String>,
     record: Option<Arc<HeldRecord>>,
+    /// The delivery's trace context, for the copies the runner publishes
+    /// (parked, retried): made outside the delivery's span, they get it here.
+    trace: TraceContext,
 }
 
 impl PartialEq for Outcome {
@@ -231,6 +236,7 @@ impl Outcome {
             attempt,
             reason: None,
             record: None,
+            trace: TraceContext::default(),
         }
     }
 
@@ -242,12 +248,26 @@ impl Outcome {
             attempt,
             reason: None,
             record: None,
+            trace: TraceContext::default(),
         }
     }
 
     pub(crate) fn because(mut self, reason: impl Into<String>) -> Self {
         self.reason = Some(reason.into());
         self
+    }
+
+    /// Carries `trace`, the delivery's trace context, to the copies the
+    /// runner publishes.
+    pub(crate) fn traced(mut self, trace: TraceContext) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    /// The trace context every copy of the delivery carries: write it into
+    /// the copy's headers with [`TraceContext::write`].
+    pub(crate) fn trace(&self) -> &TraceContext {
+        &self.trace
     }
 
     /// Keeps the claim of a dead-lettered message until the copy is

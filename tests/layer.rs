@@ -1021,3 +1021,103 @@ async fn the_guard_finds_its_own_claim_when_it_tries_again_with_its_token() {
         Begin::Skip(amqp_idempotency::Skip::Done)
     ));
 }
+
+/// The value of the gauge `series` with `label`, as the recorder renders it.
+fn gauge(text: &str, series: &str, label: &str) -> Option<f64> {
+    let prefix = format!("{series}{{{label}}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+}
+
+#[test]
+fn the_pause_gauge_follows_the_store() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let paused = |text: &str| {
+        gauge(
+            text,
+            amqp_idempotency::metrics::STORE_PAUSED,
+            "scope=\"orders\"",
+        )
+    };
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(async {
+                let store = FlakyStore::default();
+                let svc = IdempotencyLayer::new(
+                    store.clone(),
+                    "orders",
+                    config().with_on_store_error(StoreFailurePolicy::FailOpen),
+                )
+                .unwrap()
+                .layer(counting(Arc::default(), |_| Ok(())));
+                store.down.store(true, Ordering::SeqCst);
+                let outcome = svc
+                    .clone()
+                    .oneshot(delivery(Some("a"), b"x"))
+                    .await
+                    .unwrap();
+                assert_eq!(outcome.kind(), OutcomeKind::Unprotected);
+                let text = handle.render();
+                assert_eq!(
+                    paused(&text),
+                    Some(1.0),
+                    "paused while the store is down:\n{text}"
+                );
+                store.down.store(false, Ordering::SeqCst);
+                let outcome = svc.oneshot(delivery(Some("b"), b"x")).await.unwrap();
+                assert_eq!(outcome.kind(), OutcomeKind::Processed);
+                let text = handle.render();
+                assert_eq!(
+                    paused(&text),
+                    Some(0.0),
+                    "resumed once a write succeeded:\n{text}"
+                );
+            });
+    });
+}
+
+#[test]
+fn a_delivery_whose_outbox_stays_unconfirmed_is_counted_as_undispatched() {
+    let text = with_metrics(async {
+        let cfg = config()
+            .with_consumer_timeout(Duration::from_secs(2))
+            .with_lease_ttl(Duration::from_millis(500))
+            .with_handler_timeout(Duration::from_millis(400))
+            .with_retry_backoff_max(Duration::from_millis(100))
+            // Nothing listens there: no message can be confirmed.
+            .with_amqp_url(format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port()));
+        let publisher = amqp_idempotency::outbox::OutboxPublisher::connect(&cfg)
+            .confirm_timeout(Duration::from_millis(200));
+        let outcome = IdempotencyLayer::new(MemoryStore::new(), "q", cfg)
+            .unwrap()
+            .with_outbox(publisher)
+            .layer(service_fn(
+                |incoming: amqp_idempotency::outbox::OutboxDelivery| async move {
+                    incoming
+                        .outbox
+                        .publish("", "elsewhere", BasicProperties::default(), "x")
+                },
+            ))
+            .oneshot(delivery(Some("u"), b"x"))
+            .await
+            .unwrap();
+        assert_eq!(outcome.kind(), OutcomeKind::Undispatched);
+    });
+    assert_eq!(
+        counter(&text, amqp_idempotency::metrics::OUTBOX_UNDISPATCHED),
+        1,
+        "{text}"
+    );
+}
+
+/// A loopback port nothing listens on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}

@@ -4,7 +4,7 @@
 //! mode) or the failure's disposition.
 //!
 //! ```ignore
-//! let outcome = decide(&dedup, &Plain, handler, delivery).await;
+//! let outcome = decide(&dedup, &Plain, handler, delivery, trace).await;
 //! // Processed, Duplicate, Retry (requeue after a backoff), dead-letter, ...
 //! ```
 
@@ -23,6 +23,7 @@ use crate::guard::{Begin, Deduplicator, Skip};
 use crate::outbox::{self, Mode, Outbox, ReplyTarget};
 use crate::outcome::{Outcome, OutcomeKind};
 use crate::store::{OutboxEntry, Store, Token};
+use crate::trace::TraceContext;
 
 /// What becomes of one delivery, from the body-size check to the outcome the
 /// runner settles it by. Rare paths are boxed where they are awaited, so
@@ -32,6 +33,7 @@ pub(super) async fn decide<S, St, F, M>(
     mode: &M,
     inner: S,
     delivery: Delivery,
+    trace: TraceContext,
 ) -> Outcome
 where
     M: Mode,
@@ -94,11 +96,21 @@ where
             other => break other,
         }
     };
-    let target = mode.publisher().map(|_| ReplyTarget::of(&delivery));
+    let target = mode
+        .publisher()
+        .map(|_| ReplyTarget::of(&delivery, trace.clone()));
     let mut guard = match begun {
         Ok(Begin::Process(guard)) => guard,
         Ok(Begin::Unprotected) => {
-            return Box::pin(run_unprotected(dedup, mode, inner, delivery, fingerprint)).await;
+            return Box::pin(run_unprotected(
+                dedup,
+                mode,
+                inner,
+                delivery,
+                fingerprint,
+                trace,
+            ))
+            .await;
         }
         Ok(Begin::Skip(Skip::Done)) => {
             return match (mode.publisher(), &fingerprint, &target) {
@@ -117,7 +129,15 @@ where
         Ok(Begin::Skip(skip)) => return skipped(config, skip),
         Err(err) if err.is_unavailable() => {
             tracing::warn!(error = %err, "store unusable; processing unprotected (fail-open)");
-            return Box::pin(run_unprotected(dedup, mode, inner, delivery, fingerprint)).await;
+            return Box::pin(run_unprotected(
+                dedup,
+                mode,
+                inner,
+                delivery,
+                fingerprint,
+                trace,
+            ))
+            .await;
         }
         Err(err) => {
             tracing::error!(error = %err, "store refused the claim with an error about this key: handler not run, message dead-lettered");
@@ -220,6 +240,7 @@ async fn run_unprotected<S, St, F, M>(
     inner: S,
     delivery: Delivery,
     fingerprint: Option<String>,
+    trace: TraceContext,
 ) -> Outcome
 where
     M: Mode,
@@ -229,7 +250,7 @@ where
 {
     let config = dedup.config();
     let attempt = crate::guard::broker_attempt(&delivery);
-    let target = ReplyTarget::of(&delivery);
+    let target = ReplyTarget::of(&delivery, trace);
     let (request, outbox) = request::<M>(config, mode, delivery);
     let mut handler = HandlerRun::start(inner, request);
     let result = match tokio::time::timeout(config.handler_timeout, &mut handler).await {

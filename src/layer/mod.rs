@@ -44,6 +44,7 @@ use crate::guard::Deduplicator;
 use crate::outbox::{Mode, OutboxLayer, OutboxPublisher, Plain, WithOutbox};
 use crate::outcome::Outcome;
 use crate::store::Store;
+use crate::trace::TraceContext;
 use run::Handler;
 
 /// Wraps a handler (`Service<Delivery>`) in [`Idempotency`].
@@ -241,16 +242,13 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let dedup = self.dedup.clone();
         let mode = self.mode.clone();
-        let span = tracing::info_span!(
-            "delivery",
-            delivery_tag = delivery.delivery_tag,
-            redelivered = delivery.redelivered,
-            fingerprint = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-        );
+        let span = delivery_span(&delivery);
+        let trace = TraceContext::join(&span, &delivery.properties);
         Box::pin(
             async move {
-                let outcome = process(&dedup, &mode, inner, delivery).await;
+                let outcome = process(&dedup, &mode, inner, delivery, trace.clone())
+                    .await
+                    .traced(trace);
                 crate::metrics::outcome(outcome.kind());
                 tracing::Span::current().record("outcome", outcome.kind().as_str());
                 tracing::debug!(
@@ -265,11 +263,41 @@ where
     }
 }
 
+/// The span of one delivery. Under the `opentelemetry` feature it also
+/// carries the OpenTelemetry messaging attributes (a consumer span that
+/// processes the message); its parent is set by [`TraceContext::join`].
+fn delivery_span(delivery: &Delivery) -> tracing::Span {
+    #[cfg(feature = "opentelemetry")]
+    let span = tracing::info_span!(
+        "delivery",
+        delivery_tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered,
+        fingerprint = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.destination.name = delivery.exchange.as_str(),
+        messaging.rabbitmq.destination.routing_key = delivery.routing_key.as_str(),
+        messaging.message.id = delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+    );
+    #[cfg(not(feature = "opentelemetry"))]
+    let span = tracing::info_span!(
+        "delivery",
+        delivery_tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered,
+        fingerprint = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    span
+}
+
 async fn process<S, St, F, M>(
     dedup: &Deduplicator<St, F>,
     mode: &M,
     inner: S,
     mut delivery: Delivery,
+    trace: TraceContext,
 ) -> Outcome
 where
     M: Mode,
@@ -289,7 +317,7 @@ where
     )
     .acker;
     delivery.acker = inert.clone();
-    let outcome = decide::decide(dedup, mode, inner, delivery).await;
+    let outcome = decide::decide(dedup, mode, inner, delivery, trace).await;
     if !inert.usable() {
         crate::metrics::handler_settled();
         tracing::error!(

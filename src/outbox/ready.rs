@@ -1,9 +1,10 @@
 //! From committed entries to messages on their way: each decoded, given its
 //! deterministic `message_id`, in the order staged, and the reply addressed
-//! to the `reply_to` and `correlation_id` of the copy being answered.
+//! to the `reply_to` and `correlation_id` of the copy being answered; all
+//! of them in that copy's trace.
 //!
 //! ```ignore
-//! let target = ReplyTarget::of(&delivery);
+//! let target = ReplyTarget::of(&delivery, trace);
 //! let ready = ready(entries, "orders", "order-7", &target)?;
 //! let dispatched = publisher.dispatch(&ready).await;
 //! ```
@@ -17,20 +18,25 @@ use super::codec::{Outgoing, decode};
 use super::ids::{message_id, reply_tail};
 use super::staging::{COMMITTED_FIELD, REPLY_FIELD};
 use crate::store::OutboxEntry;
+use crate::trace::TraceContext;
 
 /// Where the reply of a delivery goes: its `reply_to`, with its
-/// `correlation_id`.
+/// `correlation_id`; and the trace context that the reply and every other
+/// message sent for the delivery carry.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ReplyTarget {
     reply_to: Option<ShortString>,
     correlation_id: Option<ShortString>,
+    trace: TraceContext,
 }
 
 impl ReplyTarget {
-    pub(crate) fn of(delivery: &Delivery) -> Self {
+    /// The target of `delivery`, whose messages carry `trace`.
+    pub(crate) fn of(delivery: &Delivery, trace: TraceContext) -> Self {
         Self {
             reply_to: delivery.properties.reply_to().clone(),
             correlation_id: delivery.properties.correlation_id().clone(),
+            trace,
         }
     }
 }
@@ -56,8 +62,9 @@ impl Ready {
 
 /// The messages of an outbox to send now, for the delivery of `fingerprint`
 /// in `scope`: every message still there, in the order staged, then the
-/// reply when `target` has a `reply_to`. `Err` names an entry this version
-/// cannot read (written by a newer one, say).
+/// reply when `target` has a `reply_to`; each in `target`'s trace (unless
+/// the handler gave it a `traceparent` of its own). `Err` names an entry
+/// this version cannot read (written by a newer one, say).
 pub(crate) fn ready(
     entries: Vec<OutboxEntry>,
     scope: &str,
@@ -84,10 +91,10 @@ pub(crate) fn ready(
             Some(n) => n.to_string(),
             None => reply_tail(target.correlation_id.as_ref()),
         };
-        message.properties =
-            message
-                .properties
-                .with_message_id(message_id(scope, fingerprint, &tail));
+        message.properties = target
+            .trace
+            .onto(message.properties)
+            .with_message_id(message_id(scope, fingerprint, &tail));
         if reply {
             let Some(reply_to) = &target.reply_to else {
                 continue;
@@ -151,6 +158,7 @@ mod tests {
             let target = ReplyTarget {
                 reply_to: Some("asker".into()),
                 correlation_id: correlation_id.map(Into::into),
+                ..ReplyTarget::default()
             };
             let ready = ready(entries.clone(), "quotes", "q-1", &target).unwrap();
             ready[0].message.properties.message_id().clone().unwrap()
@@ -168,6 +176,7 @@ mod tests {
         let target = ReplyTarget {
             reply_to: Some("asker".into()),
             correlation_id: Some("c-1".into()),
+            ..ReplyTarget::default()
         };
         let ready = ready(entries, "quotes", &long_fingerprint, &target).unwrap();
         let id = ready[0].message.properties.message_id().clone().unwrap();
@@ -195,6 +204,7 @@ mod tests {
         let target = ReplyTarget {
             reply_to: Some("amq.rabbitmq.reply-to.abc".into()),
             correlation_id: Some("c-1".into()),
+            ..ReplyTarget::default()
         };
         let ready = ready(entries.clone(), "quotes", "q-1", &target).unwrap();
         assert_eq!(ready.len(), 2);

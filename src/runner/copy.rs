@@ -200,6 +200,8 @@ pub(super) async fn publish(target: Target<'_>, copy: MessageCopy, outcome: &Out
         .as_ref()
         .map(|headers| headers.inner().clone())
         .unwrap_or_default();
+    // The copy carries the sender's trace context: the delivery's replaces it.
+    outcome.trace().write(&mut headers);
     let reason = outcome.reason().unwrap_or(outcome.kind().as_str());
     let text =
         |value: &str| AMQPValue::LongString(LongString::from(bounded_header(value).into_owned()));
