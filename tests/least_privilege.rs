@@ -1,4 +1,4 @@
-//! The README's least-privilege Redis users, applied to a private
+//! The least-privilege Redis users of docs/deployment.md, applied to a private
 //! redis-server: the operator CLI's user can run every command of the CLI,
 //! and without `+del` it can read but not delete. (The consumer's user runs
 //! the whole store contract in tests/store_contract.rs, and each of its

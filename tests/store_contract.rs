@@ -1,6 +1,6 @@
 //! One contract, two stores: every test runs against `MemoryStore`,
 //! against `RedisStore` on the real Redis at REDIS_URL, and against
-//! `RedisStore` connected as the README's least-privilege ACL user to a
+//! `RedisStore` connected as the documented least-privilege ACL user to a
 //! private redis-server.
 
 mod common;
@@ -22,7 +22,7 @@ const RETENTION: Duration = Duration::from_secs(60);
 const H1: &str = "a1a1a1a1a1a1";
 const H2: &str = "b2b2b2b2b2b2";
 
-/// Under the default prefix `idem`, which the README's least-privilege
+/// Under the default prefix `idem`, which the documented least-privilege
 /// ACL line grants (`~idem:*`).
 fn key() -> String {
     format!("idem:{}:fp", common::unique("contract"))
@@ -365,7 +365,7 @@ macro_rules! contract {
                 }
             )*
         }
-        /// As the README's least-privilege Redis user, on a private Redis.
+        /// As the documented least-privilege Redis user, on a private Redis.
         mod redis_least_privilege {
             $(
                 #[tokio::test]
@@ -510,7 +510,7 @@ macro_rules! outbox_contract {
                     async fn valkey_native() {
                         super::super::$name(super::super::common::valkey_store().await).await;
                     }
-                    /// As the README's least-privilege user for consumers with an outbox.
+                    /// As the documented least-privilege user for consumers with an outbox.
                     #[tokio::test]
                     async fn redis_least_privilege() {
                         let (_redis, store) =

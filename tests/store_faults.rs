@@ -269,12 +269,12 @@ async fn the_readme_acl_grants_every_command_and_each_one_is_needed_and_named() 
         .collect();
     assert!(
         commands.len() >= 6,
-        "the README's line grants the commands: {line:?}"
+        "the documented line grants the commands: {line:?}"
     );
     // The whole line is enough.
     let (_redis, store) = common::least_privilege_store().await;
     if let Err(err) = every_request(&store).await {
-        panic!("the README's ACL line does not grant enough: {err}");
+        panic!("the documented ACL line does not grant enough: {err}");
     }
     // Each command is needed, and its absence is named.
     for command in &commands {

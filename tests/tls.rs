@@ -75,7 +75,7 @@ async fn the_store_works_over_rediss_with_a_private_ca() {
 #[tokio::test]
 async fn the_readme_least_privilege_user_works_over_rediss() {
     let pki = Pki::new();
-    // The README's line, as a redis-server `--user` directive.
+    // The documented ACL line, as a redis-server `--user` directive.
     let mut user: Vec<String> = common::readme_acl_line("idem-consumer")
         .into_iter()
         .skip(2)

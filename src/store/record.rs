@@ -62,7 +62,7 @@ pub(super) const DONE_UNCHECKED_TOKEN_DIGITS: usize = 12;
 ///
 /// Redis keeps an integer inside the value object, with no string
 /// allocation: about 135 bytes of memory per done message with a 28-byte
-/// key (see the README's Redis Cluster and Valkey section). The payload
+/// key (see docs/performance.md, Memory). The payload
 /// hash is the first 48 bits of the body's SHA-256 (32 in a done mark;
 /// 0.2 kept 128 bits; they compare over their common length).
 ///

@@ -607,25 +607,26 @@ impl Drop for Stunnel {
 }
 
 // ---------------------------------------------------------------------------
-// Least privilege: the README's ACL lines, applied to a private redis-server.
+// Least privilege: the ACL lines of docs/deployment.md, applied to a private redis-server.
 
-/// The words of the README's `ACL SETUSER <user> ...` line, so that the
-/// tests check exactly what the README tells operators to run.
+/// The words of the `ACL SETUSER <user> ...` line in docs/deployment.md
+/// (Least privilege; the README links there), so that the tests check
+/// exactly what the documentation tells operators to run.
 pub fn readme_acl_line(user: &str) -> Vec<String> {
-    let readme = include_str!("../../README.md");
+    let docs = include_str!("../../docs/deployment.md");
     let start = format!("ACL SETUSER {user} ");
-    let line = readme
+    let line = docs
         .lines()
         .map(str::trim)
         .find(|line| line.starts_with(&start))
-        .unwrap_or_else(|| panic!("README.md has no line starting with `{start}`"));
+        .unwrap_or_else(|| panic!("docs/deployment.md has no line starting with `{start}`"));
     line.split_whitespace().map(str::to_owned).collect()
 }
 
-/// The password the README's ACL lines use, to be replaced.
+/// The password the documented ACL lines use, to be replaced.
 pub const README_PASSWORD: &str = ">CHANGE-ME";
 
-/// Runs `words` (an `ACL SETUSER` line, its README password replaced by
+/// Runs `words` (an `ACL SETUSER` line, its documented password replaced by
 /// `password`) on the Redis at `port`.
 pub fn apply_acl(port: u16, words: &[String], password: &str) {
     let args: Vec<String> = words
@@ -643,13 +644,13 @@ pub fn apply_acl(port: u16, words: &[String], password: &str) {
     assert_eq!(answer.trim(), "OK", "{args:?}: {answer}");
 }
 
-/// A private redis-server with the README's consumer user, and a store
+/// A private redis-server with the documented consumer user, and a store
 /// connected as that user.
 pub async fn least_privilege_store() -> (PrivateRedis, RedisStore) {
     least_privilege_store_as("idem-consumer").await
 }
 
-/// A private redis-server with the README's `user`, and a store connected
+/// A private redis-server with the documented `user`, and a store connected
 /// as that user.
 pub async fn least_privilege_store_as(user: &str) -> (PrivateRedis, RedisStore) {
     let redis = PrivateRedis::start();
@@ -657,7 +658,7 @@ pub async fn least_privilege_store_as(user: &str) -> (PrivateRedis, RedisStore) 
     let url = format!("redis://{user}:consumer-pw@127.0.0.1:{}", redis.port);
     let store = RedisStore::connect_url(&url)
         .await
-        .unwrap_or_else(|err| panic!("connect as the README's {user} user: {err}"));
+        .unwrap_or_else(|err| panic!("connect as the documented {user} user: {err}"));
     (redis, store)
 }
 

@@ -71,7 +71,7 @@ pub(super) fn remedy(err: &RedisError) -> Option<&'static str> {
         || text.contains("The user executing the script can't")
     {
         "the Redis ACL user lacks a permission: grant the commands and key pattern listed \
-         in the README (Least privilege)"
+         in docs/deployment.md (Least privilege)"
     } else if matches!(code, "MOVED" | "ASK" | "CROSSSLOT") {
         "REDIS_URL points at a Redis Cluster node: give the cluster's nodes in \
          REDIS_CLUSTER_NODES (and unset REDIS_URL) instead"
