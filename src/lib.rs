@@ -52,3 +52,26 @@ pub use outcome::{Disposition, Outcome, OutcomeKind};
 pub use report::ServeReport;
 pub use runner::{ServeOptions, Session, serve, serve_reconnecting};
 pub use stopping::Stopping;
+
+/// The pages under `docs/`, compiled by `cargo test --doc` only: their Rust
+/// examples must build like the README's (every other code block there is
+/// marked with its language, so it is not taken for Rust).
+#[cfg(doctest)]
+mod docs {
+    #[doc = include_str!("../docs/guarantees.md")]
+    struct Guarantees;
+    #[doc = include_str!("../docs/outbox.md")]
+    struct Outbox;
+    #[doc = include_str!("../docs/retries.md")]
+    struct Retries;
+    #[doc = include_str!("../docs/deployment.md")]
+    struct Deployment;
+    #[doc = include_str!("../docs/operations.md")]
+    struct Operations;
+    #[doc = include_str!("../docs/metrics.md")]
+    struct Metrics;
+    #[doc = include_str!("../docs/performance.md")]
+    struct Performance;
+    #[doc = include_str!("../docs/reliability.md")]
+    struct Reliability;
+}
