@@ -33,8 +33,12 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
-/// A shutdown shared by a runner and the layers it serves: see the
-/// [module](self). Clones share it; [`Default`] is a new one.
+/// A shutdown shared by a runner and the layers it serves: give the
+/// layer's handle ([`IdempotencyLayer::stopping`](crate::IdempotencyLayer::stopping))
+/// to the runner ([`ServeOptions::stopping`](crate::ServeOptions::stopping)),
+/// and the deliveries the layer holds (the store down, an outbox waiting
+/// for its confirms) are given back as soon as the runner stops, instead of
+/// at the shutdown deadline. Clones share it; [`Default`] is a new one.
 #[derive(Clone, Debug, Default)]
 pub struct Stopping {
     shared: Arc<Shared>,
