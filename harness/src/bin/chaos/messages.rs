@@ -337,3 +337,16 @@ impl Injected {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_messages_fail_once_or_twice() {
+        assert_eq!(transient_failures("t0"), 1);
+        assert_eq!(transient_failures("t7"), 2);
+        assert_eq!(transient_failures("m7"), 0);
+        assert_eq!(transient_failures("t"), 0);
+    }
+}
