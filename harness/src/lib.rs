@@ -20,12 +20,15 @@
 //! - [`sentinel`]: a master, its replica and three sentinels on free ports,
 //!   and failovers of them;
 //! - [`redis_admin`]: `INFO` counters and key clean-up on a Redis in use;
-//! - [`proxy`]: a TCP proxy whose connections can all be cut at once.
+//! - [`proxy`]: a TCP proxy whose connections can all be cut at once;
+//! - [`delay_queues`]: the runner's retry delay queues (`{queue}.retry.<delay>`):
+//!   their names, what waits in them, their removal after a run.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
 pub mod amqp;
 pub mod cpu;
+pub mod delay_queues;
 pub mod env;
 pub mod proxy;
 pub mod redis_admin;

@@ -174,6 +174,17 @@ fn chaos_suite_loses_nothing_and_explains_every_duplicate() {
         number(&report, "dead_lettered") >= 30,
         "20 poison and 10 fingerprint-less messages must be dead-lettered: {last}"
     );
+    // Retries go through the delay queues by default: each of the 20
+    // poison messages up to 3 times (4 attempts), each of the 40 transient
+    // ones once or twice, 120 in all, fewer when a kill or an aborting
+    // message took an attempt or a cut left a copy unconfirmed (then the
+    // original is held and requeued instead).
+    assert_eq!(report["retry"], "broker", "{last}");
+    assert_eq!(number(&report, "transient"), 40, "{last}");
+    assert!(
+        number(&report, "retried_through_broker") >= 60,
+        "too few retry copies confirmed in the delay queues: {last}\n{context}"
+    );
     assert_eq!(
         number(&report, "overlapping_runs"),
         0,
@@ -239,13 +250,13 @@ fn outbox_suite_sends_every_outgoing_message_and_nothing_else() {
         0,
         "duplicate effects outside the admitted windows: {last}\n{context}"
     );
-    // Every plain message and every timed-out one that was not
+    // Every plain, transient and timed-out message that was not
     // dead-lettered (only `crashed` beside a poison-abort may be) must
     // have sent its outgoing message.
     let expected = number(&report, "outgoing_expected");
     assert_eq!(
         expected + number(&report, "plain_dead_lettered"),
-        1000 + number(&report["faults"], "handler_timeouts"),
+        1000 + number(&report, "transient") + number(&report["faults"], "handler_timeouts"),
         "{last}"
     );
     assert_eq!(
@@ -270,6 +281,34 @@ fn outbox_suite_sends_every_outgoing_message_and_nothing_else() {
             "no `{kind}` fault was injected: {last}"
         );
     }
+}
+
+/// `--retry hold`, short: the failed deliveries are held in the consumers,
+/// then requeued, under every fault; nothing goes through a delay queue.
+#[test]
+fn chaos_suite_with_held_retries_loses_nothing() {
+    require_rabbitmq();
+    let (report, last, context) = run_chaos(&[
+        "--retry",
+        "hold",
+        "--messages",
+        "1000",
+        "--consumers",
+        "3",
+        "--seed",
+        "11",
+    ]);
+    let last = last.as_str();
+    let number = |value: &serde_json::Value, name: &str| number(value, name, last);
+    assert_eq!(report["retry"], "hold", "{last}");
+    assert_eq!(number(&report, "transient"), 20, "{last}");
+    assert_eq!(number(&report, "lost"), 0, "{last}\n{context}");
+    assert_eq!(
+        number(&report, "unexplained_duplicates"),
+        0,
+        "{last}\n{context}"
+    );
+    assert_eq!(number(&report, "retried_through_broker"), 0, "{last}");
 }
 
 /// `--failover` with `IDEMPOTENCY_MIN_REPLICAS=1`: the master killed at

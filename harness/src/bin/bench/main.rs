@@ -28,7 +28,23 @@
 //!   bench declares, then reads after the drain (outside the measured time)
 //!   and deletes. Each message costs the commit of the done mark with its
 //!   outbox, a publish awaited on a confirm channel, and the mark that it
-//!   was dispatched, before the ack.
+//!   was dispatched, before the ack;
+//! - `ours_hold` and `ours_broker` (with `--failing F` > 0; never by
+//!   default otherwise): `ours` whose handler always fails (retryably) a
+//!   share F of the message ids, chosen pseudo-randomly and the same in
+//!   every round, so each of them runs `IDEMPOTENCY_MAX_ATTEMPTS` (5)
+//!   times and is parked in `{queue}.dead`. `ours_hold` retries them with
+//!   `IDEMPOTENCY_RETRY=hold` (held in the consumer for the backoff, then
+//!   requeued), `ours_broker` with `broker` (a confirmed copy waits in the
+//!   delay queue `{queue}.retry.<delay>`, the original acked at once). The
+//!   backoff is `--failing-backoff-ms` (100) doubling up to 8 times that
+//!   (100, 200, 400, 800 ms: 1.5 s of waiting per failing message), short
+//!   enough for a run of a few minutes and long enough to matter: with
+//!   `hold` every wait keeps one of the `--prefetch` slots, so the slots
+//!   fill with failing messages and the healthy ones behind them stall,
+//!   which is what issue 21 set out to fix; with `broker` the slots stay
+//!   free. The default backoff (500ms doubling to 30s, 7.5 s of waiting per
+//!   failing message over 5 attempts) would make the gap larger still.
 //!
 //! [`serve`]: amqp_idempotency::serve
 //! [`IdempotencyLayer`]: amqp_idempotency::IdempotencyLayer
@@ -72,7 +88,15 @@
 //!   `unique`, `executions`, `ok`;
 //! - `outgoing_received`, `outgoing_distinct` (ours_outbox; `null` for the
 //!   others): messages found downstream, and their distinct `message_id`s,
-//!   which must number `unique`.
+//!   which must number `unique`;
+//! - `healthy_msgs_per_s` (ours_hold and ours_broker; `null` for the
+//!   others): published messages whose id does not fail, divided by the
+//!   time from the first handler run to the ack of the last of them (the
+//!   start, such as declaring the delay queues, and the failing messages'
+//!   tail are left out); `parked` (failing deliveries parked after their
+//!   last attempt: all of them), `retries` (failed runs retried) and
+//!   `retried_via_broker` (copies confirmed in a delay queue: the runner's
+//!   `ServeReport::retried`; 0 with hold).
 //!
 //! The last line is the summary (medians over rounds):
 //! `{"raw_msgs_per_s":..,"ours_msgs_per_s":..,"naive_msgs_per_s":..,"ratio":ours/raw,"redis_roundtrips_per_msg":..,"p99_ms":..}`
@@ -103,7 +127,12 @@
 //!   on a cluster);
 //! - `outbox_msgs_per_s`, `outbox_redis_roundtrips_per_msg`: `ours_outbox`'s
 //!   medians of `msgs_per_s` and `redis_roundtrips_per_msg` (pipelines, from
-//!   `RedisStore::round_trips`, as for `ours`), `null` when it did not run.
+//!   `RedisStore::round_trips`, as for `ours`), `null` when it did not run;
+//! - `failing`: `--failing`; `failing_retry_backoff`: the delays the failing
+//!   messages wait between their attempts (`null` without `--failing`);
+//! - `healthy_msgs_per_sec_hold`, `healthy_msgs_per_sec_broker`: the
+//!   medians of `ours_hold`'s and `ours_broker`'s `healthy_msgs_per_s`, side
+//!   by side (`null` when they did not run).
 //!
 //! `--pin-redis` puts the Redis server(s) of the store on CPU 1 and the
 //! local RabbitMQ node (`beam.smp`) and the benchmark itself (every
@@ -114,15 +143,23 @@
 //! local `redis-server` or `valkey-server` whose `tcp_port` is the URL's).
 //!
 //! The process exits non-zero when a variant lost a message or ran one twice
-//! (`processed != unique`, or, for naive and ours, `executions != unique`),
+//! (`processed != unique`, or, for naive and ours, `executions != unique`;
+//! for ours_hold and ours_broker, each healthy id once and every failing
+//! delivery parked),
 //! or when ours_outbox's downstream queue does not hold `unique` distinct
-//! message ids. Queues and Redis keys of the run are deleted at the end.
+//! message ids. Queues and Redis keys of the run are deleted at the end;
+//! each variant consumes a queue of the same name in every round, and the
+//! retry delay queues the runner declares for it (for `ours`, `ours_outbox`
+//! and `ours_mem` too: `broker` is the library's default) are deleted once
+//! the rounds are over and they are empty (not right after their declare,
+//! which can crash RabbitMQ 3.10's at-least-once dead-lettering).
 //!
 //! ```text
 //! cargo run --release -p harness --bin bench -- --messages 100000 --prefetch 256 --payload 64 --rounds 3
 //! cargo run --release -p harness --bin bench -- --open-loop-rate 10000 --variants raw,ours
 //! cargo run --release -p harness --bin bench -- --pin-redis   # Redis on a CPU of its own
 //! cargo run -p harness --bin bench -- --quick          # 2000 messages, 1 round: for CI
+//! cargo run --release -p harness --bin bench -- --pin-redis --failing 0.1 --messages 20000
 //! ```
 //!
 //! Options: `--messages N` (100000), `--payload BYTES` (64), `--prefetch P`
@@ -131,7 +168,9 @@
 //! `--rounds R` (3), `--variants raw,naive,redis_floor,ours,ours_outbox` (all; `raw_single` and
 //! `raw_multi` select one raw sub-variant; `ours_mem`, never run by default,
 //! is ours over a plain in-process map instead of Redis: what the runner and
-//! layer cost by themselves), `--open-loop-rate MSGS_PER_S`
+//! layer cost by themselves; `ours_hold` and `ours_broker` are added by
+//! `--failing`), `--failing F` (0: a share of always-failing message ids,
+//! see above), `--failing-backoff-ms B` (100), `--open-loop-rate MSGS_PER_S`
 //! (publish concurrently at that rate instead of pre-filling), `--pin-redis`
 //! (see above), `--quick`
 //! (2000 messages and 1 round unless given explicitly).
@@ -184,9 +223,14 @@ use crate::run::{INTERRUPTED, run};
 
 const USAGE: &str = "usage: bench [--messages N] [--payload BYTES] [--prefetch P] [--duplicates F]
              [--handler-delay-ms D] [--rounds R] [--variants raw,naive,redis_floor,ours,ours_outbox]
+             [--failing F] [--failing-backoff-ms B]
              [--open-loop-rate MSGS_PER_S] [--runtime current|multi] [--pin-redis] [--quick]
 --runtime: the tokio runtime every variant runs on (default current: one thread,
            fewer wakeups, the faster choice on a small machine)
+--failing: a share F of the message ids always fails in the variants ours_hold and
+           ours_broker, added to the run: ours retrying with IDEMPOTENCY_RETRY=hold and
+           =broker, backoff B ms (100) doubling to 8 B; their healthy messages'
+           throughput is reported side by side (20000 messages keep it to minutes)
 --pin-redis: Redis on CPU 1, the RabbitMQ node and the benchmark on CPU 0 (taskset;
            needs 2 CPUs and a local Redis; the affinities are restored at the end)
 env: AMQP_URL (amqp://guest:guest@127.0.0.1:5672/%2f), REDIS_URL (redis://127.0.0.1:6379),

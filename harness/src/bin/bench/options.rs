@@ -24,7 +24,21 @@ pub struct Options {
     pub cluster_nodes: Option<Vec<String>>,
     /// `--pin-redis`: Redis on CPU 1, the broker and the bench on CPU 0.
     pub pin_redis: bool,
+    /// `--failing F`: the share of message ids that the handlers of
+    /// `ours_hold` and `ours_broker` always fail (0: none, and those two
+    /// variants are not run unless named).
+    pub failing: f64,
+    /// `--failing-backoff-ms B`: their `IDEMPOTENCY_RETRY_BACKOFF`; the
+    /// backoff doubles up to 8 B (`IDEMPOTENCY_RETRY_BACKOFF_MAX`).
+    pub failing_backoff: Duration,
 }
+
+/// The default `--failing-backoff-ms`: with the default 5 attempts, a
+/// failing message waits 100 + 200 + 400 + 800 ms = 1.5 s before it is
+/// parked, which `hold` spends in a prefetch slot.
+pub const FAILING_BACKOFF_MS: u64 = 100;
+/// `IDEMPOTENCY_RETRY_BACKOFF_MAX` of the failing variants, as a multiple of the backoff.
+pub const FAILING_BACKOFF_CAP: u32 = 8;
 
 /// `Ok(None)`: `--help`.
 pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
@@ -46,6 +60,9 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
     let mut quick = false;
     let mut multi_thread = false;
     let mut pin_redis = false;
+    let mut failing = 0.0;
+    let mut failing_backoff = Duration::from_millis(FAILING_BACKOFF_MS);
+    let mut named_variants = false;
     while let Some(arg) = argv.next() {
         let (name, inline) = match arg.split_once('=') {
             Some((name, value)) if name.starts_with("--") => (name.to_owned(), Some(value.into())),
@@ -80,6 +97,21 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
             "--handler-delay-ms" => {
                 handler_delay =
                     Duration::from_millis(parse_num(&name, &value("milliseconds")?, 0..=60_000)?)
+            }
+            "--failing" => {
+                let raw = value("a fraction in [0, 1)")?;
+                failing = raw
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| (0.0..1.0).contains(f))
+                    .ok_or_else(|| {
+                        format!("--failing: `{raw}` is not a fraction in [0, 1), e.g. 0.1")
+                    })?;
+            }
+            "--failing-backoff-ms" => {
+                failing_backoff =
+                    Duration::from_millis(parse_num(&name, &value("milliseconds")?, 1..=60_000)?)
             }
             "--duplicates" => {
                 let raw = value("a fraction in [0, 1)")?;
@@ -117,9 +149,11 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
                         "ours" => &[Variant::Ours],
                         "ours_outbox" => &[Variant::OursOutbox],
                         "ours_mem" => &[Variant::OursMemory],
+                        "ours_hold" => &[Variant::OursHold],
+                        "ours_broker" => &[Variant::OursBroker],
                         other => {
                             return Err(format!(
-                                "--variants: unknown variant `{other}` (expected raw, raw_single, raw_multi, naive, redis_floor, ours, ours_outbox, ours_mem)"
+                                "--variants: unknown variant `{other}` (expected raw, raw_single, raw_multi, naive, redis_floor, ours, ours_outbox, ours_hold, ours_broker, ours_mem)"
                             ));
                         }
                     };
@@ -133,8 +167,24 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
                     return Err("--variants: name at least one of raw, naive, ours".into());
                 }
                 variants = chosen;
+                named_variants = true;
             }
             other => return Err(format!("unknown option `{other}`")),
+        }
+    }
+    // With failing messages, ours with `hold` and with `broker`, side by
+    // side (also when --variants named neither).
+    if failing > 0.0 {
+        for retrying in [Variant::OursHold, Variant::OursBroker] {
+            if !variants.contains(&retrying) {
+                if named_variants {
+                    eprintln!(
+                        "bench: --failing {failing}: running {} as well",
+                        retrying.name()
+                    );
+                }
+                variants.push(retrying);
+            }
         }
     }
     Ok(Some(Options {
@@ -151,6 +201,8 @@ pub fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Option<Optio
         redis_url: env_or("REDIS_URL", DEFAULT_REDIS_URL)?,
         cluster_nodes: cluster_nodes(&env_or("REDIS_CLUSTER_NODES", "")?)?,
         pin_redis,
+        failing,
+        failing_backoff,
     }))
 }
 

@@ -5,10 +5,13 @@
 pub struct Plan {
     pub ids: Vec<u32>,
     pub unique: u32,
+    /// Per id: whether the handlers of `ours_hold` and `ours_broker`
+    /// always fail it (`--failing`); the other variants process it as usual.
+    pub failing: Vec<bool>,
 }
 
 impl Plan {
-    pub fn new(total: u64, duplicate_fraction: f64) -> Result<Self, String> {
+    pub fn new(total: u64, duplicate_fraction: f64, failing_fraction: f64) -> Result<Self, String> {
         let total_u32 = u32::try_from(total)
             .map_err(|_| format!("--messages {total} is too large (at most {})", u32::MAX))?;
         let dups = ((f64::from(total_u32) * duplicate_fraction).round() as u32)
@@ -33,11 +36,44 @@ impl Plan {
                 ids.swap(i, j);
             }
         }
-        Ok(Self { ids, unique })
+        // The failing ids: a pseudo-random `failing_fraction` of them, spread
+        // over the queue.
+        let mut failing = vec![false; unique as usize];
+        let count = ((f64::from(unique) * failing_fraction).round() as usize).min(failing.len());
+        if count > 0 {
+            let mut order: Vec<usize> = (0..failing.len()).collect();
+            for i in (1..order.len()).rev() {
+                let j = (next() % (i as u64 + 1)) as usize;
+                order.swap(i, j);
+            }
+            for &id in &order[..count] {
+                failing[id] = true;
+            }
+        }
+        Ok(Self {
+            ids,
+            unique,
+            failing,
+        })
     }
 
     pub fn published(&self) -> u64 {
         self.ids.len() as u64
+    }
+
+    /// Whether `id` is one of the always-failing ids.
+    pub fn fails(&self, id: u32) -> bool {
+        self.failing.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// Published messages (copies included) whose id does not fail.
+    pub fn healthy_published(&self) -> u64 {
+        self.ids.iter().filter(|id| !self.fails(**id)).count() as u64
+    }
+
+    /// Distinct ids that do not fail.
+    pub fn healthy_unique(&self) -> u64 {
+        self.failing.iter().filter(|fails| !**fails).count() as u64
     }
 }
 
@@ -46,4 +82,23 @@ impl Plan {
 pub fn body(id: u32, size: usize) -> Vec<u8> {
     let seed = id.to_le_bytes();
     (0..size).map(|i| seed[i % 4] ^ (i as u8)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_of_the_ids_fails_the_same_in_every_plan() {
+        let plan = Plan::new(1000, 0.1, 0.1).unwrap();
+        let failing = plan.failing.iter().filter(|f| **f).count();
+        assert_eq!(failing, 90, "10% of the 900 unique ids");
+        assert_eq!(plan.healthy_unique(), 810);
+        let copies = plan.ids.iter().filter(|id| plan.fails(**id)).count() as u64;
+        assert_eq!(plan.healthy_published(), 1000 - copies);
+        let again = Plan::new(1000, 0.1, 0.1).unwrap();
+        assert_eq!(plan.failing, again.failing);
+        assert_eq!(plan.ids, Plan::new(1000, 0.1, 0.0).unwrap().ids);
+        assert!(!Plan::new(1000, 0.1, 0.0).unwrap().failing.contains(&true));
+    }
 }

@@ -22,6 +22,9 @@ pub struct Row {
     pub consumer_cpu_us_per_msg: Option<f64>,
     pub redis_cpu_us_per_msg: Option<f64>,
     pub broker_cpu_us_per_msg: Option<f64>,
+    /// `ours_hold` and `ours_broker`: messages whose id does not fail, per
+    /// second from the first handler run to the last one's ack.
+    pub healthy_msgs_per_s: Option<f64>,
     pub ok: bool,
 }
 
@@ -85,6 +88,23 @@ pub fn report(
         .iter()
         .map(|c| u64::from(c.load(Ordering::Relaxed)))
         .sum();
+    // The variants that fail the `--failing` ids are held to the rest:
+    // each healthy id once; each failing delivery parked.
+    let fails = variant.retry().is_some();
+    let healthy = |id: usize| !fails || !ctx.plan.fails(id as u32);
+    let healthy_executions: u64 = stats
+        .executions
+        .iter()
+        .enumerate()
+        .filter(|(id, _)| healthy(*id))
+        .map(|(_, c)| u64::from(c.load(Ordering::Relaxed)))
+        .sum();
+    let (healthy_published, healthy_unique) = if fails {
+        (ctx.plan.healthy_published(), ctx.plan.healthy_unique())
+    } else {
+        (published, unique)
+    };
+    let parked = stats.parked.load(Ordering::Relaxed);
     let processed = stats
         .executions
         .iter()
@@ -105,19 +125,26 @@ pub fn report(
         ));
     }
     let expected_executions = if variant.deduplicates() {
-        unique
+        healthy_unique
     } else {
-        published
+        healthy_published
     };
-    if executions != expected_executions {
+    if healthy_executions != expected_executions {
         problems.push(format!(
-            "{executions} executions, expected {expected_executions}"
+            "{healthy_executions} executions{}, expected {expected_executions}",
+            if fails { " of healthy ids" } else { "" }
         ));
     }
-    if duplicates != published - unique {
+    if duplicates != healthy_published - healthy_unique {
         problems.push(format!(
             "{duplicates} duplicates, expected {}",
-            published - unique
+            healthy_published - healthy_unique
+        ));
+    }
+    if fails && parked != published - healthy_published {
+        problems.push(format!(
+            "{parked} failing messages parked, expected {}",
+            published - healthy_published
         ));
     }
     if errors > 0 {
@@ -153,7 +180,15 @@ pub fn report(
         consumer_cpu_us_per_msg: measured.cpu_us.map(per_msg),
         redis_cpu_us_per_msg: server_cpu.redis_us.map(per_msg),
         broker_cpu_us_per_msg: server_cpu.broker_us.map(per_msg),
+        healthy_msgs_per_s: if fails { stats.healthy_rate() } else { None },
         ok: problems.is_empty(),
+    };
+    let counted = |n: &std::sync::atomic::AtomicU64| {
+        if fails {
+            Json::Int(n.load(Ordering::Relaxed))
+        } else {
+            Json::Null
+        }
     };
     let line = json_object(&[
         ("variant", Json::Str(variant.name().into())),
@@ -195,6 +230,10 @@ pub fn report(
             Json::Int(stats.requeued.load(Ordering::Relaxed)),
         ),
         ("elapsed_s", Json::num(secs, 3)),
+        ("healthy_msgs_per_s", Json::opt(row.healthy_msgs_per_s, 1)),
+        ("parked", counted(&stats.parked)),
+        ("retries", counted(&stats.retries)),
+        ("retried_via_broker", counted(&stats.retried_via_broker)),
         (
             "outgoing_received",
             outgoing.map_or(Json::Null, |o| Json::Int(o.received)),
@@ -335,6 +374,30 @@ pub fn summary(options: &Options, rows: &[Row], facts: &RunFacts) -> String {
         (
             "outbox_redis_roundtrips_per_msg",
             Json::opt(med(Variant::OursOutbox, |r| Some(r.roundtrips_per_msg)), 3),
+        ),
+        ("failing", Json::num(options.failing, 4)),
+        (
+            "failing_retry_backoff",
+            if options.failing > 0.0 {
+                let (backoff, max) = crate::run::failing_schedule(options);
+                Json::Str(
+                    harness::delay_queues::schedule(backoff, max)
+                        .into_iter()
+                        .map(harness::delay_queues::format_delay)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+            } else {
+                Json::Null
+            },
+        ),
+        (
+            "healthy_msgs_per_sec_hold",
+            Json::opt(med(Variant::OursHold, |r| r.healthy_msgs_per_s), 1),
+        ),
+        (
+            "healthy_msgs_per_sec_broker",
+            Json::opt(med(Variant::OursBroker, |r| r.healthy_msgs_per_s), 1),
         ),
         ("ok", Json::Bool(rows.iter().all(|r| r.ok))),
     ])

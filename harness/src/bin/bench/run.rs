@@ -1,7 +1,11 @@
 //! One benchmark run: the connections every variant shares, then for each
 //! round and variant a fresh queue (and for ours_outbox a downstream queue),
 //! filled (or published to in open loop), drained and measured, and its
-//! queues and Redis keys deleted.
+//! queues and Redis keys deleted. A variant's queue has the same name in
+//! every round, so that the retry delay queues the runner declares for it
+//! (`{queue}.retry.<delay>`, durable quorum queues) are created once per
+//! run, and deleted at its end once empty, not right after their declare
+//! (which can crash RabbitMQ 3.10's at-least-once dead-lettering).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -52,9 +56,8 @@ pub struct Ctx {
 }
 
 pub async fn run_one(ctx: &mut Ctx, variant: Variant, round: u32) -> Result<(Row, String), String> {
-    let name = format!("{}-{}-r{round}", ctx.base, variant.name());
-    let queue = name.clone();
-    let key_prefix = name;
+    let queue = queue_name(ctx, variant);
+    let key_prefix = format!("{queue}-r{round}");
     // ours_outbox's handler publishes here through the outbox.
     let downstream = (variant == Variant::OursOutbox).then(|| format!("{queue}.downstream"));
     for declared in std::iter::once(&queue).chain(downstream.as_ref()) {
@@ -177,7 +180,11 @@ pub async fn measure(
     if ctx.options.open_loop_rate.is_none() {
         prefill(ctx, queue).await?;
     }
-    let stats = Arc::new(RunStats::new(&ctx.plan, ctx.options.handler_delay));
+    let stats = Arc::new(RunStats::new(
+        &ctx.plan,
+        ctx.options.handler_delay,
+        variant.retry().is_some(),
+    ));
     let (ready_tx, ready_rx) = oneshot::channel();
     let publisher = ctx.options.open_loop_rate.map(|rate| {
         tokio::spawn(publish_open_loop(
@@ -193,11 +200,13 @@ pub async fn measure(
     let redis_cpu_before = ctx.redis.cpu_s().await;
     let broker_cpu_before = broker_cpu_ticks();
     let drained = match variant {
-        Variant::Ours | Variant::OursOutbox => {
+        Variant::Ours | Variant::OursOutbox | Variant::OursHold | Variant::OursBroker => {
             let store = ctx.store.clone();
             let pipelines_before = store.round_trips();
-            let drained =
-                drain_ours(ctx, store, queue, key_prefix, downstream, &stats, ready_tx).await;
+            let drained = drain_ours(
+                ctx, variant, store, queue, key_prefix, downstream, &stats, ready_tx,
+            )
+            .await;
             // RedisStore sends the requests that wait together as one
             // pipeline: its own count of pipelines is the round-trip count
             // (the wrapper below counts requests).
@@ -207,7 +216,10 @@ pub async fn measure(
         }
         Variant::OursMemory => {
             let store = amqp_idempotency::store::MemoryStore::new();
-            drain_ours(ctx, store, queue, key_prefix, None, &stats, ready_tx).await
+            drain_ours(
+                ctx, variant, store, queue, key_prefix, None, &stats, ready_tx,
+            )
+            .await
         }
         _ => drain_plain(ctx, variant, queue, key_prefix, &stats, ready_tx).await,
     };
@@ -353,11 +365,65 @@ pub async fn pin(redis: &mut Servers) -> Result<Pinned, String> {
 
 pub const INTERRUPTED: &str = "interrupted";
 
+/// The queue a variant consumes, the same in every round.
+fn queue_name(ctx: &Ctx, variant: Variant) -> String {
+    format!("{}-{}", ctx.base, variant.name())
+}
+
+/// Deletes the retry delay queues the runner declared for the variants
+/// that ran it (the default schedule, 500ms doubling to 30s, for `ours`,
+/// `ours_outbox` and `ours_mem`, which retry through the broker by
+/// default; the `--failing` schedule for `ours_broker`), once empty.
+async fn remove_delay_queues(ctx: &Ctx, variants: &[Variant]) {
+    let default = Config::default();
+    let mut queues = Vec::new();
+    for &variant in variants.iter().filter(|v| v.serves()) {
+        let (backoff, max) = match variant.retry() {
+            Some(amqp_idempotency::RetryMode::Hold) => continue,
+            Some(amqp_idempotency::RetryMode::Broker) => failing_schedule(&ctx.options),
+            None => (default.retry_backoff(), default.retry_backoff_max()),
+        };
+        queues.extend(harness::delay_queues::names(
+            &queue_name(ctx, variant),
+            backoff,
+            max,
+        ));
+    }
+    let (deleted, left) = harness::delay_queues::remove(
+        &ctx.consume_conn,
+        &queues,
+        std::time::Instant::now(),
+        Duration::from_secs(60),
+    )
+    .await;
+    if deleted > 0 {
+        eprintln!("bench: deleted {deleted} retry delay queues");
+    }
+    for queue in left {
+        eprintln!("bench: retry delay queue left behind: {queue}");
+    }
+}
+
+/// The backoff of the variants that fail the `--failing` ids: `--failing-backoff-ms`
+/// doubling up to 8 times that.
+pub fn failing_schedule(options: &Options) -> (Duration, Duration) {
+    (
+        options.failing_backoff,
+        options
+            .failing_backoff
+            .saturating_mul(crate::options::FAILING_BACKOFF_CAP),
+    )
+}
+
 /// The whole run; `stop` turning true (Ctrl-C) ends it early, after
 /// cleaning up.
 pub async fn run(options: Options, stop: watch::Receiver<bool>) -> Result<bool, String> {
     epoch();
-    let plan = Arc::new(Plan::new(options.messages, options.duplicates)?);
+    let plan = Arc::new(Plan::new(
+        options.messages,
+        options.duplicates,
+        options.failing,
+    )?);
     let mut redis = Servers::connect(&options.redis_url, options.cluster_nodes.as_deref()).await?;
     let store = connect_store(&options).await?;
     let mut variants = options.variants.clone();
@@ -419,6 +485,15 @@ pub async fn run(options: Options, stop: watch::Receiver<bool>) -> Result<bool, 
         redis.kind(),
         if pinned.is_some() { ", pinned" } else { "" },
     );
+    if options.failing > 0.0 {
+        let (backoff, max) = failing_schedule(&options);
+        eprintln!(
+            "bench: --failing {}: {} of {} ids always fail in ours_hold and ours_broker (retry backoff {backoff:?} doubling to {max:?}, parked after 5 attempts)",
+            options.failing,
+            plan.failing.iter().filter(|f| **f).count(),
+            plan.unique,
+        );
+    }
     eprintln!(
         "bench: bytes per done record: writing {} records",
         crate::footprint::RECORDS
@@ -469,6 +544,7 @@ pub async fn run(options: Options, stop: watch::Receiver<bool>) -> Result<bool, 
     if let Some(pinned) = &mut pinned {
         pinned.restore();
     }
+    remove_delay_queues(&ctx, &variants).await;
     match ctx.redis.unlink_prefix(&ctx.base).await {
         Ok(0) => {}
         Ok(n) => eprintln!("bench: removed {n} leftover Redis keys"),

@@ -38,11 +38,45 @@ pub struct RunStats {
     pub errors: AtomicU64,
     /// Deliveries whose message id is not one of ours.
     pub foreign: AtomicU64,
+    /// Per id: whether this variant's handler fails it (`ours_hold` and
+    /// `ours_broker` with `--failing`); empty for the other variants.
+    pub failing: Vec<bool>,
+    /// Published messages whose id does not fail, and how many of them are
+    /// settled (acked) so far.
+    pub healthy_target: u64,
+    pub healthy_settled: AtomicU64,
+    /// When the first handler ran, and when the last healthy message was
+    /// settled ([`now_ns`]; 0: not yet).
+    pub first_call_ns: AtomicU64,
+    pub healthy_done_ns: AtomicU64,
+    /// Failing deliveries parked (dead-lettered) after their last attempt.
+    pub parked: AtomicU64,
+    /// `retry` outcomes: failed runs that will run again.
+    pub retries: AtomicU64,
+    /// Retry copies confirmed in a delay queue (the runner's `ServeReport::retried`).
+    pub retried_via_broker: AtomicU64,
 }
 
 impl RunStats {
-    pub fn new(plan: &Plan, handler_delay: Duration) -> Self {
+    /// `fails`: the variant's handler fails the plan's failing ids.
+    pub fn new(plan: &Plan, handler_delay: Duration, fails: bool) -> Self {
         Self {
+            failing: if fails {
+                plan.failing.clone()
+            } else {
+                Vec::new()
+            },
+            healthy_target: if fails {
+                plan.healthy_published()
+            } else {
+                plan.published()
+            },
+            healthy_settled: AtomicU64::new(0),
+            first_call_ns: AtomicU64::new(0),
+            healthy_done_ns: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            retried_via_broker: AtomicU64::new(0),
             executions: (0..plan.unique).map(|_| AtomicU32::new(0)).collect(),
             handler_delay,
             latencies_us: Mutex::new(Vec::with_capacity(plan.ids.len())),
@@ -61,6 +95,12 @@ impl RunStats {
     /// The handler every variant runs: sleep (if asked), then count one
     /// execution of the message id.
     pub async fn handle(&self, id: Option<u32>) {
+        let _ = self.first_call_ns.compare_exchange(
+            0,
+            now_ns().max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         if !self.handler_delay.is_zero() {
             tokio::time::sleep(self.handler_delay).await;
         }
@@ -77,6 +117,30 @@ impl RunStats {
     pub fn settle(&self, start_ns: u64) {
         self.record_latency(&[start_ns]);
         self.settled_n(1);
+    }
+
+    /// Whether this variant's handler fails `id`.
+    pub fn fails(&self, id: Option<u32>) -> bool {
+        id.and_then(|id| self.failing.get(id as usize).copied())
+            .unwrap_or(false)
+    }
+
+    /// A message whose id does not fail was acked: the healthy messages'
+    /// clock stops with the last one.
+    pub fn settle_healthy(&self) {
+        if self.healthy_settled.fetch_add(1, Ordering::AcqRel) + 1 == self.healthy_target {
+            self.healthy_done_ns.store(now_ns(), Ordering::Release);
+        }
+    }
+
+    /// Healthy messages per second: from the first handler run to the ack
+    /// of the last healthy message (startup, such as declaring the delay
+    /// queues, and the failing messages' tail are left out).
+    pub fn healthy_rate(&self) -> Option<f64> {
+        let first = self.first_call_ns.load(Ordering::Acquire);
+        let done = self.healthy_done_ns.load(Ordering::Acquire);
+        (first > 0 && done > first)
+            .then(|| self.healthy_target as f64 / ((done - first) as f64 / 1e9))
     }
 
     pub fn settle_many(&self, starts: &[u64]) {

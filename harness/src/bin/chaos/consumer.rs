@@ -30,7 +30,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tower::{Layer, Service, service_fn};
 
 use crate::ledger::{Ledger, now_us};
-use crate::messages::{ID_HEADER, chaos_id};
+use crate::messages::{ID_HEADER, chaos_id, transient_failures};
 use crate::rng::SplitMix;
 use crate::topology::Topology;
 
@@ -110,6 +110,7 @@ async fn run_consumer(queue: &str, ledger_path: &Path, outbox: bool) -> Result<(
         Ledger::open(ledger_path)
             .map_err(|err| format!("cannot open the ledger {}: {err}", ledger_path.display()))?,
     );
+    crate::retried::install(Arc::clone(&ledger), pid)?;
     let store = connect_store(&config).await?;
     let dir = Arc::new(
         ledger_path
@@ -285,14 +286,17 @@ async fn open_session(
 const SLOW_WORK: Duration = Duration::from_millis(1800);
 
 /// The business handler: 0-1ms of work, the effect (a ledger line), 0-1ms more.
-/// Poison messages `p<i>` always fail, retryably. `a<i>` aborts the process.
+/// Poison messages `p<i>` always fail, retryably. Transient ones `t<i>`
+/// fail, retryably, on their first one or two runs (counted with files
+/// `transient-t<i>-<k>` in the run directory, which survive kills), then
+/// behave like plain ones. `a<i>` aborts the process.
 /// The first run of `s<i>` spawns its work and waits for it past the
 /// handler timeout; later runs work at once. Each run of `s<i>` writes when
 /// its work began and ended (`work`), to show that no two overlap.
 ///
 /// With an outbox (`--outbox`), each run stages one outgoing message right
-/// after its effect; a poison message stages it too before it fails (a
-/// failed run must publish nothing), and the first run of `s<i>` stages it
+/// after its effect; a poison message, and a transient one on a failing
+/// run, stage it too before they fail (a failed run must publish nothing), and the first run of `s<i>` stages it
 /// after the layer gave up on the handler, which the outbox refuses.
 async fn handle(
     ledger: Arc<Ledger>,
@@ -334,6 +338,15 @@ async fn handle(
             .map_err(|err| HandlerError::retryable(format!("the work failed: {err}")))?;
     }
     tokio::time::sleep(Duration::from_micros(work.below(1001))).await;
+    if failing_run(dir, &id) {
+        if let Some(staging) = &staging {
+            staging.stage(&id)?;
+        }
+        ledger.append(&format!("fail {id} {pid} {nonce} {}", now_us()));
+        return Err(HandlerError::retryable(
+            "transient failure: this handler fails the first runs of t<i>",
+        ));
+    }
     if id.starts_with('p') {
         if let Some(staging) = &staging {
             staging.stage(&id)?;
@@ -353,6 +366,18 @@ async fn handle(
     // effect and the done mark that kills and pauses can hit.
     tokio::time::sleep(Duration::from_micros(work.below(1001))).await;
     Ok(())
+}
+
+/// Whether this run of a transient message `t<i>` fails: one of its first
+/// [`transient_failures`] runs, each taking a file of its own.
+fn failing_run(dir: &Path, id: &str) -> bool {
+    (0..transient_failures(id)).any(|k| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(format!("transient-{id}-{k}")))
+            .is_ok()
+    })
 }
 
 /// Wraps the idempotent service: `begin` when a delivery enters, `outcome`

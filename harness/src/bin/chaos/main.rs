@@ -17,13 +17,17 @@
 //!    through the proxies and run `serve_reconnecting` with the idempotency
 //!    layer (lease 2s, handler timeout 1500ms, prefetch 32, 4 attempts,
 //!    retry backoff 50ms..400ms, dead letters republished with their
-//!    `x-idempotency-*` headers). The handler works 0-1ms, performs its
-//!    effect (a ledger line), then works 0-1ms more.
+//!    `x-idempotency-*` headers, and retries as `--retry` says, see below).
+//!    The handler works 0-1ms, performs its effect (a ledger line), then
+//!    works 0-1ms more.
 //! 3. Publishes `--messages` unique messages (each with a `message_id`), a
 //!    `--duplicates` fraction of them a second time (same `message_id`, same
 //!    body; half of the copies right after their original, half anywhere),
 //!    `--poison` messages (the handler always fails them, retryable, so they
-//!    are dead-lettered after the last attempt) and `--no-fingerprint`
+//!    are dead-lettered after the last attempt), `--transient` messages
+//!    `t<i>` (the handler fails them, retryable, on their first run, or
+//!    their first two for odd `i`, then they behave like plain ones: each
+//!    must take effect exactly once) and `--no-fingerprint`
 //!    messages (no `message_id`, empty body: dead-lettered by the default
 //!    policy), shuffled. Half of them go out evenly over about one round of
 //!    faults (or `N / --rate` seconds if longer), the other half in bursts
@@ -56,11 +60,31 @@
 //!
 //!    With `--failover`, a different Redis and one more fault (see below).
 //!    With `--outbox`, the handlers also publish through the outbox (see below).
+//!    Every kind of fault runs under either `--retry` mode.
 //! 5. Stops injecting once everything is published, every enabled fault
 //!    happened at least once and every message is accounted for; waits for
-//!    the queue to drain (no ready message, no handler in flight, nothing
-//!    written to the ledger for a few seconds); stops the consumers with
-//!    SIGTERM; reads the dead-letter queue; deletes the queues.
+//!    the queue to drain (no ready message, none waiting in a delay queue,
+//!    no handler in flight, nothing written to the ledger for a few
+//!    seconds); stops the consumers with SIGTERM; reads the dead-letter
+//!    queue; deletes the queues (the delay queues once they are empty, at
+//!    least 5s after the consumers stopped: RabbitMQ 3.10 can crash its
+//!    at-least-once dead-lettering supervisor when such a quorum queue is
+//!    deleted right after it was declared).
+//!
+//! # `--retry broker|hold`: where a failed message waits
+//!
+//! The consumers get `IDEMPOTENCY_RETRY` set to the mode (default
+//! `broker`). With `broker`, the runner of each consumer declares the delay
+//! queues `{queue}.retry.50ms`, `.100ms`, `.200ms` and `.400ms` (quorum,
+//! dead-lettering back to the queue) and a retryable failure (a poison
+//! message, a transient one, a timed-out handler) is retried by a copy
+//! confirmed in the delay queue of its backoff step, the original acked
+//! only then; a copy that is not confirmed (an `amqp-cut`) leaves the
+//! original held and requeued. With `hold`, the consumer holds the delivery
+//! for the backoff, then requeues it. Each consumer counts its retries as
+//! they happen, from the library's `idempotency_retried_total{via}`
+//! metric, into the ledger (`retried` lines): a copy is counted once the
+//! broker confirmed it, and a `kill -9` loses no count.
 //!
 //! # `--failover`: a master, a replica and three sentinels
 //!
@@ -136,7 +160,8 @@
 //!
 //! Options (defaults in brackets): `--messages N` \[2000\], `--duplicates R`
 //! \[0.2\], `--consumers C` \[3\], `--seed S` \[1\], `--poison F` \[0.01\],
-//! `--no-fingerprint F` \[0.005\], `--faults LIST` \[kill,pause,redis-restart,
+//! `--transient F` \[0.02\], `--no-fingerprint F` \[0.005\],
+//! `--retry broker|hold` \[broker\], `--faults LIST` \[kill,pause,redis-restart,
 //! redis-cut,amqp-cut,redis-oom,redis-password,redis-readonly,handler-timeout,
 //! poison-abort; `none` for no faults\], `--fault-interval-ms MS`
 //! \[1500\], `--rate R` \[800 messages/s at most on average; 0 publishes
@@ -158,20 +183,22 @@
 //! Progress goes to stderr. The last line on stdout is one JSON object:
 //!
 //! ```text
-//! {"messages":N,"unique":U,"executions":E,"lost":L,"duplicate_effects":D,
+//! {"messages":N,"retry":"broker"|"hold","unique":U,"executions":E,"lost":L,"duplicate_effects":D,
 //!  "explained_duplicates":X,"unexplained_duplicates":Y,"dead_lettered":Q,
 //!  "faults":{"kills":..,"pauses":..,"redis_restarts":..,"redis_cuts":..,"amqp_cuts":..,
 //!            "redis_ooms":..,"redis_password_flips":..,"redis_readonly":..,
 //!            "handler_timeouts":..,"poison_aborts":..,"failovers":..},
 //!  "overlapping_runs":O,"plain_dead_lettered":P,"min_replicas":M,
-//!  "outgoing_expected":OE,"outgoing_distinct":OD,"outgoing_lost":OL}
+//!  "outgoing_expected":OE,"outgoing_distinct":OD,"outgoing_lost":OL,
+//!  "transient":T,"retried_through_broker":B}
 //! ```
 //!
-//! - `messages`: `--messages`; `unique`: distinct messages published (plain,
-//!   poison, fingerprint-less, and those of `handler-timeout` and
-//!   `poison-abort`; duplicates are extra copies of plain ones).
-//! - `executions`: handler runs (effects plus failed poison runs).
-//! - `lost`: plain, fingerprint-less and timed-out messages that neither
+//! - `messages`: `--messages`; `retry`: `--retry`; `unique`: distinct
+//!   messages published (plain, poison, transient, fingerprint-less, and
+//!   those of `handler-timeout` and `poison-abort`; duplicates are extra
+//!   copies of plain ones).
+//! - `executions`: handler runs (effects plus failed poison and transient runs).
+//! - `lost`: plain, transient, fingerprint-less and timed-out messages that neither
 //!   took effect nor reached the dead-letter queue, and aborting ones that
 //!   did not reach it. Must be 0.
 //! - `duplicate_effects`: effects beyond the first for the same message.
@@ -197,17 +224,23 @@
 //! - `overlapping_runs`: pairs of runs of one `handler-timeout` message
 //!   whose work overlapped in time (no kill or pause of their processes
 //!   explaining it). Must be 0.
-//! - `plain_dead_lettered`: plain messages found in the dead-letter queue.
+//! - `plain_dead_lettered`: plain (and transient) messages found in the dead-letter queue.
 //!   Must be 0, except for `crashed` ones when a `poison-abort` message was
 //!   published (a message in flight beside it can run out of attempts with
 //!   it); a store fault must never dead-letter one.
 //! - `min_replicas`: the consumers' `IDEMPOTENCY_MIN_REPLICAS`.
 //! - `outgoing_expected` (`--outbox`; `null` without it, like the next two):
-//!   plain and `s<i>` messages not dead-lettered, whose handler succeeded
+//!   plain, transient and `s<i>` messages not dead-lettered, whose handler succeeded
 //!   and so must have sent one outgoing message.
 //! - `outgoing_distinct`: distinct `message_id`s found downstream. Must
 //!   equal `outgoing_expected`.
 //! - `outgoing_lost`: expected `message_id`s never found downstream. Must be 0.
+//! - `transient`: transient messages `t<i>` published.
+//! - `retried_through_broker`: retry copies the broker confirmed in a delay
+//!   queue (each one's original then acked), summed over every consumer
+//!   process, killed ones included (the `retried ... broker` ledger lines);
+//!   0 with `--retry hold`. Progress also shows the deliveries held, then
+//!   requeued (with `broker`: those whose copy was not confirmed).
 //!
 //! Exit status: 0 when `lost`, `unexplained_duplicates`, `overlapping_runs`
 //! and unexplained plain dead letters are 0 (and, with `--outbox`,
@@ -228,7 +261,7 @@
 //! ```text
 //! begin   <id> <pid> <nonce> <t>          the delivery entered the idempotent service
 //! effect  <id> <pid> <nonce> <t>          the handler performed its effect
-//! fail    <id> <pid> <nonce> <t>          the handler failed a poison message
+//! fail    <id> <pid> <nonce> <t>          the handler failed a poison or transient message
 //! abort   <id> <pid> <nonce> <t>          the handler is about to abort its process
 //! work    <id> <pid> <nonce> <t0> <t1>    when a run of an `s<i>` message worked
 //! outcome <id> <pid> <nonce> <t> <kind>   the layer returned (processed, duplicate, lease_lost, ...)
@@ -238,6 +271,7 @@
 //! failover <killed> <promoted> <rejoined> <old port> <new port> [unplanned]
 //!                                         `unplanned`: the sentinels started it on their own
 //! inject <id> <t>                         a fault published `s<i>` or `a<i>`
+//! retried <pid> <via> <t>                 a retry: `broker` (copy confirmed) or `hold`
 //! ```
 //!
 //! The nonce is shared by the wrapper that writes `begin`/`outcome` and the
@@ -255,13 +289,14 @@
 //! - [`topology`]: the queues, and the dead letters (and with `--outbox`
 //!   the downstream messages) at the end;
 //! - [`ledger`]: the ledger, written; [`tally`]: the ledger, read back;
+//! - [`retried`]: the consumers' retry counts, into the ledger;
 //! - [`classify`]: duplicate effects, explained or not (and `--analyse`);
 //! - [`report`]: progress lines, the numbers and the JSON line;
 //! - [`rng`]: the seeded PRNG.
 //!
 //! The redis-server on a free port, the master, replica and sentinels of
-//! `--failover`, the TCP proxies and the AMQP URL helpers come from the
-//! `harness` library.
+//! `--failover`, the TCP proxies, the AMQP URL helpers and the delay
+//! queues' names and removal come from the `harness` library.
 
 mod classify;
 mod consumer;
@@ -271,6 +306,7 @@ mod messages;
 mod options;
 mod orchestrate;
 mod report;
+mod retried;
 mod rng;
 mod supervisor;
 mod tally;
@@ -284,7 +320,7 @@ use crate::options::parse_options;
 use crate::orchestrate::orchestrate;
 
 const USAGE: &str = "usage: chaos [--messages N] [--duplicates R] [--consumers C] [--seed S]
-             [--poison F] [--no-fingerprint F]
+             [--poison F] [--transient F] [--no-fingerprint F] [--retry broker|hold]
              [--faults kill,pause,redis-restart,redis-cut,amqp-cut,redis-oom,redis-password,
                        redis-readonly,handler-timeout,poison-abort|none]
              [--fault-interval-ms MS] [--rate R] [--timeout-secs S] [--keep] [--outbox]

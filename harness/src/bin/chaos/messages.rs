@@ -78,11 +78,14 @@ impl Publication {
     }
 }
 
-/// What is published: plain `m<i>`, poison `p<i>`, fingerprint-less `n<i>`.
+/// What is published: plain `m<i>`, poison `p<i>`, transiently failing
+/// `t<i>`, fingerprint-less `n<i>`.
 pub struct Plan {
     pub publications: Vec<Publication>,
     pub plain: Vec<String>,
     pub poison: Vec<String>,
+    /// Their handler fails on the first [`transient_failures`] runs, then succeeds.
+    pub transient: Vec<String>,
     pub no_fingerprint: Vec<String>,
     pub duplicates: usize,
 }
@@ -95,6 +98,9 @@ impl Plan {
         let poison: Vec<String> = (0..count(options.poison))
             .map(|i| format!("p{i}"))
             .collect();
+        let transient: Vec<String> = (0..count(options.transient))
+            .map(|i| format!("t{i}"))
+            .collect();
         let no_fingerprint: Vec<String> = (0..count(options.no_fingerprint))
             .map(|i| format!("n{i}"))
             .collect();
@@ -102,7 +108,8 @@ impl Plan {
             format!("{{\"id\":\"{id}\",\"amount\":{}}}", rng.below(100_000)).into_bytes()
         };
         let mut publications = Vec::new();
-        for id in plain.iter().chain(&poison) {
+        // Plain messages first: the duplicates below are picked by index.
+        for id in plain.iter().chain(&poison).chain(&transient) {
             publications.push(Publication {
                 id: id.clone(),
                 body: body(id, rng),
@@ -143,14 +150,24 @@ impl Plan {
             publications,
             plain,
             poison,
+            transient,
             no_fingerprint,
             duplicates,
         }
     }
 
     pub fn unique(&self) -> usize {
-        self.plain.len() + self.poison.len() + self.no_fingerprint.len()
+        self.plain.len() + self.poison.len() + self.transient.len() + self.no_fingerprint.len()
     }
+}
+
+/// How many times the handler fails a transient message `t<i>` before it
+/// succeeds: 1 for even `i`, 2 for odd `i` (0 for any other id). Below
+/// the consumers' 4 attempts, with room for a crash or a timeout besides.
+pub fn transient_failures(id: &str) -> u32 {
+    id.strip_prefix('t')
+        .and_then(|n| n.parse::<u64>().ok())
+        .map_or(0, |n| 1 + u32::from(n % 2 == 1))
 }
 
 /// Publishes the plan in order, with confirms, as far as `allowance` allows.
@@ -318,5 +335,18 @@ impl Injected {
         } else {
             Err(format!("the broker nacked {id}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_messages_fail_once_or_twice() {
+        assert_eq!(transient_failures("t0"), 1);
+        assert_eq!(transient_failures("t7"), 2);
+        assert_eq!(transient_failures("m7"), 0);
+        assert_eq!(transient_failures("t"), 0);
     }
 }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use amqp_idempotency::RetryMode;
+
 use crate::faults::Fault;
 
 #[derive(Clone, Debug)]
@@ -13,6 +15,11 @@ pub struct Options {
     pub seed: u64,
     pub poison: f64,
     pub no_fingerprint: f64,
+    /// Messages `t<i>` whose handler fails (retryably) on its first one or
+    /// two runs, then succeeds.
+    pub transient: f64,
+    /// How the consumers retry a retryable failure (`IDEMPOTENCY_RETRY`).
+    pub retry: RetryMode,
     pub faults: Vec<Fault>,
     pub fault_interval: Duration,
     pub rate: usize,
@@ -42,6 +49,8 @@ impl Default for Options {
             seed: 1,
             poison: 0.01,
             no_fingerprint: 0.005,
+            transient: 0.02,
+            retry: RetryMode::Broker,
             faults: Fault::SINGLE.to_vec(),
             fault_interval: Duration::from_millis(1500),
             rate: 800,
@@ -87,6 +96,8 @@ pub fn parse_options(argv: &[String]) -> Result<Option<Options>, String> {
             "--duplicates" => options.duplicates = parse_fraction(name, &value()?)?,
             "--poison" => options.poison = parse_fraction(name, &value()?)?,
             "--no-fingerprint" => options.no_fingerprint = parse_fraction(name, &value()?)?,
+            "--transient" => options.transient = parse_fraction(name, &value()?)?,
+            "--retry" => options.retry = parse_retry(&value()?)?,
             "--faults" => faults = Some(parse_faults(&value()?)?),
             "--fault-interval-ms" => {
                 let ms = parse_int(name, &value()?, 10)?;
@@ -145,6 +156,22 @@ pub fn parse_options(argv: &[String]) -> Result<Option<Options>, String> {
         }
     }
     Ok(Some(options))
+}
+
+pub fn parse_retry(text: &str) -> Result<RetryMode, String> {
+    match text.trim() {
+        "broker" => Ok(RetryMode::Broker),
+        "hold" => Ok(RetryMode::Hold),
+        other => Err(format!("--retry: `{other}` is neither `broker` nor `hold`")),
+    }
+}
+
+/// The value of `IDEMPOTENCY_RETRY` for `mode`.
+pub fn retry_name(mode: RetryMode) -> &'static str {
+    match mode {
+        RetryMode::Hold => "hold",
+        RetryMode::Broker => "broker",
+    }
 }
 
 pub fn parse_int(name: &str, text: &str, min: usize) -> Result<usize, String> {

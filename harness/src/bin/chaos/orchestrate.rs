@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use amqp_idempotency::{Config, parse_duration};
+use amqp_idempotency::{Config, RetryMode, parse_duration};
 use harness::amqp::split_amqp_url;
+use harness::delay_queues;
 use harness::env::{DEFAULT_AMQP_URL, env_or};
 use harness::proxy::Proxy;
 use harness::redis_server::RedisServer;
@@ -20,7 +21,7 @@ use tokio::sync::watch;
 use crate::faults::{FAILOVER_ESTIMATE, Fault, Injector, PAUSE_BEYOND_LEASE, RedisSide};
 use crate::ledger::{Ledger, now_us};
 use crate::messages::{Injected, Pacer, Plan, publish_all};
-use crate::options::Options;
+use crate::options::{Options, retry_name};
 use crate::report::{Clock, Findings, conclude};
 use crate::rng::SplitMix;
 use crate::supervisor::{CONSUMER_ENV, Consumers};
@@ -109,6 +110,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     env.push(("REDIS_URL".into(), redis_url));
+    env.push(("IDEMPOTENCY_RETRY".into(), retry_name(options.retry).into()));
     env.push((
         "IDEMPOTENCY_MIN_REPLICAS".into(),
         options.min_replicas.to_string(),
@@ -130,6 +132,16 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             .unwrap_or_default()
     };
     let pause = config.lease_ttl() + PAUSE_BEYOND_LEASE;
+    // With `--retry broker`, the delay queues the consumers' runners
+    // declare: watched while draining, deleted at the end.
+    let delay_queues = match options.retry {
+        RetryMode::Broker => delay_queues::names(
+            &topology.queue,
+            config.retry_backoff(),
+            config.retry_backoff_max(),
+        ),
+        RetryMode::Hold => Vec::new(),
+    };
     // Longer than anything a consumer may hold a delivery without a ledger line.
     let quiet = setting("IDEMPOTENCY_IN_PROGRESS_WAIT")
         + setting("IDEMPOTENCY_RETRY_BACKOFF_MAX")
@@ -140,13 +152,18 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
     let unique = plan.unique();
     let total = plan.publications.len();
     clock.say(format!(
-        "publishing {total} messages to {}: {} plain, {} duplicates, {} poison, {} without fingerprint; {} consumers{}; faults: {}",
+        "publishing {total} messages to {}: {} plain, {} duplicates, {} poison, {} transient, {} without fingerprint; {} consumers, retries {}{}; faults: {}",
         topology.queue,
         plan.plain.len(),
         plan.duplicates,
         plan.poison.len(),
+        plan.transient.len(),
         plan.no_fingerprint.len(),
         options.consumers,
+        match options.retry {
+            RetryMode::Broker => format!("through the delay queues {}", delay_queues.join(", ")),
+            RetryMode::Hold => "held in the consumers (hold)".to_owned(),
+        },
         match &topology.downstream {
             Some(queue) => format!(", each handler staging one message for {queue} in the outbox"),
             None => String::new(),
@@ -313,8 +330,9 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             let ready = ready_count(&admin, &topology.queue)
                 .await
                 .map_or_else(|err| format!("? ({err})"), |n| n.to_string());
+            let delayed = delay_queues::waiting_in_all(&connection, &delay_queues).await;
             clock.say(format!(
-                "published {}/{total}, effects {}, accounted {}/{}, ready {ready}, in flight {}; faults: {}",
+                "published {}/{total}, effects {}, accounted {}/{}, ready {ready}, delayed {delayed}, in flight {}; faults: {}",
                 published.load(Ordering::SeqCst),
                 tally.effect_lines,
                 tally.accounted.len(),
@@ -402,7 +420,10 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             consumers.spawn(slot)?;
         }
         let ready = ready_count(&admin, &topology.queue).await.ok();
+        // Copies waiting out their backoff come back to the queue.
+        let delayed = delay_queues::waiting_in_all(&connection, &delay_queues).await;
         let settled = ready == Some(0)
+            && delayed == 0
             && !redis.failing_over()
             && tally.in_flight() == 0
             && tally.accounted.len() >= unique + injected.count()
@@ -421,7 +442,7 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         if last_progress.elapsed() >= Duration::from_secs(2) {
             last_progress = Instant::now();
             clock.say(format!(
-                "draining: ready {}, in flight {}, accounted {}/{}",
+                "draining: ready {}, delayed {delayed}, in flight {}, accounted {}/{}",
                 ready.map_or_else(|| "?".to_owned(), |n| n.to_string()),
                 tally.in_flight(),
                 tally.accounted.len(),
@@ -446,8 +467,10 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
             log.display()
         ));
     }
+    let stopped = Instant::now();
     tally.tail()?;
-    let left = ready_count(&admin, &topology.queue).await.unwrap_or(0);
+    let left = ready_count(&admin, &topology.queue).await.unwrap_or(0)
+        + delay_queues::waiting_in_all(&connection, &delay_queues).await;
     let dead = read_dead_letters(&admin, &topology.dead)
         .await
         .map_err(|err| format!("cannot read the dead-letter queue: {err}"))?;
@@ -460,6 +483,14 @@ pub async fn orchestrate(options: Options) -> Result<bool, String> {
         None => None,
     };
     topology.delete(&admin).await;
+    // Only once they are empty and a while after the consumers' last
+    // declare: RabbitMQ 3.10 can crash its at-least-once dead-lettering
+    // supervisor when such a quorum queue is deleted right after it was declared.
+    let (_, kept) =
+        delay_queues::remove(&connection, &delay_queues, stopped, Duration::from_secs(30)).await;
+    for queue in kept {
+        clock.say(format!("WARNING: delay queue left behind: {queue}"));
+    }
     let _ = connection.close(200, "OK".into()).await;
     drop(amqp_proxy);
     redis.kill();

@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::classify::classify_duplicates;
 use crate::faults::Fault;
 use crate::messages::{Injected, Plan};
-use crate::options::Options;
+use crate::options::{Options, retry_name};
 use crate::tally::Tally;
 use crate::topology::{DeadLetters, Downstream};
 
@@ -75,6 +75,7 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
     for id in plan
         .plain
         .iter()
+        .chain(&plan.transient)
         .chain(&plan.no_fingerprint)
         .chain(&injected.slow)
     {
@@ -96,6 +97,7 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
     let plain_dead: Vec<&String> = plan
         .plain
         .iter()
+        .chain(&plan.transient)
         .chain(&injected.slow)
         .filter(|id| dead.ids.contains_key(*id))
         .collect();
@@ -118,11 +120,20 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         let must_succeed = plan
             .plain
             .iter()
+            .chain(&plan.transient)
             .chain(&injected.slow)
             .filter(|id| !dead.ids.contains_key(*id));
         Outgoing::count(downstream, scope, must_succeed)
     });
     let executions = tally.effect_lines + tally.fail_lines;
+    let retried = |via: &str| tally.retried.get(via).copied().unwrap_or(0);
+    let retried_through_broker = retried("broker");
+    // Transient messages that took effect, and how many of them failed first.
+    let transient_done = plan
+        .transient
+        .iter()
+        .filter(|id| tally.effects.contains_key(*id))
+        .count();
 
     clock.say(format!(
         "ledger: {} consumer processes, {} effects, {} poison failures, outcomes {:?}, {} unreadable lines",
@@ -141,6 +152,17 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         plain_dead.len(),
         dead.outcomes
     ));
+    clock.say(format!(
+        "retries ({}): {retried_through_broker} copies confirmed in the delay queues, {} deliveries held then requeued; transient messages: {transient_done} of {} took effect",
+        retry_name(options.retry),
+        retried("hold"),
+        plan.transient.len(),
+    ));
+    if options.retry == amqp_idempotency::RetryMode::Hold && retried_through_broker > 0 {
+        clock.say(format!(
+            "WARNING: {retried_through_broker} retry copies went through the broker although the consumers hold"
+        ));
+    }
     if left > 0 {
         clock.say(format!(
             "WARNING: {left} messages were left in the queue after the consumers stopped"
@@ -260,8 +282,9 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
             .map_or_else(|| "null".to_owned(), |o| field(o).to_string())
     };
     println!(
-        "{{\"messages\":{},\"unique\":{unique},\"executions\":{executions},\"lost\":{},\"duplicate_effects\":{},\"explained_duplicates\":{},\"unexplained_duplicates\":{},\"dead_lettered\":{},\"faults\":{{{faults}}},\"overlapping_runs\":{},\"plain_dead_lettered\":{},\"min_replicas\":{},\"outgoing_expected\":{},\"outgoing_distinct\":{},\"outgoing_lost\":{}}}",
+        "{{\"messages\":{},\"retry\":\"{}\",\"unique\":{unique},\"executions\":{executions},\"lost\":{},\"duplicate_effects\":{},\"explained_duplicates\":{},\"unexplained_duplicates\":{},\"dead_lettered\":{},\"faults\":{{{faults}}},\"overlapping_runs\":{},\"plain_dead_lettered\":{},\"min_replicas\":{},\"outgoing_expected\":{},\"outgoing_distinct\":{},\"outgoing_lost\":{},\"transient\":{},\"retried_through_broker\":{retried_through_broker}}}",
         options.messages,
+        retry_name(options.retry),
         lost_ids.len(),
         duplicates.total,
         duplicates.explained,
@@ -273,6 +296,7 @@ pub fn conclude(findings: Findings<'_>, clock: &Clock) -> bool {
         count(|o| o.expected),
         count(|o| o.distinct),
         count(|o| o.lost.len()),
+        plan.transient.len(),
     );
     passed
 }

@@ -53,6 +53,9 @@ pub struct Tally {
     /// When each run of an `s<i>` message worked: (execution, from, to).
     pub work: HashMap<String, Vec<WorkRun>>,
     pub outcome_kinds: BTreeMap<String, u64>,
+    /// Retries the consumers' runners made, by `via` (`broker`: a retry
+    /// copy confirmed in a delay queue; `hold`: held, then requeued).
+    pub retried: BTreeMap<String, u64>,
     /// Messages whose fate is known: an effect, or a dead-letter outcome.
     pub accounted: HashSet<String>,
     /// `begin` lines without an outcome yet: (pid, nonce) -> time.
@@ -84,6 +87,7 @@ impl Tally {
             abort_lines: 0,
             work: HashMap::new(),
             outcome_kinds: BTreeMap::new(),
+            retried: BTreeMap::new(),
             accounted: HashSet::new(),
             open: HashMap::new(),
             killed: HashMap::new(),
@@ -155,7 +159,7 @@ impl Tally {
                         execution.effect = Some(at);
                         self.effect_lines += 1;
                         self.effects.entry(id.clone()).or_default().push(key);
-                        if id.starts_with('m') || id.starts_with('s') {
+                        if id.starts_with(['m', 's', 't']) {
                             self.accounted.insert(id);
                         }
                     }
@@ -171,6 +175,15 @@ impl Tally {
                         execution.outcome = Some((at, kind));
                     }
                 }
+            }
+            // `retried <pid> <via> <t>`
+            "retried" => {
+                pid(1)?;
+                num(3)?;
+                *self
+                    .retried
+                    .entry((*fields.get(2)?).to_owned())
+                    .or_default() += 1;
             }
             "start" => {
                 pid(1)?;

@@ -5,7 +5,8 @@
 //! - [`naive`]: a deadpool-redis connection per command;
 //! - `redis_floor` ([`floor`]): the two cheapest writes per message,
 //!   pipelined like ours, acked like `raw_multi`: the Redis CPU floor;
-//! - [`ours`]: the crate's runner and layer (`ours_outbox`: with an outbox).
+//! - [`ours`]: the crate's runner and layer (`ours_outbox`: with an
+//!   outbox; `ours_hold` and `ours_broker`: failing the `--failing` ids).
 
 pub mod floor;
 pub mod naive;
@@ -41,6 +42,13 @@ pub enum Variant {
     /// Diagnostic, only when asked for: ours over the in-process
     /// `MemoryStore`, to separate the runner and layer from Redis.
     OursMemory,
+    /// ours whose handler always fails the `--failing` ids (retryably),
+    /// retrying with `IDEMPOTENCY_RETRY=hold`: held in the consumer for
+    /// the backoff, then requeued.
+    OursHold,
+    /// The same with `IDEMPOTENCY_RETRY=broker`: a confirmed copy waits in
+    /// a delay queue.
+    OursBroker,
 }
 
 impl Variant {
@@ -53,14 +61,40 @@ impl Variant {
             Self::Ours => "ours",
             Self::OursOutbox => "ours_outbox",
             Self::OursMemory => "ours_mem",
+            Self::OursHold => "ours_hold",
+            Self::OursBroker => "ours_broker",
         }
+    }
+
+    /// How the variant retries the `--failing` ids, which its handler
+    /// fails; `None` for the variants that process them as usual.
+    pub fn retry(self) -> Option<amqp_idempotency::RetryMode> {
+        match self {
+            Self::OursHold => Some(amqp_idempotency::RetryMode::Hold),
+            Self::OursBroker => Some(amqp_idempotency::RetryMode::Broker),
+            _ => None,
+        }
+    }
+
+    /// Whether the variant runs the crate's runner (`serve`).
+    pub fn serves(self) -> bool {
+        matches!(
+            self,
+            Self::Ours | Self::OursOutbox | Self::OursMemory | Self::OursHold | Self::OursBroker
+        )
     }
 
     /// Whether the variant suppresses duplicates (raw runs every delivery).
     pub fn deduplicates(self) -> bool {
         matches!(
             self,
-            Self::Naive | Self::RedisFloor | Self::Ours | Self::OursOutbox | Self::OursMemory
+            Self::Naive
+                | Self::RedisFloor
+                | Self::Ours
+                | Self::OursOutbox
+                | Self::OursMemory
+                | Self::OursHold
+                | Self::OursBroker
         )
     }
 }
@@ -178,8 +212,12 @@ pub async fn drain_plain(
                         drop(slot);
                     });
                 }
-                Variant::Ours | Variant::OursOutbox | Variant::OursMemory => {
-                    unreachable!("ours runs through `serve`")
+                Variant::Ours
+                | Variant::OursOutbox
+                | Variant::OursMemory
+                | Variant::OursHold
+                | Variant::OursBroker => {
+                    return format!("{} runs through `serve`", variant.name());
                 }
             }
         }

@@ -1,8 +1,13 @@
-//! `ours` (and `ours_mem`, `ours_outbox`): the crate's [`serve`] runner and
-//! [`IdempotencyLayer`] with default settings, over a store wrapped to count
-//! calls, and a service wrapper that watches each [`Outcome`]. In
-//! `ours_outbox` the layer has an outbox ([`OutboxPublisher::connect`]) and
-//! the handler stages one message per delivery for a downstream queue.
+//! `ours` (and `ours_mem`, `ours_outbox`, `ours_hold`, `ours_broker`): the
+//! crate's [`serve`] runner and [`IdempotencyLayer`] with default settings,
+//! over a store wrapped to count calls, and a service wrapper that watches
+//! each [`Outcome`]. In `ours_outbox` the layer has an outbox
+//! ([`OutboxPublisher::connect`]) and the handler stages one message per
+//! delivery for a downstream queue. In `ours_hold` and `ours_broker` the
+//! handler fails the `--failing` ids (retryably) every time, so they are
+//! parked after `IDEMPOTENCY_MAX_ATTEMPTS` (5), and the runner retries them
+//! with `IDEMPOTENCY_RETRY=hold` or `broker` and a backoff of
+//! `--failing-backoff-ms` doubling up to 8 times that.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,9 +30,9 @@ use tokio::sync::oneshot;
 use tower::{Layer, Service, service_fn};
 
 use crate::meter::{Measured, Meter};
-use crate::run::Ctx;
+use crate::run::{Ctx, failing_schedule};
 use crate::stats::{RunStats, latency_start, message_id};
-use crate::variants::consume;
+use crate::variants::{Variant, consume};
 
 /// A store that counts calls to the four primitives (and the three of the
 /// outbox) and delegates them.
@@ -129,6 +134,7 @@ where
 
     fn call(&mut self, delivery: Delivery) -> Self::Future {
         let start = latency_start(&delivery);
+        let fails = self.stats.fails(message_id(&delivery));
         let stats = Arc::clone(&self.stats);
         let call = self.inner.call(delivery);
         Box::pin(async move {
@@ -139,13 +145,25 @@ where
                         OutcomeKind::Processed => {}
                         OutcomeKind::Duplicate => RunStats::count(&stats.duplicates),
                         OutcomeKind::InProgressElsewhere => {}
+                        // A failing id, failed: it comes back (from the
+                        // consumer's hold or a delay queue).
+                        OutcomeKind::Retry if fails => RunStats::count(&stats.retries),
+                        // A failing id after its last attempt: parked.
+                        OutcomeKind::AttemptsExhausted if fails => {
+                            RunStats::count(&stats.parked);
+                        }
                         other => {
                             eprintln!("bench: unexpected outcome {other} ({:?})", outcome.reason());
                             RunStats::count(&stats.errors);
                         }
                     }
                     match outcome.disposition() {
-                        Disposition::Ack => stats.settle(start),
+                        Disposition::Ack => {
+                            stats.settle(start);
+                            if !fails {
+                                stats.settle_healthy();
+                            }
+                        }
                         Disposition::Requeue { .. } => RunStats::count(&stats.requeued),
                         // Never comes back: counted as settled so the run ends (and fails).
                         Disposition::DeadLetter => stats.settled_n(1),
@@ -166,8 +184,10 @@ where
 /// With `downstream` (ours_outbox), the layer has an outbox on a connection
 /// of its own to the broker, and the handler stages one message (the
 /// incoming body, transient) for `downstream` through the default exchange.
+#[allow(clippy::too_many_arguments)]
 pub async fn drain_ours<S: Store>(
     ctx: &Ctx,
+    variant: Variant,
     store: S,
     queue: &str,
     key_prefix: &str,
@@ -175,10 +195,17 @@ pub async fn drain_ours<S: Store>(
     stats: &Arc<RunStats>,
     ready: oneshot::Sender<()>,
 ) -> Result<Measured, String> {
-    let config = Config::default()
+    let mut config = Config::default()
         .with_prefetch(ctx.options.prefetch)
         .with_key_prefix(key_prefix)
         .with_amqp_url(ctx.options.amqp_url.as_str());
+    if let Some(mode) = variant.retry() {
+        let (backoff, max) = failing_schedule(&ctx.options);
+        config = config
+            .with_retry(mode)
+            .with_retry_backoff(backoff)
+            .with_retry_backoff_max(max);
+    }
     let store = CountingStore {
         inner: store,
         stats: Arc::clone(stats),
@@ -188,6 +215,22 @@ pub async fn drain_ours<S: Store>(
     let handler_stats = Arc::clone(stats);
     match downstream {
         None => {
+            if variant.retry().is_some() {
+                // Fails the failing ids, every time.
+                let handler = service_fn(move |delivery: Delivery| {
+                    let stats = Arc::clone(&handler_stats);
+                    let id = message_id(&delivery);
+                    async move {
+                        stats.handle(id).await;
+                        if stats.fails(id) {
+                            return Err(HandlerError::retryable("--failing: this id always fails"));
+                        }
+                        Ok(())
+                    }
+                });
+                return serve_observed(ctx, layer.layer(handler), queue, &config, stats, ready)
+                    .await;
+            }
             let handler = service_fn(move |delivery: Delivery| {
                 let stats = Arc::clone(&handler_stats);
                 let id = message_id(&delivery);
@@ -196,7 +239,7 @@ pub async fn drain_ours<S: Store>(
                     Ok::<_, Infallible>(())
                 }
             });
-            serve_observed(ctx, layer.layer(handler), queue, stats, ready).await
+            serve_observed(ctx, layer.layer(handler), queue, &config, stats, ready).await
         }
         Some(downstream) => {
             let downstream: Arc<str> = downstream.into();
@@ -218,7 +261,7 @@ pub async fn drain_ours<S: Store>(
             let idempotent = layer
                 .with_outbox(OutboxPublisher::connect(&config))
                 .layer(handler);
-            serve_observed(ctx, idempotent, queue, stats, ready).await
+            serve_observed(ctx, idempotent, queue, &config, stats, ready).await
         }
     }
 }
@@ -229,6 +272,7 @@ async fn serve_observed<Svc>(
     ctx: &Ctx,
     idempotent: Svc,
     queue: &str,
+    config: &Config,
     stats: &Arc<RunStats>,
     ready: oneshot::Sender<()>,
 ) -> Result<Measured, String>
@@ -251,9 +295,11 @@ where
         }
     };
     let channel = new_channel(&ctx.consume_conn).await?;
-    // The runner parks dead letters (none here) in `{queue}.dead`, which it
-    // declares on this channel: the library's default, measured as is.
-    let options = ServeOptions::new()
+    // The runner parks dead letters (the failing ids, else none) in
+    // `{queue}.dead`, and retries through the delay queues
+    // `{queue}.retry.<delay>` (unless `hold`), which it declares on this
+    // channel: the library's defaults, measured as they are.
+    let options = ServeOptions::from_config(config)
         .concurrency(usize::from(ctx.options.prefetch))
         .shutdown_on(shutdown)
         .channel(channel.clone());
@@ -271,6 +317,9 @@ where
     // The runner counts the ack/nack/reject frames it sent (consecutive
     // acks share one `multiple` frame).
     stats.ack_calls.store(report.frames, Ordering::Relaxed);
+    stats
+        .retried_via_broker
+        .store(report.retried, Ordering::Relaxed);
     if report.unsettled + report.abandoned > 0 {
         stats
             .errors
