@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use amqp_idempotency::outbox::{OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::store::MemoryStore;
-use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, OutcomeKind, ServeOptions, serve};
+use amqp_idempotency::{
+    Config, HandlerError, IdempotencyLayer, OutcomeKind, RetryMode, ServeOptions, serve,
+};
 use common::{TestQueue, amqp, consume, declare_queue, redis_store};
 use lapin::message::{BasicGetMessage, Delivery};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
@@ -264,6 +266,7 @@ async fn what_we_publish_carries_the_delivery_spans_context() {
     let (consumer_channel, consumer) = consume(&consumer_connection, &queue.name, 8).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let options = ServeOptions::new()
+        .retry(RetryMode::Hold)
         .shutdown_on(async move {
             let _ = stopped.await;
         })

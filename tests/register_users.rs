@@ -142,6 +142,9 @@ fn run_example(scratch: &Scratch, extra: &[&str]) -> String {
         .env("REGISTER_DB", &scratch.db)
         // The done marks of these one-off queues need not stay for a day.
         .env("IDEMPOTENCY_DONE_TTL", "10m")
+        // Its queues are new on every run: no delay queues to leave behind
+        // (tests/retry.rs covers retries through the broker).
+        .env("IDEMPOTENCY_RETRY", "hold")
         .output()
         .unwrap_or_else(|err| panic!("cannot run `cargo {}`: {err}", args.join(" ")));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -261,6 +264,9 @@ fn the_metrics_endpoint_counts_what_happened() {
         .env("REGISTER_QUEUE", &scratch.queue)
         .env("REGISTER_DB", &scratch.db)
         .env("IDEMPOTENCY_DONE_TTL", "10m")
+        // Its queues are new on every run: no delay queues to leave behind
+        // (tests/retry.rs covers retries through the broker).
+        .env("IDEMPOTENCY_RETRY", "hold")
         .env("METRICS_PORT", port.to_string())
         .stdout(std::process::Stdio::piped())
         .spawn()

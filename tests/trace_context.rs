@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amqp_idempotency::outbox::{OutboxDelivery, OutboxPublisher};
-use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, ServeOptions, serve};
+use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, RetryMode, ServeOptions, serve};
 use common::{TestQueue, amqp, consume, declare_queue, eventually, redis_store};
 use lapin::message::{BasicGetMessage, Delivery};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
@@ -124,6 +124,7 @@ where
     let task = tokio::spawn(async move {
         let (channel, consumer) = consume(&connection, &queue, 8).await;
         let options = ServeOptions::new()
+            .retry(RetryMode::Hold)
             .concurrency(8)
             .shutdown_on(async move {
                 let _ = stopped.await;
