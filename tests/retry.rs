@@ -506,9 +506,8 @@ async fn a_message_routed_to_two_queues_is_retried_only_in_the_failing_one() {
 async fn a_delay_queue_with_other_arguments_stops_the_start() {
     let connection = amqp().await;
     let setup = connection.create_channel().await.unwrap();
-    let queue = declare_queue(&setup, "retry-inequivalent").await;
-    let delays = delay_queues(&queue.name, &["1s"]);
-    // A classic queue, never a runner's: deleting it is safe.
+    let (queue, delays) = fixed_queue(&connection, "inequivalent", &["1s"]).await;
+    // A classic queue, never a runner's; kept for the next run.
     // Somebody made `{queue}.retry.1s` as a classic queue without a TTL.
     setup
         .queue_declare(
