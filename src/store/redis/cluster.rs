@@ -20,9 +20,10 @@ use tokio::sync::{Mutex, mpsc};
 use super::connect::{client_for, tls_certificates};
 use super::errors::{Failure, breaks_connection, failure};
 use super::native::Cas;
+use super::pipeline::{Packed, alone};
 use super::replication::Replication;
-use super::scripts::LUA_SCRIPTS;
-use super::{MAX_BATCH, MAX_IN_FLIGHT, RedisStore, Request, Stats};
+use super::scripts::{Keys, LUA_SCRIPTS, transitions_call};
+use super::{Kind, MAX_BATCH, MAX_IN_FLIGHT, RedisStore, Request, Stats};
 use crate::batch::send_in_batches;
 use crate::error::{StoreError, redact_url};
 use crate::tls::{Side, TlsFiles};
@@ -338,7 +339,8 @@ pub(super) async fn send_cluster_batch(
     while sends.next().await.is_some() {}
 }
 
-/// One request through the cluster client's own routing.
+/// One request through the cluster client's own routing (a transition as
+/// a script call of its own, over its one key).
 pub(super) async fn send_alone(
     link: &ClusterLink,
     request: &Request,
@@ -346,7 +348,15 @@ pub(super) async fn send_alone(
 ) -> Result<Value, Failure> {
     stats.round_trips.fetch_add(1, Ordering::Relaxed);
     stats.commands.fetch_add(1, Ordering::Relaxed);
-    match link.query(&request.cmd, request.write).await {
+    let single;
+    let cmd = if request.kind == Kind::Transition {
+        single = transitions_call(std::iter::once(&request.cmd), Keys::Declared);
+        &single
+    } else {
+        &request.cmd
+    };
+    let write = request.kind != Kind::Read;
+    let answer = match link.query(cmd, write).await {
         Err(failure) if failure.noscript => {
             // A node restarted, or a new master after a failover: load the
             // script everywhere and try again.
@@ -355,14 +365,34 @@ pub(super) async fn send_alone(
                 load.arg("LOAD").arg(script);
                 link.query(&load, false).await?;
             }
-            link.query(&request.cmd, request.write).await
+            link.query(cmd, write).await
         }
         other => other,
+    }?;
+    if request.kind == Kind::Transition {
+        return alone(Ok(answer)).map_err(failure);
     }
+    Ok(answer)
+}
+
+/// True when `err` says the request did not run on that node because its
+/// key is served elsewhere now, or not at the moment (a reshard, a
+/// failover), or the node lost the script: alone, through the cluster
+/// client, it follows the redirection (or loads the script).
+fn redirected(err: &RedisError) -> bool {
+    if matches!(
+        err.code(),
+        Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY" | "NOSCRIPT")
+    ) {
+        return true;
+    }
+    // A key of the script call that this node does not serve (any more).
+    let text = err.to_string();
+    text.contains("non local key") || text.contains("cluster is down")
 }
 
 /// The requests whose keys `host:port` serves, as one pipeline on a plain
-/// connection to that master.
+/// connection to that master, their transitions as one script call.
 pub(super) async fn send_to_node(
     link: Arc<ClusterLink>,
     host: String,
@@ -370,15 +400,13 @@ pub(super) async fn send_to_node(
     requests: Vec<Request>,
     stats: Arc<Stats>,
 ) {
-    let mut pipe = redis::Pipeline::with_capacity(requests.len() + 1);
+    let packed = Packed::new(requests, Keys::Undeclared);
+    let mut pipe = redis::Pipeline::with_capacity(packed.len() + 1);
     pipe.ignore_errors();
-    for request in &requests {
-        pipe.add_command(request.cmd.clone());
+    for command in packed.commands() {
+        pipe.add_command(command.clone());
     }
-    let wait = link
-        .replication
-        .wait()
-        .filter(|_| requests.iter().any(|request| request.write));
+    let wait = link.replication.wait().filter(|_| packed.writes);
     if let Some(wait) = &wait {
         pipe.add_command(wait.clone());
     }
@@ -398,7 +426,7 @@ pub(super) async fn send_to_node(
             // forget it and the map, and let the client route each request.
             link.drop_direct(&host, port).await;
             link.forget_slots();
-            send_each_alone(&link, requests, &stats).await;
+            send_each_alone(&link, packed.into_requests().collect(), &stats).await;
             return;
         }
     };
@@ -409,31 +437,21 @@ pub(super) async fn send_to_node(
         None => None,
     };
     let mut moved = Vec::new();
-    for (request, answer) in requests.into_iter().zip(answers) {
-        let answer = match answer {
-            Err(err)
-                if matches!(
-                    err.code(),
-                    Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY" | "NOSCRIPT")
-                ) =>
-            {
-                // Not run here: the slot moved (a reshard, a failover), or
-                // the node lost the script. Alone, the client follows the
-                // redirection (or loads the script).
+    packed.answer(
+        answers,
+        shortfall.as_ref(),
+        |request, answer| match answer {
+            Err(err) if redirected(&err) => {
                 if err.code() != Some("NOSCRIPT") {
                     link.forget_slots();
                 }
                 moved.push(request);
-                continue;
             }
-            Err(err) => Err(failure(err)),
-            Ok(answer) => match &shortfall {
-                Some(short) if request.write => Err(short.clone()),
-                _ => Ok(answer),
-            },
-        };
-        let _ = request.reply.send(answer);
-    }
+            answer => {
+                let _ = request.reply.send(answer.map_err(failure));
+            }
+        },
+    );
     send_each_alone(&link, moved, &stats).await;
 }
 

@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError, Value};
-use tokio::sync::{Mutex, oneshot};
+use tokio::sync::Mutex;
 
 use super::connect::{client_for, host_of};
 use super::errors::{Failure, breaks_connection, failure, remedy};
 use super::native::Cas;
+use super::pipeline::Packed;
 use super::replication::Replication;
-use super::scripts::LUA_SCRIPTS;
+use super::scripts::{Keys, LUA_SCRIPTS};
 use super::{Request, Stats};
 use crate::config::SentinelUrl;
 use crate::tls::{self, Side, TlsFiles};
@@ -165,28 +166,23 @@ impl Link {
     }
 }
 
-/// Sends one batch as one pipeline and answers each request.
+/// Sends one batch as one pipeline (its transitions as one script call)
+/// and answers each request.
 pub(super) async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
-    let mut pipe = redis::Pipeline::with_capacity(batch.len() + 1);
+    let packed = Packed::new(batch, Keys::Declared);
+    let mut pipe = redis::Pipeline::with_capacity(packed.len() + 1);
     pipe.ignore_errors();
-    let mut replies = Vec::with_capacity(batch.len());
-    let mut writes = Vec::with_capacity(batch.len());
-    for request in batch {
-        pipe.add_command(request.cmd);
-        writes.push(request.write);
-        replies.push(request.reply);
+    for command in packed.commands() {
+        pipe.add_command(command.clone());
     }
     // One WAIT after the writes of the pipeline covers them all.
-    let wait = link
-        .replication
-        .wait()
-        .filter(|_| writes.iter().any(|write| *write));
+    let wait = link.replication.wait().filter(|_| packed.writes);
     if let Some(wait) = &wait {
         pipe.add_command(wait.clone());
     }
     let (generation, mut connection) = match link.get().await {
         Ok(connection) => connection,
-        Err(failure) => return answer_all(replies, &failure),
+        Err(failure) => return packed.fail(&failure),
     };
     stats.round_trips.fetch_add(1, Ordering::Relaxed);
     stats
@@ -194,7 +190,7 @@ pub(super) async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<
         .fetch_add(pipe.len() as u64, Ordering::Relaxed);
     let answers: Result<Vec<redis::RedisResult<Value>>, RedisError> =
         pipe.query_async(&mut connection).await;
-    let expected = replies.len() + usize::from(wait.is_some());
+    let expected = pipe.len();
     let mut answers = match answers {
         Ok(answers) if answers.len() == expected => answers,
         Ok(answers) => {
@@ -204,13 +200,13 @@ pub(super) async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<
                 expected
             ));
             link.discard(generation).await;
-            return answer_all(replies, &failure);
+            return packed.fail(&failure);
         }
         Err(err) => {
             if breaks_connection(&err) {
                 link.discard(generation).await;
             }
-            return answer_all(replies, &failure(err));
+            return packed.fail(&failure(err));
         }
     };
     if answers
@@ -302,19 +298,7 @@ pub(super) async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<
             .and_then(|waited| link.replication.shortfall(&waited)),
         None => None,
     };
-    for ((reply, answer), write) in replies.into_iter().zip(answers).zip(writes) {
-        let answer = match (answer, &shortfall) {
-            (Ok(_), Some(short)) if write => Err(short.clone()),
-            (answer, _) => answer.map_err(failure),
-        };
-        let _ = reply.send(answer);
-    }
-}
-
-pub(super) type Reply = oneshot::Sender<Result<Value, Failure>>;
-
-pub(super) fn answer_all(replies: Vec<Reply>, failure: &Failure) {
-    for reply in replies {
-        let _ = reply.send(Err(failure.clone()));
-    }
+    packed.answer(answers, shortfall.as_ref(), |request, answer| {
+        let _ = request.reply.send(answer.map_err(failure));
+    });
 }

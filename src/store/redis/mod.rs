@@ -25,6 +25,7 @@ mod connect;
 mod errors;
 mod link;
 mod native;
+mod pipeline;
 mod replication;
 mod scripts;
 mod sentinel;
@@ -113,12 +114,24 @@ struct Stats {
 
 /// One command on its way to the writer task, and where its answer goes.
 struct Request {
+    /// The command; for a transition, its part of the script call.
     cmd: Cmd,
     /// The cluster slot of its key (unused on a standalone server).
     slot: u16,
-    /// A write, which `WAIT` must see replicated (when asked to).
-    write: bool,
+    kind: Kind,
     reply: oneshot::Sender<Result<Value, Failure>>,
+}
+
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Reads only.
+    Read,
+    /// Writes, so `WAIT` must see it replicated (when asked to).
+    Write,
+    /// A token-checked transition by the script: the transitions that wait
+    /// together share one script call (see `pipeline`).
+    Transition,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -176,7 +189,7 @@ impl RedisStore {
         self.stats.commands.load(Ordering::Relaxed)
     }
 
-    async fn request(&self, key: &str, cmd: Cmd, write: bool) -> Result<Value, Failure> {
+    async fn request(&self, key: &str, cmd: Cmd, kind: Kind) -> Result<Value, Failure> {
         let slot = if self.cluster {
             crate::fingerprint::cluster_slot(key)
         } else {
@@ -192,7 +205,7 @@ impl RedisStore {
             .send(Request {
                 cmd,
                 slot,
-                write,
+                kind,
                 reply,
             })
             .map_err(|_| gone())?;
@@ -205,8 +218,12 @@ impl RedisStore {
         key: &str,
         cmd: Cmd,
     ) -> Result<Value, StoreError> {
-        let write = !matches!(operation, "get" | "outbox");
-        self.request(key, cmd, write).await.map_err(|failure| {
+        let kind = match operation {
+            "get" | "outbox" => Kind::Read,
+            "transition" => Kind::Transition,
+            _ => Kind::Write,
+        };
+        self.request(key, cmd, kind).await.map_err(|failure| {
             StoreError::new(operation, key, failure.unavailable, failure.message)
         })
     }
@@ -267,7 +284,7 @@ impl Store for RedisStore {
             .send(
                 "transition",
                 key,
-                scripts::transition_call(key, from, to, ttl),
+                scripts::transition_args(key, from, to, ttl),
             )
             .await?;
         Ok(parse::<i64>("transition", key, reply)? == 1)
