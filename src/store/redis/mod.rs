@@ -14,11 +14,14 @@
 //! ```
 //!
 //! The files: `connect` (building clients and the store), `link` (a
-//! standalone server's connection and pipelines), `cluster` (slot map and
-//! a pipeline per master), `sentinel` (asking where the master is),
-//! `replication` (`WAIT`), `native` (`SET ... IFEQ`), `scripts` (the Lua
-//! compare-and-set), `errors` (classification and remedies); here, the
-//! store and its [`Store`] primitives.
+//! standalone server's writer task, which owns its connection), `wire`
+//! (that connection: TCP or TLS, commands packed and replies parsed by
+//! redis-rs), `pipeline` (a batch as one pipeline, its transitions as one
+//! script call), `cluster` (slot map and a pipeline per master),
+//! `sentinel` (asking where the master is), `replication` (`WAIT`),
+//! `native` (`SET ... IFEQ`), `scripts` (the Lua compare-and-set),
+//! `errors` (classification and remedies); here, the store and its
+//! [`Store`] primitives.
 
 mod cluster;
 mod connect;
@@ -29,6 +32,7 @@ mod pipeline;
 mod replication;
 mod scripts;
 mod sentinel;
+mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -55,21 +59,25 @@ const MAX_IN_FLIGHT: usize = 4;
 /// A [`Store`] on Redis 7 or newer, Valkey, or Redis Cluster.
 ///
 /// **Standalone** ([`connect`](Self::connect), `REDIS_URL`): all clones
-/// share one multiplexed connection and one writer task. A connection that
-/// failed (dropped, timed out, refused our credentials) is replaced by a
-/// new one on the next request, whatever the error was, so the store
-/// recovers by itself once Redis is reachable and the credentials are
-/// right again. The writer task: requests issued while a pipeline is in
-/// flight are sent together as the next pipeline, so under load the claims
-/// of many deliveries and the done marks of earlier ones share a round
-/// trip. No timer is involved: a lone request is sent at once.
+/// share one writer task, which owns one connection: it writes the
+/// pipelines and reads their replies itself. A connection that failed
+/// (dropped, timed out, refused our credentials) is replaced by a new one
+/// for the next batch, whatever the error was, so the store recovers by
+/// itself once Redis is reachable and the credentials are right again.
+/// Requests issued while a pipeline is in flight are sent together as the
+/// next pipeline, so under load the claims of many deliveries and the done
+/// marks of earlier ones share a round trip, and their token-checked
+/// transitions share one script call. No timer is involved: a lone
+/// request is sent at once.
 ///
 /// **Cluster** ([`connect`](Self::connect) with `REDIS_CLUSTER_NODES`,
 /// or [`connect_cluster`](Self::connect_cluster)): the requests that wait together travel as one
 /// pipeline per master, found from the `CLUSTER SLOTS` map. A request
 /// redirected meanwhile (MOVED, ASK: a resharded slot, a failed-over
 /// master) is sent again alone through redis-rs's cluster client, which
-/// follows the redirection, and the map is learnt again. A request that
+/// follows the redirection, and the map is learnt again. The transitions
+/// of one pipeline to a master share one script call, which reaches the
+/// keys of every slot that master serves. A request that
 /// fails during a reshard or failover counts as unanswered and is retried
 /// like any other.
 ///
