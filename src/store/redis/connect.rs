@@ -27,11 +27,11 @@ use crate::tls::{self, Side, TlsFiles};
 impl RedisStore {
     /// Connects to the Redis that `config` names, with all of its Redis
     /// settings: a Redis Cluster when it has seed nodes
-    /// ([`Config::redis_cluster`], `REDIS_CLUSTER_NODES`), else its URL
+    /// ([`Config::redis_cluster_nodes`], `REDIS_CLUSTER_NODES`), else its URL
     /// ([`Config::redis_url`], `REDIS_URL`: a standalone server, or the
     /// master Sentinel names for `redis-sentinel://`); for `rediss://`, its
-    /// TLS files ([`Config::redis_tls`]: `REDIS_TLS_CA_FILE`,
-    /// `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE`); and the replicas each
+    /// TLS files ([`Config::redis_tls_ca_file`] and the other two:
+    /// `REDIS_TLS_CA_FILE`, `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE`); and the replicas each
     /// write must reach ([`Config::min_replicas`], `IDEMPOTENCY_MIN_REPLICAS`).
     ///
     /// ```no_run
@@ -112,7 +112,7 @@ impl RedisStore {
     /// which the client learns the rest; credentials in the first URL apply
     /// to every node, and `tls` as for [`connect`](Self::connect). Waits
     /// for no replica: [`connect`](Self::connect) with
-    /// [`Config::redis_cluster`] takes every setting.
+    /// [`Config::redis_cluster_nodes`] takes every setting.
     ///
     /// Fails when a URL is malformed, no node answers, or the cluster is
     /// not ready; the error names the nodes (passwords hidden).
@@ -155,7 +155,7 @@ impl RedisStore {
 }
 
 /// A client for `config`'s standalone Redis, with TLS for `rediss://` as
-/// [`Config::redis_tls`] says: for code of your own that talks to the same
+/// its `REDIS_TLS_*` files say: for code of your own that talks to the same
 /// Redis (a maintenance job, a test).
 ///
 /// ```no_run
