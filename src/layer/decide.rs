@@ -26,12 +26,14 @@ use crate::store::{OutboxEntry, Store, Token};
 
 /// What becomes of one delivery, from the body-size check to the outcome the
 /// runner settles it by. Rare paths are boxed where they are awaited, so
-/// that every delivery's future stays the size of the common one.
+/// that every delivery's future stays the size of the common one; the
+/// delivery comes boxed, so that the futures it passes through do not
+/// each hold a copy.
 pub(super) async fn decide<S, St, F, M>(
     dedup: &Deduplicator<St, F>,
     mode: &M,
     inner: S,
-    delivery: Delivery,
+    delivery: Box<Delivery>,
 ) -> Outcome
 where
     M: Mode,
@@ -98,7 +100,7 @@ where
     let mut guard = match begun {
         Ok(Begin::Process(guard)) => guard,
         Ok(Begin::Unprotected) => {
-            return Box::pin(run_unprotected(dedup, mode, inner, delivery, fingerprint)).await;
+            return Box::pin(run_unprotected(dedup, mode, inner, *delivery, fingerprint)).await;
         }
         Ok(Begin::Skip(Skip::Done)) => {
             return match (mode.publisher(), &fingerprint, &target) {
@@ -117,7 +119,7 @@ where
         Ok(Begin::Skip(skip)) => return skipped(config, skip),
         Err(err) if err.is_unavailable() => {
             tracing::warn!(error = %err, "store unusable; processing unprotected (fail-open)");
-            return Box::pin(run_unprotected(dedup, mode, inner, delivery, fingerprint)).await;
+            return Box::pin(run_unprotected(dedup, mode, inner, *delivery, fingerprint)).await;
         }
         Err(err) => {
             tracing::error!(error = %err, "store refused the claim with an error about this key: handler not run, message dead-lettered");
@@ -148,8 +150,8 @@ where
         return Box::pin(settle_failed_claim(guard, outcome)).await;
     }
     guard.mark_started();
-    let (request, outbox) = request::<M>(config, mode, delivery);
-    let run = run_claimed(config, &guard, inner, request).await;
+    let (request, outbox) = request::<M>(config, mode, *delivery);
+    let run = run_claimed(config, &guard, HandlerRun::start(inner, request)).await;
     // What the handler staged, sealed: staging after it returned fails.
     match (sealed(run.result, outbox), mode.publisher()) {
         // With an outbox, even an empty one commits through the outbox

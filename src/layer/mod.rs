@@ -228,6 +228,9 @@ where
             fingerprint = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        // Boxed once here rather than copied into each future it passes
+        // through on its way to the handler.
+        let delivery = Box::new(delivery);
         Box::pin(
             async move {
                 let outcome = process(&dedup, &mode, inner, delivery).await;
@@ -249,7 +252,7 @@ async fn process<S, St, F, M>(
     dedup: &Deduplicator<St, F>,
     mode: &M,
     inner: S,
-    mut delivery: Delivery,
+    mut delivery: Box<Delivery>,
 ) -> Outcome
 where
     M: Mode,
