@@ -98,6 +98,17 @@ impl Wire {
         self.reader.read().await?.extract_error()
     }
 
+    /// Sends `bytes` (`count` packed commands) and reads their `count`
+    /// replies, server errors among them as values.
+    pub(super) async fn exchange(&mut self, bytes: &[u8], count: usize) -> RedisResult<Vec<Value>> {
+        self.writer.send(bytes).await?;
+        let mut replies = Vec::with_capacity(count);
+        for _ in 0..count {
+            replies.push(self.reader.read().await?);
+        }
+        Ok(replies)
+    }
+
     pub(super) fn split(self) -> (Reader, Writer) {
         (self.reader, self.writer)
     }
