@@ -132,6 +132,15 @@ async fn run<St: Store + Clone>(
             delivery.properties =
                 BasicProperties::default().with_message_id(format!("msg-{tag:012}").into());
             let call = service.ready().await?.call(delivery);
+            if tag == 1 {
+                // What each delivery's future weighs: it is boxed, and
+                // moved and polled for the delivery's whole life.
+                println!(
+                    "one delivery's future: {} bytes (a Delivery: {} bytes)",
+                    std::mem::size_of_val(&*call),
+                    std::mem::size_of::<Delivery>()
+                );
+            }
             running.push(async move { (tag, call.await) });
         }
         if let Some((tag, outcome)) = running.next().await {

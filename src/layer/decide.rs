@@ -27,12 +27,14 @@ use crate::trace::TraceContext;
 
 /// What becomes of one delivery, from the body-size check to the outcome the
 /// runner settles it by. Rare paths are boxed where they are awaited, so
-/// that every delivery's future stays the size of the common one.
+/// that every delivery's future stays the size of the common one; the
+/// delivery comes boxed, so that the futures it passes through do not
+/// each hold a copy.
 pub(super) async fn decide<S, St, F, M>(
     dedup: &Deduplicator<St, F>,
     mode: &M,
     inner: S,
-    delivery: Delivery,
+    delivery: Box<Delivery>,
     trace: TraceContext,
 ) -> Outcome
 where
@@ -106,7 +108,7 @@ where
                 dedup,
                 mode,
                 inner,
-                delivery,
+                *delivery,
                 fingerprint,
                 trace,
             ))
@@ -133,7 +135,7 @@ where
                 dedup,
                 mode,
                 inner,
-                delivery,
+                *delivery,
                 fingerprint,
                 trace,
             ))
@@ -168,8 +170,8 @@ where
         return Box::pin(settle_failed_claim(guard, outcome)).await;
     }
     guard.mark_started();
-    let (request, outbox) = request::<M>(config, mode, delivery);
-    let run = run_claimed(config, &guard, inner, request).await;
+    let (request, outbox) = request::<M>(config, mode, *delivery);
+    let run = run_claimed(config, &guard, HandlerRun::start(inner, request)).await;
     // What the handler staged, sealed: staging after it returned fails.
     match (sealed(run.result, outbox), mode.publisher()) {
         // With an outbox, even an empty one commits through the outbox

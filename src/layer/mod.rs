@@ -244,6 +244,9 @@ where
         let mode = self.mode.clone();
         let span = delivery_span(&delivery);
         let trace = TraceContext::join(&span, &delivery.properties);
+        // Boxed once here rather than copied into each future it passes
+        // through on its way to the handler.
+        let delivery = Box::new(delivery);
         Box::pin(
             async move {
                 let outcome = process(&dedup, &mode, inner, delivery, trace.clone())
@@ -296,7 +299,7 @@ async fn process<S, St, F, M>(
     dedup: &Deduplicator<St, F>,
     mode: &M,
     inner: S,
-    mut delivery: Delivery,
+    mut delivery: Box<Delivery>,
     trace: TraceContext,
 ) -> Outcome
 where

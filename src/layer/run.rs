@@ -4,7 +4,7 @@
 //! retryable failure.
 //!
 //! ```ignore
-//! let run = run_claimed(config, &guard, inner, request).await;
+//! let run = run_claimed(config, &guard, HandlerRun::start(inner, request)).await;
 //! if run.timed_out {
 //!     tokio::time::sleep_until(run.lease_ends).await; // its work may go on
 //! }
@@ -59,22 +59,18 @@ pub(super) struct Run {
 /// Runs the handler under the claim. The handler runs in a task of its
 /// own, so that one that blocks its thread stops neither the renewals
 /// (every third of the lease) nor the handler timeout, both kept here.
-pub(super) async fn run_claimed<S, St, R>(
+///
+/// `handler` is the run, just started ([`HandlerRun::start`]): the request
+/// and the handler live in its box or task, not in every delivery's future.
+pub(super) async fn run_claimed<St: Store>(
     config: &Config,
     guard: &ClaimGuard<St>,
-    inner: S,
-    request: R,
-) -> Run
-where
-    R: Send + 'static,
-    S: Handler<R>,
-    St: Store,
-{
+    mut handler: HandlerRun,
+) -> Run {
     let lease_lost = AtomicBool::new(false);
     let started = Instant::now();
     let lease_ends_at_start = started + config.lease_ttl;
     let lease_ends = std::sync::Mutex::new(lease_ends_at_start);
-    let mut handler = HandlerRun::start(inner, request);
     if let HandlerRun::Inline(run) = &mut handler {
         // A handler that finishes without waiting needs neither the
         // timeout's timer nor the renewals': most deliveries' work is done

@@ -12,17 +12,18 @@ use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, RedisError, Value};
+use redis::{Cmd, IntoConnectionInfo, RedisError, RedisResult, Value};
 use tokio::sync::{Mutex, mpsc};
 
-use super::connect::{client_for, tls_certificates};
+use super::connect::{tls_certificates, tls_config};
 use super::errors::{Failure, breaks_connection, failure};
 use super::native::Cas;
+use super::pipeline::{Packed, alone};
 use super::replication::Replication;
-use super::scripts::LUA_SCRIPTS;
-use super::{MAX_BATCH, MAX_IN_FLIGHT, RedisStore, Request, Stats};
+use super::scripts::{Keys, LUA_SCRIPTS, transitions_call};
+use super::wire::Wire;
+use super::{Kind, MAX_BATCH, MAX_IN_FLIGHT, RedisStore, Request, Stats};
 use crate::batch::send_in_batches;
 use crate::error::{StoreError, redact_url};
 use crate::tls::{Side, TlsFiles};
@@ -76,6 +77,9 @@ impl RedisStore {
     }
 }
 
+/// A master's connection, while there is one.
+pub(super) struct Node(Mutex<Option<Wire>>);
+
 pub(super) struct ClusterLink {
     client: redis::cluster::ClusterClient,
     replication: Replication,
@@ -85,9 +89,10 @@ pub(super) struct ClusterLink {
     /// The first seed URL: the scheme and credentials for every node.
     seed: String,
     tls: TlsFiles,
-    /// A plain connection to each master the pipelines go to: a redirect
-    /// comes back as an answer there, never followed behind our back.
-    direct: Mutex<std::collections::HashMap<(String, u16), MultiplexedConnection>>,
+    /// A connection of our own to each master the pipelines go to (see
+    /// `wire`): a redirect comes back as an answer there, never followed
+    /// behind our back. One pipeline at a time on each.
+    direct: Mutex<std::collections::HashMap<(String, u16), Arc<Node>>>,
     shown: String,
     current: Mutex<Option<ClusterConnection>>,
     cas: Arc<Cas>,
@@ -243,17 +248,20 @@ impl ClusterLink {
         Some(map)
     }
 
-    /// The plain connection to the master at `host:port`, made when
-    /// missing, with the seed URL's scheme and credentials.
-    pub(super) async fn direct(
-        &self,
-        host: &str,
-        port: u16,
-    ) -> Result<MultiplexedConnection, Failure> {
+    /// The connection to the master at `host:port` (made when first
+    /// used).
+    pub(super) async fn node(&self, host: &str, port: u16) -> Arc<Node> {
         let mut direct = self.direct.lock().await;
-        if let Some(connection) = direct.get(&(host.to_owned(), port)) {
-            return Ok(connection.clone());
-        }
+        Arc::clone(
+            direct
+                .entry((host.to_owned(), port))
+                .or_insert_with(|| Arc::new(Node(Mutex::new(None)))),
+        )
+    }
+
+    /// A new connection to the master at `host:port`, with the seed URL's
+    /// scheme and credentials.
+    async fn connect_node(&self, host: &str, port: u16) -> Result<Wire, Failure> {
         let unavailable = |err: String| {
             Failure::unavailable(format!(
                 "cannot connect to the Redis Cluster node {host}:{port}: {err}"
@@ -268,19 +276,49 @@ impl ClusterLink {
         host_set.map_err(|err| unavailable(err.to_string()))?;
         url.set_port(Some(port))
             .map_err(|()| unavailable("not a port".into()))?;
-        let client = client_for(url.as_str(), &self.tls).map_err(unavailable)?;
-        let config = self.replication.connection_config();
-        let connection = client
-            .get_multiplexed_async_connection_with_config(&config)
+        let info = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|err| unavailable(err.to_string()))?;
+        let tls = match Side::Redis.is_tls_url(url.as_str()) {
+            true => Some(tls_config(&self.tls).map_err(unavailable)?),
+            false => None,
+        };
+        Wire::connect(&info, tls, RedisStore::RESPONSE_TIMEOUT)
             .await
-            .map_err(|err| unavailable(failure(err).message))?;
-        direct.insert((host.to_owned(), port), connection.clone());
-        Ok(connection)
+            .map_err(|err| unavailable(failure(err).message))
     }
 
-    /// Forgets the connection to `host:port` after it failed.
-    pub(super) async fn drop_direct(&self, host: &str, port: u16) {
-        self.direct.lock().await.remove(&(host.to_owned(), port));
+    /// Sends `bytes` (`count` commands) to the master at `host:port` and
+    /// reads their replies: one pipeline at a time on its connection, which
+    /// is made when missing and dropped when it fails.
+    async fn exchange(
+        &self,
+        host: &str,
+        port: u16,
+        bytes: &[u8],
+        count: usize,
+    ) -> Result<Vec<Value>, Failure> {
+        let node = self.node(host, port).await;
+        let mut wire = node.0.lock().await;
+        let connected = match wire.as_mut() {
+            Some(connected) => connected,
+            None => wire.insert(self.connect_node(host, port).await?),
+        };
+        let limit = RedisStore::RESPONSE_TIMEOUT + self.replication.timeout;
+        match tokio::time::timeout(limit, connected.exchange(bytes, count)).await {
+            Ok(Ok(replies)) => Ok(replies),
+            Ok(Err(err)) => {
+                *wire = None;
+                Err(failure(err))
+            }
+            Err(_) => {
+                *wire = None;
+                Err(Failure::unavailable(format!(
+                    "the Redis Cluster node {host}:{port} did not answer within {limit:?}"
+                )))
+            }
+        }
     }
 
     /// Forgets the slot map after a redirection or a failed node.
@@ -338,7 +376,8 @@ pub(super) async fn send_cluster_batch(
     while sends.next().await.is_some() {}
 }
 
-/// One request through the cluster client's own routing.
+/// One request through the cluster client's own routing (a transition as
+/// a script call of its own, over its one key).
 pub(super) async fn send_alone(
     link: &ClusterLink,
     request: &Request,
@@ -346,7 +385,15 @@ pub(super) async fn send_alone(
 ) -> Result<Value, Failure> {
     stats.round_trips.fetch_add(1, Ordering::Relaxed);
     stats.commands.fetch_add(1, Ordering::Relaxed);
-    match link.query(&request.cmd, request.write).await {
+    let single;
+    let cmd = if request.kind == Kind::Transition {
+        single = transitions_call(std::iter::once(&request.cmd), Keys::Declared);
+        &single
+    } else {
+        &request.cmd
+    };
+    let write = request.kind != Kind::Read;
+    let answer = match link.query(cmd, write).await {
         Err(failure) if failure.noscript => {
             // A node restarted, or a new master after a failover: load the
             // script everywhere and try again.
@@ -355,14 +402,34 @@ pub(super) async fn send_alone(
                 load.arg("LOAD").arg(script);
                 link.query(&load, false).await?;
             }
-            link.query(&request.cmd, request.write).await
+            link.query(cmd, write).await
         }
         other => other,
+    }?;
+    if request.kind == Kind::Transition {
+        return alone(Ok(answer)).map_err(failure);
     }
+    Ok(answer)
+}
+
+/// True when `err` says the request did not run on that node because its
+/// key is served elsewhere now, or not at the moment (a reshard, a
+/// failover), or the node lost the script: alone, through the cluster
+/// client, it follows the redirection (or loads the script).
+fn redirected(err: &RedisError) -> bool {
+    if matches!(
+        err.code(),
+        Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY" | "NOSCRIPT")
+    ) {
+        return true;
+    }
+    // A key of the script call that this node does not serve (any more).
+    let text = err.to_string();
+    text.contains("non local key") || text.contains("cluster is down")
 }
 
 /// The requests whose keys `host:port` serves, as one pipeline on a plain
-/// connection to that master.
+/// connection to that master, their transitions as one script call.
 pub(super) async fn send_to_node(
     link: Arc<ClusterLink>,
     host: String,
@@ -370,38 +437,32 @@ pub(super) async fn send_to_node(
     requests: Vec<Request>,
     stats: Arc<Stats>,
 ) {
-    let mut pipe = redis::Pipeline::with_capacity(requests.len() + 1);
-    pipe.ignore_errors();
-    for request in &requests {
-        pipe.add_command(request.cmd.clone());
+    let packed = Packed::new(requests, Keys::Undeclared);
+    let wait = link.replication.wait().filter(|_| packed.writes);
+    let mut bytes = Vec::with_capacity(256 * packed.len());
+    for command in packed.commands().chain(wait.as_ref()) {
+        command.write_packed_command(&mut bytes);
     }
-    let wait = link
-        .replication
-        .wait()
-        .filter(|_| requests.iter().any(|request| request.write));
-    if let Some(wait) = &wait {
-        pipe.add_command(wait.clone());
-    }
-    let expected = pipe.len();
+    let expected = packed.len() + usize::from(wait.is_some());
     stats.round_trips.fetch_add(1, Ordering::Relaxed);
     stats.commands.fetch_add(expected as u64, Ordering::Relaxed);
-    let sent = async {
-        let mut connection = link.direct(&host, port).await?;
-        pipe.query_async::<Vec<redis::RedisResult<Value>>>(&mut connection)
-            .await
-            .map_err(failure)
-    };
-    let mut answers = match sent.await {
-        Ok(answers) if answers.len() == expected => answers,
-        Ok(_) | Err(_) => {
-            // The node failed (a failover under way?), or answered oddly:
-            // forget it and the map, and let the client route each request.
-            link.drop_direct(&host, port).await;
-            link.forget_slots();
-            send_each_alone(&link, requests, &stats).await;
-            return;
-        }
-    };
+    let mut answers: Vec<RedisResult<Value>> =
+        match link.exchange(&host, port, &bytes, expected).await {
+            Ok(replies) => replies
+                .into_iter()
+                .map(|reply| match reply {
+                    Value::ServerError(err) => Err(RedisError::from(err)),
+                    reply => Ok(reply),
+                })
+                .collect(),
+            Err(_) => {
+                // The node failed (a failover under way?): forget the map,
+                // and let the client route each request.
+                link.forget_slots();
+                send_each_alone(&link, packed.into_requests().collect(), &stats).await;
+                return;
+            }
+        };
     let shortfall = match wait {
         Some(_) => answers
             .pop()
@@ -409,31 +470,21 @@ pub(super) async fn send_to_node(
         None => None,
     };
     let mut moved = Vec::new();
-    for (request, answer) in requests.into_iter().zip(answers) {
-        let answer = match answer {
-            Err(err)
-                if matches!(
-                    err.code(),
-                    Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY" | "NOSCRIPT")
-                ) =>
-            {
-                // Not run here: the slot moved (a reshard, a failover), or
-                // the node lost the script. Alone, the client follows the
-                // redirection (or loads the script).
+    packed.answer(
+        answers,
+        shortfall.as_ref(),
+        |request, answer| match answer {
+            Err(err) if redirected(&err) => {
                 if err.code() != Some("NOSCRIPT") {
                     link.forget_slots();
                 }
                 moved.push(request);
-                continue;
             }
-            Err(err) => Err(failure(err)),
-            Ok(answer) => match &shortfall {
-                Some(short) if request.write => Err(short.clone()),
-                _ => Ok(answer),
-            },
-        };
-        let _ = request.reply.send(answer);
-    }
+            answer => {
+                let _ = request.reply.send(answer.map_err(failure));
+            }
+        },
+    );
     send_each_alone(&link, moved, &stats).await;
 }
 

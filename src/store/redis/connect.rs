@@ -15,11 +15,11 @@ use std::sync::Arc;
 use redis::RedisError;
 use tokio::sync::mpsc;
 
-use super::link::{Link, Source, send_batch};
+use super::link::{Link, Source, serve};
 use super::native::Cas;
 use super::replication::Replication;
-use super::{MAX_BATCH, MAX_IN_FLIGHT, RedisStore, Stats};
-use crate::batch::send_in_batches;
+use super::wire::Wire;
+use super::{RedisStore, Stats};
 use crate::config::{Config, RedisDeployment, SentinelUrl, is_sentinel_url};
 use crate::error::{StoreError, redact_url};
 use crate::tls::{self, Side, TlsFiles};
@@ -70,10 +70,11 @@ impl RedisStore {
                 Arc::clone(&cas),
                 replication,
             );
-            link.get()
+            let first = link
+                .connect()
                 .await
                 .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
-            return Ok(Self::start(link, cas));
+            return Ok(Self::start(link, Some(first), cas));
         }
         let source = match client_for(url, config.redis_tls()) {
             Ok(_) if Side::Redis.is_tls_url(url) => Source::Config {
@@ -86,10 +87,11 @@ impl RedisStore {
         };
         let cas = Cas::new();
         let link = Link::new(source, shown.clone(), Arc::clone(&cas), replication);
-        link.get()
+        let first = link
+            .connect()
             .await
             .map_err(|failure| StoreError::new("connect", "", true, failure.message))?;
-        Ok(Self::start(link, cas))
+        Ok(Self::start(link, Some(first), cas))
     }
 
     /// Connects to the Redis at `url` and nothing else: `redis://host:port/db`
@@ -108,7 +110,8 @@ impl RedisStore {
     /// A store on `client` that connects on its first request. Must be
     /// called within a Tokio runtime: it starts the writer task. Like
     /// [`connect_url`](Self::connect_url), it takes no other setting (no
-    /// replicas to wait for); [`connect`](Self::connect) takes a `Config`.
+    /// replicas to wait for, and for `rediss://` the platform's trusted
+    /// roots); [`connect`](Self::connect) takes a `Config`.
     pub fn from_client(client: redis::Client) -> Self {
         let shown = format!("redis at {}", client.get_connection_info().addr());
         let cas = Cas::new();
@@ -119,20 +122,16 @@ impl RedisStore {
                 Arc::clone(&cas),
                 Replication::default(),
             ),
+            None,
             cas,
         )
     }
 
-    pub(super) fn start(link: Link, cas: Arc<Cas>) -> Self {
+    /// The store whose writer task serves `link`, starting on `first`.
+    fn start(link: Link, first: Option<Wire>, cas: Arc<Cas>) -> Self {
         let stats = Arc::new(Stats::default());
         let (requests, queue) = mpsc::unbounded_channel();
-        let (writer, counted) = (Arc::new(link), Arc::clone(&stats));
-        tokio::spawn(send_in_batches(
-            queue,
-            MAX_BATCH,
-            MAX_IN_FLIGHT,
-            move |batch| send_batch(Arc::clone(&writer), batch, Arc::clone(&counted)),
-        ));
+        tokio::spawn(serve(link, first, queue, Arc::clone(&stats)));
         Self {
             requests,
             cluster: false,
@@ -184,6 +183,17 @@ pub(super) fn tls_certificates(files: &TlsFiles) -> Result<Option<redis::TlsCert
         }),
         root_cert: material.ca_pem,
     }))
+}
+
+/// The rustls settings of a `rediss://` connection of the writer's own:
+/// the CA and client identity from `files`, read now (so a renewed
+/// certificate is used from the next connection on), or the platform's
+/// trusted roots.
+pub(super) fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, String> {
+    let material = files.load(Side::Redis).map_err(|err| err.to_string())?;
+    tls::client_config(Side::Redis, material)
+        .map(Arc::new)
+        .map_err(|err| err.to_string())
 }
 
 /// The host of `url`, for error messages about its certificate.

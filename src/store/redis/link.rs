@@ -1,45 +1,46 @@
-//! The standalone (and Sentinel-followed) server: one multiplexed
-//! connection that every pipeline shares, made again after it failed, and
-//! the sending of one batch of requests as one pipeline.
+//! The standalone (and Sentinel-followed) server: the writer task, which
+//! owns its connection (see `wire`), sends what waits as one pipeline and
+//! reads the replies itself; a failed connection is replaced by a new one
+//! for the next batch.
 //!
 //! ```ignore
 //! let link = Link::new(Source::Fixed(client), shown, cas, Replication::default());
-//! let (generation, connection) = link.get().await?;
+//! let first = link.connect().await?;  // fails fast at startup
+//! tokio::spawn(serve(link, Some(first), queue, stats));
 //! ```
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ErrorKind, RedisError, Value};
-use tokio::sync::{Mutex, oneshot};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, RedisResult, Value};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
-use super::connect::{client_for, host_of};
+use super::connect::{client_for, host_of, tls_config};
 use super::errors::{Failure, breaks_connection, failure, remedy};
 use super::native::Cas;
+use super::pipeline::Packed;
 use super::replication::Replication;
-use super::scripts::LUA_SCRIPTS;
-use super::{Request, Stats};
+use super::scripts::{Keys, LUA_SCRIPTS};
+use super::wire::{Reader, Wire, Writer};
+use super::{MAX_BATCH, MAX_IN_FLIGHT, RedisStore, Request, Stats};
 use crate::config::SentinelUrl;
 use crate::tls::{self, Side, TlsFiles};
 
-/// The one connection all pipelines share, made again after it failed.
-///
-/// Each connection carries a generation number, so that a pipeline that
-/// failed on an old connection does not throw away the new one.
+/// Where the connections go, and what every new one is checked for.
 pub(super) struct Link {
     client: Source,
     replication: Replication,
     config: AsyncConnectionConfig,
     shown: String,
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
-    generations: AtomicU64,
     cas: Arc<Cas>,
 }
 
-/// Where the client of each new connection comes from.
+/// Where the address of each new connection comes from.
 pub(super) enum Source {
-    /// A client given as it is.
+    /// A client given as it is (`rediss://` verified against the
+    /// platform's trusted roots).
     Fixed(redis::Client),
     /// Built from the URL and TLS files for every connection, so that a
     /// renewed client certificate is used from the next reconnect on.
@@ -66,76 +67,55 @@ impl Link {
             replication,
             config,
             shown,
-            current: Mutex::new(None),
-            generations: AtomicU64::new(0),
             cas,
         }
     }
 
-    /// The current connection, or a new one if there is none.
-    pub(super) async fn get(&self) -> Result<(u64, MultiplexedConnection), Failure> {
-        let mut current = self.current.lock().await;
-        if let Some((generation, connection)) = &*current {
-            return Ok((*generation, connection.clone()));
-        }
+    /// A new connection, checked: to a master (Sentinel), and asked which
+    /// compare-and-set the server offers (`HELLO`).
+    pub(super) async fn connect(&self) -> Result<Wire, Failure> {
         let cannot = |err: String| {
             Failure::unavailable(format!("cannot connect to Redis at {}: {err}", self.shown))
         };
-        let built;
         let sentinel_master;
-        let (client, tls_files, host) = match &self.client {
-            Source::Fixed(client) => (client, None, ""),
+        let (info, tls_files, host) = match &self.client {
+            Source::Fixed(client) => {
+                let info = client.get_connection_info().clone();
+                (info, None, String::new())
+            }
             Source::Sentinel(sentinel) => {
                 let url = sentinel.master(&self.config).await.map_err(cannot)?;
-                built = client_for(&url, &sentinel.tls_files).map_err(cannot)?;
-                sentinel_master = host_of(&url);
-                (&built, Some(&sentinel.tls_files), sentinel_master.as_str())
+                client_for(&url, &sentinel.tls_files).map_err(cannot)?;
+                sentinel_master = url;
+                let info = sentinel_master
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|err| cannot(err.to_string()))?;
+                (info, Some(&sentinel.tls_files), host_of(&sentinel_master))
             }
             Source::Config { url, tls, host } => {
-                built = client_for(url, tls).map_err(cannot)?;
-                (&built, Some(tls), host.as_str())
+                let info = url
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|err| cannot(err.to_string()))?;
+                (info, Some(tls), host.clone())
             }
         };
-        let connection = client
-            .get_multiplexed_async_connection_with_config(&self.config)
+        let secure = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let tls = match secure {
+            true => Some(tls_config(tls_files.unwrap_or(&TlsFiles::default())).map_err(cannot)?),
+            false => None,
+        };
+        let mut wire = Wire::connect(&info, tls, RedisStore::RESPONSE_TIMEOUT)
             .await
-            .map_err(|err| {
-                let tls_advice = tls_files.and_then(|files| {
-                    let err: &(dyn std::error::Error + 'static) = &err;
-                    tls::explain(Side::Redis, files, host, err)
-                });
-                let unreachable = tls_advice.is_none()
-                    && remedy(&err).is_none()
-                    && (err.is_connection_refusal()
-                        || err.is_io_error()
-                        || err.is_timeout()
-                        || err.is_connection_dropped());
-                let mut failure = failure(err);
-                if let Some(advice) = tls_advice {
-                    failure.message = advice;
-                } else if unreachable {
-                    failure.message.push_str(
-                        "; is it running? Start it (for example `redis-server --port 6379`) \
-                         or fix REDIS_URL",
-                    );
-                } else if !failure.message.contains("REDIS_URL") {
-                    failure.message.push_str("; check REDIS_URL");
-                }
-                failure.message = format!(
-                    "cannot connect to Redis at {}: {}",
-                    self.shown, failure.message
-                );
-                failure
-            })?;
-        let mut probe = connection.clone();
+            .map_err(|err| self.unreachable(err, tls_files, &host))?;
         if matches!(self.client, Source::Sentinel(_)) {
             // Right after a failover a sentinel may still name the old
             // master, now a replica: writing there would fail, so look again.
-            let role: Vec<Value> = redis::cmd("ROLE")
-                .query_async(&mut probe)
-                .await
-                .map_err(failure)?;
-            if !matches!(role.first(), Some(Value::BulkString(role)) if role == b"master") {
+            let role = wire.call(&redis::cmd("ROLE")).await.map_err(failure)?;
+            let master = matches!(&role, Value::Array(fields)
+                if matches!(fields.first(), Some(Value::BulkString(role)) if role == b"master"));
+            if !master {
                 return Err(Failure::unavailable(format!(
                     "the server the sentinels named for {} is not a master (a failover is under \
                      way); trying again",
@@ -145,176 +125,356 @@ impl Link {
         }
         // Which compare-and-set this server offers: a server that does not
         // know HELLO (or refuses it) gets the scripts.
-        let hello = redis::cmd("HELLO")
-            .query_async::<Value>(&mut probe)
-            .await
-            .ok();
+        // A connection refused only now (TLS 1.3 checks a client
+        // certificate after the handshake; a password that is needed)
+        // fails here, with what to do.
+        let hello = match wire.call(&redis::cmd("HELLO")).await {
+            Ok(hello) => Some(hello),
+            Err(err) if breaks_connection(&err) => {
+                return Err(self.unreachable(err, tls_files, &host));
+            }
+            Err(_) => None,
+        };
         self.cas.detect(hello.as_ref());
-        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        *current = Some((generation, connection.clone()));
-        Ok((generation, connection))
+        Ok(wire)
     }
 
-    /// Forgets connection `generation` after it failed; the next request
-    /// connects anew.
-    pub(super) async fn discard(&self, generation: u64) {
-        let mut current = self.current.lock().await;
-        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
-            *current = None;
+    /// The failure of a connection that could not be made, with what to do.
+    fn unreachable(&self, err: RedisError, tls_files: Option<&TlsFiles>, host: &str) -> Failure {
+        let tls_advice = tls_files.and_then(|files| {
+            let err: &(dyn std::error::Error + 'static) = &err;
+            tls::explain(Side::Redis, files, host, err)
+        });
+        let unreachable = tls_advice.is_none()
+            && remedy(&err).is_none()
+            && (err.is_connection_refusal()
+                || err.is_io_error()
+                || err.is_timeout()
+                || err.is_connection_dropped());
+        let mut failure = failure(err);
+        if let Some(advice) = tls_advice {
+            failure.message = advice;
+        } else if unreachable {
+            failure.message.push_str(
+                "; is it running? Start it (for example `redis-server --port 6379`) \
+                 or fix REDIS_URL",
+            );
+        } else if !failure.message.contains("REDIS_URL") {
+            failure.message.push_str("; check REDIS_URL");
+        }
+        failure.message = format!(
+            "cannot connect to Redis at {}: {}",
+            self.shown, failure.message
+        );
+        failure
+    }
+}
+
+/// The writer task: takes what waits as one batch, sends it as one
+/// pipeline on its connection (up to [`MAX_IN_FLIGHT`] pipelines awaiting
+/// their replies), reads the replies and answers each request. A failed
+/// connection fails the batches on it (their callers try again, with the
+/// same values) and is replaced for the next batch. Ends when every
+/// [`RedisStore`] clone is gone.
+pub(super) async fn serve(
+    link: Link,
+    mut wire: Option<Wire>,
+    mut queue: mpsc::UnboundedReceiver<Request>,
+    stats: Arc<Stats>,
+) {
+    loop {
+        let Some(batch) = next_batch(&mut queue).await else {
+            return;
+        };
+        let connected = match wire.take() {
+            Some(wire) => wire,
+            None => match link.connect().await {
+                Ok(wire) => wire,
+                Err(failure) => {
+                    Packed::new(batch, Keys::Declared).fail(&failure);
+                    continue;
+                }
+            },
+        };
+        if Session::new(&link, &stats)
+            .run(connected, batch, &mut queue)
+            .await
+        {
+            return;
         }
     }
 }
 
-/// Sends one batch as one pipeline and answers each request.
-pub(super) async fn send_batch(link: Arc<Link>, batch: Vec<Request>, stats: Arc<Stats>) {
-    let mut pipe = redis::Pipeline::with_capacity(batch.len() + 1);
-    pipe.ignore_errors();
-    let mut replies = Vec::with_capacity(batch.len());
-    let mut writes = Vec::with_capacity(batch.len());
-    for request in batch {
-        pipe.add_command(request.cmd);
-        writes.push(request.write);
-        replies.push(request.reply);
-    }
-    // One WAIT after the writes of the pipeline covers them all.
-    let wait = link
-        .replication
-        .wait()
-        .filter(|_| writes.iter().any(|write| *write));
-    if let Some(wait) = &wait {
-        pipe.add_command(wait.clone());
-    }
-    let (generation, mut connection) = match link.get().await {
-        Ok(connection) => connection,
-        Err(failure) => return answer_all(replies, &failure),
-    };
-    stats.round_trips.fetch_add(1, Ordering::Relaxed);
-    stats
-        .commands
-        .fetch_add(pipe.len() as u64, Ordering::Relaxed);
-    let answers: Result<Vec<redis::RedisResult<Value>>, RedisError> =
-        pipe.query_async(&mut connection).await;
-    let expected = replies.len() + usize::from(wait.is_some());
-    let mut answers = match answers {
-        Ok(answers) if answers.len() == expected => answers,
-        Ok(answers) => {
-            let failure = Failure::unavailable(format!(
-                "Redis answered {} replies to a pipeline of {} commands",
-                answers.len(),
-                expected
-            ));
-            link.discard(generation).await;
-            return answer_all(replies, &failure);
+/// Everything waiting in `queue`, up to [`MAX_BATCH`] requests, after
+/// waiting for the first; `None` once the queue is closed.
+async fn next_batch(queue: &mut mpsc::UnboundedReceiver<Request>) -> Option<Vec<Request>> {
+    let first = queue.recv().await?;
+    let mut batch = Vec::with_capacity(16);
+    batch.push(first);
+    while batch.len() < MAX_BATCH {
+        match queue.try_recv() {
+            Ok(request) => batch.push(request),
+            Err(_) => break,
         }
-        Err(err) => {
-            if breaks_connection(&err) {
-                link.discard(generation).await;
+    }
+    Some(batch)
+}
+
+/// A pipeline on its way: its requests, and what else it carries.
+struct Sent {
+    packed: Packed,
+    /// `SCRIPT LOAD`s ahead of its commands (after a `NOSCRIPT`).
+    loads: usize,
+    /// A `WAIT` after its commands.
+    wait: bool,
+    /// When its replies count as lost.
+    deadline: Instant,
+}
+
+impl Sent {
+    fn replies(&self) -> usize {
+        self.loads + self.packed.len() + usize::from(self.wait)
+    }
+}
+
+/// One connection's life: the batches written on it and not yet answered.
+struct Session<'a> {
+    link: &'a Link,
+    stats: &'a Stats,
+    in_flight: std::sync::Mutex<VecDeque<Sent>>,
+    /// A batch was written.
+    written: Notify,
+    /// A batch was answered.
+    answered: Notify,
+    /// A script call found the script missing: the next batch loads it.
+    load_scripts: std::sync::atomic::AtomicBool,
+    /// The calls that found the script missing, to send again after it.
+    retries: std::sync::Mutex<Vec<Request>>,
+    /// Some calls wait in `retries`.
+    retry: Notify,
+}
+
+/// Why a session ended.
+enum Ended {
+    /// Every store clone is gone.
+    Closed,
+    /// The connection failed, or must not be used any more.
+    Failed(Failure),
+}
+
+impl<'a> Session<'a> {
+    fn new(link: &'a Link, stats: &'a Stats) -> Self {
+        Self {
+            link,
+            stats,
+            in_flight: std::sync::Mutex::new(VecDeque::new()),
+            written: Notify::new(),
+            answered: Notify::new(),
+            load_scripts: std::sync::atomic::AtomicBool::new(false),
+            retries: std::sync::Mutex::new(Vec::new()),
+            retry: Notify::new(),
+        }
+    }
+
+    /// Serves `queue` on `wire`, starting with `first`, until the
+    /// connection fails (false) or the queue closes (true).
+    async fn run(
+        &self,
+        wire: Wire,
+        first: Vec<Request>,
+        queue: &mut mpsc::UnboundedReceiver<Request>,
+    ) -> bool {
+        let (reader, writer) = wire.split();
+        let ended = tokio::select! {
+            ended = self.write(writer, first, queue) => ended,
+            ended = self.read(reader) => ended,
+        };
+        let failure = match ended {
+            Ended::Closed => return true,
+            Ended::Failed(failure) => failure,
+        };
+        let stranded = std::mem::take(&mut *self.in_flight());
+        for sent in stranded {
+            sent.packed.fail(&failure);
+        }
+        let retries = std::mem::take(
+            &mut *self
+                .retries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for request in retries {
+            let _ = request.reply.send(Err(failure.clone()));
+        }
+        false
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, VecDeque<Sent>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes batches as they come, while fewer than [`MAX_IN_FLIGHT`]
+    /// await their replies.
+    async fn write(
+        &self,
+        mut writer: Writer,
+        first: Vec<Request>,
+        queue: &mut mpsc::UnboundedReceiver<Request>,
+    ) -> Ended {
+        let mut first = Some(first);
+        let mut bytes = Vec::with_capacity(4096);
+        loop {
+            while self.in_flight().len() >= MAX_IN_FLIGHT {
+                self.answered.notified().await;
             }
-            return answer_all(replies, &failure(err));
+            let retries = std::mem::take(
+                &mut *self
+                    .retries
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            let batch = match first.take() {
+                Some(batch) => batch,
+                None if !retries.is_empty() => retries,
+                None => tokio::select! {
+                    batch = next_batch(queue) => match batch {
+                        Some(batch) => batch,
+                        None => return Ended::Closed,
+                    },
+                    () = self.retry.notified() => continue,
+                },
+            };
+            let packed = Packed::new(batch, Keys::Declared);
+            let wait = self.link.replication.wait().filter(|_| packed.writes);
+            let loads = if self.load_scripts.swap(false, Ordering::Relaxed) {
+                LUA_SCRIPTS.len()
+            } else {
+                0
+            };
+            bytes.clear();
+            for script in LUA_SCRIPTS.iter().take(loads) {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(*script)
+                    .write_packed_command(&mut bytes);
+            }
+            for command in packed.commands() {
+                command.write_packed_command(&mut bytes);
+            }
+            if let Some(wait) = &wait {
+                wait.write_packed_command(&mut bytes);
+            }
+            let sent = Sent {
+                loads,
+                wait: wait.is_some(),
+                deadline: Instant::now()
+                    + RedisStore::RESPONSE_TIMEOUT
+                    + self.link.replication.timeout,
+                packed,
+            };
+            self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .commands
+                .fetch_add((sent.replies() - loads) as u64, Ordering::Relaxed);
+            // In flight before it is written: a failed write fails it too.
+            self.in_flight().push_back(sent);
+            self.written.notify_one();
+            if let Err(err) = writer.send(&bytes).await {
+                return Ended::Failed(failure(err));
+            }
         }
-    };
-    if answers
-        .iter()
-        .any(|answer| answer.as_ref().is_err_and(breaks_connection))
-    {
-        // NOAUTH and the like: this connection is no longer usable as it is.
-        link.discard(generation).await;
     }
-    let unknown_script: Vec<usize> = answers
-        .iter()
-        .enumerate()
-        .filter(|(_, answer)| {
-            answer
-                .as_ref()
-                .is_err_and(|err| err.code() == Some("NOSCRIPT"))
-        })
-        .map(|(i, _)| i)
-        .collect();
-    if !unknown_script.is_empty() {
-        // Redis restarted or flushed its scripts: load it and send those
-        // calls again (safe: none of them ran).
-        let mut retry = redis::pipe();
-        retry.ignore_errors();
-        for script in LUA_SCRIPTS {
-            retry.cmd("SCRIPT").arg("LOAD").arg(script);
-        }
-        for command in pipe
-            .cmd_iter()
-            .enumerate()
-            .filter(|(i, _)| unknown_script.contains(i))
-            .map(|(_, command)| command.clone())
-        {
-            retry.add_command(command);
-        }
-        if let Some(wait) = &wait {
-            retry.add_command(wait.clone());
-        }
-        stats.round_trips.fetch_add(1, Ordering::Relaxed);
-        let again: Result<Vec<redis::RedisResult<Value>>, RedisError> =
-            retry.query_async(&mut connection).await;
-        let expected_again = unknown_script.len() + LUA_SCRIPTS.len() + usize::from(wait.is_some());
-        match again {
-            Ok(mut again) if again.len() == expected_again => {
-                let short = match wait {
-                    Some(_) => again
-                        .pop()
-                        .and_then(|waited| link.replication.shortfall(&waited)),
-                    None => None,
-                };
-                if let Some(short) = short {
-                    for answer in again.iter_mut().skip(LUA_SCRIPTS.len()) {
-                        if answer.is_ok() {
-                            *answer = Err(RedisError::from((
-                                ErrorKind::Io,
-                                "not confirmed by enough replicas",
-                                short.message.clone(),
-                            )));
-                        }
-                    }
+
+    /// Reads the replies of each batch written, in order, and answers it.
+    async fn read(&self, mut reader: Reader) -> Ended {
+        let mut replies = Vec::new();
+        loop {
+            let (count, deadline) = loop {
+                if let Some(sent) = self.in_flight().front() {
+                    break (sent.replies(), sent.deadline);
                 }
-                let mut again = again.into_iter();
-                let loads: Vec<_> = (&mut again).take(LUA_SCRIPTS.len()).collect();
-                let loaded = loads.into_iter().find(Result::is_err);
-                for (&i, answer) in unknown_script.iter().zip(again) {
+                self.written.notified().await;
+            };
+            replies.clear();
+            let read = tokio::time::timeout_at(deadline, async {
+                for _ in 0..count {
+                    replies.push(reader.read().await?);
+                }
+                Ok::<_, RedisError>(())
+            })
+            .await;
+            match read {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Ended::Failed(failure(err)),
+                Err(_) => {
+                    return Ended::Failed(failure(RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "Redis at {} did not answer within {:?}",
+                            self.link.shown,
+                            RedisStore::RESPONSE_TIMEOUT + self.link.replication.timeout
+                        ),
+                    ))));
+                }
+            }
+            let Some(sent) = self.in_flight().pop_front() else {
+                continue;
+            };
+            self.answered.notify_one();
+            if let Some(broken) = self.answer(sent, replies.drain(..)) {
+                // NOAUTH and the like: this connection is no longer usable.
+                return Ended::Failed(broken);
+            }
+        }
+    }
+
+    /// Answers `sent`'s requests from its `replies`; the failure that ends
+    /// the connection, if one says so.
+    fn answer(&self, sent: Sent, replies: impl Iterator<Item = Value>) -> Option<Failure> {
+        let mut replies = replies.map(|reply| match reply {
+            Value::ServerError(err) => Err(RedisError::from(err)),
+            reply => Ok(reply),
+        });
+        let refused_load = (&mut replies).take(sent.loads).find_map(RedisResult::err);
+        let mut answers: Vec<RedisResult<Value>> = replies.collect();
+        let shortfall = match sent.wait {
+            true => answers
+                .pop()
+                .and_then(|waited| self.link.replication.shortfall(&waited)),
+            false => None,
+        };
+        let mut broken = None;
+        sent.packed
+            .answer(answers, shortfall.as_ref(), |request, answer| {
+                let answer = match answer {
+                    Err(err) if err.code() == Some("NOSCRIPT") && sent.loads == 0 => {
+                        // Redis restarted or flushed its scripts: the next
+                        // batch loads them, and carries this call (which
+                        // did not run) again.
+                        self.load_scripts.store(true, Ordering::Relaxed);
+                        self.retries
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(request);
+                        self.retry.notify_one();
+                        return;
+                    }
                     // A refused load (an ACL without `script|load`) is the
                     // answer: it says what to grant.
-                    answers[i] = match &loaded {
-                        Some(Err(err)) => Err(err.clone()),
-                        _ => answer,
-                    };
+                    Err(err) if err.code() == Some("NOSCRIPT") => {
+                        Err(refused_load.clone().unwrap_or(err))
+                    }
+                    answer => answer,
+                };
+                if let Err(err) = &answer
+                    && breaks_connection(err)
+                {
+                    broken = Some(failure(err.clone()));
                 }
-            }
-            Ok(_) => {}
-            Err(err) => {
-                for &i in &unknown_script {
-                    answers[i] = Err(RedisError::from((
-                        ErrorKind::Io,
-                        "reloading the transition script failed",
-                        err.to_string(),
-                    )));
-                }
-            }
-        }
-    }
-    let shortfall = match wait {
-        Some(_) => answers
-            .pop()
-            .and_then(|waited| link.replication.shortfall(&waited)),
-        None => None,
-    };
-    for ((reply, answer), write) in replies.into_iter().zip(answers).zip(writes) {
-        let answer = match (answer, &shortfall) {
-            (Ok(_), Some(short)) if write => Err(short.clone()),
-            (answer, _) => answer.map_err(failure),
-        };
-        let _ = reply.send(answer);
-    }
-}
-
-pub(super) type Reply = oneshot::Sender<Result<Value, Failure>>;
-
-pub(super) fn answer_all(replies: Vec<Reply>, failure: &Failure) {
-    for reply in replies {
-        let _ = reply.send(Err(failure.clone()));
+                let _ = request.reply.send(answer.map_err(failure));
+            });
+        broken
     }
 }

@@ -14,20 +14,25 @@
 //! ```
 //!
 //! The files: `connect` (building clients and the store), `link` (a
-//! standalone server's connection and pipelines), `cluster` (slot map and
-//! a pipeline per master), `sentinel` (asking where the master is),
-//! `replication` (`WAIT`), `native` (`SET ... IFEQ`), `scripts` (the Lua
-//! compare-and-set), `errors` (classification and remedies); here, the
-//! store and its [`Store`] primitives.
+//! standalone server's writer task, which owns its connection), `wire`
+//! (that connection: TCP or TLS, commands packed and replies parsed by
+//! redis-rs), `pipeline` (a batch as one pipeline, its transitions as one
+//! script call), `cluster` (slot map and a pipeline per master),
+//! `sentinel` (asking where the master is), `replication` (`WAIT`),
+//! `native` (`SET ... IFEQ`), `scripts` (the Lua compare-and-set),
+//! `errors` (classification and remedies); here, the store and its
+//! [`Store`] primitives.
 
 mod cluster;
 mod connect;
 mod errors;
 mod link;
 mod native;
+mod pipeline;
 mod replication;
 mod scripts;
 mod sentinel;
+mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -53,21 +58,25 @@ const MAX_IN_FLIGHT: usize = 4;
 /// A [`Store`] on Redis 7 or newer, Valkey, or Redis Cluster.
 ///
 /// **Standalone** ([`connect`](Self::connect), `REDIS_URL`): all clones
-/// share one multiplexed connection and one writer task. A connection that
-/// failed (dropped, timed out, refused our credentials) is replaced by a
-/// new one on the next request, whatever the error was, so the store
-/// recovers by itself once Redis is reachable and the credentials are
-/// right again. The writer task: requests issued while a pipeline is in
-/// flight are sent together as the next pipeline, so under load the claims
-/// of many deliveries and the done marks of earlier ones share a round
-/// trip. No timer is involved: a lone request is sent at once.
+/// share one writer task, which owns one connection: it writes the
+/// pipelines and reads their replies itself. A connection that failed
+/// (dropped, timed out, refused our credentials) is replaced by a new one
+/// for the next batch, whatever the error was, so the store recovers by
+/// itself once Redis is reachable and the credentials are right again.
+/// Requests issued while a pipeline is in flight are sent together as the
+/// next pipeline, so under load the claims of many deliveries and the done
+/// marks of earlier ones share a round trip, and their token-checked
+/// transitions share one script call. No timer is involved: a lone
+/// request is sent at once.
 ///
 /// **Cluster** ([`connect`](Self::connect) with `REDIS_CLUSTER_NODES`):
 /// the requests that wait together travel as one pipeline per master,
 /// found from the `CLUSTER SLOTS` map. A request
 /// redirected meanwhile (MOVED, ASK: a resharded slot, a failed-over
 /// master) is sent again alone through redis-rs's cluster client, which
-/// follows the redirection, and the map is learnt again. A request that
+/// follows the redirection, and the map is learnt again. The transitions
+/// of one pipeline to a master share one script call, which reaches the
+/// keys of every slot that master serves. A request that
 /// fails during a reshard or failover counts as unanswered and is retried
 /// like any other.
 ///
@@ -112,12 +121,24 @@ struct Stats {
 
 /// One command on its way to the writer task, and where its answer goes.
 struct Request {
+    /// The command; for a transition, its part of the script call.
     cmd: Cmd,
     /// The cluster slot of its key (unused on a standalone server).
     slot: u16,
-    /// A write, which `WAIT` must see replicated (when asked to).
-    write: bool,
+    kind: Kind,
     reply: oneshot::Sender<Result<Value, Failure>>,
+}
+
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Reads only.
+    Read,
+    /// Writes, so `WAIT` must see it replicated (when asked to).
+    Write,
+    /// A token-checked transition by the script: the transitions that wait
+    /// together share one script call (see `pipeline`).
+    Transition,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -175,7 +196,7 @@ impl RedisStore {
         self.stats.commands.load(Ordering::Relaxed)
     }
 
-    async fn request(&self, key: &str, cmd: Cmd, write: bool) -> Result<Value, Failure> {
+    async fn request(&self, key: &str, cmd: Cmd, kind: Kind) -> Result<Value, Failure> {
         let slot = if self.cluster {
             crate::fingerprint::cluster_slot(key)
         } else {
@@ -191,7 +212,7 @@ impl RedisStore {
             .send(Request {
                 cmd,
                 slot,
-                write,
+                kind,
                 reply,
             })
             .map_err(|_| gone())?;
@@ -204,8 +225,12 @@ impl RedisStore {
         key: &str,
         cmd: Cmd,
     ) -> Result<Value, StoreError> {
-        let write = !matches!(operation, "get" | "outbox");
-        self.request(key, cmd, write).await.map_err(|failure| {
+        let kind = match operation {
+            "get" | "outbox" => Kind::Read,
+            "transition" => Kind::Transition,
+            _ => Kind::Write,
+        };
+        self.request(key, cmd, kind).await.map_err(|failure| {
             StoreError::new(operation, key, failure.unavailable, failure.message)
         })
     }
@@ -266,7 +291,7 @@ impl Store for RedisStore {
             .send(
                 "transition",
                 key,
-                scripts::transition_call(key, from, to, ttl),
+                scripts::transition_args(key, from, to, ttl),
             )
             .await?;
         Ok(parse::<i64>("transition", key, reply)? == 1)

@@ -15,7 +15,7 @@ use std::time::Duration;
 use redis::Value;
 
 use super::errors::{Failure, parse};
-use super::{RedisStore, command, millis};
+use super::{Kind, RedisStore, command, millis};
 use crate::error::StoreError;
 
 /// Whether transitions use `SET ... IFEQ`.
@@ -138,7 +138,7 @@ impl RedisStore {
             .arg(from)
             .arg("PX")
             .arg(millis(ttl));
-        if self.request(key, set, true).await.map_err(named)? != Value::Nil {
+        if self.request(key, set, Kind::Write).await.map_err(named)? != Value::Nil {
             return Ok(true);
         }
         let current: Option<Vec<u8>> = if or_absent {
@@ -151,7 +151,10 @@ impl RedisStore {
                 .arg("PX")
                 .arg(millis(ttl))
                 .arg("GET");
-            let reply = self.request(key, create, true).await.map_err(named)?;
+            let reply = self
+                .request(key, create, Kind::Write)
+                .await
+                .map_err(named)?;
             match parse::<Option<Vec<u8>>>("transition", key, reply).map_err(Some)? {
                 None => return Ok(true),
                 found => found,
@@ -159,7 +162,7 @@ impl RedisStore {
         } else {
             let mut get = redis::cmd("GET");
             get.arg(key);
-            let reply = self.request(key, get, false).await.map_err(named)?;
+            let reply = self.request(key, get, Kind::Read).await.map_err(named)?;
             parse("transition", key, reply).map_err(Some)?
         };
         if current.as_deref() != Some(to) {
@@ -169,7 +172,7 @@ impl RedisStore {
         // WAIT on this connection waits until the replicas hold it too.
         let mut again = command("SET", 6, key.len() + 2 * to.len());
         again.arg(key).arg(to).arg("IFEQ").arg(to).arg("KEEPTTL");
-        Ok(self.request(key, again, true).await.map_err(named)? != Value::Nil)
+        Ok(self.request(key, again, Kind::Write).await.map_err(named)? != Value::Nil)
     }
 }
 
