@@ -21,20 +21,30 @@ pub(crate) async fn send_in_batches<T, F, Fut>(
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
-            first = queue.recv(), if in_flight.len() < max_in_flight => {
-                let Some(first) = first else { break };
-                let mut batch = Vec::with_capacity(16);
-                batch.push(first);
-                while batch.len() < max_batch {
-                    match queue.try_recv() {
-                        Ok(item) => batch.push(item),
-                        Err(_) => break,
-                    }
-                }
+            batch = next_batch(&mut queue, max_batch), if in_flight.len() < max_in_flight => {
+                let Some(batch) = batch else { break };
                 in_flight.push(send(batch));
             }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
         }
     }
     while in_flight.next().await.is_some() {}
+}
+
+/// Everything waiting in `queue`, up to `max_batch` items, after waiting
+/// for the first; `None` once the queue is closed and empty.
+pub(crate) async fn next_batch<T>(
+    queue: &mut mpsc::UnboundedReceiver<T>,
+    max_batch: usize,
+) -> Option<Vec<T>> {
+    let first = queue.recv().await?;
+    let mut batch = Vec::with_capacity(16);
+    batch.push(first);
+    while batch.len() < max_batch {
+        match queue.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }

@@ -16,10 +16,10 @@ use amqp_idempotency::{
     Config, HandlerError, IdempotencyLayer, OutcomeKind, RetryMode, ServeOptions, serve,
 };
 use common::{TestQueue, amqp, consume, declare_queue, redis_store};
+use lapin::BasicProperties;
 use lapin::message::{BasicGetMessage, Delivery};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
@@ -190,25 +190,6 @@ async fn a_malformed_traceparent_starts_a_new_trace() {
     assert!(spans[0].span_context.is_valid());
 }
 
-/// Waits up to 10 s for the next message in `queue`.
-async fn next(channel: &Channel, queue: &str) -> BasicGetMessage {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic.get");
-        if let Some(message) = got {
-            return message;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing reached `{queue}` within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn header(message: &BasicGetMessage, name: &str) -> Option<String> {
     let headers = message.delivery.properties.headers().as_ref()?;
     match headers.inner().get(name)? {
@@ -280,14 +261,14 @@ async fn what_we_publish_carries_the_delivery_spans_context() {
         .with_correlation_id("c-1".into())
         .with_headers(trace_headers(&good_parent));
     common::publish_with(&channel, &queue.name, b"good", properties).await;
-    let sent = next(&channel, &downstream).await;
-    let reply = next(&channel, &asker).await;
+    let sent = common::next_message(&channel, &downstream).await;
+    let reply = common::next_message(&channel, &asker).await;
     let (bad_trace, _, bad_parent) = fresh_trace();
     let properties = BasicProperties::default()
         .with_message_id("otel-bad".into())
         .with_headers(trace_headers(&bad_parent));
     common::publish_with(&channel, &queue.name, b"bad", properties).await;
-    let parked = next(&channel, &queue.dead).await;
+    let parked = common::next_message(&channel, &queue.dead).await;
     let good_spans = delivery_spans(good_trace, 1).await;
     let bad_spans = delivery_spans(bad_trace, 1).await;
     let _ = stop.send(());

@@ -18,7 +18,7 @@ use amqp_idempotency::{
 };
 use common::{TestQueue, amqp, consume, declare_queue, eventually, ready_count, redis_store};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use tower::{Layer, service_fn};
 
@@ -30,23 +30,6 @@ fn config(prefix: &str) -> Config {
         .with_handler_timeout(Duration::from_millis(800))
         .with_retry_backoff(Duration::from_millis(20))
         .with_retry_backoff_max(Duration::from_millis(100))
-}
-
-/// A downstream queue the handler publishes to (through the default
-/// exchange), deleted after 10 unused minutes.
-async fn downstream(channel: &Channel, label: &str) -> String {
-    let name = common::unique(label);
-    let mut expires = FieldTable::default();
-    expires.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::default(),
-            expires,
-        )
-        .await
-        .expect("declare the downstream queue");
-    name
 }
 
 /// Publishes an incoming message, confirmed.
@@ -242,7 +225,7 @@ async fn outgoing_messages_are_published_after_the_commit_and_a_duplicate_sends_
     let connection = amqp().await;
     let channel = connection.create_channel().await.unwrap();
     let queue = declare_queue(&channel, "outbox").await;
-    let downstream = downstream(&channel, "outbox-down").await;
+    let downstream = common::scratch_queue(&channel, "outbox-down").await;
     let config = config("ob1");
     let runs = Arc::new(AtomicUsize::new(0));
     let consumer = start(
@@ -346,7 +329,7 @@ async fn an_outbox_commit_outlives_the_hold_of_an_undispatched_delivery() {
     let connection = amqp().await;
     let channel = connection.create_channel().await.unwrap();
     let queue = declare_queue(&channel, "outbox-retention").await;
-    let downstream = downstream(&channel, "outbox-retention-down").await;
+    let downstream = common::scratch_queue(&channel, "outbox-retention-down").await;
     let consumer_timeout = Duration::from_secs(600);
     let config = config("obret")
         .with_done_ttl(Duration::from_secs(5))
@@ -394,7 +377,7 @@ async fn nothing_a_failed_attempt_staged_is_published() {
     let connection = amqp().await;
     let channel = connection.create_channel().await.unwrap();
     let queue = declare_queue(&channel, "outbox-fail").await;
-    let downstream = downstream(&channel, "outbox-fail-down").await;
+    let downstream = common::scratch_queue(&channel, "outbox-fail-down").await;
     let config = config("ob2");
     let store = redis_store().await;
     let attempts = Arc::new(AtomicUsize::new(0));
@@ -440,7 +423,7 @@ async fn staging_past_the_limit_dead_letters_and_publishes_nothing() {
     let connection = amqp().await;
     let channel = connection.create_channel().await.unwrap();
     let queue = declare_queue(&channel, "outbox-limit").await;
-    let downstream = downstream(&channel, "outbox-limit-down").await;
+    let downstream = common::scratch_queue(&channel, "outbox-limit-down").await;
     // Two 40-byte bodies and their framing fit; the reply does not.
     let config = config("ob3").with_outbox_max_bytes(100);
     let runs = Arc::new(AtomicUsize::new(0));
@@ -483,9 +466,9 @@ async fn a_duplicate_request_gets_the_stored_reply_at_its_own_reply_to() {
     let connection = amqp().await;
     let channel = connection.create_channel().await.unwrap();
     let queue = declare_queue(&channel, "outbox-rpc").await;
-    let downstream = downstream(&channel, "outbox-rpc-down").await;
-    let first_asker = downstream_queue(&channel, "asker-1").await;
-    let second_asker = downstream_queue(&channel, "asker-2").await;
+    let downstream = common::scratch_queue(&channel, "outbox-rpc-down").await;
+    let first_asker = common::scratch_queue(&channel, "asker-1").await;
+    let second_asker = common::scratch_queue(&channel, "asker-2").await;
     let config = config("ob4");
     let runs = Arc::new(AtomicUsize::new(0));
     let consumer = start(
@@ -558,8 +541,8 @@ async fn a_retried_request_gets_a_reply_id_of_its_own_correlation_id() {
     let connection = amqp().await;
     let channel = connection.create_channel().await.unwrap();
     let queue = declare_queue(&channel, "outbox-retried").await;
-    let downstream = downstream(&channel, "outbox-retried-down").await;
-    let asker = downstream_queue(&channel, "retried-asker").await;
+    let downstream = common::scratch_queue(&channel, "outbox-retried-down").await;
+    let asker = common::scratch_queue(&channel, "retried-asker").await;
     let config = config("ob9");
     let runs = Arc::new(AtomicUsize::new(0));
     let consumer = start(
@@ -614,10 +597,6 @@ async fn a_retried_request_gets_a_reply_id_of_its_own_correlation_id() {
     assert_eq!(finish(&channel, &queue, &downstream).await, (0, 0));
 }
 
-async fn downstream_queue(channel: &Channel, label: &str) -> String {
-    downstream(channel, label).await
-}
-
 /// Kills a consumer at `checkpoint` while it handles one request, starts
 /// another, and checks what reached the downstream queue and the asker.
 /// Returns (downstream messages received, replies received, handler runs).
@@ -625,8 +604,8 @@ async fn killed_at(checkpoint: Checkpoint, prefix: &str) -> (Received, Received,
     let connection = amqp().await;
     let channel = connection.create_channel().await.unwrap();
     let queue = declare_queue(&channel, "outbox-kill").await;
-    let downstream = downstream(&channel, "outbox-kill-down").await;
-    let asker = downstream_queue(&channel, "outbox-kill-asker").await;
+    let downstream = common::scratch_queue(&channel, "outbox-kill-down").await;
+    let asker = common::scratch_queue(&channel, "outbox-kill-asker").await;
     let config = config(prefix);
     let store: RedisStore = redis_store().await;
     let runs = Arc::new(AtomicUsize::new(0));
@@ -799,7 +778,7 @@ async fn an_unroutable_message_is_held_until_it_can_be_routed_and_never_marked_s
     let connection = amqp().await;
     let channel = connection.create_channel().await.unwrap();
     let queue = declare_queue(&channel, "outbox-unroutable").await;
-    let routed = downstream(&channel, "outbox-routed").await;
+    let routed = common::scratch_queue(&channel, "outbox-routed").await;
     let late = common::unique("outbox-late");
     let config = config("ob9");
     let consumer = start_router(&queue.name, &config).await;
@@ -866,7 +845,7 @@ async fn a_message_for_a_missing_exchange_holds_only_its_own_delivery() {
     let connection = amqp().await;
     let channel = connection.create_channel().await.unwrap();
     let queue = declare_queue(&channel, "outbox-404").await;
-    let routed = downstream(&channel, "outbox-404-routed").await;
+    let routed = common::scratch_queue(&channel, "outbox-404-routed").await;
     let missing = common::unique("outbox-missing-exchange");
     let config = config("ob10");
     let consumer = start_router(&queue.name, &config).await;

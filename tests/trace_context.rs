@@ -13,10 +13,10 @@ use std::time::Duration;
 use amqp_idempotency::outbox::{OutboxDelivery, OutboxPublisher};
 use amqp_idempotency::{Config, HandlerError, IdempotencyLayer, RetryMode, ServeOptions, serve};
 use common::{TestQueue, amqp, consume, declare_queue, eventually, redis_store};
+use lapin::BasicProperties;
 use lapin::message::{BasicGetMessage, Delivery};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
 use tower::{Layer, service_fn};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -31,22 +31,6 @@ fn config(prefix: &str) -> Config {
         .with_handler_timeout(Duration::from_millis(1500))
         .with_retry_backoff(Duration::from_millis(20))
         .with_retry_backoff_max(Duration::from_millis(100))
-}
-
-/// A queue deleted after 10 unused minutes.
-async fn scratch_queue(channel: &Channel, label: &str) -> String {
-    let name = common::unique(label);
-    let mut expires = FieldTable::default();
-    expires.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::default(),
-            expires,
-        )
-        .await
-        .expect("declare a scratch queue");
-    name
 }
 
 /// Properties of an incoming message with `id` and, when given, a trace
@@ -71,25 +55,6 @@ fn incoming(id: &str, trace: Option<(&str, &str)>, reply: Option<(&str, &str)>) 
             .with_correlation_id(correlation_id.into());
     }
     properties
-}
-
-/// Waits up to 10 s for the next message in `queue`.
-async fn next(channel: &Channel, queue: &str) -> BasicGetMessage {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic.get");
-        if let Some(message) = got {
-            return message;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing reached `{queue}` within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The string value of header `name`, if the message has it.
@@ -141,9 +106,9 @@ async fn outbox_messages_and_stored_replies_carry_the_incoming_trace_context() {
     let connection = amqp().await;
     let channel = connection.create_channel().await.expect("open a channel");
     let queue = declare_queue(&channel, "trace-outbox").await;
-    let downstream = scratch_queue(&channel, "trace-down").await;
-    let first_asker = scratch_queue(&channel, "trace-asker-1").await;
-    let second_asker = scratch_queue(&channel, "trace-asker-2").await;
+    let downstream = common::scratch_queue(&channel, "trace-down").await;
+    let first_asker = common::scratch_queue(&channel, "trace-asker-1").await;
+    let second_asker = common::scratch_queue(&channel, "trace-asker-2").await;
     let config = config(&common::unique("tr"));
     let target = downstream.clone();
     let service = IdempotencyLayer::new(redis_store().await, &queue.name, config.clone())
@@ -179,8 +144,8 @@ async fn outbox_messages_and_stored_replies_carry_the_incoming_trace_context() {
         ),
     )
     .await;
-    let sent = next(&channel, &downstream).await;
-    let reply = next(&channel, &first_asker).await;
+    let sent = common::next_message(&channel, &downstream).await;
+    let reply = common::next_message(&channel, &first_asker).await;
     // A duplicate request from another trace gets the stored reply in its
     // own trace.
     common::publish_with(
@@ -194,7 +159,7 @@ async fn outbox_messages_and_stored_replies_carry_the_incoming_trace_context() {
         ),
     )
     .await;
-    let resent = next(&channel, &second_asker).await;
+    let resent = common::next_message(&channel, &second_asker).await;
     // A message without a trace context leads to messages without one.
     common::publish_with(
         &channel,
@@ -203,7 +168,7 @@ async fn outbox_messages_and_stored_replies_carry_the_incoming_trace_context() {
         incoming("trace-2", None, None),
     )
     .await;
-    let untraced = next(&channel, &downstream).await;
+    let untraced = common::next_message(&channel, &downstream).await;
     let _ = stop.send(());
     let consumer_connection = task.await.expect("the consumer's task");
     let _ = consumer_connection.close(200, "OK".into()).await;
@@ -254,7 +219,7 @@ async fn a_parked_copy_carries_the_incoming_trace_context() {
         incoming("trace-bad", Some((TRACEPARENT, TRACESTATE)), None),
     )
     .await;
-    let parked = next(&channel, &queue.dead).await;
+    let parked = common::next_message(&channel, &queue.dead).await;
     let _ = stop.send(());
     let consumer_connection = task.await.expect("the consumer's task");
     let _ = consumer_connection.close(200, "OK".into()).await;

@@ -156,6 +156,45 @@ pub async fn publish_with(
         .expect("publisher confirm");
 }
 
+/// A queue of the test's (a downstream or reply queue), deleted by the
+/// broker after 10 unused minutes.
+pub async fn scratch_queue(channel: &Channel, label: &str) -> String {
+    let name = unique(label);
+    let mut expires = FieldTable::default();
+    expires.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+    channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions::default(),
+            expires,
+        )
+        .await
+        .unwrap_or_else(|err| panic!("declare the scratch queue `{name}`: {err}"));
+    name
+}
+
+/// Waits up to 10 s for the next message in `queue`, taking it.
+pub async fn next_message(channel: &Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get");
+        if let Some(message) = got {
+            return message;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing reached `{queue}` within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Number of ready messages in `queue`.
 pub async fn ready_count(channel: &Channel, queue: &str) -> u32 {
     channel

@@ -25,6 +25,7 @@ use super::replication::Replication;
 use super::scripts::{Keys, LUA_SCRIPTS};
 use super::wire::{Reader, Wire, Writer};
 use super::{MAX_BATCH, MAX_IN_FLIGHT, RedisStore, Request, Stats};
+use crate::batch::next_batch;
 use crate::config::SentinelUrl;
 use crate::tls::{self, Side, TlsFiles};
 
@@ -183,7 +184,7 @@ pub(super) async fn serve(
     stats: Arc<Stats>,
 ) {
     loop {
-        let Some(batch) = next_batch(&mut queue).await else {
+        let Some(batch) = next_batch(&mut queue, MAX_BATCH).await else {
             return;
         };
         let connected = match wire.take() {
@@ -203,21 +204,6 @@ pub(super) async fn serve(
             return;
         }
     }
-}
-
-/// Everything waiting in `queue`, up to [`MAX_BATCH`] requests, after
-/// waiting for the first; `None` once the queue is closed.
-async fn next_batch(queue: &mut mpsc::UnboundedReceiver<Request>) -> Option<Vec<Request>> {
-    let first = queue.recv().await?;
-    let mut batch = Vec::with_capacity(16);
-    batch.push(first);
-    while batch.len() < MAX_BATCH {
-        match queue.try_recv() {
-            Ok(request) => batch.push(request),
-            Err(_) => break,
-        }
-    }
-    Some(batch)
 }
 
 /// A pipeline on its way: its requests, and what else it carries.
@@ -339,7 +325,7 @@ impl<'a> Session<'a> {
                 Some(batch) => batch,
                 None if !retries.is_empty() => retries,
                 None => tokio::select! {
-                    batch = next_batch(queue) => match batch {
+                    batch = next_batch(queue, MAX_BATCH) => match batch {
                         Some(batch) => batch,
                         None => return Ended::Closed,
                     },
