@@ -70,10 +70,8 @@ pub struct TestQueue {
 }
 
 pub async fn declare_queue(channel: &Channel, label: &str) -> TestQueue {
-    let name = unique(label);
+    let name = scratch_queue(channel, label).await;
     let dead = format!("{name}.dead");
-    let mut expires = FieldTable::default();
-    expires.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
     channel
         .queue_declare(
             dead.as_str().into(),
@@ -82,14 +80,6 @@ pub async fn declare_queue(channel: &Channel, label: &str) -> TestQueue {
         )
         .await
         .expect("declare the parking queue");
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::default(),
-            expires,
-        )
-        .await
-        .expect("declare the test queue");
     TestQueue { name, dead }
 }
 
